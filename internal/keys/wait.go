@@ -1,0 +1,49 @@
+package keys
+
+import (
+	"context"
+	"errors"
+	"time"
+)
+
+// maxWaitPoll bounds how long BeginWait sleeps between two begins even without a signal, so that
+// a lost notification costs at most this much latency, never a whole wait.
+const maxWaitPoll = 250 * time.Millisecond
+
+// BeginWait is Begin that, when a live lease holds the key, waits up to wait for the holder to
+// complete (then it replays), release or lose its lease (then it tries to acquire), and returns
+// ErrInProgress when the wait ends first. now is the store's clock, used to time the lease's
+// expiry. A wait of 0 is a plain Begin.
+func BeginWait(ctx context.Context, s Store, now func() time.Time, tenant, key string, req BeginRequest, wait time.Duration) (BeginResult, error) {
+	res, err := s.Begin(ctx, tenant, key, req)
+	if wait <= 0 || !errors.Is(err, ErrInProgress) {
+		return res, err
+	}
+	deadline := time.NewTimer(wait)
+	defer deadline.Stop()
+	for {
+		// Watch before the next begin, so a change between the begin and the wait is not missed.
+		changed, stop := s.Watch(tenant, key)
+		res, err = s.Begin(ctx, tenant, key, req)
+		if !errors.Is(err, ErrInProgress) {
+			stop()
+			return res, err
+		}
+		sleep := min(max(res.Record.Lease.ExpiresAt.Sub(now()), time.Millisecond), maxWaitPoll)
+		poll := time.NewTimer(sleep)
+		select {
+		case <-changed:
+		case <-poll.C:
+		case <-deadline.C:
+			poll.Stop()
+			stop()
+			return res, err
+		case <-ctx.Done():
+			poll.Stop()
+			stop()
+			return res, ctx.Err()
+		}
+		poll.Stop()
+		stop()
+	}
+}
