@@ -1,0 +1,192 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/kelseyhightower/envconfig"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/idemsvc/idemsvc/internal/keys"
+)
+
+// envPrefix is the prefix of every configuration variable.
+const envPrefix = "IDEMSVC"
+
+// Config is the service's configuration, read from IDEMSVC_* variables (CONTRACT.md).
+type Config struct {
+	Addr            string        `envconfig:"ADDR" default:":8080" desc:"listen address"`
+	Backend         string        `envconfig:"BACKEND" default:"bolt" desc:"store: bolt (embedded file) or redis"`
+	DataDir         string        `envconfig:"DATA_DIR" default:"./data" desc:"directory of the bolt data file"`
+	RedisURL        string        `envconfig:"REDIS_URL" desc:"redis:// or rediss:// URL, for IDEMSVC_BACKEND=redis"`
+	Tokens          string        `envconfig:"TOKENS" desc:"tenant:token,tenant:token; none runs open as tenant 'default'"`
+	DefaultLease    time.Duration `envconfig:"DEFAULT_LEASE" default:"30s" desc:"lease when lease_ms is absent"`
+	MaxLease        time.Duration `envconfig:"MAX_LEASE" default:"1h" desc:"upper bound of lease_ms"`
+	DefaultTTL      time.Duration `envconfig:"DEFAULT_TTL" default:"24h" desc:"retention when ttl_ms is absent"`
+	MaxTTL          time.Duration `envconfig:"MAX_TTL" default:"720h" desc:"upper bound of ttl_ms"`
+	MaxWait         time.Duration `envconfig:"MAX_WAIT" default:"30s" desc:"upper bound of wait_ms"`
+	MaxBodyBytes    int           `envconfig:"MAX_BODY_BYTES" default:"1048576" desc:"largest stored response body, in bytes"`
+	SweepInterval   time.Duration `envconfig:"SWEEP_INTERVAL" default:"1m" desc:"how often expired records are removed"`
+	LogLevel        string        `envconfig:"LOG_LEVEL" default:"info" desc:"zap level: debug, info, warn, error"`
+	ShutdownTimeout time.Duration `envconfig:"SHUTDOWN_TIMEOUT" default:"15s" desc:"how long in-flight requests may take to finish at shutdown"`
+
+	// Ready, when set, is called with the listening address once the service accepts
+	// connections (tests listen on 127.0.0.1:0 and need the port).
+	Ready func(addr string) `ignored:"true"`
+}
+
+// loadConfig reads the configuration from the environment. An unknown IDEMSVC_* variable or a
+// bad value is an error that names the variable.
+func loadConfig(environ []string) (Config, error) {
+	var cfg Config
+	known := knownVars()
+	for _, kv := range environ {
+		name, _, _ := strings.Cut(kv, "=")
+		if strings.HasPrefix(name, envPrefix+"_") && !slices.Contains(known, name) {
+			return cfg, fmt.Errorf("unknown variable %s (known: %s)", name, strings.Join(known, ", "))
+		}
+	}
+	if err := envconfig.Process(envPrefix, &cfg); err != nil {
+		return cfg, err
+	}
+	return cfg, cfg.validate()
+}
+
+// knownVars lists every IDEMSVC_* variable that Config reads.
+func knownVars() []string {
+	return []string{
+		"IDEMSVC_ADDR", "IDEMSVC_BACKEND", "IDEMSVC_DATA_DIR", "IDEMSVC_REDIS_URL", "IDEMSVC_TOKENS",
+		"IDEMSVC_DEFAULT_LEASE", "IDEMSVC_MAX_LEASE", "IDEMSVC_DEFAULT_TTL", "IDEMSVC_MAX_TTL",
+		"IDEMSVC_MAX_WAIT", "IDEMSVC_MAX_BODY_BYTES", "IDEMSVC_SWEEP_INTERVAL", "IDEMSVC_LOG_LEVEL",
+		"IDEMSVC_SHUTDOWN_TIMEOUT",
+	}
+}
+
+func (c Config) validate() error {
+	var errs []error
+	bad := func(name, format string, args ...any) {
+		errs = append(errs, fmt.Errorf("%s_%s: %s", envPrefix, name, fmt.Sprintf(format, args...)))
+	}
+	switch c.Backend {
+	case "bolt":
+		if c.DataDir == "" {
+			bad("DATA_DIR", "must not be empty")
+		}
+	case "redis":
+		if c.RedisURL == "" {
+			bad("REDIS_URL", "is required when IDEMSVC_BACKEND=redis")
+		}
+	default:
+		bad("BACKEND", "%q is neither bolt nor redis", c.Backend)
+	}
+	if _, err := c.tokens(); err != nil {
+		bad("TOKENS", "%v", err)
+	}
+	positive := []struct {
+		name string
+		d    time.Duration
+	}{
+		{"DEFAULT_LEASE", c.DefaultLease}, {"MAX_LEASE", c.MaxLease}, {"DEFAULT_TTL", c.DefaultTTL},
+		{"MAX_TTL", c.MaxTTL}, {"SWEEP_INTERVAL", c.SweepInterval}, {"SHUTDOWN_TIMEOUT", c.ShutdownTimeout},
+	}
+	for _, p := range positive {
+		if p.d < time.Millisecond {
+			bad(p.name, "must be at least 1ms, not %s", p.d)
+		}
+	}
+	if c.MaxWait < 0 {
+		bad("MAX_WAIT", "must not be negative")
+	}
+	if c.DefaultLease > c.MaxLease {
+		bad("DEFAULT_LEASE", "%s is above IDEMSVC_MAX_LEASE %s", c.DefaultLease, c.MaxLease)
+	}
+	if c.DefaultTTL > c.MaxTTL {
+		bad("DEFAULT_TTL", "%s is above IDEMSVC_MAX_TTL %s", c.DefaultTTL, c.MaxTTL)
+	}
+	if c.MaxBodyBytes < 1 || c.MaxBodyBytes > 64<<20 {
+		bad("MAX_BODY_BYTES", "must be between 1 and %d", 64<<20)
+	}
+	if _, err := zapcore.ParseLevel(c.LogLevel); err != nil {
+		bad("LOG_LEVEL", "%q is not a zap level (debug, info, warn, error)", c.LogLevel)
+	}
+	return errors.Join(errs...)
+}
+
+// tokens parses IDEMSVC_TOKENS into tenant → token.
+func (c Config) tokens() (map[string]string, error) {
+	out := map[string]string{}
+	if strings.TrimSpace(c.Tokens) == "" {
+		return out, nil
+	}
+	seen := map[string]bool{}
+	for i, pair := range strings.Split(c.Tokens, ",") {
+		tenant, token, ok := strings.Cut(strings.TrimSpace(pair), ":")
+		switch {
+		case !ok || tenant == "" || token == "":
+			return nil, fmt.Errorf("entry %d is not tenant:token", i+1)
+		case keys.ValidateKey(tenant) != nil:
+			return nil, fmt.Errorf("entry %d: tenant %q must be visible ASCII", i+1, tenant)
+		case out[tenant] != "":
+			return nil, fmt.Errorf("tenant %q appears twice", tenant)
+		case seen[token]:
+			return nil, fmt.Errorf("entry %d: two tenants share a token", i+1)
+		case len(token) < 16:
+			return nil, fmt.Errorf("entry %d: the token of tenant %q is shorter than 16 characters", i+1, tenant)
+		}
+		seen[token] = true
+		out[tenant] = token
+	}
+	return out, nil
+}
+
+// limits returns the request limits of this configuration.
+func (c Config) limits() keys.Limits {
+	l := keys.DefaultLimits()
+	l.DefaultLease, l.MaxLease = c.DefaultLease, c.MaxLease
+	l.DefaultTTL, l.MaxTTL = c.DefaultTTL, c.MaxTTL
+	l.MaxWait = c.MaxWait
+	l.MaxBodyBytes = c.MaxBodyBytes
+	return l
+}
+
+// masked is the configuration as logged at start: tokens replaced by their tenants.
+func (c Config) masked() map[string]any {
+	tenants := []string{}
+	if toks, err := c.tokens(); err == nil {
+		for t := range toks {
+			tenants = append(tenants, t+":****")
+		}
+		slices.Sort(tenants)
+	}
+	redisURL := c.RedisURL
+	if i := strings.Index(redisURL, "@"); i > 0 {
+		if j := strings.Index(redisURL, "://"); j > 0 && j < i {
+			redisURL = redisURL[:j+3] + "****" + redisURL[i:]
+		}
+	}
+	return map[string]any{
+		"addr": c.Addr, "backend": c.Backend, "data_dir": c.DataDir, "redis_url": redisURL,
+		"tokens": tenants, "default_lease": c.DefaultLease.String(), "max_lease": c.MaxLease.String(),
+		"default_ttl": c.DefaultTTL.String(), "max_ttl": c.MaxTTL.String(), "max_wait": c.MaxWait.String(),
+		"max_body_bytes": c.MaxBodyBytes, "sweep_interval": c.SweepInterval.String(),
+		"log_level": c.LogLevel, "shutdown_timeout": c.ShutdownTimeout.String(),
+	}
+}
+
+// usage prints every variable with its default and meaning.
+func usage(w io.Writer) {
+	fmt.Fprintf(w, `idemsvc: idempotency keys as a service (HTTP API v1).
+
+Usage:
+  idemsvc              serve (configured by the environment below)
+  idemsvc healthcheck  exit 0 when the local service answers /healthz (for container health checks)
+  idemsvc version      print the version
+  idemsvc -h           this help
+
+`)
+	_ = envconfig.Usagef(envPrefix, &Config{}, w, envconfig.DefaultTableFormat)
+}

@@ -1,0 +1,115 @@
+// Command idemsvc is the idempotency-key service: an HTTP API (api/openapi.yaml) over an
+// embedded bbolt file or a shared Redis. It is configured by IDEMSVC_* environment variables;
+// `idemsvc -h` lists them.
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+)
+
+// version is stamped at build time: -ldflags "-X main.version=v1.2.3".
+var version = "dev"
+
+func main() {
+	os.Exit(realMain(os.Args[1:], os.Environ(), os.Stdout, os.Stderr))
+}
+
+// realMain is main without the exit, so that it can be tested.
+func realMain(args, environ []string, stdout, stderr io.Writer) int {
+	cmd := ""
+	if len(args) > 0 {
+		cmd = args[0]
+	}
+	switch cmd {
+	case "-h", "-help", "--help", "help":
+		usage(stdout)
+		return 0
+	case "version", "-version", "--version":
+		fmt.Fprintln(stdout, "idemsvc", version)
+		return 0
+	case "healthcheck":
+		return healthcheck(environ, stderr)
+	case "", "serve":
+	default:
+		fmt.Fprintf(stderr, "idemsvc: unknown command %q\n\n", cmd)
+		usage(stderr)
+		return 2
+	}
+
+	cfg, err := loadConfig(environ)
+	if err != nil {
+		fmt.Fprintf(stderr, "idemsvc: configuration: %v\n", err)
+		return 1
+	}
+	logger, err := newLogger(cfg.LogLevel)
+	if err != nil {
+		fmt.Fprintf(stderr, "idemsvc: logger: %v\n", err)
+		return 1
+	}
+	defer func() { _ = logger.Sync() }()
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, cfg, logger); err != nil {
+		logger.Error("idemsvc stopped", zap.Error(err))
+		fmt.Fprintf(stderr, "idemsvc: %v\n", err)
+		return 1
+	}
+	return 0
+}
+
+func newLogger(level string) (*zap.Logger, error) {
+	lvl, err := zapcore.ParseLevel(level)
+	if err != nil {
+		return nil, err
+	}
+	zc := zap.NewProductionConfig()
+	zc.Level = zap.NewAtomicLevelAt(lvl)
+	zc.Sampling = nil // every access-log line, not a sample
+	zc.EncoderConfig.TimeKey = "time"
+	zc.EncoderConfig.EncodeTime = zapcore.RFC3339NanoTimeEncoder
+	return zc.Build()
+}
+
+// healthcheck asks the local service's /healthz, for container health checks (the runtime
+// image has no shell and no curl).
+func healthcheck(environ []string, stderr io.Writer) int {
+	addr := ":8080"
+	for _, kv := range environ {
+		if v, ok := strings.CutPrefix(kv, "IDEMSVC_ADDR="); ok && v != "" {
+			addr = v
+		}
+	}
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		fmt.Fprintf(stderr, "healthcheck: IDEMSVC_ADDR %q: %v\n", addr, err)
+		return 1
+	}
+	if host == "" || host == "0.0.0.0" || host == "::" {
+		host = "127.0.0.1"
+	}
+	client := &http.Client{Timeout: 3 * time.Second}
+	resp, err := client.Get("http://" + net.JoinHostPort(host, port) + "/healthz")
+	if err != nil {
+		fmt.Fprintf(stderr, "healthcheck: %v\n", err)
+		return 1
+	}
+	_ = resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		fmt.Fprintf(stderr, "healthcheck: /healthz answered %s\n", resp.Status)
+		return 1
+	}
+	return 0
+}

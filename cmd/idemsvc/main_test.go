@@ -1,0 +1,212 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"go.uber.org/zap/zaptest"
+)
+
+func TestConfig(t *testing.T) {
+	for _, c := range []struct {
+		name    string
+		env     []string
+		wantErr string // "" means valid
+	}{
+		{"Defaults", nil, ""},
+		{"Full", []string{"IDEMSVC_ADDR=127.0.0.1:9", "IDEMSVC_TOKENS=a:0123456789abcdef,b:fedcba9876543210", "IDEMSVC_MAX_LEASE=2h"}, ""},
+		{"UnknownVariable", []string{"IDEMSVC_LEASE=5s"}, "IDEMSVC_LEASE"},
+		{"BadDuration", []string{"IDEMSVC_MAX_TTL=forever"}, "MAX_TTL"},
+		{"BadInt", []string{"IDEMSVC_MAX_BODY_BYTES=lots"}, "MAX_BODY_BYTES"},
+		{"BadBackend", []string{"IDEMSVC_BACKEND=mysql"}, "IDEMSVC_BACKEND"},
+		{"RedisWithoutURL", []string{"IDEMSVC_BACKEND=redis"}, "IDEMSVC_REDIS_URL"},
+		{"DefaultAboveMax", []string{"IDEMSVC_DEFAULT_LEASE=2h"}, "IDEMSVC_DEFAULT_LEASE"},
+		{"BadTokens", []string{"IDEMSVC_TOKENS=justatoken"}, "IDEMSVC_TOKENS"},
+		{"ShortToken", []string{"IDEMSVC_TOKENS=a:short"}, "IDEMSVC_TOKENS"},
+		{"SharedToken", []string{"IDEMSVC_TOKENS=a:0123456789abcdef,b:0123456789abcdef"}, "IDEMSVC_TOKENS"},
+		{"BadLogLevel", []string{"IDEMSVC_LOG_LEVEL=loud"}, "IDEMSVC_LOG_LEVEL"},
+		{"ZeroSweep", []string{"IDEMSVC_SWEEP_INTERVAL=0s"}, "IDEMSVC_SWEEP_INTERVAL"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			for _, kv := range c.env {
+				k, v, _ := strings.Cut(kv, "=")
+				t.Setenv(k, v)
+			}
+			_, err := loadConfig(c.env)
+			switch {
+			case c.wantErr == "" && err != nil:
+				t.Fatalf("loadConfig: %v", err)
+			case c.wantErr != "" && (err == nil || !strings.Contains(err.Error(), c.wantErr)):
+				t.Fatalf("loadConfig error = %v, want one naming %s", err, c.wantErr)
+			}
+		})
+	}
+}
+
+func TestUsageListsEveryVariable(t *testing.T) {
+	var out bytes.Buffer
+	if code := realMain([]string{"-h"}, nil, &out, io.Discard); code != 0 {
+		t.Fatalf("-h exited %d", code)
+	}
+	for _, v := range knownVars() {
+		if !strings.Contains(out.String(), v) {
+			t.Errorf("-h does not mention %s:\n%s", v, out.String())
+		}
+	}
+	var stderr bytes.Buffer
+	if code := realMain(nil, []string{"IDEMSVC_NOPE=1"}, io.Discard, &stderr); code != 1 || !strings.Contains(stderr.String(), "IDEMSVC_NOPE") {
+		t.Errorf("an unknown variable: exit %d, stderr %q", code, stderr.String())
+	}
+}
+
+// startRun runs the service as main does, on 127.0.0.1:0 in dir, and returns its base URL and
+// a stop function that cancels it and returns run's error.
+func startRun(t *testing.T, dir string) (string, func() error) {
+	t.Helper()
+	t.Setenv("IDEMSVC_ADDR", "127.0.0.1:0")
+	t.Setenv("IDEMSVC_DATA_DIR", dir)
+	t.Setenv("IDEMSVC_SHUTDOWN_TIMEOUT", "5s")
+	cfg, err := loadConfig([]string{"IDEMSVC_ADDR=127.0.0.1:0", "IDEMSVC_DATA_DIR=" + dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := make(chan string, 1)
+	cfg.Ready = func(a string) { addr <- a }
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- run(ctx, cfg, zaptest.NewLogger(t)) }()
+	select {
+	case a := <-addr:
+		return "http://" + a, func() error { cancel(); return <-done }
+	case err := <-done:
+		cancel()
+		t.Fatalf("run: %v", err)
+	case <-time.After(10 * time.Second):
+		t.Fatal("run did not become ready")
+	}
+	return "", nil
+}
+
+func call(t *testing.T, method, url string, body string) (int, map[string]any, http.Header) {
+	t.Helper()
+	req, _ := http.NewRequest(method, url, strings.NewReader(body))
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, url, err)
+	}
+	defer resp.Body.Close()
+	var m map[string]any
+	b, _ := io.ReadAll(resp.Body)
+	_ = json.Unmarshal(b, &m)
+	return resp.StatusCode, m, resp.Header
+}
+
+// TestRunEndToEnd walks the contract through run's real listener, shuts down, restarts on the
+// same data dir and finds the data; a second run on a locked dir fails fast.
+func TestRunEndToEnd(t *testing.T) {
+	dir := t.TempDir()
+	base, stop := startRun(t, dir)
+	k := base + "/v1/keys/e2e%2F1"
+
+	st, rec, _ := call(t, "POST", k+"/begin", `{"fingerprint":"fp"}`)
+	if st != 201 {
+		t.Fatalf("begin = %d %v", st, rec)
+	}
+	token := rec["lease"].(map[string]any)["token"].(string)
+	if st, _, _ := call(t, "POST", k+"/begin", `{"fingerprint":"fp"}`); st != 409 {
+		t.Errorf("second begin = %d, want 409", st)
+	}
+	if st, _, _ := call(t, "POST", k+"/begin", `{"fingerprint":"other"}`); st != 422 {
+		t.Errorf("mismatched begin = %d, want 422", st)
+	}
+	if st, _, _ := call(t, "POST", k+"/renew", `{"token":"`+token+`"}`); st != 200 {
+		t.Errorf("renew = %d, want 200", st)
+	}
+	complete := `{"token":"` + token + `","response":{"status":201,"headers":{"Content-Type":["application/json"]},"body":"eyJpZCI6MX0="}}`
+	if st, _, _ := call(t, "POST", k+"/complete", complete); st != 200 {
+		t.Fatalf("complete = %d", st)
+	}
+	if st, _, _ := call(t, "POST", k+"/complete", complete); st != 200 {
+		t.Errorf("complete again = %d, want 200", st)
+	}
+	if st, _, h := call(t, "POST", k+"/begin", `{"fingerprint":"fp"}`); st != 200 || h.Get("Idempotent-Replayed") != "true" {
+		t.Errorf("replay = %d %v", st, h)
+	}
+	if st, _, _ := call(t, "POST", k+"/release", `{"token":"`+token+`"}`); st != 409 {
+		t.Errorf("release of completed = %d, want 409", st)
+	}
+	st, rec, _ = call(t, "POST", base+"/v1/keys/gone/begin", `{}`)
+	if st != 201 {
+		t.Fatalf("begin gone = %d", st)
+	}
+	if st, _, _ := call(t, "POST", base+"/v1/keys/gone/release", `{"token":"`+rec["lease"].(map[string]any)["token"].(string)+`"}`); st != 204 {
+		t.Errorf("release = %d, want 204", st)
+	}
+	if st, _, _ := call(t, "DELETE", base+"/v1/keys/never", ``); st != 204 {
+		t.Errorf("delete = %d, want 204", st)
+	}
+
+	// A second service on the same data dir fails fast, saying why.
+	t.Run("Locked", func(t *testing.T) {
+		cfg, _ := loadConfig(nil)
+		cfg.Addr, cfg.DataDir = "127.0.0.1:0", dir
+		start := time.Now()
+		err := run(context.Background(), cfg, zaptest.NewLogger(t))
+		if err == nil || !strings.Contains(err.Error(), "locked") {
+			t.Errorf("second run on the same dir: %v, want an error saying the file is locked", err)
+		}
+		if d := time.Since(start); d > 5*time.Second {
+			t.Errorf("second run took %s to fail", d)
+		}
+	})
+
+	if err := stop(); err != nil {
+		t.Fatalf("shutdown: %v", err)
+	}
+	base, stop = startRun(t, dir)
+	defer func() {
+		if err := stop(); err != nil {
+			t.Error(err)
+		}
+	}()
+	st, rec, _ = call(t, "GET", base+"/v1/keys/e2e%2F1", "")
+	if st != 200 || rec["state"] != "completed" || rec["response"].(map[string]any)["body"] != "eyJpZCI6MX0=" {
+		t.Fatalf("after restart: %d %v", st, rec)
+	}
+	if st, _, _ := call(t, "GET", base+"/v1/keys/gone", ""); st != 404 {
+		t.Errorf("released key after restart = %d, want 404", st)
+	}
+}
+
+// TestShutdownFinishesInFlight: a begin waiting for a holder when shutdown starts is answered
+// (409, drained) and run returns nil.
+func TestShutdownFinishesInFlight(t *testing.T) {
+	base, stop := startRun(t, t.TempDir())
+	if st, _, _ := call(t, "POST", base+"/v1/keys/w/begin", `{}`); st != 201 {
+		t.Fatal(st)
+	}
+	got := make(chan int, 1)
+	go func() {
+		st, _, _ := call(t, "POST", base+"/v1/keys/w/begin", `{"wait_ms":20000}`)
+		got <- st
+	}()
+	time.Sleep(100 * time.Millisecond)
+	start := time.Now()
+	if err := stop(); err != nil && !errors.Is(err, context.Canceled) {
+		t.Fatalf("run returned %v", err)
+	}
+	if st := <-got; st != 409 {
+		t.Errorf("waiting begin during shutdown = %d, want 409", st)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("shutdown took %s", d)
+	}
+}

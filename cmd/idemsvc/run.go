@@ -1,0 +1,117 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"time"
+
+	"go.uber.org/zap"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/idemsvc/idemsvc/internal/keys"
+	"github.com/idemsvc/idemsvc/internal/server"
+	"github.com/idemsvc/idemsvc/internal/storage/bolt"
+	"github.com/idemsvc/idemsvc/internal/storage/redis"
+)
+
+// run serves until ctx ends, then shuts down gracefully: it stops accepting, lets in-flight
+// requests finish within cfg.ShutdownTimeout, stops the sweeper and closes the store. It
+// returns nil after a clean shutdown.
+func run(ctx context.Context, cfg Config, logger *zap.Logger) error {
+	tokens, err := cfg.tokens()
+	if err != nil {
+		return err
+	}
+	logger.Info("starting idemsvc", zap.String("version", version), zap.Any("config", cfg.masked()))
+	if len(tokens) == 0 {
+		logger.Warn("no IDEMSVC_TOKENS configured: the service runs OPEN, every caller is tenant \"default\"")
+	}
+
+	store, err := openStore(ctx, cfg, logger)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if err := store.Close(); err != nil {
+			logger.Error("closing the store", zap.Error(err))
+		}
+	}()
+
+	srv := server.New(store, server.Options{
+		Limits: cfg.limits(),
+		Tokens: tokens,
+		Logger: logger,
+	})
+	// Listen first, so that a taken port fails at once.
+	ln, err := net.Listen("tcp", cfg.Addr)
+	if err != nil {
+		return fmt.Errorf("listen on %s: %w", cfg.Addr, err)
+	}
+	httpServer := &http.Server{
+		Handler:           srv,
+		ReadHeaderTimeout: 5 * time.Second,
+		ReadTimeout:       30 * time.Second,
+		WriteTimeout:      cfg.MaxWait + 30*time.Second, // a begin may wait up to MaxWait
+		IdleTimeout:       2 * time.Minute,
+		MaxHeaderBytes:    64 << 10,
+		ErrorLog:          zap.NewStdLog(logger.With(zap.String("component", "net/http"))),
+	}
+
+	sweepCtx, stopSweeper := context.WithCancel(context.Background())
+	defer stopSweeper()
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error {
+		if err := httpServer.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
+			return fmt.Errorf("serve: %w", err)
+		}
+		return nil
+	})
+	g.Go(func() error {
+		return keys.RunSweeper(sweepCtx, store, cfg.SweepInterval, srv.ObserveSweep)
+	})
+	g.Go(func() error {
+		<-gctx.Done() // a signal, or Serve failed
+		logger.Info("shutting down", zap.Duration("timeout", cfg.ShutdownTimeout))
+		srv.Drain()
+		shutdownCtx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
+		defer cancel()
+		err := httpServer.Shutdown(shutdownCtx)
+		stopSweeper()
+		if err != nil {
+			_ = httpServer.Close()
+			return fmt.Errorf("in-flight requests did not finish within %s: %w", cfg.ShutdownTimeout, err)
+		}
+		return nil
+	})
+	logger.Info("listening", zap.String("addr", ln.Addr().String()))
+	if cfg.Ready != nil {
+		cfg.Ready(ln.Addr().String())
+	}
+	if err := g.Wait(); err != nil {
+		return err
+	}
+	logger.Info("stopped cleanly")
+	return nil
+}
+
+// openStore opens the configured backend.
+func openStore(ctx context.Context, cfg Config, logger *zap.Logger) (keys.Store, error) {
+	switch cfg.Backend {
+	case "redis":
+		s, err := redis.Open(ctx, cfg.RedisURL, redis.Options{})
+		if err != nil {
+			return nil, fmt.Errorf("open redis store: %w", err)
+		}
+		return s, nil
+	default:
+		s, err := bolt.OpenDir(cfg.DataDir, bolt.Options{Timeout: 2 * time.Second})
+		if err != nil {
+			return nil, fmt.Errorf("open bolt store in %s: %w", cfg.DataDir, err)
+		}
+		logger.Info("opened bolt store", zap.String("data_dir", cfg.DataDir))
+		return s, nil
+	}
+}

@@ -1,0 +1,109 @@
+package server
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"net/http"
+
+	"go.uber.org/zap"
+
+	"github.com/idemsvc/idemsvc/internal/keys"
+)
+
+// problemType is one row of the error table: a stable problem name, its status and title.
+type problemType struct {
+	name   string
+	status int
+	title  string
+	// showDetail: the error's own text is written for the client (it is about their input).
+	showDetail bool
+}
+
+// problems is the one table from error to status and problem type. Order matters only in that
+// the first match wins.
+var problems = []struct {
+	err error
+	problemType
+}{
+	{keys.ErrInvalidKey, problemType{"invalid-key", http.StatusBadRequest, "Invalid idempotency key", true}},
+	{keys.ErrInvalidRequest, problemType{"invalid-request", http.StatusBadRequest, "Invalid request", true}},
+	{errUnauthorized, problemType{"unauthorized", http.StatusUnauthorized, "Unauthorized", false}},
+	{keys.ErrNotFound, problemType{"not-found", http.StatusNotFound, "Not found", false}},
+	{errRouteNotFound, problemType{"not-found", http.StatusNotFound, "Not found", false}},
+	{errMethodNotAllowed, problemType{"method-not-allowed", http.StatusMethodNotAllowed, "Method not allowed", false}},
+	{keys.ErrInProgress, problemType{"in-progress", http.StatusConflict, "Operation in progress", false}},
+	{keys.ErrLeaseLost, problemType{"lease-lost", http.StatusConflict, "Lease lost", false}},
+	{keys.ErrAlreadyCompleted, problemType{"already-completed", http.StatusConflict, "Already completed", false}},
+	{errPayloadTooLarge, problemType{"payload-too-large", http.StatusRequestEntityTooLarge, "Payload too large", false}},
+	{errUnsupportedMedia, problemType{"unsupported-media-type", http.StatusUnsupportedMediaType, "Unsupported media type", false}},
+	{keys.ErrFingerprintMismatch, problemType{"fingerprint-mismatch", http.StatusUnprocessableEntity, "Fingerprint mismatch", false}},
+	{keys.ErrInvalidResponse, problemType{"invalid-response", http.StatusUnprocessableEntity, "Invalid response", true}},
+	{keys.ErrUnavailable, problemType{"unavailable", http.StatusServiceUnavailable, "Store unavailable", false}},
+	{context.DeadlineExceeded, problemType{"unavailable", http.StatusServiceUnavailable, "Store unavailable", false}},
+	{context.Canceled, problemType{"unavailable", http.StatusServiceUnavailable, "Request cancelled", false}},
+}
+
+var internalProblem = problemType{"internal", http.StatusInternalServerError, "Internal error", false}
+
+// details are the fixed client-facing texts of the errors whose own text is not shown.
+var details = map[string]string{
+	"unauthorized":           "A valid bearer token is required.",
+	"not-found":              "No such record.",
+	"method-not-allowed":     "This method is not allowed on this path.",
+	"in-progress":            "Another request holds this key; retry after the Retry-After delay.",
+	"lease-lost":             "The token is not the current lease of this key.",
+	"already-completed":      "The key is already completed with another response or lease.",
+	"payload-too-large":      "The request body is larger than this server accepts.",
+	"unsupported-media-type": "Send the body as application/json.",
+	"fingerprint-mismatch":   "This key was used with a different request.",
+	"unavailable":            "The store cannot be reached; retry later.",
+	"internal":               "An internal error occurred; it has been logged.",
+}
+
+func classify(err error) problemType {
+	for _, p := range problems {
+		if errors.Is(err, p.err) {
+			return p.problemType
+		}
+	}
+	return internalProblem
+}
+
+type problemJSON struct {
+	Type     string `json:"type"`
+	Title    string `json:"title"`
+	Status   int    `json:"status"`
+	Detail   string `json:"detail"`
+	Instance string `json:"instance,omitempty"`
+}
+
+// writeError writes err as an RFC 9457 problem. It logs 5xx with the request id and never sends
+// the text of an internal error to the client.
+func (s *Server) writeError(w http.ResponseWriter, r *http.Request, err error) {
+	p := classify(err)
+	detail := details[p.name]
+	if p.showDetail {
+		detail = err.Error()
+	}
+	if p.status >= 500 {
+		s.logger.Error("request failed", zap.String("request_id", requestID(r.Context())),
+			zap.String("problem", p.name), zap.Error(err))
+	}
+	switch p.status {
+	case http.StatusUnauthorized:
+		w.Header().Set("WWW-Authenticate", "Bearer")
+	case http.StatusMethodNotAllowed:
+		w.Header().Set("Allow", allowed(r))
+	}
+	setProblem(r.Context(), p.name)
+	w.Header().Set("Content-Type", "application/problem+json")
+	w.WriteHeader(p.status)
+	_ = json.NewEncoder(w).Encode(problemJSON{
+		Type:     "urn:idemsvc:problem:" + p.name,
+		Title:    p.title,
+		Status:   p.status,
+		Detail:   detail,
+		Instance: r.URL.EscapedPath(),
+	})
+}

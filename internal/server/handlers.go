@@ -1,0 +1,224 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"net/url"
+	"time"
+
+	"github.com/go-chi/chi/v5"
+
+	"github.com/idemsvc/idemsvc/internal/keys"
+)
+
+// pathKey returns the request's idempotency key, percent-decoded from its one path segment.
+// chi routes on the raw (still encoded) path when the request has one, so the segment is
+// decoded here exactly once.
+func pathKey(r *http.Request) (string, error) {
+	key := chi.URLParam(r, "key")
+	if r.URL.RawPath != "" {
+		var err error
+		if key, err = url.PathUnescape(key); err != nil {
+			return "", keys.ErrInvalidKey
+		}
+	}
+	if err := keys.ValidateKey(key); err != nil {
+		return "", err
+	}
+	info(r.Context()).key = key
+	return key, nil
+}
+
+func (s *Server) handleBegin(w http.ResponseWriter, r *http.Request) {
+	key, err := pathKey(r)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	var in beginRequest
+	if err := decode(r, s.maxRequestBytes, &in, true); err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	req, wait, err := s.beginRequest(in)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	ctx := r.Context()
+	if wait > 0 { // a drain ends the wait early
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithCancel(ctx)
+		defer cancel()
+		defer context.AfterFunc(s.draining, cancel)()
+	}
+	res, err := keys.BeginWait(ctx, s.store, s.now, tenant(ctx), key, req, wait)
+	if errors.Is(err, context.Canceled) && r.Context().Err() == nil {
+		err = keys.ErrInProgress // drained while waiting: res holds the holder's record
+	}
+	ri := info(r.Context())
+	switch {
+	case errors.Is(err, keys.ErrInProgress):
+		ri.outcome = "in_progress"
+		s.metrics.begins.WithLabelValues(ri.outcome).Inc()
+		w.Header().Set("Retry-After", retryAfter(s.now(), res.Record.Lease.ExpiresAt))
+		s.writeError(w, r, err)
+	case errors.Is(err, keys.ErrFingerprintMismatch):
+		ri.outcome = "mismatch"
+		s.metrics.begins.WithLabelValues(ri.outcome).Inc()
+		s.writeError(w, r, err)
+	case err != nil:
+		s.writeError(w, r, err)
+	case res.Outcome == keys.Replayed:
+		ri.outcome = res.Outcome.String()
+		s.metrics.begins.WithLabelValues(ri.outcome).Inc()
+		w.Header().Set("Idempotent-Replayed", "true")
+		encode(w, http.StatusOK, toJSON(res.Record, false))
+	default:
+		ri.outcome = res.Outcome.String()
+		s.metrics.begins.WithLabelValues(ri.outcome).Inc()
+		encode(w, http.StatusCreated, toJSON(res.Record, true))
+	}
+}
+
+// beginRequest resolves a decoded begin body into the domain request and the wait.
+func (s *Server) beginRequest(in beginRequest) (keys.BeginRequest, time.Duration, error) {
+	if err := keys.CheckFingerprint(in.Fingerprint); err != nil {
+		return keys.BeginRequest{}, 0, err
+	}
+	lease, err := s.limits.LeaseDuration(in.LeaseMS)
+	if err != nil {
+		return keys.BeginRequest{}, 0, err
+	}
+	ttl, err := s.limits.TTLDuration(in.TTLMS)
+	if err != nil {
+		return keys.BeginRequest{}, 0, err
+	}
+	wait, err := s.limits.WaitDuration(in.WaitMS)
+	if err != nil {
+		return keys.BeginRequest{}, 0, err
+	}
+	return keys.BeginRequest{Fingerprint: in.Fingerprint, Lease: lease, TTL: ttl}, wait, nil
+}
+
+func (s *Server) handleComplete(w http.ResponseWriter, r *http.Request) {
+	key, err := pathKey(r)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	var in completeRequest
+	if err := decode(r, s.maxRequestBytes, &in, false); err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	req, err := s.completeRequest(in)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	rec, err := s.store.Complete(r.Context(), tenant(r.Context()), key, req)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	encode(w, http.StatusOK, toJSON(rec, false))
+}
+
+func (s *Server) completeRequest(in completeRequest) (keys.CompleteRequest, error) {
+	switch {
+	case in.Token == "":
+		return keys.CompleteRequest{}, errMissingToken
+	case in.Response == nil:
+		return keys.CompleteRequest{}, errMissingResponse
+	case in.Response.Status == nil:
+		return keys.CompleteRequest{}, errMissingStatus
+	}
+	ttl, err := s.limits.CompleteTTL(in.TTLMS)
+	if err != nil {
+		return keys.CompleteRequest{}, err
+	}
+	resp := keys.Response{Status: *in.Response.Status, Headers: in.Response.Headers, Body: in.Response.Body}
+	if err := s.limits.CheckResponse(resp); err != nil {
+		return keys.CompleteRequest{}, err
+	}
+	return keys.CompleteRequest{Token: in.Token, Response: resp, TTL: ttl}, nil
+}
+
+func (s *Server) handleRenew(w http.ResponseWriter, r *http.Request) {
+	key, err := pathKey(r)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	var in renewRequest
+	if err := decode(r, s.maxRequestBytes, &in, false); err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	if in.Token == "" {
+		s.writeError(w, r, errMissingToken)
+		return
+	}
+	lease, err := s.limits.LeaseDuration(in.LeaseMS)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	rec, err := s.store.Renew(r.Context(), tenant(r.Context()), key, keys.RenewRequest{Token: in.Token, Lease: lease})
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	encode(w, http.StatusOK, toJSON(rec, true))
+}
+
+func (s *Server) handleRelease(w http.ResponseWriter, r *http.Request) {
+	key, err := pathKey(r)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	var in releaseRequest
+	if err := decode(r, s.maxRequestBytes, &in, false); err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	if in.Token == "" {
+		s.writeError(w, r, errMissingToken)
+		return
+	}
+	if err := s.store.Release(r.Context(), tenant(r.Context()), key, in.Token); err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func (s *Server) handleGet(w http.ResponseWriter, r *http.Request) {
+	key, err := pathKey(r)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	rec, err := s.store.Get(r.Context(), tenant(r.Context()), key)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	encode(w, http.StatusOK, toJSON(rec, false))
+}
+
+func (s *Server) handleDelete(w http.ResponseWriter, r *http.Request) {
+	key, err := pathKey(r)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	if err := s.store.Delete(r.Context(), tenant(r.Context()), key); err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}

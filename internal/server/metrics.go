@@ -1,0 +1,129 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"strconv"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/idemsvc/idemsvc/internal/keys"
+)
+
+// metrics are the server's Prometheus metrics, on the registry given in Options (never the
+// default one).
+type metrics struct {
+	requests *prometheus.CounterVec
+	latency  *prometheus.HistogramVec
+	begins   *prometheus.CounterVec
+	storeOps *prometheus.HistogramVec
+	swept    prometheus.Counter
+}
+
+func newMetrics(reg *prometheus.Registry) *metrics {
+	m := &metrics{
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "idemsvc_http_requests_total",
+			Help: "HTTP requests by method, route pattern and status.",
+		}, []string{"method", "route", "status"}),
+		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "idemsvc_http_request_duration_seconds",
+			Help:    "HTTP request latency by route pattern.",
+			Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 5, 30},
+		}, []string{"route"}),
+		begins: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "idemsvc_begin_outcomes_total",
+			Help: "Begin outcomes: acquired, takeover, replayed, in_progress, mismatch.",
+		}, []string{"outcome"}),
+		storeOps: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "idemsvc_store_operation_duration_seconds",
+			Help:    "Store operation latency by operation and result (ok, or the error kind).",
+			Buckets: []float64{.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .5, 1},
+		}, []string{"op", "result"}),
+		swept: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "idemsvc_swept_records_total",
+			Help: "Expired records removed by the sweeper.",
+		}),
+	}
+	reg.MustRegister(m.requests, m.latency, m.begins, m.storeOps, m.swept,
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	for _, o := range []string{"acquired", "takeover", "replayed", "in_progress", "mismatch"} {
+		m.begins.WithLabelValues(o) // show every outcome from the start, at 0
+	}
+	return m
+}
+
+func (m *metrics) observeRequest(method, route string, status int, d time.Duration) {
+	m.requests.WithLabelValues(method, route, strconv.Itoa(status)).Inc()
+	m.latency.WithLabelValues(route).Observe(d.Seconds())
+}
+
+// instrumented is a keys.Store that times every operation of the store it wraps.
+type instrumented struct {
+	keys.Store
+	m *metrics
+}
+
+var _ keys.Store = instrumented{}
+
+func instrument(s keys.Store, m *metrics) keys.Store { return instrumented{Store: s, m: m} }
+
+func (s instrumented) observe(op string, start time.Time, err error) {
+	result := "ok"
+	switch {
+	case err == nil:
+	case errors.Is(err, keys.ErrUnavailable):
+		result = "unavailable"
+	case errors.Is(err, keys.ErrNotFound), errors.Is(err, keys.ErrInProgress),
+		errors.Is(err, keys.ErrFingerprintMismatch), errors.Is(err, keys.ErrLeaseLost),
+		errors.Is(err, keys.ErrAlreadyCompleted):
+		result = "rejected"
+	default:
+		result = "error"
+	}
+	s.m.storeOps.WithLabelValues(op, result).Observe(time.Since(start).Seconds())
+}
+
+func (s instrumented) Begin(ctx context.Context, tenant, key string, req keys.BeginRequest) (keys.BeginResult, error) {
+	start := time.Now()
+	res, err := s.Store.Begin(ctx, tenant, key, req)
+	s.observe("begin", start, err)
+	return res, err
+}
+
+func (s instrumented) Complete(ctx context.Context, tenant, key string, req keys.CompleteRequest) (keys.Record, error) {
+	start := time.Now()
+	rec, err := s.Store.Complete(ctx, tenant, key, req)
+	s.observe("complete", start, err)
+	return rec, err
+}
+
+func (s instrumented) Renew(ctx context.Context, tenant, key string, req keys.RenewRequest) (keys.Record, error) {
+	start := time.Now()
+	rec, err := s.Store.Renew(ctx, tenant, key, req)
+	s.observe("renew", start, err)
+	return rec, err
+}
+
+func (s instrumented) Release(ctx context.Context, tenant, key, token string) error {
+	start := time.Now()
+	err := s.Store.Release(ctx, tenant, key, token)
+	s.observe("release", start, err)
+	return err
+}
+
+func (s instrumented) Get(ctx context.Context, tenant, key string) (keys.Record, error) {
+	start := time.Now()
+	rec, err := s.Store.Get(ctx, tenant, key)
+	s.observe("get", start, err)
+	return rec, err
+}
+
+func (s instrumented) Delete(ctx context.Context, tenant, key string) error {
+	start := time.Now()
+	err := s.Store.Delete(ctx, tenant, key)
+	s.observe("delete", start, err)
+	return err
+}

@@ -1,0 +1,194 @@
+package server
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/hex"
+	"fmt"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/go-chi/chi/v5"
+	"go.uber.org/zap"
+)
+
+// reqInfo is what the middleware learns about a request as it passes through the handlers; the
+// access log and metrics read it at the end. One allocation per request.
+type reqInfo struct {
+	id      string
+	tenant  string
+	key     string
+	problem string
+	outcome string
+}
+
+type ctxKey struct{}
+
+func info(ctx context.Context) *reqInfo {
+	if ri, ok := ctx.Value(ctxKey{}).(*reqInfo); ok {
+		return ri
+	}
+	return &reqInfo{}
+}
+
+func requestID(ctx context.Context) string { return info(ctx).id }
+
+// tenant returns the authenticated tenant of the request.
+func tenant(ctx context.Context) string { return info(ctx).tenant }
+
+func setProblem(ctx context.Context, name string) { info(ctx).problem = name }
+
+// statusWriter remembers the status a handler wrote.
+type statusWriter struct {
+	http.ResponseWriter
+	status int
+}
+
+func (w *statusWriter) WriteHeader(code int) {
+	if w.status == 0 {
+		w.status = code
+	}
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *statusWriter) Write(b []byte) (int, error) {
+	if w.status == 0 {
+		w.status = http.StatusOK
+	}
+	return w.ResponseWriter.Write(b)
+}
+
+func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+// observe gives every request an id (echoed in X-Request-Id), recovers panics into a 500
+// problem, and writes one access-log line and the request metrics.
+func (s *Server) observe(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		ri := &reqInfo{id: r.Header.Get("X-Request-Id")}
+		if !saneRequestID(ri.id) {
+			ri.id = newRequestID()
+		}
+		w.Header().Set("X-Request-Id", ri.id)
+		r = r.WithContext(context.WithValue(r.Context(), ctxKey{}, ri))
+		sw := &statusWriter{ResponseWriter: w}
+		defer func() {
+			if v := recover(); v != nil {
+				if v == http.ErrAbortHandler {
+					panic(v)
+				}
+				s.logger.Error("panic", zap.String("request_id", ri.id), zap.Any("panic", v), zap.Stack("stack"))
+				if sw.status == 0 {
+					s.writeError(sw, r, fmt.Errorf("panic: %v", v))
+				}
+			}
+			elapsed := time.Since(start)
+			route := chi.RouteContext(r.Context()).RoutePattern()
+			if route == "" {
+				route = "unmatched"
+			}
+			status := sw.status
+			if status == 0 {
+				status = http.StatusOK
+			}
+			s.metrics.observeRequest(r.Method, route, status, elapsed)
+			if ce := s.logger.Check(zap.InfoLevel, "request"); ce != nil {
+				ce.Write(
+					zap.String("method", r.Method),
+					zap.String("route", route),
+					zap.Int("status", status),
+					zap.Duration("duration", elapsed),
+					zap.String("tenant", ri.tenant),
+					zap.String("key", ri.key),
+					zap.String("request_id", ri.id),
+					zap.String("problem", ri.problem),
+					zap.String("outcome", ri.outcome),
+				)
+			}
+		}()
+		next.ServeHTTP(sw, r)
+	})
+}
+
+// saneRequestID accepts a client's request id of 1 to 128 visible ASCII bytes.
+func saneRequestID(id string) bool {
+	if id == "" || len(id) > 128 {
+		return false
+	}
+	for i := 0; i < len(id); i++ {
+		if id[i] < 0x21 || id[i] > 0x7e {
+			return false
+		}
+	}
+	return true
+}
+
+func newRequestID() string {
+	var b [12]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+// authenticator maps bearer tokens to tenants. It keeps only SHA-256 hashes of the tokens and
+// compares them in constant time, so neither memory nor timing gives a token away.
+type authenticator struct {
+	tenants []tenantToken // empty: open mode
+}
+
+type tenantToken struct {
+	tenant string
+	hash   [sha256.Size]byte
+}
+
+func newAuthenticator(tokens map[string]string) *authenticator {
+	a := &authenticator{}
+	for tenant, token := range tokens {
+		a.tenants = append(a.tenants, tenantToken{tenant: tenant, hash: sha256.Sum256([]byte(token))})
+	}
+	return a
+}
+
+// tenantOf returns the tenant whose token the request bears, or false.
+func (a *authenticator) tenantOf(r *http.Request) (string, bool) {
+	if len(a.tenants) == 0 {
+		return DefaultTenant, true
+	}
+	h := r.Header.Get("Authorization")
+	scheme, token, ok := strings.Cut(h, " ")
+	if !ok || !strings.EqualFold(scheme, "Bearer") {
+		return "", false
+	}
+	sum := sha256.Sum256([]byte(strings.TrimSpace(token)))
+	found := ""
+	for _, t := range a.tenants { // every entry is compared: the time does not say which matched
+		if subtle.ConstantTimeCompare(sum[:], t.hash[:]) == 1 {
+			found = t.tenant
+		}
+	}
+	return found, found != ""
+}
+
+// authenticate resolves the tenant of /v1 requests; a missing or unknown token is 401.
+func (s *Server) authenticate(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		t, ok := s.auth.tenantOf(r)
+		if !ok {
+			s.writeError(w, r, errUnauthorized)
+			return
+		}
+		info(r.Context()).tenant = t
+		next.ServeHTTP(w, r)
+	})
+}
+
+// retryAfter is the Retry-After value for a holder whose lease ends at end: whole seconds,
+// rounded up, at least 1.
+func retryAfter(now, end time.Time) string {
+	d := end.Sub(now)
+	secs := int64((d + time.Second - 1) / time.Second)
+	return strconv.FormatInt(max(secs, 1), 10)
+}

@@ -1,0 +1,166 @@
+// Package server turns HTTP API v1 (../shared/CONTRACT.md, api/openapi.yaml) into calls on a
+// keys.Store and back: routing, authentication, decoding, the error table, request ids, access
+// logs and Prometheus metrics. Handlers are thin: decode, call keys, encode.
+package server
+
+import (
+	"context"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/go-chi/chi/v5"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"go.uber.org/zap"
+
+	"github.com/idemsvc/idemsvc/api"
+	"github.com/idemsvc/idemsvc/internal/keys"
+)
+
+// Options configure a Server.
+type Options struct {
+	// Limits are the defaults and bounds of durations and stored responses.
+	Limits keys.Limits
+	// Tokens maps tenant names to bearer tokens. Empty runs the service open, as the single
+	// tenant "default".
+	Tokens map[string]string
+	// Now is the clock used to time Retry-After; nil is time.Now. The store decides leases with
+	// its own clock.
+	Now func() time.Time
+	// Logger receives the access log and errors; nil logs nothing.
+	Logger *zap.Logger
+	// Registry receives the server's metrics; nil makes a new one (see Server.Registry).
+	Registry *prometheus.Registry
+}
+
+// DefaultTenant is the tenant of every request when no tokens are configured.
+const DefaultTenant = "default"
+
+// Server is the HTTP API of idemsvc. It is an http.Handler.
+type Server struct {
+	store    keys.Store
+	limits   keys.Limits
+	now      func() time.Time
+	logger   *zap.Logger
+	auth     *authenticator
+	metrics  *metrics
+	registry *prometheus.Registry
+	handler  http.Handler
+	// maxRequestBytes bounds a request body: a complete carries the stored body in base64.
+	maxRequestBytes int64
+	// draining is cancelled when the server starts shutting down, so begins that wait for a
+	// holder answer 409 at once instead of holding shutdown up.
+	draining context.Context
+	drain    context.CancelFunc
+}
+
+// New returns a Server over store. The store is instrumented for metrics; closing it stays the
+// caller's job.
+func New(store keys.Store, opts Options) *Server {
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	if opts.Logger == nil {
+		opts.Logger = zap.NewNop()
+	}
+	if opts.Registry == nil {
+		opts.Registry = prometheus.NewRegistry()
+	}
+	s := &Server{
+		limits:          opts.Limits,
+		now:             opts.Now,
+		logger:          opts.Logger.With(zap.String("component", "http")),
+		auth:            newAuthenticator(opts.Tokens),
+		metrics:         newMetrics(opts.Registry),
+		registry:        opts.Registry,
+		maxRequestBytes: int64(opts.Limits.MaxBodyBytes)/3*4 + 64<<10,
+	}
+	s.store = instrument(store, s.metrics)
+	s.draining, s.drain = context.WithCancel(context.Background())
+	s.handler = s.routes()
+	return s
+}
+
+// ServeHTTP serves one request.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.handler.ServeHTTP(w, r) }
+
+// Registry returns the registry that holds the server's metrics.
+func (s *Server) Registry() *prometheus.Registry { return s.registry }
+
+// Drain makes begins that are waiting for a holder answer 409 in-progress at once. Call it when
+// shutdown starts, before http.Server.Shutdown, so waits do not hold shutdown up.
+func (s *Server) Drain() { s.drain() }
+
+// ObserveSweep records one sweeper pass in the metrics and the log.
+func (s *Server) ObserveSweep(removed int, err error) {
+	s.metrics.swept.Add(float64(removed))
+	if err != nil {
+		s.logger.Warn("sweep failed", zap.Int("removed", removed), zap.Error(err))
+		return
+	}
+	if removed > 0 {
+		s.logger.Debug("swept expired records", zap.Int("removed", removed))
+	}
+}
+
+// routes lists every route, in the order of api/openapi.yaml.
+func (s *Server) routes() http.Handler {
+	r := chi.NewRouter()
+	r.Use(s.observe)
+	r.NotFound(func(w http.ResponseWriter, r *http.Request) { s.writeError(w, r, errRouteNotFound) })
+	r.MethodNotAllowed(func(w http.ResponseWriter, r *http.Request) { s.writeError(w, r, errMethodNotAllowed) })
+
+	r.Route("/v1/keys/{key}", func(r chi.Router) {
+		r.Use(s.authenticate)
+		r.Post("/begin", s.handleBegin)
+		r.Post("/complete", s.handleComplete)
+		r.Post("/renew", s.handleRenew)
+		r.Post("/release", s.handleRelease)
+		r.Get("/", s.handleGet)
+		r.Delete("/", s.handleDelete)
+	})
+
+	r.Get("/healthz", s.handleHealthz)
+	r.Get("/readyz", s.handleReadyz)
+	r.Method(http.MethodGet, "/metrics", promhttp.HandlerFor(s.registry, promhttp.HandlerOpts{}))
+	r.Get("/openapi.yaml", handleSpec)
+	return r
+}
+
+// allowed is the Allow header of a 405 on r's path.
+func allowed(r *http.Request) string {
+	p := r.URL.Path
+	if strings.HasPrefix(p, "/v1/keys/") {
+		for _, op := range []string{"/begin", "/complete", "/renew", "/release"} {
+			if strings.HasSuffix(p, op) {
+				return "POST"
+			}
+		}
+		return "GET, DELETE"
+	}
+	return "GET"
+}
+
+func handleSpec(w http.ResponseWriter, _ *http.Request) {
+	w.Header().Set("Content-Type", "application/yaml")
+	_, _ = w.Write(api.Spec)
+}
+
+func (s *Server) handleHealthz(w http.ResponseWriter, _ *http.Request) {
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	_, _ = w.Write([]byte("ok\n"))
+}
+
+func (s *Server) handleReadyz(w http.ResponseWriter, r *http.Request) {
+	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
+	defer cancel()
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	if err := s.store.Ping(ctx); err != nil {
+		s.logger.Warn("not ready", zap.Error(err))
+		w.WriteHeader(http.StatusServiceUnavailable)
+		_, _ = w.Write([]byte("store unavailable\n"))
+		return
+	}
+	_, _ = w.Write([]byte("ready\n"))
+}

@@ -1,0 +1,639 @@
+package server_test
+
+import (
+	"bytes"
+	"encoding/base64"
+	"encoding/json"
+	"io"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/idemsvc/idemsvc/internal/apitest"
+	"github.com/idemsvc/idemsvc/internal/keys"
+	"github.com/idemsvc/idemsvc/internal/server/servertest"
+)
+
+// clock is a fake clock for lease and TTL tests: no test sleeps for a lease.
+type clock struct {
+	mu  sync.Mutex
+	now time.Time
+}
+
+func newClock() *clock { return &clock{now: time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)} }
+
+func (c *clock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.now
+}
+
+func (c *clock) Advance(d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.now = c.now.Add(d)
+}
+
+// env is one test's server and a client whose every request and response is checked against
+// api/openapi.yaml.
+type env struct {
+	t      *testing.T
+	srv    *servertest.Server
+	clock  *clock
+	client *http.Client
+	token  string // bearer token sent, if any
+}
+
+func newEnv(t *testing.T, opts servertest.Options) *env {
+	t.Helper()
+	c := newClock()
+	if opts.Now == nil {
+		opts.Now = c.Now
+	}
+	srv := servertest.Start(t, opts)
+	v := apitest.NewValidator(t)
+	return &env{t: t, srv: srv, clock: c, client: v.Client(t, nil)}
+}
+
+type reply struct {
+	status int
+	header http.Header
+	body   []byte
+}
+
+func (r reply) json(t *testing.T) map[string]any {
+	t.Helper()
+	var m map[string]any
+	if err := json.Unmarshal(r.body, &m); err != nil {
+		t.Fatalf("body is not a JSON object: %v: %s", err, r.body)
+	}
+	return m
+}
+
+// do sends a request; body may be nil, a string (sent as is) or a value (sent as JSON).
+func (e *env) do(method, path string, body any, hdr ...string) reply {
+	e.t.Helper()
+	return e.send(false, method, path, body, hdr...)
+}
+
+// bad sends a deliberately malformed request: the spec check is skipped for the request, never
+// for the response.
+func (e *env) bad(method, path string, body any, hdr ...string) reply {
+	e.t.Helper()
+	return e.send(true, method, path, body, hdr...)
+}
+
+func (e *env) send(malformed bool, method, path string, body any, hdr ...string) reply {
+	e.t.Helper()
+	var rd io.Reader
+	switch b := body.(type) {
+	case nil:
+	case string:
+		rd = strings.NewReader(b)
+	case []byte:
+		rd = bytes.NewReader(b)
+	default:
+		j, err := json.Marshal(b)
+		if err != nil {
+			e.t.Fatal(err)
+		}
+		rd = bytes.NewReader(j)
+	}
+	req, err := http.NewRequest(method, e.srv.URL+path, rd)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	if e.token != "" {
+		req.Header.Set("Authorization", "Bearer "+e.token)
+	}
+	for i := 0; i+1 < len(hdr); i += 2 {
+		if hdr[i+1] == "" {
+			req.Header.Del(hdr[i])
+		} else {
+			req.Header.Set(hdr[i], hdr[i+1])
+		}
+	}
+	if malformed {
+		req = apitest.Malformed(req)
+	}
+	resp, err := e.client.Do(req)
+	if err != nil {
+		e.t.Fatalf("%s %s: %v", method, path, err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	if resp.StatusCode >= 500 && resp.StatusCode != http.StatusServiceUnavailable {
+		e.t.Errorf("%s %s: %d: %s", method, path, resp.StatusCode, b)
+	}
+	return reply{status: resp.StatusCode, header: resp.Header, body: b}
+}
+
+// wantStatus fails the test unless r has status want; for errors it also checks the problem.
+func wantStatus(t *testing.T, r reply, want int, problem string) {
+	t.Helper()
+	if r.status != want {
+		t.Fatalf("status = %d, want %d; body %s", r.status, want, r.body)
+	}
+	if problem == "" {
+		return
+	}
+	if ct := r.header.Get("Content-Type"); ct != "application/problem+json" {
+		t.Errorf("Content-Type = %q, want application/problem+json", ct)
+	}
+	p := r.json(t)
+	if got := p["type"]; got != "urn:idemsvc:problem:"+problem {
+		t.Errorf("problem type = %v, want urn:idemsvc:problem:%s (%s)", got, problem, r.body)
+	}
+	if got := p["status"]; got != float64(want) {
+		t.Errorf("problem status = %v, want %d", got, want)
+	}
+	if p["title"] == "" || p["detail"] == "" {
+		t.Errorf("problem without title or detail: %s", r.body)
+	}
+}
+
+type leased struct {
+	token string
+	fence float64
+}
+
+// begin begins key and requires a 201; it returns the lease.
+func (e *env) begin(key string, body any) leased {
+	e.t.Helper()
+	r := e.do("POST", "/v1/keys/"+key+"/begin", body)
+	wantStatus(e.t, r, http.StatusCreated, "")
+	m := r.json(e.t)
+	lease, _ := m["lease"].(map[string]any)
+	tok, _ := lease["token"].(string)
+	if m["state"] != "in_progress" || tok == "" {
+		e.t.Fatalf("begin 201 without an in-progress lease: %s", r.body)
+	}
+	return leased{token: tok, fence: lease["fence"].(float64)}
+}
+
+func completeBody(token string, status int, body string) map[string]any {
+	return map[string]any{
+		"token": token,
+		"response": map[string]any{
+			"status":  status,
+			"headers": map[string][]string{"Content-Type": {"application/json"}},
+			"body":    base64.StdEncoding.EncodeToString([]byte(body)),
+		},
+	}
+}
+
+func TestBegin(t *testing.T) {
+	t.Parallel()
+	t.Run("Acquired", func(t *testing.T) {
+		t.Parallel()
+		e := newEnv(t, servertest.Options{})
+		r := e.do("POST", "/v1/keys/order-1/begin", map[string]any{"fingerprint": "fp", "lease_ms": 5000, "ttl_ms": 60000})
+		wantStatus(t, r, http.StatusCreated, "")
+		m := r.json(t)
+		lease := m["lease"].(map[string]any)
+		if m["key"] != "order-1" || m["state"] != "in_progress" || m["fingerprint"] != "fp" {
+			t.Errorf("record = %s", r.body)
+		}
+		if tok := lease["token"].(string); len(tok) < 22 {
+			t.Errorf("token %q is shorter than 128 bits", tok)
+		}
+		wantExp := e.clock.Now().Add(5 * time.Second).Format(time.RFC3339Nano)
+		if lease["expires_at"] != wantExp {
+			t.Errorf("lease.expires_at = %v, want %s", lease["expires_at"], wantExp)
+		}
+		if m["expires_at"] != e.clock.Now().Add(time.Minute).Format(time.RFC3339Nano) {
+			t.Errorf("expires_at = %v, want now+60s", m["expires_at"])
+		}
+	})
+	t.Run("EmptyBody", func(t *testing.T) {
+		t.Parallel()
+		e := newEnv(t, servertest.Options{})
+		r := e.do("POST", "/v1/keys/k/begin", nil)
+		wantStatus(t, r, http.StatusCreated, "")
+		if fp := r.json(t)["fingerprint"]; fp != "" {
+			t.Errorf("fingerprint = %v, want empty string", fp)
+		}
+	})
+	t.Run("Replayed", func(t *testing.T) {
+		t.Parallel()
+		e := newEnv(t, servertest.Options{})
+		l := e.begin("k", map[string]any{"fingerprint": "fp"})
+		wantStatus(t, e.do("POST", "/v1/keys/k/complete", completeBody(l.token, 201, `{"id":7}`)), 200, "")
+		for range 2 {
+			r := e.do("POST", "/v1/keys/k/begin", map[string]any{"fingerprint": "fp"})
+			wantStatus(t, r, http.StatusOK, "")
+			if r.header.Get("Idempotent-Replayed") != "true" {
+				t.Errorf("Idempotent-Replayed = %q, want true", r.header.Get("Idempotent-Replayed"))
+			}
+			m := r.json(t)
+			resp := m["response"].(map[string]any)
+			if m["state"] != "completed" || resp["status"] != float64(201) ||
+				resp["body"] != base64.StdEncoding.EncodeToString([]byte(`{"id":7}`)) {
+				t.Errorf("replay = %s", r.body)
+			}
+			if m["lease"] != nil || strings.Contains(string(r.body), l.token) {
+				t.Errorf("replay shows the lease: %s", r.body)
+			}
+		}
+	})
+	t.Run("InProgress", func(t *testing.T) {
+		t.Parallel()
+		e := newEnv(t, servertest.Options{})
+		l := e.begin("k", map[string]any{"lease_ms": 2500})
+		r := e.do("POST", "/v1/keys/k/begin", map[string]any{})
+		wantStatus(t, r, http.StatusConflict, "in-progress")
+		if ra := r.header.Get("Retry-After"); ra != "3" {
+			t.Errorf("Retry-After = %q, want 3 (2.5 s rounded up)", ra)
+		}
+		if strings.Contains(string(r.body), l.token) {
+			t.Errorf("409 shows the token: %s", r.body)
+		}
+		e.clock.Advance(2400 * time.Millisecond)
+		r = e.do("POST", "/v1/keys/k/begin", map[string]any{})
+		wantStatus(t, r, http.StatusConflict, "in-progress")
+		if ra := r.header.Get("Retry-After"); ra != "1" {
+			t.Errorf("Retry-After = %q, want at least 1", ra)
+		}
+	})
+	t.Run("Takeover", func(t *testing.T) {
+		t.Parallel()
+		e := newEnv(t, servertest.Options{})
+		old := e.begin("k", map[string]any{"lease_ms": 1000})
+		e.clock.Advance(1001 * time.Millisecond)
+		l := e.begin("k", map[string]any{"lease_ms": 1000})
+		if l.fence <= old.fence || l.token == old.token {
+			t.Errorf("takeover fence %v after %v, token reused %v", l.fence, old.fence, l.token == old.token)
+		}
+		// The stale holder can do nothing any more.
+		wantStatus(t, e.do("POST", "/v1/keys/k/complete", completeBody(old.token, 200, "x")), 409, "lease-lost")
+		wantStatus(t, e.do("POST", "/v1/keys/k/renew", map[string]any{"token": old.token}), 409, "lease-lost")
+		wantStatus(t, e.do("POST", "/v1/keys/k/release", map[string]any{"token": old.token}), 409, "lease-lost")
+	})
+	t.Run("FingerprintMismatch", func(t *testing.T) {
+		t.Parallel()
+		e := newEnv(t, servertest.Options{})
+		l := e.begin("k", map[string]any{"fingerprint": "a"})
+		wantStatus(t, e.do("POST", "/v1/keys/k/begin", map[string]any{"fingerprint": "b"}), 422, "fingerprint-mismatch")
+		wantStatus(t, e.do("POST", "/v1/keys/k/begin", map[string]any{}), 422, "fingerprint-mismatch")
+		wantStatus(t, e.do("POST", "/v1/keys/k/complete", completeBody(l.token, 200, "secret")), 200, "")
+		r := e.do("POST", "/v1/keys/k/begin", map[string]any{"fingerprint": "b"})
+		wantStatus(t, r, 422, "fingerprint-mismatch")
+		if strings.Contains(string(r.body), base64.StdEncoding.EncodeToString([]byte("secret"))) {
+			t.Errorf("a mismatch shows the stored response: %s", r.body)
+		}
+	})
+	t.Run("WaitCompleted", func(t *testing.T) {
+		t.Parallel()
+		e := newEnv(t, servertest.Options{})
+		l := e.begin("k", nil)
+		done := make(chan reply)
+		go func() { done <- e.do("POST", "/v1/keys/k/begin", map[string]any{"wait_ms": 10000}) }()
+		time.Sleep(50 * time.Millisecond) // let the waiter wait; correctness does not depend on it
+		wantStatus(t, e.do("POST", "/v1/keys/k/complete", completeBody(l.token, 201, "ok")), 200, "")
+		r := <-done
+		wantStatus(t, r, http.StatusOK, "")
+		if r.header.Get("Idempotent-Replayed") != "true" {
+			t.Error("waiter's replay lacks Idempotent-Replayed")
+		}
+	})
+	t.Run("WaitReleased", func(t *testing.T) {
+		t.Parallel()
+		e := newEnv(t, servertest.Options{})
+		l := e.begin("k", nil)
+		done := make(chan reply)
+		go func() { done <- e.do("POST", "/v1/keys/k/begin", map[string]any{"wait_ms": 10000}) }()
+		time.Sleep(50 * time.Millisecond)
+		wantStatus(t, e.do("POST", "/v1/keys/k/release", map[string]any{"token": l.token}), 204, "")
+		r := <-done
+		wantStatus(t, r, http.StatusCreated, "")
+		if f := r.json(t)["lease"].(map[string]any)["fence"].(float64); f <= l.fence {
+			t.Errorf("waiter's fence %v is not above %v", f, l.fence)
+		}
+	})
+	t.Run("WaitTimesOut", func(t *testing.T) {
+		t.Parallel()
+		e := newEnv(t, servertest.Options{})
+		e.begin("k", nil)
+		r := e.do("POST", "/v1/keys/k/begin", map[string]any{"wait_ms": 100})
+		wantStatus(t, r, http.StatusConflict, "in-progress")
+		if r.header.Get("Retry-After") == "" {
+			t.Error("409 without Retry-After")
+		}
+	})
+}
+
+func TestComplete(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, servertest.Options{})
+	t.Run("OK", func(t *testing.T) {
+		l := e.begin("c1", nil)
+		body := completeBody(l.token, 201, `{"charged":true}`)
+		body["ttl_ms"] = 120000
+		r := e.do("POST", "/v1/keys/c1/complete", body)
+		wantStatus(t, r, 200, "")
+		m := r.json(t)
+		if m["state"] != "completed" || m["completed_at"] == nil || m["lease"] != nil {
+			t.Errorf("completed record = %s", r.body)
+		}
+		if m["expires_at"] != e.clock.Now().Add(2*time.Minute).Format(time.RFC3339Nano) {
+			t.Errorf("expires_at = %v, want now + ttl_ms", m["expires_at"])
+		}
+		// The same complete again: safe to retry.
+		wantStatus(t, e.do("POST", "/v1/keys/c1/complete", body), 200, "")
+		// Another response: already completed.
+		wantStatus(t, e.do("POST", "/v1/keys/c1/complete", completeBody(l.token, 500, "no")), 409, "already-completed")
+		wantStatus(t, e.do("POST", "/v1/keys/c1/complete", completeBody("another-token", 201, `{"charged":true}`)), 409, "already-completed")
+	})
+	t.Run("AfterLeaseRanOut", func(t *testing.T) {
+		l := e.begin("c2", map[string]any{"lease_ms": 10})
+		e.clock.Advance(time.Second) // nobody took over
+		wantStatus(t, e.do("POST", "/v1/keys/c2/complete", completeBody(l.token, 200, "late")), 200, "")
+	})
+	t.Run("LeaseLost", func(t *testing.T) {
+		e.begin("c3", nil)
+		wantStatus(t, e.do("POST", "/v1/keys/c3/complete", completeBody("not-the-token", 200, "")), 409, "lease-lost")
+	})
+	t.Run("NotFound", func(t *testing.T) {
+		wantStatus(t, e.do("POST", "/v1/keys/nothing/complete", completeBody("tok", 200, "")), 404, "not-found")
+	})
+	t.Run("InvalidResponse", func(t *testing.T) {
+		l := e.begin("c4", nil)
+		cases := map[string]map[string]any{
+			"status 99":           {"status": 99},
+			"status 600":          {"status": 600},
+			"Set-Cookie":          {"status": 200, "headers": map[string][]string{"Set-Cookie": {"a=b"}}},
+			"authorization":       {"status": 200, "headers": map[string][]string{"authorization": {"Bearer x"}}},
+			"Proxy-Authorization": {"status": 200, "headers": map[string][]string{"Proxy-Authorization": {"x"}}},
+		}
+		for name, resp := range cases {
+			r := e.bad("POST", "/v1/keys/c4/complete", map[string]any{"token": l.token, "response": resp})
+			if r.status != 422 {
+				t.Errorf("%s: status %d, want 422: %s", name, r.status, r.body)
+			}
+			wantStatus(t, r, 422, "invalid-response")
+		}
+		// Nothing was stored: the holder can still complete properly.
+		wantStatus(t, e.do("POST", "/v1/keys/c4/complete", completeBody(l.token, 200, "fine")), 200, "")
+	})
+}
+
+func TestRenewReleaseGetDelete(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, servertest.Options{})
+	t.Run("Renew", func(t *testing.T) {
+		l := e.begin("r1", map[string]any{"lease_ms": 1000})
+		e.clock.Advance(900 * time.Millisecond)
+		r := e.do("POST", "/v1/keys/r1/renew", map[string]any{"token": l.token, "lease_ms": 5000})
+		wantStatus(t, r, 200, "")
+		lease := r.json(t)["lease"].(map[string]any)
+		if lease["expires_at"] != e.clock.Now().Add(5*time.Second).Format(time.RFC3339Nano) || lease["token"] != l.token {
+			t.Errorf("renewed lease = %v", lease)
+		}
+		e.clock.Advance(2 * time.Second) // past the first lease, within the renewed one
+		wantStatus(t, e.do("POST", "/v1/keys/r1/begin", nil), 409, "in-progress")
+		wantStatus(t, e.do("POST", "/v1/keys/r1/renew", map[string]any{"token": "nope"}), 409, "lease-lost")
+		wantStatus(t, e.do("POST", "/v1/keys/none/renew", map[string]any{"token": "nope"}), 404, "not-found")
+	})
+	t.Run("Release", func(t *testing.T) {
+		l := e.begin("r2", nil)
+		wantStatus(t, e.do("POST", "/v1/keys/r2/release", map[string]any{"token": "nope"}), 409, "lease-lost")
+		wantStatus(t, e.do("POST", "/v1/keys/r2/release", map[string]any{"token": l.token}), 204, "")
+		wantStatus(t, e.do("POST", "/v1/keys/r2/release", map[string]any{"token": l.token}), 204, "") // retried
+		l2 := e.begin("r2", nil)
+		if l2.fence <= l.fence {
+			t.Errorf("fence after release %v, not above %v", l2.fence, l.fence)
+		}
+		wantStatus(t, e.do("POST", "/v1/keys/r2/complete", completeBody(l2.token, 200, "")), 200, "")
+		wantStatus(t, e.do("POST", "/v1/keys/r2/release", map[string]any{"token": l2.token}), 409, "already-completed")
+	})
+	t.Run("Get", func(t *testing.T) {
+		l := e.begin("g1", map[string]any{"fingerprint": "f"})
+		r := e.do("GET", "/v1/keys/g1", nil)
+		wantStatus(t, r, 200, "")
+		m := r.json(t)
+		lease := m["lease"].(map[string]any)
+		if lease["token"] != nil || lease["fence"] != l.fence || lease["expires_at"] == nil || strings.Contains(string(r.body), l.token) {
+			t.Errorf("GET of an in-progress record = %s", r.body)
+		}
+		wantStatus(t, e.do("GET", "/v1/keys/absent", nil), 404, "not-found")
+	})
+	t.Run("Delete", func(t *testing.T) {
+		l := e.begin("d1", nil)
+		wantStatus(t, e.do("DELETE", "/v1/keys/d1", nil), 204, "")
+		wantStatus(t, e.do("DELETE", "/v1/keys/d1", nil), 204, "")
+		wantStatus(t, e.do("GET", "/v1/keys/d1", nil), 404, "not-found")
+		if l2 := e.begin("d1", nil); l2.fence <= l.fence {
+			t.Errorf("fence after delete %v, not above %v", l2.fence, l.fence)
+		}
+	})
+	t.Run("Expired", func(t *testing.T) {
+		l := e.begin("x1", map[string]any{"ttl_ms": 1000, "lease_ms": 500})
+		wantStatus(t, e.do("POST", "/v1/keys/x1/complete", completeBody(l.token, 200, "")), 200, "")
+		e.clock.Advance(999 * time.Millisecond)
+		wantStatus(t, e.do("GET", "/v1/keys/x1", nil), 200, "")
+		e.clock.Advance(time.Millisecond) // at expires_at it no longer exists, sweeper or not
+		wantStatus(t, e.do("GET", "/v1/keys/x1", nil), 404, "not-found")
+		e.begin("x1", nil)
+	})
+}
+
+func TestKeysInThePath(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, servertest.Options{})
+	for _, k := range []struct{ name, path, key string }{
+		{"slash", "a%2Fb", "a/b"},
+		{"percent", "100%25", "100%"},
+		{"question", "what%3F", "what?"},
+		{"dots inside", "a..b", "a..b"},
+		{"max length", strings.Repeat("k", 255), strings.Repeat("k", 255)},
+		{"punctuation", "!$&'()*+,;=:@~-_.", "!$&'()*+,;=:@~-_."},
+	} {
+		t.Run(k.name, func(t *testing.T) {
+			e.begin(k.path, nil)
+			r := e.do("GET", "/v1/keys/"+k.path, nil)
+			wantStatus(t, r, 200, "")
+			if got := r.json(t)["key"]; got != k.key {
+				t.Errorf("key = %q, want %q", got, k.key)
+			}
+		})
+	}
+}
+
+func TestAuth(t *testing.T) {
+	t.Parallel()
+	tokens := map[string]string{"alpha": "alpha-token-0123456789", "beta": "beta-token-0123456789"}
+	e := newEnv(t, servertest.Options{Tokens: tokens})
+	t.Run("Unauthorized", func(t *testing.T) {
+		for _, auth := range []string{"", "Bearer", "Bearer wrong-token", "Basic YWxwaGE6eA==", "alpha-token-0123456789"} {
+			r := e.bad("POST", "/v1/keys/k/begin", map[string]any{}, "Authorization", auth)
+			wantStatus(t, r, 401, "unauthorized")
+			if r.header.Get("WWW-Authenticate") != "Bearer" {
+				t.Errorf("WWW-Authenticate = %q", r.header.Get("WWW-Authenticate"))
+			}
+		}
+	})
+	t.Run("TenantsIsolated", func(t *testing.T) {
+		e.token = tokens["alpha"]
+		l := e.begin("shared", map[string]any{"fingerprint": "fa"})
+		wantStatus(t, e.do("POST", "/v1/keys/shared/complete", completeBody(l.token, 201, "alpha's")), 200, "")
+
+		// Beta sees nothing of alpha's record: every endpoint answers as for an absent key.
+		e.token = tokens["beta"]
+		wantStatus(t, e.do("GET", "/v1/keys/shared", nil), 404, "not-found")
+		wantStatus(t, e.do("POST", "/v1/keys/shared/complete", completeBody(l.token, 201, "x")), 404, "not-found")
+		wantStatus(t, e.do("POST", "/v1/keys/shared/renew", map[string]any{"token": l.token}), 404, "not-found")
+		wantStatus(t, e.do("POST", "/v1/keys/shared/release", map[string]any{"token": l.token}), 204, "")
+		wantStatus(t, e.do("DELETE", "/v1/keys/shared", nil), 204, "")
+		lb := e.begin("shared", map[string]any{"fingerprint": "fb"}) // no mismatch: its own key
+
+		e.token = tokens["alpha"]
+		r := e.do("POST", "/v1/keys/shared/begin", map[string]any{"fingerprint": "fa"})
+		wantStatus(t, r, 200, "") // beta's delete did not touch alpha's record
+		e.token = tokens["beta"]
+		wantStatus(t, e.do("POST", "/v1/keys/shared/complete", completeBody(lb.token, 200, "beta's")), 200, "")
+	})
+}
+
+func TestOperational(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, servertest.Options{Tokens: map[string]string{"t": "token-0123456789abcdef"}})
+	wantStatus(t, e.do("GET", "/healthz", nil), 200, "")
+	wantStatus(t, e.do("GET", "/readyz", nil), 200, "")
+	r := e.do("GET", "/openapi.yaml", nil)
+	wantStatus(t, r, 200, "")
+	if !bytes.Contains(r.body, []byte("openapi:")) {
+		t.Errorf("/openapi.yaml = %.80s", r.body)
+	}
+	e.token = "token-0123456789abcdef"
+	e.begin("m", nil)
+	e.do("POST", "/v1/keys/m/begin", nil)
+	r = e.do("GET", "/metrics", nil)
+	wantStatus(t, r, 200, "")
+	for _, want := range []string{
+		`idemsvc_begin_outcomes_total{outcome="acquired"} 1`,
+		`idemsvc_begin_outcomes_total{outcome="in_progress"} 1`,
+		`idemsvc_http_requests_total{method="POST",route="/v1/keys/{key}/begin",status="201"} 1`,
+		`idemsvc_store_operation_duration_seconds_count{op="begin",result="ok"} 1`,
+		"go_goroutines",
+	} {
+		if !bytes.Contains(r.body, []byte(want)) {
+			t.Errorf("/metrics lacks %s", want)
+		}
+	}
+	if id := e.do("GET", "/healthz", nil, "X-Request-Id", "abc-123").header.Get("X-Request-Id"); id != "abc-123" {
+		t.Errorf("X-Request-Id not echoed: %q", id)
+	}
+	if id := e.do("GET", "/healthz", nil).header.Get("X-Request-Id"); id == "" {
+		t.Error("no X-Request-Id made")
+	}
+}
+
+// TestMalformed sends 50 malformed requests; each must get its documented 4xx and a
+// problem+json body, never a 5xx.
+func TestMalformed(t *testing.T) {
+	t.Parallel()
+	limits := keys.DefaultLimits()
+	limits.MaxBodyBytes = 1024
+	e := newEnv(t, servertest.Options{Limits: limits})
+	l := e.begin("held", nil)
+	tok := l.token
+	big := base64.StdEncoding.EncodeToString(make([]byte, 1025))
+	manyHeaders := map[string][]string{}
+	for i := range 101 {
+		manyHeaders["X-H"+strconv.Itoa(i)] = []string{"v"}
+	}
+	resp := func(extra map[string]any) map[string]any {
+		m := map[string]any{"token": tok, "response": map[string]any{"status": 200}}
+		for k, v := range extra {
+			m[k] = v
+		}
+		return m
+	}
+	cases := []struct {
+		name, method, path string
+		body               any
+		hdr                []string
+		status             int
+		problem            string
+	}{
+		// Keys.
+		{"dot key", "POST", "/v1/keys/./begin", "{}", nil, 400, "invalid-key"},
+		{"dotdot key", "POST", "/v1/keys/../begin", "{}", nil, 400, "invalid-key"},
+		{"encoded dot", "POST", "/v1/keys/%2E/begin", "{}", nil, 400, "invalid-key"},
+		{"space", "POST", "/v1/keys/a%20b/begin", "{}", nil, 400, "invalid-key"},
+		{"tab", "POST", "/v1/keys/a%09b/begin", "{}", nil, 400, "invalid-key"},
+		{"newline", "POST", "/v1/keys/a%0Ab/begin", "{}", nil, 400, "invalid-key"},
+		{"nul", "POST", "/v1/keys/a%00b/begin", "{}", nil, 400, "invalid-key"},
+		{"non-ascii", "POST", "/v1/keys/caf%C3%A9/begin", "{}", nil, 400, "invalid-key"},
+		{"DEL", "GET", "/v1/keys/a%7F", nil, nil, 400, "invalid-key"},
+		{"too long", "POST", "/v1/keys/" + strings.Repeat("k", 256) + "/begin", "{}", nil, 400, "invalid-key"},
+		{"empty key", "POST", "/v1/keys//begin", "{}", nil, 400, "invalid-key"},
+		// JSON.
+		{"not json", "POST", "/v1/keys/k/begin", "not json", nil, 400, "invalid-request"},
+		{"truncated", "POST", "/v1/keys/k/begin", `{"lease_ms":`, nil, 400, "invalid-request"},
+		{"array", "POST", "/v1/keys/k/begin", `[]`, nil, 400, "invalid-request"},
+		{"string", "POST", "/v1/keys/k/begin", `"x"`, nil, 400, "invalid-request"},
+		{"trailing data", "POST", "/v1/keys/k/begin", `{} {}`, nil, 400, "invalid-request"},
+		{"unknown field", "POST", "/v1/keys/k/begin", `{"lease":5}`, nil, 400, "invalid-request"},
+		{"unknown nested field", "POST", "/v1/keys/held/complete", `{"token":"` + tok + `","response":{"status":200,"code":1}}`, nil, 400, "invalid-request"},
+		{"lease as string", "POST", "/v1/keys/k/begin", `{"lease_ms":"5"}`, nil, 400, "invalid-request"},
+		{"lease as float", "POST", "/v1/keys/k/begin", `{"lease_ms":1.5}`, nil, 400, "invalid-request"},
+		{"fingerprint as number", "POST", "/v1/keys/k/begin", `{"fingerprint":5}`, nil, 400, "invalid-request"},
+		{"fingerprint too long", "POST", "/v1/keys/k/begin", map[string]any{"fingerprint": strings.Repeat("f", 513)}, nil, 400, "invalid-request"},
+		{"status as string", "POST", "/v1/keys/held/complete", `{"token":"t","response":{"status":"200"}}`, nil, 400, "invalid-request"},
+		{"body not base64", "POST", "/v1/keys/held/complete", `{"token":"t","response":{"status":200,"body":"%%%"}}`, nil, 400, "invalid-request"},
+		{"headers not arrays", "POST", "/v1/keys/held/complete", `{"token":"t","response":{"status":200,"headers":{"A":"b"}}}`, nil, 400, "invalid-request"},
+		// Durations out of range.
+		{"lease zero", "POST", "/v1/keys/k/begin", `{"lease_ms":0}`, nil, 400, "invalid-request"},
+		{"lease negative", "POST", "/v1/keys/k/begin", `{"lease_ms":-1}`, nil, 400, "invalid-request"},
+		{"lease above max", "POST", "/v1/keys/k/begin", `{"lease_ms":3600001}`, nil, 400, "invalid-request"},
+		{"lease overflow", "POST", "/v1/keys/k/begin", `{"lease_ms":99999999999999999999}`, nil, 400, "invalid-request"},
+		{"ttl zero", "POST", "/v1/keys/k/begin", `{"ttl_ms":0}`, nil, 400, "invalid-request"},
+		{"ttl above max", "POST", "/v1/keys/k/begin", `{"ttl_ms":2592000001}`, nil, 400, "invalid-request"},
+		{"wait negative", "POST", "/v1/keys/k/begin", `{"wait_ms":-5}`, nil, 400, "invalid-request"},
+		{"wait above max", "POST", "/v1/keys/k/begin", `{"wait_ms":30001}`, nil, 400, "invalid-request"},
+		{"renew lease above max", "POST", "/v1/keys/held/renew", map[string]any{"token": tok, "lease_ms": 3600001}, nil, 400, "invalid-request"},
+		{"complete ttl above max", "POST", "/v1/keys/held/complete", resp(map[string]any{"ttl_ms": 2592000001}), nil, 400, "invalid-request"},
+		// Required fields.
+		{"complete without body", "POST", "/v1/keys/held/complete", nil, nil, 400, "invalid-request"},
+		{"complete without token", "POST", "/v1/keys/held/complete", `{"response":{"status":200}}`, nil, 400, "invalid-request"},
+		{"complete without response", "POST", "/v1/keys/held/complete", `{"token":"t"}`, nil, 400, "invalid-request"},
+		{"complete without status", "POST", "/v1/keys/held/complete", `{"token":"t","response":{}}`, nil, 400, "invalid-request"},
+		{"renew without token", "POST", "/v1/keys/held/renew", `{}`, nil, 400, "invalid-request"},
+		{"release without token", "POST", "/v1/keys/held/release", `{"token":""}`, nil, 400, "invalid-request"},
+		// Sizes.
+		{"request body too large", "POST", "/v1/keys/k/begin", `{"fingerprint":"` + strings.Repeat("x", 200<<10) + `"}`, nil, 413, "payload-too-large"},
+		{"stored body too large", "POST", "/v1/keys/held/complete", map[string]any{"token": tok, "response": map[string]any{"status": 200, "body": big}}, nil, 422, "invalid-response"},
+		{"too many headers", "POST", "/v1/keys/held/complete", map[string]any{"token": tok, "response": map[string]any{"status": 200, "headers": manyHeaders}}, nil, 422, "invalid-response"},
+		{"bad header name", "POST", "/v1/keys/held/complete", map[string]any{"token": tok, "response": map[string]any{"status": 200, "headers": map[string][]string{"Bad Name": {"v"}}}}, nil, 422, "invalid-response"},
+		{"header value with newline", "POST", "/v1/keys/held/complete", map[string]any{"token": tok, "response": map[string]any{"status": 200, "headers": map[string][]string{"X": {"a\r\nSet-Cookie: x"}}}}, nil, 422, "invalid-response"},
+		{"stored Set-Cookie", "POST", "/v1/keys/held/complete", map[string]any{"token": tok, "response": map[string]any{"status": 200, "headers": map[string][]string{"set-cookie": {"s=1"}}}}, nil, 422, "invalid-response"},
+		// Methods, media types and routes.
+		{"GET on begin", "GET", "/v1/keys/k/begin", nil, nil, 405, "method-not-allowed"},
+		{"PUT on record", "PUT", "/v1/keys/k", "{}", nil, 405, "method-not-allowed"},
+		{"form body", "POST", "/v1/keys/k/begin", "a=b", []string{"Content-Type", "application/x-www-form-urlencoded"}, 415, "unsupported-media-type"},
+		{"text body", "POST", "/v1/keys/held/complete", "{}", []string{"Content-Type", "text/plain"}, 415, "unsupported-media-type"},
+		{"unknown route", "GET", "/v2/keys/k", nil, nil, 404, "not-found"},
+		{"unknown action", "POST", "/v1/keys/k/explode", "{}", nil, 404, "not-found"},
+	}
+	if len(cases) < 50 {
+		t.Fatalf("only %d malformed cases", len(cases))
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			r := e.bad(c.method, c.path, c.body, c.hdr...)
+			wantStatus(t, r, c.status, c.problem)
+		})
+	}
+	// None of it disturbed the held key.
+	wantStatus(t, e.do("POST", "/v1/keys/held/complete", completeBody(tok, 200, "ok")), 200, "")
+}
