@@ -6,6 +6,7 @@ import (
 	"io"
 	"slices"
 	"strings"
+	"text/tabwriter"
 	"time"
 
 	"github.com/kelseyhightower/envconfig"
@@ -188,5 +189,7 @@ Usage:
   idemsvc -h           this help
 
 `)
-	_ = envconfig.Usagef(envPrefix, &Config{}, w, envconfig.DefaultTableFormat)
+	tw := tabwriter.NewWriter(w, 1, 0, 4, ' ', 0)
+	_ = envconfig.Usagef(envPrefix, &Config{}, tw, envconfig.DefaultTableFormat)
+	_ = tw.Flush()
 }

@@ -30,8 +30,14 @@ func run(ctx context.Context, cfg Config, logger *zap.Logger) error {
 		logger.Warn("no IDEMSVC_TOKENS configured: the service runs OPEN, every caller is tenant \"default\"")
 	}
 
+	// Listen first, so that a taken port fails at once.
+	ln, err := net.Listen("tcp", cfg.Addr)
+	if err != nil {
+		return fmt.Errorf("listen on %s: %w", cfg.Addr, err)
+	}
 	store, err := openStore(ctx, cfg, logger)
 	if err != nil {
+		_ = ln.Close()
 		return err
 	}
 	defer func() {
@@ -45,11 +51,6 @@ func run(ctx context.Context, cfg Config, logger *zap.Logger) error {
 		Tokens: tokens,
 		Logger: logger,
 	})
-	// Listen first, so that a taken port fails at once.
-	ln, err := net.Listen("tcp", cfg.Addr)
-	if err != nil {
-		return fmt.Errorf("listen on %s: %w", cfg.Addr, err)
-	}
 	httpServer := &http.Server{
 		Handler:           srv,
 		ReadHeaderTimeout: 5 * time.Second,
