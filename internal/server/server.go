@@ -5,6 +5,7 @@ package server
 
 import (
 	"context"
+	"fmt"
 	"net/http"
 	"strings"
 	"time"
@@ -155,12 +156,11 @@ func (s *Server) handleHealthz(w http.ResponseWriter, _ *http.Request) {
 func (s *Server) handleReadyz(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 	defer cancel()
-	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	if err := s.store.Ping(ctx); err != nil {
 		s.logger.Warn("not ready", zap.Error(err))
-		w.WriteHeader(http.StatusServiceUnavailable)
-		_, _ = w.Write([]byte("store unavailable\n"))
+		s.writeError(w, r, fmt.Errorf("%w: %w", keys.ErrUnavailable, err))
 		return
 	}
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	_, _ = w.Write([]byte("ready\n"))
 }
