@@ -33,3 +33,7 @@ require (
 	google.golang.org/protobuf v1.36.12 // indirect
 	pgregory.net/rapid v1.3.0 // indirect
 )
+
+require github.com/idemsvc/idemsvc/clients/go v0.0.0
+
+replace github.com/idemsvc/idemsvc/clients/go => ./clients/go

@@ -1,0 +1,256 @@
+package idemclient
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+)
+
+// Result is the outcome of Do.
+type Result struct {
+	// Response is the operation's response: the one fn returned, or the stored one on a replay.
+	Response Response
+	// Replayed is true when the key had already completed: fn was not called and Response is
+	// the stored response.
+	Replayed bool
+	// Record is the completed record as idemsvc stores it; nil when Do returns an error.
+	Record *Record
+}
+
+// DoOption configures Do. Every DoOption is also a MiddlewareOption, which the middleware passes
+// on to the Do it runs for each request.
+type DoOption interface {
+	MiddlewareOption
+	applyDo(*doConfig)
+}
+
+type doConfig struct {
+	lease, ttl, wait time.Duration
+	cleanupTimeout   time.Duration
+}
+
+// DefaultLease is the lease Do asks for unless WithLease says otherwise (CONTRACT.md's default).
+// Do always sends its lease explicitly, so that it knows when to renew without trusting the
+// server's clock.
+const DefaultLease = 30 * time.Second
+
+// DefaultCleanupTimeout bounds the complete or release that Do sends after fn has returned
+// (see Do) unless WithCleanupTimeout says otherwise.
+const DefaultCleanupTimeout = 5 * time.Second
+
+func newDoConfig(opts []DoOption) doConfig {
+	cfg := doConfig{lease: DefaultLease, cleanupTimeout: DefaultCleanupTimeout}
+	for _, o := range opts {
+		o.applyDo(&cfg)
+	}
+	return cfg
+}
+
+type doOption func(*doConfig)
+
+func (o doOption) applyDo(c *doConfig)                 { o(c) }
+func (o doOption) applyMiddleware(c *middlewareConfig) { c.doOpts = append(c.doOpts, o) }
+
+// WithLease sets the lease Do asks for (default DefaultLease). Do renews it in the background
+// every third of its length while fn runs, so a short lease does not limit how long fn may take:
+// it limits how long a crashed holder blocks the key.
+func WithLease(d time.Duration) DoOption {
+	return doOption(func(c *doConfig) {
+		if d > 0 {
+			c.lease = d
+		}
+	})
+}
+
+// WithTTL sets how long idemsvc keeps the record, and so for how long retries are answered with
+// the stored response (default: the server's, 24h unless configured).
+func WithTTL(d time.Duration) DoOption { return doOption(func(c *doConfig) { c.ttl = max(d, 0) }) }
+
+// WithWait makes a Do that meets a running holder wait up to d on the server for it to finish
+// (then Do replays its response) or fail (then this Do runs fn), instead of failing at once with
+// ErrInProgress. idemsvc bounds d (30s unless configured).
+func WithWait(d time.Duration) DoOption { return doOption(func(c *doConfig) { c.wait = max(d, 0) }) }
+
+// WithCleanupTimeout bounds the complete or release Do sends after fn returned, which runs even
+// when ctx is cancelled by then (default DefaultCleanupTimeout).
+func WithCleanupTimeout(d time.Duration) DoOption {
+	return doOption(func(c *doConfig) {
+		if d > 0 {
+			c.cleanupTimeout = d
+		}
+	})
+}
+
+// Do runs fn at most once for key, as far as idemsvc can see.
+//
+// It begins key with fingerprint (see Fingerprint; "" for none). When the key has completed, Do
+// returns the stored response with Result.Replayed set and does not call fn. When Do acquires
+// the key, it calls fn with a context derived from ctx and, while fn runs, renews the lease every
+// third of its length. When fn returns a Response and a nil error, Do stores the response
+// (complete) and returns it; a later Do with the same key replays it. When fn returns an error,
+// Do releases the key, so that a later Do runs fn again, and returns fn's error unchanged.
+// Encode a failure that must not be retried (a declined card, say) as a Response instead.
+//
+// Do fails without calling fn with ErrInProgress when another caller holds the key (see
+// WithWait), ErrFingerprintMismatch when the key was begun for a different request, and with the
+// errors of Begin. When fn panics, Do releases the key and panics again.
+//
+// Losing the lease. If a renew answers that the lease is lost (the key was deleted, or the lease
+// ran out and another caller took over), or if renewals keep failing until the lease has run out
+// by the client's clock, Do cancels fn's context with a cause matching ErrLeaseLost
+// (context.Cause tells fn) and waits for fn to return. It then returns an error matching
+// ErrLeaseLost. If fn nevertheless returned a response, Do still tries to complete when no renew
+// reported the loss outright (the holder may complete after its time ran out as long as nobody
+// took over); if that fails, the error also matches ErrNotRecorded.
+//
+// Cancellation. ctx bounds the begin. Once fn runs, cancelling ctx cancels fn's context, and Do
+// waits for fn to return: Do never returns while fn is running, and the lease is renewed until
+// then. What fn returns decides what happens next, because only fn knows whether its side effect
+// took place: if fn returns a Response and a nil error, Do completes with it, and if fn returns
+// an error, Do releases the key. That complete or release runs detached from ctx's cancellation,
+// bounded by the cleanup timeout (WithCleanupTimeout), so a side effect that happened is recorded
+// even though the caller stopped waiting. Do then returns as it would have without the
+// cancellation: the result and nil when the response was recorded.
+//
+// When fn returned a response that idemsvc did not record (it could not be reached, the lease was
+// lost, or the response may not be stored: ErrInvalidResponse, in which case Do releases the key),
+// Do returns fn's response in Result.Response together with an error that matches ErrNotRecorded
+// and the cause. A retry with the same key may then run fn again.
+func (c *Client) Do(ctx context.Context, key, fingerprint string, fn func(ctx context.Context) (Response, error), opts ...DoOption) (Result, error) {
+	if fn == nil {
+		return Result{}, errors.New("idemclient: Do with a nil fn")
+	}
+	cfg := newDoConfig(opts)
+	start := time.Now()
+	br, err := c.Begin(ctx, key, BeginOptions{Fingerprint: fingerprint, Lease: cfg.lease, TTL: cfg.ttl, Wait: cfg.wait})
+	if err != nil {
+		return Result{}, err
+	}
+	if br.Replayed {
+		return Result{Response: *br.Record.Response, Replayed: true, Record: br.Record}, nil
+	}
+	return c.execute(ctx, key, br.Lease.Token, start, fn, cfg)
+}
+
+// execute runs fn under the lease token, acquired by a begin sent at start.
+func (c *Client) execute(ctx context.Context, key, token string, start time.Time, fn func(context.Context) (Response, error), cfg doConfig) (Result, error) {
+	fnCtx, cancelFn := context.WithCancelCause(ctx)
+	defer cancelFn(nil)
+	k := c.keepAlive(ctx, key, token, cfg.lease, start, cancelFn)
+
+	cleanupCtx := func() (context.Context, context.CancelFunc) {
+		return context.WithTimeout(context.WithoutCancel(ctx), cfg.cleanupTimeout)
+	}
+
+	// A panic or runtime.Goexit in fn skips the assignment of returned: release the key then, so
+	// that the next attempt does not wait for the lease to run out.
+	returned := false
+	defer func() {
+		if !returned {
+			k.stop()
+			cctx, cancel := cleanupCtx()
+			defer cancel()
+			_ = c.Release(cctx, key, token)
+		}
+	}()
+	resp, fnErr := fn(fnCtx)
+	returned = true
+
+	lost, definitive := k.stop()
+	cctx, cancel := cleanupCtx()
+	defer cancel()
+
+	if fnErr != nil {
+		if definitive {
+			return Result{}, fmt.Errorf("%w; fn: %w", lost, fnErr)
+		}
+		if err := c.Release(cctx, key, token); err != nil {
+			return Result{}, fmt.Errorf("%w; release of %q: %w", fnErr, key, err)
+		}
+		return Result{}, fnErr
+	}
+
+	if definitive {
+		return Result{Response: resp}, fmt.Errorf("%w: %w", ErrNotRecorded, lost)
+	}
+	rec, err := c.Complete(cctx, key, CompleteRequest{Token: token, Response: resp})
+	if err != nil {
+		if errors.Is(err, ErrInvalidResponse) || errors.Is(err, ErrPayloadTooLarge) {
+			// This response can never be stored; holding the key until the lease runs out would
+			// only delay the retry, not prevent it.
+			_ = c.Release(cctx, key, token)
+		}
+		if lost != nil {
+			err = fmt.Errorf("%w (after %w)", err, lost)
+		}
+		return Result{Response: resp}, fmt.Errorf("%w: complete %q: %w", ErrNotRecorded, key, err)
+	}
+	return Result{Response: resp, Record: rec}, nil
+}
+
+// keeper renews a lease in the background until stopped.
+type keeper struct {
+	cancel     context.CancelFunc
+	done       chan struct{}
+	lost       error // set before done is closed
+	definitive bool  // idemsvc said so, as opposed to the lease running out by our clock
+}
+
+// keepAlive renews key's lease every third of lease, starting from start (when the begin was
+// sent: the lease cannot have started earlier). When the lease is lost it calls onLost with an
+// error matching ErrLeaseLost and stops.
+func (c *Client) keepAlive(ctx context.Context, key, token string, lease time.Duration, start time.Time, onLost func(error)) *keeper {
+	rctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	k := &keeper{cancel: cancel, done: make(chan struct{})}
+	go func() {
+		defer close(k.done)
+		expiry := start.Add(lease)
+		wait := lease / 3
+		for {
+			t := time.NewTimer(wait)
+			select {
+			case <-rctx.Done():
+				t.Stop()
+				return
+			case <-t.C:
+			}
+			sent := time.Now()
+			actx, acancel := context.WithDeadline(rctx, expiry)
+			_, err := c.Renew(actx, key, token, lease)
+			acancel()
+			if rctx.Err() != nil {
+				return // stopped while renewing
+			}
+			switch {
+			case err == nil:
+				expiry = sent.Add(lease)
+				wait = lease / 3
+			case errors.Is(err, ErrLeaseLost):
+				k.lost, k.definitive = fmt.Errorf("idemclient: renew %q: %w", key, err), true
+			case errors.Is(err, ErrNotFound):
+				k.lost, k.definitive = fmt.Errorf("idemclient: renew %q: %w: %w", key, ErrLeaseLost, err), true
+			case !time.Now().Before(expiry):
+				k.lost = fmt.Errorf("idemclient: renew %q: %w: the lease ran out before a renew succeeded: %w", key, ErrLeaseLost, err)
+			default:
+				// A transient failure the client's retries did not overcome: try again soon,
+				// while the lease still holds.
+				wait = max(min(lease/10, time.Until(expiry)/2), time.Millisecond)
+				continue
+			}
+			if k.lost != nil {
+				onLost(k.lost)
+				return
+			}
+		}
+	}()
+	return k
+}
+
+// stop ends the renewals, waits for the renewing goroutine to finish and reports whether the
+// lease was lost.
+func (k *keeper) stop() (lost error, definitive bool) {
+	k.cancel()
+	<-k.done
+	return k.lost, k.definitive
+}

@@ -1,0 +1,350 @@
+package idemclient
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+func okResponse(body string) Response {
+	return Response{Status: 201, Header: http.Header{"Content-Type": {"application/json"}}, Body: []byte(body)}
+}
+
+func TestDoRunsOnceThenReplays(t *testing.T) {
+	t.Parallel()
+	_, srv := newFake(t)
+	c := newTestClient(t, srv.URL)
+	var calls atomic.Int32
+	fn := func(ctx context.Context) (Response, error) {
+		calls.Add(1)
+		return okResponse(`{"id":"ch_1"}`), nil
+	}
+	first, err := c.Do(context.Background(), "k", "fp", fn)
+	if err != nil || first.Replayed || string(first.Response.Body) != `{"id":"ch_1"}` || first.Record == nil {
+		t.Fatalf("first Do = %+v, %v", first, err)
+	}
+	second, err := c.Do(context.Background(), "k", "fp", fn)
+	if err != nil || !second.Replayed {
+		t.Fatalf("second Do = %+v, %v; want a replay", second, err)
+	}
+	if got, want := calls.Load(), int32(1); got != want {
+		t.Errorf("fn ran %d times, want %d", got, want)
+	}
+	if second.Response.Status != 201 || string(second.Response.Body) != `{"id":"ch_1"}` || second.Response.Header.Get("Content-Type") != "application/json" {
+		t.Errorf("replayed response = %+v", second.Response)
+	}
+	if _, err := c.Do(context.Background(), "k", "other", fn); !errors.Is(err, ErrFingerprintMismatch) {
+		t.Errorf("Do with another fingerprint: got %v, want ErrFingerprintMismatch", err)
+	}
+}
+
+func TestDoConcurrent(t *testing.T) {
+	t.Parallel()
+	_, srv := newFake(t)
+	c := newTestClient(t, srv.URL)
+	var calls atomic.Int32
+	const n = 16
+	results := make([]Result, n)
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() {
+			results[i], errs[i] = c.Do(context.Background(), "k", "fp", func(ctx context.Context) (Response, error) {
+				calls.Add(1)
+				time.Sleep(50 * time.Millisecond)
+				return okResponse("once"), nil
+			}, WithWait(5*time.Second))
+		})
+	}
+	wg.Wait()
+	if got := calls.Load(); got != 1 {
+		t.Fatalf("fn ran %d times, want 1", got)
+	}
+	replays := 0
+	for i := range n {
+		if errs[i] != nil || string(results[i].Response.Body) != "once" {
+			t.Errorf("Do %d = %+v, %v", i, results[i], errs[i])
+		}
+		if results[i].Replayed {
+			replays++
+		}
+	}
+	if replays != n-1 {
+		t.Errorf("%d replays, want %d", replays, n-1)
+	}
+}
+
+func TestDoInProgress(t *testing.T) {
+	t.Parallel()
+	_, srv := newFake(t)
+	c := newTestClient(t, srv.URL)
+	if _, err := c.Begin(context.Background(), "k", BeginOptions{Lease: 10 * time.Second}); err != nil {
+		t.Fatal(err)
+	}
+	_, err := c.Do(context.Background(), "k", "", func(ctx context.Context) (Response, error) {
+		t.Error("fn ran while another holder has the key")
+		return Response{}, nil
+	})
+	var e *Error
+	if !errors.Is(err, ErrInProgress) || !errors.As(err, &e) || e.RetryAfter < 9*time.Second {
+		t.Fatalf("got %v, want ErrInProgress with a Retry-After of about 10s", err)
+	}
+}
+
+func TestDoErrorReleases(t *testing.T) {
+	t.Parallel()
+	_, srv := newFake(t)
+	c := newTestClient(t, srv.URL)
+	boom := errors.New("card processor timed out")
+	_, err := c.Do(context.Background(), "k", "fp", func(ctx context.Context) (Response, error) {
+		return Response{}, boom
+	})
+	if err != boom {
+		t.Fatalf("Do = %v, want fn's error unchanged", err)
+	}
+	if _, err := c.Get(context.Background(), "k"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("Get after a failed fn: got %v, want ErrNotFound (released)", err)
+	}
+	res, err := c.Do(context.Background(), "k", "fp", func(ctx context.Context) (Response, error) {
+		return okResponse("second try"), nil
+	})
+	if err != nil || res.Replayed || string(res.Response.Body) != "second try" {
+		t.Fatalf("retry Do = %+v, %v; want fn to run", res, err)
+	}
+}
+
+func TestDoRenewsLease(t *testing.T) {
+	t.Parallel()
+	f, srv := newFake(t)
+	c := newTestClient(t, srv.URL)
+	const lease = 150 * time.Millisecond
+	probe := make(chan error, 1)
+	res, err := c.Do(context.Background(), "k", "", func(ctx context.Context) (Response, error) {
+		// After several lease periods, the key must still be held.
+		time.Sleep(4 * lease)
+		_, err := c.Begin(ctx, "k", BeginOptions{})
+		probe <- err
+		time.Sleep(lease)
+		return okResponse("slow"), ctx.Err()
+	}, WithLease(lease))
+	if err != nil || string(res.Response.Body) != "slow" {
+		t.Fatalf("Do = %+v, %v", res, err)
+	}
+	if err := <-probe; !errors.Is(err, ErrInProgress) {
+		t.Errorf("Begin by another caller during fn: got %v, want ErrInProgress", err)
+	}
+	if got := f.count("renew"); got < 8 {
+		t.Errorf("%d renews in 5 lease periods, want about 15 (every third of the lease)", got)
+	}
+}
+
+func TestDoLeaseLost(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name        string
+		fnResponds  bool
+		wantNotRecd bool
+	}{
+		{"FnReturnsError", false, false},
+		{"FnReturnsResponse", true, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			f, srv := newFake(t)
+			c := newTestClient(t, srv.URL)
+			var cause error
+			res, err := c.Do(context.Background(), "k", "", func(ctx context.Context) (Response, error) {
+				f.deleteKey("k") // an operator deletes the key: the next renew finds no record
+				select {
+				case <-ctx.Done():
+				case <-time.After(5 * time.Second):
+					t.Error("fn's context was not cancelled after the lease was lost")
+				}
+				cause = context.Cause(ctx)
+				if tc.fnResponds {
+					return okResponse("late"), nil
+				}
+				return Response{}, ctx.Err()
+			}, WithLease(90*time.Millisecond))
+			if !errors.Is(cause, ErrLeaseLost) {
+				t.Errorf("context.Cause in fn = %v, want ErrLeaseLost", cause)
+			}
+			if !errors.Is(err, ErrLeaseLost) {
+				t.Fatalf("Do = %v, want ErrLeaseLost", err)
+			}
+			if got := errors.Is(err, ErrNotRecorded); got != tc.wantNotRecd {
+				t.Errorf("errors.Is(err, ErrNotRecorded) = %v, want %v", got, tc.wantNotRecd)
+			}
+			if tc.fnResponds && string(res.Response.Body) != "late" {
+				t.Errorf("Result.Response = %+v, want fn's response", res.Response)
+			}
+			if got := f.count("complete"); got != 0 {
+				t.Errorf("%d completes after the lease was reported lost, want 0", got)
+			}
+		})
+	}
+}
+
+// TestDoRenewFailsButNobodyTookOver: renewals fail until the lease runs out by the client's
+// clock; fn is told (ErrLeaseLost cause), but since nobody took over, its response can still be
+// recorded, and Do succeeds.
+func TestDoRenewFailsButNobodyTookOver(t *testing.T) {
+	t.Parallel()
+	f, srv := newFake(t)
+	f.inject = func(op string) int {
+		if op == "renew" {
+			return 503
+		}
+		return 0
+	}
+	c := newTestClient(t, srv.URL)
+	var cause error
+	res, err := c.Do(context.Background(), "k", "", func(ctx context.Context) (Response, error) {
+		<-ctx.Done()
+		cause = context.Cause(ctx)
+		return okResponse("done anyway"), nil
+	}, WithLease(100*time.Millisecond))
+	if !errors.Is(cause, ErrLeaseLost) {
+		t.Errorf("context.Cause in fn = %v, want ErrLeaseLost", cause)
+	}
+	if err != nil || res.Record == nil || res.Record.State != StateCompleted {
+		t.Fatalf("Do = %+v, %v; want the response recorded", res, err)
+	}
+}
+
+func TestDoContextCancelled(t *testing.T) {
+	t.Parallel()
+	t.Run("FnFinishesItsWork", func(t *testing.T) {
+		t.Parallel()
+		_, srv := newFake(t)
+		c := newTestClient(t, srv.URL)
+		ctx, cancel := context.WithCancel(context.Background())
+		res, err := c.Do(ctx, "k", "", func(fctx context.Context) (Response, error) {
+			cancel()
+			<-fctx.Done() // fn sees the cancellation ...
+			time.Sleep(20 * time.Millisecond)
+			return okResponse("charged"), nil // ... but its side effect had already happened
+		})
+		if err != nil || string(res.Response.Body) != "charged" {
+			t.Fatalf("Do = %+v, %v; want the result, recorded", res, err)
+		}
+		rec, err := c.Get(context.Background(), "k")
+		if err != nil || rec.State != StateCompleted {
+			t.Fatalf("Get = %+v, %v; want completed", rec, err)
+		}
+		again, err := c.Do(context.Background(), "k", "", func(context.Context) (Response, error) {
+			t.Error("fn ran again after a recorded completion")
+			return Response{}, nil
+		})
+		if err != nil || !again.Replayed || string(again.Response.Body) != "charged" {
+			t.Fatalf("second Do = %+v, %v; want the replay", again, err)
+		}
+	})
+	t.Run("FnGivesUp", func(t *testing.T) {
+		t.Parallel()
+		_, srv := newFake(t)
+		c := newTestClient(t, srv.URL)
+		ctx, cancel := context.WithCancel(context.Background())
+		_, err := c.Do(ctx, "k", "", func(fctx context.Context) (Response, error) {
+			cancel()
+			<-fctx.Done()
+			return Response{}, fctx.Err()
+		})
+		if !errors.Is(err, context.Canceled) {
+			t.Fatalf("Do = %v, want context.Canceled", err)
+		}
+		if _, err := c.Get(context.Background(), "k"); !errors.Is(err, ErrNotFound) {
+			t.Fatalf("Get = %v, want ErrNotFound: the key is released", err)
+		}
+	})
+	t.Run("BeforeBegin", func(t *testing.T) {
+		t.Parallel()
+		_, srv := newFake(t)
+		c := newTestClient(t, srv.URL)
+		ctx, cancel := context.WithCancel(context.Background())
+		cancel()
+		_, err := c.Do(ctx, "k", "", func(context.Context) (Response, error) {
+			t.Error("fn ran with a cancelled context")
+			return Response{}, nil
+		})
+		if !errors.Is(err, context.Canceled) {
+			t.Fatalf("Do = %v, want context.Canceled", err)
+		}
+	})
+	t.Run("DeadlineDuringFnStillRecords", func(t *testing.T) {
+		t.Parallel()
+		_, srv := newFake(t)
+		c := newTestClient(t, srv.URL)
+		ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+		defer cancel()
+		res, err := c.Do(ctx, "k", "", func(fctx context.Context) (Response, error) {
+			time.Sleep(100 * time.Millisecond) // ignores its context
+			return okResponse("late"), nil
+		})
+		if err != nil || res.Record == nil {
+			t.Fatalf("Do = %+v, %v; want the result recorded after the deadline", res, err)
+		}
+	})
+}
+
+func TestDoPanicReleases(t *testing.T) {
+	t.Parallel()
+	_, srv := newFake(t)
+	c := newTestClient(t, srv.URL)
+	func() {
+		defer func() {
+			if p := recover(); p != "boom" {
+				t.Errorf("recovered %v, want the panic of fn", p)
+			}
+		}()
+		_, _ = c.Do(context.Background(), "k", "", func(context.Context) (Response, error) { panic("boom") })
+	}()
+	if _, err := c.Get(context.Background(), "k"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("Get after a panic = %v, want ErrNotFound: released", err)
+	}
+}
+
+func TestDoNotRecorded(t *testing.T) {
+	t.Parallel()
+	t.Run("InvalidResponseReleases", func(t *testing.T) {
+		t.Parallel()
+		_, srv := newFake(t)
+		c := newTestClient(t, srv.URL)
+		resp := Response{Status: 200, Header: http.Header{"Set-Cookie": {"session=1"}}, Body: []byte("x")}
+		res, err := c.Do(context.Background(), "k", "", func(context.Context) (Response, error) { return resp, nil })
+		if !errors.Is(err, ErrNotRecorded) || !errors.Is(err, ErrInvalidResponse) {
+			t.Fatalf("Do = %v, want ErrNotRecorded and ErrInvalidResponse", err)
+		}
+		if string(res.Response.Body) != "x" {
+			t.Errorf("Result.Response = %+v, want fn's response", res.Response)
+		}
+		if _, err := c.Get(context.Background(), "k"); !errors.Is(err, ErrNotFound) {
+			t.Fatalf("Get = %v, want ErrNotFound: released", err)
+		}
+	})
+	t.Run("UnavailableKeepsTheLease", func(t *testing.T) {
+		t.Parallel()
+		f, srv := newFake(t)
+		c := newTestClient(t, srv.URL)
+		f.inject = func(op string) int {
+			if op == "complete" {
+				return 503
+			}
+			return 0
+		}
+		res, err := c.Do(context.Background(), "k", "", func(context.Context) (Response, error) { return okResponse("x"), nil })
+		if !errors.Is(err, ErrNotRecorded) || !errors.Is(err, ErrUnavailable) || string(res.Response.Body) != "x" {
+			t.Fatalf("Do = %+v, %v; want fn's response with ErrNotRecorded and ErrUnavailable", res, err)
+		}
+		if got := f.count("complete"); got != 3 {
+			t.Errorf("%d complete attempts, want 3 (the retry policy's)", got)
+		}
+		if rec := f.record("k"); rec == nil || rec.state != StateInProgress {
+			t.Errorf("record = %+v, want still in progress: releasing would invite a second run at once", rec)
+		}
+	})
+}

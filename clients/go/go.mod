@@ -1,0 +1,3 @@
+module github.com/idemsvc/idemsvc/clients/go
+
+go 1.26

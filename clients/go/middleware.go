@@ -1,0 +1,452 @@
+package idemclient
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"log/slog"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// MiddlewareOption configures Middleware. Every DoOption (WithLease, WithTTL, WithWait,
+// WithCleanupTimeout) is also a MiddlewareOption.
+type MiddlewareOption interface {
+	applyMiddleware(*middlewareConfig)
+}
+
+type middlewareConfig struct {
+	methods         map[string]bool
+	scope           func(*http.Request) string
+	requireKey      bool
+	failOpen        bool
+	storeIf         func(status int) bool
+	maxRequestBody  int64
+	maxResponseBody int
+	logger          *slog.Logger
+	doOpts          []DoOption
+}
+
+type middlewareOption func(*middlewareConfig)
+
+func (o middlewareOption) applyMiddleware(c *middlewareConfig) { o(c) }
+
+// DefaultMaxBody is the default limit of both the request body the middleware reads (to
+// fingerprint it) and the response body it captures (to store it): idemsvc's default limit of a
+// stored body.
+const DefaultMaxBody = 1 << 20
+
+// WithMethods sets the request methods the middleware protects (default POST and PATCH).
+// Requests with other methods pass through untouched, whether or not they carry a key.
+func WithMethods(methods ...string) MiddlewareOption {
+	return middlewareOption(func(c *middlewareConfig) {
+		c.methods = map[string]bool{}
+		for _, m := range methods {
+			c.methods[strings.ToUpper(m)] = true
+		}
+	})
+}
+
+// WithScope sets how the route of a request is named in its key's scope (default r.URL.Path):
+// a key is scoped by method and route, so the same key on two endpoints names two records, and
+// the same key on one endpoint one record.
+//
+// With r.URL.Path, /charges/1 and /charges/2 are two routes. To scope by the route pattern
+// instead, return r.Pattern when the middleware wraps a handler registered on an
+// http.ServeMux, or chi.RouteContext(r.Context()).RoutePattern() when it is attached to the
+// route with chi's r.With (in a router-wide r.Use the pattern is not known yet). The scope is
+// also the place to add a prefix, such as a service name, when services share an idemsvc tenant.
+func WithScope(scope func(r *http.Request) string) MiddlewareOption {
+	return middlewareOption(func(c *middlewareConfig) {
+		if scope != nil {
+			c.scope = scope
+		}
+	})
+}
+
+// WithRequireKey makes a protected request without an Idempotency-Key header fail with 400
+// (problem type urn:idemsvc:problem:missing-key) instead of passing through unprotected.
+func WithRequireKey() MiddlewareOption {
+	return middlewareOption(func(c *middlewareConfig) { c.requireKey = true })
+}
+
+// WithFailOpen makes the middleware run the handler without protection when idemsvc cannot be
+// reached or fails (ErrUnavailable, ErrInternal), instead of answering 503 (the default: fail
+// closed). Choose it when availability matters more than at-most-once execution.
+func WithFailOpen() MiddlewareOption {
+	return middlewareOption(func(c *middlewareConfig) { c.failOpen = true })
+}
+
+// WithStoreIf decides by status which responses are stored and replayed to retries; for the
+// others the key is released, so that a retry runs the handler again. The default stores
+// 200 to 499 and releases on 5xx, which says "the server failed; try again".
+func WithStoreIf(store func(status int) bool) MiddlewareOption {
+	return middlewareOption(func(c *middlewareConfig) {
+		if store != nil {
+			c.storeIf = store
+		}
+	})
+}
+
+// WithMaxRequestBody sets the largest request body the middleware reads to fingerprint it
+// (default DefaultMaxBody). A larger body is refused with 413.
+func WithMaxRequestBody(n int64) MiddlewareOption {
+	return middlewareOption(func(c *middlewareConfig) {
+		if n > 0 {
+			c.maxRequestBody = n
+		}
+	})
+}
+
+// WithMaxResponseBody sets the largest response body the middleware captures to store it
+// (default DefaultMaxBody; keep it within idemsvc's IDEMSVC_MAX_BODY_BYTES). When a handler
+// writes more, the middleware passes the response through as it is written, does not store it,
+// and releases the key.
+func WithMaxResponseBody(n int) MiddlewareOption {
+	return middlewareOption(func(c *middlewareConfig) {
+		if n > 0 {
+			c.maxResponseBody = n
+		}
+	})
+}
+
+// WithLogger makes the middleware log what it cannot tell the client: a response it could not
+// record, a failure of idemsvc it answered with 503 or ran the handler through (default: no
+// logging).
+func WithLogger(l *slog.Logger) MiddlewareOption {
+	return middlewareOption(func(c *middlewareConfig) {
+		if l != nil {
+			c.logger = l
+		}
+	})
+}
+
+// Middleware returns net/http middleware (so chi middleware too) that makes a handler
+// idempotent for requests carrying an Idempotency-Key header.
+//
+// For a request with a protected method (POST and PATCH unless WithMethods says otherwise) and
+// a key, it reads the body (up to WithMaxRequestBody; 413 beyond), fingerprints the method,
+// path with query and body (see Fingerprint), and runs the handler through c.Do under the key
+// scoped by method and route (see WithScope and ScopedKey). So:
+//
+//   - The first request runs the handler, with its lease renewed however long it takes. The
+//     handler's status, headers and body are captured (up to WithMaxResponseBody), stored when
+//     WithStoreIf says so (default: 2xx to 4xx), and then sent. Set-Cookie, Authorization and
+//     Proxy-Authorization are sent to this client but never stored. On a 5xx the key is
+//     released, so that a retry runs the handler again.
+//   - A retry after completion gets the stored status, headers and body, byte for byte, with
+//     Idempotent-Replayed: true, without running the handler.
+//   - A retry while the first is still running gets 409 (problem type
+//     urn:idemsvc:problem:in-progress) with Retry-After: 1, or, with WithWait, waits for the
+//     first to finish. (Not the holder's lease time: the lease is renewed while the handler
+//     runs, so it says nothing about when the handler finishes.)
+//   - The same key with a different request (method, path, query or body) gets 422
+//     (urn:idemsvc:problem:fingerprint-mismatch).
+//   - A malformed key gets 400 (urn:idemsvc:problem:invalid-key); a missing one passes through
+//     unprotected unless WithRequireKey is set (then 400, urn:idemsvc:problem:missing-key).
+//   - When idemsvc cannot be reached, 503 (urn:idemsvc:problem:unavailable) unless
+//     WithFailOpen is set.
+//
+// Headers set on the ResponseWriter before the middleware runs (by outer middleware) are sent
+// but not stored; a replay sends the stored headers over them. Flush is a no-op while the
+// response is captured; 1xx responses and trailers are not passed on. If the client goes away
+// while the handler runs, the handler's context is cancelled and what it returns is stored as
+// Do documents.
+func Middleware(c *Client, opts ...MiddlewareOption) func(http.Handler) http.Handler {
+	cfg := middlewareConfig{
+		methods:         map[string]bool{http.MethodPost: true, http.MethodPatch: true},
+		scope:           func(r *http.Request) string { return r.URL.Path },
+		storeIf:         func(status int) bool { return status >= 200 && status < 500 },
+		maxRequestBody:  DefaultMaxBody,
+		maxResponseBody: DefaultMaxBody,
+		logger:          slog.New(slog.DiscardHandler),
+	}
+	for _, o := range opts {
+		o.applyMiddleware(&cfg)
+	}
+	return func(next http.Handler) http.Handler {
+		return &middleware{c: c, cfg: cfg, next: next}
+	}
+}
+
+type middleware struct {
+	c    *Client
+	cfg  middlewareConfig
+	next http.Handler
+}
+
+// errNotStored and errTooLarge make Do release the key after the handler ran.
+var (
+	errNotStored = errors.New("idemclient: response status not stored")
+	errTooLarge  = errors.New("idemclient: response body over the capture limit")
+)
+
+func (m *middleware) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if !m.cfg.methods[r.Method] {
+		m.next.ServeHTTP(w, r)
+		return
+	}
+	values := r.Header.Values(KeyHeader)
+	if len(values) == 0 {
+		if m.cfg.requireKey {
+			writeProblem(w, r, http.StatusBadRequest, "missing-key", "Idempotency-Key required",
+				"This request must carry an Idempotency-Key header.", 0)
+			return
+		}
+		m.next.ServeHTTP(w, r)
+		return
+	}
+	if len(values) > 1 {
+		writeProblem(w, r, http.StatusBadRequest, "invalid-key", "Invalid Idempotency-Key",
+			"The request carries more than one Idempotency-Key header.", 0)
+		return
+	}
+	key, err := ParseKeyHeader(values[0])
+	if err != nil {
+		writeProblem(w, r, http.StatusBadRequest, "invalid-key", "Invalid Idempotency-Key",
+			`The Idempotency-Key header must be a structured-field string ("...") or a bare key of visible ASCII, 1 to 255 bytes.`, 0)
+		return
+	}
+
+	body, err := readBody(r, m.cfg.maxRequestBody)
+	if err != nil {
+		if errors.Is(err, errTooLarge) {
+			writeProblem(w, r, http.StatusRequestEntityTooLarge, "payload-too-large", "Request body too large",
+				"The request body is over "+strconv.FormatInt(m.cfg.maxRequestBody, 10)+" bytes.", 0)
+			return
+		}
+		writeProblem(w, r, http.StatusBadRequest, "invalid-request", "Unreadable request body", "The request body could not be read.", 0)
+		return
+	}
+	r = r.WithContext(r.Context()) // a shallow copy, so that the caller's request is not modified
+	setBody(r, body)
+
+	scoped := ScopedKey(r.Method, m.cfg.scope(r), key)
+	fp := Fingerprint(r.Method, r.URL.RequestURI(), body)
+	var cw *captureWriter
+	res, err := m.c.Do(r.Context(), scoped, fp, func(ctx context.Context) (Response, error) {
+		cw = &captureWriter{w: w, header: http.Header{}, limit: m.cfg.maxResponseBody}
+		m.next.ServeHTTP(cw, r.WithContext(ctx))
+		cw.seal()
+		if cw.passthrough {
+			return Response{}, errTooLarge
+		}
+		if !m.cfg.storeIf(cw.status) {
+			return Response{}, errNotStored
+		}
+		return cw.stored(), nil
+	}, m.cfg.doOpts...)
+
+	if cw != nil { // the handler ran: its response is the answer, recorded or not
+		if err != nil && !errors.Is(err, errNotStored) && !errors.Is(err, errTooLarge) {
+			m.cfg.logger.Warn("idempotency: response not recorded; a retry may run the handler again",
+				"key", scoped, "error", err)
+		}
+		cw.finish()
+		return
+	}
+	switch {
+	case err == nil && res.Replayed:
+		writeReplay(w, res.Response)
+	case errors.Is(err, ErrInProgress):
+		// Not idemsvc's Retry-After: that is the time left on the holder's lease, which Do keeps
+		// renewing, so it says nothing about when the handler finishes.
+		writeProblem(w, r, http.StatusConflict, "in-progress", "Request in progress",
+			"A request with this Idempotency-Key is still being processed. Retry later.", time.Second)
+	case errors.Is(err, ErrFingerprintMismatch):
+		writeProblem(w, r, http.StatusUnprocessableEntity, "fingerprint-mismatch", "Idempotency-Key reused",
+			"This Idempotency-Key was used for a different request.", 0)
+	case r.Context().Err() != nil:
+		// The client went away before the handler ran; nobody reads an answer.
+		w.WriteHeader(http.StatusServiceUnavailable)
+	case errors.Is(err, ErrUnavailable), errors.Is(err, ErrInternal):
+		if m.cfg.failOpen {
+			m.cfg.logger.Warn("idempotency: idemsvc unavailable; running the handler without protection",
+				"key", scoped, "error", err)
+			setBody(r, body)
+			m.next.ServeHTTP(w, r)
+			return
+		}
+		m.cfg.logger.Error("idempotency: idemsvc unavailable", "key", scoped, "error", err)
+		writeProblem(w, r, http.StatusServiceUnavailable, "unavailable", "Idempotency service unavailable",
+			"The request could not be checked for idempotency. Retry later with the same Idempotency-Key.", time.Second)
+	default:
+		m.cfg.logger.Error("idempotency: begin failed", "key", scoped, "error", err)
+		writeProblem(w, r, http.StatusInternalServerError, "internal", "Internal error",
+			"The request could not be checked for idempotency.", 0)
+	}
+}
+
+func readBody(r *http.Request, limit int64) ([]byte, error) {
+	if r.Body == nil || r.Body == http.NoBody {
+		return []byte{}, nil
+	}
+	body, err := io.ReadAll(io.LimitReader(r.Body, limit+1))
+	if err != nil {
+		return nil, err
+	}
+	if int64(len(body)) > limit {
+		return nil, errTooLarge
+	}
+	return body, nil
+}
+
+func setBody(r *http.Request, body []byte) {
+	r.Body = io.NopCloser(bytes.NewReader(body))
+	r.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(body)), nil }
+	r.ContentLength = int64(len(body))
+}
+
+// credentialHeaders are never stored: replaying them would hand one client's credentials to
+// another. idemsvc refuses them too.
+var credentialHeaders = []string{"Set-Cookie", "Authorization", "Proxy-Authorization"}
+
+// captureWriter buffers a handler's response so that it can be recorded before it is sent.
+// Past limit bytes it gives up and passes the response through.
+type captureWriter struct {
+	w           http.ResponseWriter
+	header      http.Header
+	sent        http.Header // the header as of WriteHeader
+	status      int
+	wroteHeader bool
+	buf         bytes.Buffer
+	limit       int
+	passthrough bool
+}
+
+func (c *captureWriter) Header() http.Header {
+	if c.passthrough {
+		return c.w.Header()
+	}
+	return c.header
+}
+
+func (c *captureWriter) WriteHeader(code int) {
+	if c.wroteHeader || c.passthrough {
+		return
+	}
+	if code < 100 || code > 999 {
+		panic("invalid WriteHeader code " + strconv.Itoa(code)) // as net/http does
+	}
+	if code < 200 {
+		return // 1xx informational responses are not passed on
+	}
+	c.status, c.wroteHeader = code, true
+	c.sent = c.header.Clone()
+}
+
+func (c *captureWriter) Write(p []byte) (int, error) {
+	if !c.wroteHeader {
+		c.WriteHeader(http.StatusOK)
+	}
+	if c.passthrough {
+		return c.w.Write(p)
+	}
+	if !bodyAllowed(c.status) {
+		return 0, http.ErrBodyNotAllowed
+	}
+	if c.buf.Len()+len(p) > c.limit {
+		c.startPassthrough()
+		return c.w.Write(p)
+	}
+	return c.buf.Write(p)
+}
+
+// Flush does nothing while the response is captured: it is sent whole once recorded.
+func (c *captureWriter) Flush() {
+	if c.passthrough {
+		if f, ok := c.w.(http.Flusher); ok {
+			f.Flush()
+		}
+	}
+}
+
+// Unwrap lets http.ResponseController reach the underlying writer (for deadlines).
+func (c *captureWriter) Unwrap() http.ResponseWriter { return c.w }
+
+// seal fixes the response once the handler returned: the implicit 200 of a handler that wrote
+// nothing, and the Content-Type net/http would sniff, so that the stored and the live response
+// are the same.
+func (c *captureWriter) seal() {
+	if c.passthrough {
+		return
+	}
+	if !c.wroteHeader {
+		c.WriteHeader(http.StatusOK)
+	}
+	if _, ok := c.sent["Content-Type"]; !ok && c.buf.Len() > 0 && c.sent.Get("Content-Encoding") == "" {
+		c.sent.Set("Content-Type", http.DetectContentType(c.buf.Bytes()))
+	}
+}
+
+func (c *captureWriter) startPassthrough() {
+	c.passthrough = true
+	copyHeader(c.w.Header(), c.sent)
+	c.w.WriteHeader(c.status)
+	_, _ = c.w.Write(c.buf.Bytes())
+	c.buf = bytes.Buffer{}
+}
+
+// stored returns the response to record: the live one without credential headers.
+func (c *captureWriter) stored() Response {
+	h := c.sent.Clone()
+	for _, name := range credentialHeaders {
+		h.Del(name)
+	}
+	return Response{Status: c.status, Header: h, Body: bytes.Clone(c.buf.Bytes())}
+}
+
+// finish sends the captured response, unless it was passed through already.
+func (c *captureWriter) finish() {
+	if c.passthrough {
+		return
+	}
+	copyHeader(c.w.Header(), c.sent)
+	c.w.WriteHeader(c.status)
+	if c.buf.Len() > 0 {
+		_, _ = c.w.Write(c.buf.Bytes())
+	}
+}
+
+func copyHeader(dst, src http.Header) {
+	for name, values := range src {
+		dst[name] = values
+	}
+}
+
+func bodyAllowed(status int) bool {
+	return status != http.StatusNoContent && status != http.StatusNotModified && (status < 100 || status >= 200)
+}
+
+func writeReplay(w http.ResponseWriter, resp Response) {
+	copyHeader(w.Header(), resp.Header)
+	w.Header().Set(ReplayedHeader, "true")
+	w.WriteHeader(resp.Status)
+	if len(resp.Body) > 0 && bodyAllowed(resp.Status) {
+		_, _ = w.Write(resp.Body)
+	}
+}
+
+type problem struct {
+	Type     string `json:"type"`
+	Title    string `json:"title"`
+	Status   int    `json:"status"`
+	Detail   string `json:"detail"`
+	Instance string `json:"instance,omitempty"`
+}
+
+func writeProblem(w http.ResponseWriter, r *http.Request, status int, name, title, detail string, retryAfter time.Duration) {
+	h := w.Header()
+	h.Set("Content-Type", "application/problem+json")
+	h.Set("Cache-Control", "no-store")
+	if retryAfter > 0 {
+		secs := int64((retryAfter + time.Second - 1) / time.Second)
+		h.Set("Retry-After", strconv.FormatInt(max(secs, 1), 10))
+	}
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(problem{Type: ProblemTypePrefix + name, Title: title, Status: status, Detail: detail, Instance: r.URL.Path})
+}
