@@ -106,6 +106,14 @@ func openStore(ctx context.Context, cfg Config, logger *zap.Logger) (keys.Store,
 		if err != nil {
 			return nil, fmt.Errorf("open redis store: %w", err)
 		}
+		pingCtx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		defer cancel()
+		if err := s.Ping(pingCtx); err != nil {
+			// Serve anyway: requests get 503 and /readyz says so until Redis answers.
+			logger.Warn("redis does not answer yet; serving 503 until it does", zap.Error(err))
+		} else {
+			logger.Info("opened redis store")
+		}
 		return s, nil
 	default:
 		s, err := bolt.OpenDir(cfg.DataDir, bolt.Options{Timeout: 2 * time.Second})

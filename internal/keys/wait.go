@@ -10,6 +10,10 @@ import (
 // a lost notification costs at most this much latency, never a whole wait.
 const maxWaitPoll = 250 * time.Millisecond
 
+// minWaitPoll bounds how often a waiter polls: with a store whose clock (Redis's) runs behind
+// the caller's, the lease may look expired here while the store still holds it.
+const minWaitPoll = 10 * time.Millisecond
+
 // BeginWait is Begin that, when a live lease holds the key, waits up to wait for the holder to
 // complete (then it replays), release or lose its lease (then it tries to acquire), and returns
 // ErrInProgress when the wait ends first. now is the store's clock, used to time the lease's
@@ -29,7 +33,7 @@ func BeginWait(ctx context.Context, s Store, now func() time.Time, tenant, key s
 			stop()
 			return res, err
 		}
-		sleep := min(max(res.Record.Lease.ExpiresAt.Sub(now()), time.Millisecond), maxWaitPoll)
+		sleep := min(max(res.Record.Lease.ExpiresAt.Sub(now()), minWaitPoll), maxWaitPoll)
 		poll := time.NewTimer(sleep)
 		select {
 		case <-changed:

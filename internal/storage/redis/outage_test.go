@@ -1,0 +1,373 @@
+package redis
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"strconv"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/idemsvc/idemsvc/internal/keys"
+)
+
+// Outages. These tests run their own redis-server on a free port, which they stop, freeze and
+// restart; they never touch the shared one.
+
+// server is a redis-server this test started.
+type server struct {
+	t    *testing.T
+	port int
+	args []string
+	cmd  *exec.Cmd
+}
+
+// startServer starts a redis-server on a free port with extra args, and kills it when the test
+// ends. It skips when redis-server is not installed (fails under IDEMSVC_TEST_REQUIRE_BACKENDS=1).
+func startServer(t *testing.T, args ...string) *server {
+	t.Helper()
+	if _, err := exec.LookPath("redis-server"); err != nil {
+		msg := "redis-server is not installed: the outage tests need their own server"
+		if os.Getenv("IDEMSVC_TEST_REQUIRE_BACKENDS") == "1" {
+			t.Fatal(msg)
+		}
+		t.Skip(msg)
+	}
+	s := &server{t: t, port: freePort(t), args: args}
+	s.start()
+	t.Cleanup(s.kill)
+	return s
+}
+
+func freePort(t *testing.T) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+func (s *server) url() string { return fmt.Sprintf("redis://127.0.0.1:%d/0", s.port) }
+
+func (s *server) start() {
+	s.t.Helper()
+	args := append([]string{"--port", strconv.Itoa(s.port), "--bind", "127.0.0.1",
+		"--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"}, s.args...)
+	s.cmd = exec.Command("redis-server", args...)
+	if err := s.cmd.Start(); err != nil {
+		s.t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", s.port), 100*time.Millisecond)
+		if err == nil {
+			c.Close()
+			return
+		}
+		if time.Now().After(deadline) {
+			s.t.Fatalf("redis-server on port %d did not start: %v", s.port, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func (s *server) kill() {
+	if s.cmd == nil {
+		return
+	}
+	_ = s.cmd.Process.Signal(syscall.SIGCONT) // in case it is frozen
+	_ = s.cmd.Process.Kill()
+	_ = s.cmd.Wait()
+	s.cmd = nil
+}
+
+func (s *server) signal(sig syscall.Signal) {
+	s.t.Helper()
+	if err := s.cmd.Process.Signal(sig); err != nil {
+		s.t.Fatal(err)
+	}
+}
+
+// wantUnavailable checks that err wraps keys.ErrUnavailable and took at most limit.
+func wantUnavailable(t *testing.T, what string, err error, took, limit time.Duration) {
+	t.Helper()
+	if !errors.Is(err, keys.ErrUnavailable) {
+		t.Errorf("%s: %v, want ErrUnavailable", what, err)
+	}
+	if took > limit {
+		t.Errorf("%s took %v, want at most %v", what, took, limit)
+	}
+}
+
+// opResult is one call's error and how long it took.
+type opResult struct {
+	err  error
+	took time.Duration
+}
+
+// allOps calls every operation once and returns their results by name.
+func allOps(ctx context.Context, s *Store, token string) map[string]opResult {
+	res := map[string]opResult{}
+	run := func(name string, call func() error) {
+		start := time.Now()
+		err := call()
+		res[name] = opResult{err, time.Since(start)}
+	}
+	run("Begin", func() error { _, err := s.Begin(ctx, "t", "key", testReq); return err })
+	run("Complete", func() error {
+		_, err := s.Complete(ctx, "t", "key", keys.CompleteRequest{Token: token, Response: testResp})
+		return err
+	})
+	run("Renew", func() error {
+		_, err := s.Renew(ctx, "t", "key", keys.RenewRequest{Token: token, Lease: time.Minute})
+		return err
+	})
+	run("Release", func() error { return s.Release(ctx, "t", "key", token) })
+	run("Get", func() error { _, err := s.Get(ctx, "t", "key"); return err })
+	run("Delete", func() error { return s.Delete(ctx, "t", "key") })
+	run("Ping", func() error { return s.Ping(ctx) })
+	return res
+}
+
+func TestDeadPort(t *testing.T) {
+	t.Parallel()
+	url := fmt.Sprintf("redis://127.0.0.1:%d/0", freePort(t))
+	start := time.Now()
+	s, err := Open(t.Context(), url, Options{Prefix: "dead"})
+	if err != nil {
+		t.Fatalf("Open(%s) = %v; want a store that reports ErrUnavailable", url, err)
+	}
+	defer s.Close()
+	if took := time.Since(start); took > time.Second {
+		t.Errorf("Open took %v", took)
+	}
+	for name, r := range allOps(t.Context(), s, "token") {
+		wantUnavailable(t, name, r.err, r.took, 250*time.Millisecond)
+	}
+	changed, stop := s.Watch("t", "key") // must neither block long nor panic
+	defer stop()
+	_ = changed
+}
+
+// TestStopAndRestart: Redis goes away mid-run and comes back on the same port. Meanwhile every
+// operation fails fast with ErrUnavailable, and afterwards the same store works again, with
+// the record Redis kept.
+func TestStopAndRestart(t *testing.T) {
+	t.Parallel()
+	srv := startServer(t)
+	s, err := Open(t.Context(), srv.url(), Options{Prefix: "restart", Timeout: 500 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	ctx := t.Context()
+	held, err := s.Begin(ctx, "t", "key", testReq)
+	if err != nil {
+		t.Fatal(err)
+	}
+	changed, stop := s.Watch("t", "key")
+	defer stop()
+
+	srv.kill()
+	select { // a broken subscription wakes its watchers: what was published meanwhile is unknown
+	case <-changed:
+	case <-time.After(2 * time.Second):
+		t.Error("the watcher was not woken when the connection broke")
+	}
+	for range 3 { // fast every time, not just the first
+		for name, r := range allOps(ctx, s, held.Record.Lease.Token) {
+			wantUnavailable(t, name+" while Redis is down", r.err, r.took, 250*time.Millisecond)
+		}
+	}
+
+	srv.start() // no persistence: an empty Redis, as after losing everything
+	deadline := time.Now().Add(10 * time.Second)
+	for s.Ping(ctx) != nil {
+		if time.Now().After(deadline) {
+			t.Fatal("the store did not recover within 10s of Redis coming back")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	res, err := s.Begin(ctx, "t", "key", testReq)
+	if err != nil || res.Outcome != keys.Acquired {
+		t.Fatalf("Begin after the restart = %v, %v; want acquired", res.Outcome, err)
+	}
+	// The counter went with the data; the clock floor still keeps the fence growing.
+	if res.Record.Lease.Fence <= held.Record.Lease.Fence {
+		t.Errorf("fence after losing the counter %d, want above %d", res.Record.Lease.Fence, held.Record.Lease.Fence)
+	}
+	changed, stop2 := s.Watch("t", "key")
+	defer stop2()
+	if err := s.Release(ctx, "t", "key", res.Record.Lease.Token); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-changed:
+	case <-time.After(2 * time.Second):
+		t.Error("watching did not recover after the restart")
+	}
+}
+
+// TestFrozen: a Redis that accepts connections but never answers (SIGSTOP) makes operations
+// fail with ErrUnavailable after the store's timeout, not hang; service resumes after SIGCONT.
+func TestFrozen(t *testing.T) {
+	t.Parallel()
+	srv := startServer(t)
+	const timeout = 300 * time.Millisecond
+	s, err := Open(t.Context(), srv.url(), Options{Prefix: "frozen", Timeout: timeout})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	ctx := t.Context()
+	if err := s.Ping(ctx); err != nil {
+		t.Fatal(err)
+	}
+	srv.signal(syscall.SIGSTOP)
+	start := time.Now()
+	_, err = s.Begin(ctx, "t", "key", testReq)
+	wantUnavailable(t, "Begin while frozen", err, time.Since(start), timeout+500*time.Millisecond)
+	// A caller's shorter deadline wins, and its error shows through too.
+	short, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
+	defer cancel()
+	start = time.Now()
+	_, err = s.Get(short, "t", "key")
+	wantUnavailable(t, "Get with a 50ms deadline", err, time.Since(start), 500*time.Millisecond)
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("Get with a 50ms deadline: %v, want it to wrap context.DeadlineExceeded", err)
+	}
+	srv.signal(syscall.SIGCONT)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		res, err := s.Begin(ctx, "t", "key", testReq)
+		if err == nil {
+			if res.Outcome != keys.Acquired {
+				t.Errorf("Begin after thawing: %v", res.Outcome)
+			}
+			break
+		}
+		// The begin sent while frozen may have run when Redis thawed: then the key is held.
+		if errors.Is(err, keys.ErrInProgress) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no recovery within 10s of SIGCONT: %v", err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// TestWrongPassword: credentials are configuration, so Open fails instead of waiting.
+func TestWrongPassword(t *testing.T) {
+	t.Parallel()
+	srv := startServer(t, "--requirepass", "s3cret")
+	u := fmt.Sprintf("redis://:wrong@127.0.0.1:%d/0", srv.port)
+	if s, err := Open(t.Context(), u, Options{}); err == nil {
+		s.Close()
+		t.Fatal("Open with a wrong password succeeded")
+	}
+	u = fmt.Sprintf("redis://:s3cret@127.0.0.1:%d/3", srv.port)
+	s, err := Open(t.Context(), u, Options{})
+	if err != nil {
+		t.Fatalf("Open with the password: %v", err)
+	}
+	defer s.Close()
+	if _, err := s.Begin(t.Context(), "t", "key", testReq); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// lossyDriver runs writes on Redis and then loses their replies, as when a connection breaks
+// after the request went out.
+type lossyDriver struct {
+	driver
+	lose bool
+}
+
+func (d *lossyDriver) cas(ctx context.Context, keys [2]string, args []string) (bool, string, error) {
+	wrote, fence, err := d.driver.cas(ctx, keys, args)
+	if d.lose && err == nil {
+		return false, "", errors.New("read tcp: connection reset by peer")
+	}
+	return wrote, fence, err
+}
+
+// TestLostReply: a write whose reply is lost is reported unavailable, never acquired or
+// completed; what it did shows on the next call.
+func TestLostReply(t *testing.T) {
+	url := testURL(t)
+	s := openTest(t, url, testPrefix(t), nil)
+	lossy := &lossyDriver{driver: s.d, lose: true}
+	s.d = lossy
+	ctx := t.Context()
+
+	res, err := s.Begin(ctx, "t", "key", testReq)
+	if !errors.Is(err, keys.ErrUnavailable) {
+		t.Fatalf("Begin with its reply lost = %v, %v; want ErrUnavailable", res.Outcome, err)
+	}
+	lossy.lose = false
+	if _, err := s.Begin(ctx, "t", "key", testReq); !errors.Is(err, keys.ErrInProgress) {
+		t.Fatalf("Begin after a lost acquire: %v, want ErrInProgress (the lease landed)", err)
+	}
+
+	held, err := s.Begin(ctx, "t", "other", testReq)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lossy.lose = true
+	req := keys.CompleteRequest{Token: held.Record.Lease.Token, Response: testResp}
+	if _, err := s.Complete(ctx, "t", "other", req); !errors.Is(err, keys.ErrUnavailable) {
+		t.Fatalf("Complete with its reply lost: %v, want ErrUnavailable", err)
+	}
+	lossy.lose = false
+	rec, err := s.Complete(ctx, "t", "other", req) // the same complete again tells
+	if err != nil || rec.State != keys.StateCompleted {
+		t.Fatalf("Complete again = %v, %v; want the completed record", rec.State, err)
+	}
+}
+
+// TestSilentServer: a server that accepts connections and never answers (a hung Redis, a
+// black-holed proxy) costs each call at most about the store's timeout, from Open on.
+func TestSilentServer(t *testing.T) {
+	t.Parallel()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			defer c.Close() // hold it open, read nothing, answer nothing
+		}
+	}()
+	const timeout = 300 * time.Millisecond
+	limit := timeout + 500*time.Millisecond
+	start := time.Now()
+	s, err := Open(t.Context(), "redis://"+l.Addr().String(), Options{Timeout: timeout})
+	if err != nil {
+		t.Fatalf("Open = %v; want a store that reports ErrUnavailable", err)
+	}
+	defer s.Close()
+	if took := time.Since(start); took > limit {
+		t.Errorf("Open took %v, want at most %v", took, limit)
+	}
+	for name, r := range allOps(t.Context(), s, "token") {
+		wantUnavailable(t, name, r.err, r.took, limit)
+	}
+	start = time.Now()
+	_, stop := s.Watch("t", "key")
+	stop()
+	if took := time.Since(start); took > limit {
+		t.Errorf("Watch took %v, want at most %v", took, limit)
+	}
+}

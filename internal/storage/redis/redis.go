@@ -1,0 +1,502 @@
+// Package redis is the Redis backend of idemsvc: a keys.Store that many idemsvc replicas share.
+//
+// # Design
+//
+// The rules stay in package keys, the one source of them. Every operation reads the stored record
+// together with Redis's clock in one script (readScript), decides in Go with keys.DecideX, and,
+// when the rule writes, runs casScript: it writes only if the stored value is still the one that
+// was read, allocates the fence of a new lease, sets the record's expiry and publishes the change.
+// When the value changed in between, the operation reads and decides again (at most 10 times,
+// with jittered backoff; every lost attempt means another writer won). So among concurrent begins
+// on one key, on any number of replicas, exactly one write lands. Round trips:
+//
+//	Begin     1 for replay, in progress and mismatch; 2 to acquire or take over
+//	Complete  2 (1 for the same complete again); Renew 2; Release 2 (1 when it writes nothing)
+//	Get, Delete, Ping  1
+//	Watch     0 when this Store already subscribes to the key's channel, else 1 (SUBSCRIBE)
+//
+// plus 2 for each compare-and-set lost to a concurrent writer. The scripts are sent once and then
+// called by hash (EVALSHA, falling back to EVAL after a SCRIPT FLUSH or a restart).
+//
+// Each (tenant, key) has two Redis keys that share one hash tag, so every script touches one slot
+// and the store also runs on Redis Cluster:
+//
+//	<prefix>:{<id>}:r  the record: "<fence>:" then keys' binary codec; PEXPIREAT its ExpiresAt
+//	<prefix>:{<id>}:f  the fence counter; it expires a day after the key's latest record
+//	<prefix>:{<id>}:c  the pub/sub channel the writes publish on (a channel, not a key)
+//
+// where <id> is keys.StorageID(tenant, key) with every byte outside '!'..'~', and '%', '{' and
+// '}', written as %XX (readable in redis-cli, and no brace can break the hash tag). Records
+// expire through Redis's own expiry, so Sweep has nothing to do. See scripts.go for the fences.
+//
+// The client is rueidis, chosen by measurement over go-redis: with 64 goroutines its automatic
+// pipelining gave about twice the begin+complete pairs per second (BenchmarkBeginComplete); with
+// one goroutine the two were even. Redis 7.0 or later is needed.
+//
+// # Clock
+//
+// Lease and expiry decisions use the time of the Redis node that owns the key, read by TIME inside
+// readScript, so replicas with skewed clocks agree. Options.Now, when set, replaces that clock for
+// decisions: the conformance suite drives a fake clock through it. Redis expiries are then placed
+// at the same distance from Redis's own time as the record's ExpiresAt is from the fake now.
+//
+// # Failures
+//
+// When Redis cannot be reached, answers too slowly (Options.Timeout, or the caller's deadline)
+// or says it cannot serve (LOADING, READONLY, OOM, ...), every operation returns an error wrapping
+// keys.ErrUnavailable, and Ping too. A write whose reply was lost is reported so, never as done:
+// it may have landed (a begin then holds the key until its lease runs out; a complete repeated
+// with the same token and response tells). The store reconnects by itself.
+//
+// # Limits
+//
+// Redis replicates asynchronously, and acknowledges a write before any replica has it. When a
+// primary fails over, or restarts without its data, its last writes can be lost:
+//   - a lost lease lets another caller acquire the key while the first still executes: the
+//     operation runs twice (the first holder's complete then fails with lease lost or not found);
+//   - a lost completed record lets a retry execute the operation again;
+//   - a lost release or delete brings back a held key, which frees itself when its lease ends.
+//
+// Fences keep growing even then, since they are floored by the Redis clock (unless the new
+// primary's clock is behind the old one's). Eviction loses records the same way: run Redis with
+// maxmemory-policy noeviction (a full Redis then answers OOM, which is keys.ErrUnavailable).
+// min-replicas-to-write and AOF (appendfsync everysec or always) narrow the window; nothing in
+// Redis closes it. Callers that cannot afford a second execution must make the operation itself
+// reject it (a unique constraint downstream, or a check of the fence).
+package redis
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/idemsvc/idemsvc/internal/keys"
+)
+
+// Options tune a Store. The zero value is ready to use.
+type Options struct {
+	// Now, when set, replaces Redis's clock (TIME, read inside the scripts) as the clock of every
+	// rule decision. It is for tests, which drive a fake clock; production leaves it nil so that
+	// all replicas use the one clock of the Redis node.
+	Now func() time.Time
+	// Prefix namespaces every Redis key and channel of the store, so that tests (or several
+	// deployments on one Redis) stay apart. It must not contain '{' or '}'. Default "idem".
+	Prefix string
+	// Timeout bounds each operation, all its round trips included, within the caller's context.
+	// Default 2s.
+	Timeout time.Duration
+}
+
+// DefaultPrefix is the Prefix when Options.Prefix is empty.
+const DefaultPrefix = "idem"
+
+const (
+	defaultTimeout = 2 * time.Second
+	// fenceMargin is how long a key's fence counter outlives its latest record.
+	fenceMargin = 24 * time.Hour
+	// maxAttempts bounds the compare-and-set retries of one operation. Each failed attempt means
+	// another writer succeeded on the same key, so the store as a whole always makes progress.
+	maxAttempts = 10
+)
+
+var _ keys.Store = (*Store)(nil)
+
+// Store is a keys.Store on Redis. It is safe for concurrent use.
+type Store struct {
+	d       driver
+	prefix  string
+	now     func() time.Time
+	timeout time.Duration
+	hub     *hub
+	closed  atomic.Bool
+}
+
+// driver is the little that Store needs from a Redis client: rueidisDriver; tests wrap it to
+// lose replies.
+type driver interface {
+	// read runs readScript on the record key.
+	read(ctx context.Context, key string) (val string, ok bool, sec, usec int64, err error)
+	// cas runs casScript; fence is set when it wrote.
+	cas(ctx context.Context, keys [2]string, args []string) (wrote bool, fence string, err error)
+	// del runs delScript.
+	del(ctx context.Context, key, channel string) error
+	ping(ctx context.Context) error
+	// unavailable reports whether a failure means Redis cannot serve now (network, timeout,
+	// LOADING, READONLY, ...), as opposed to a bug (a script error, a wrong type).
+	unavailable(err error) bool
+	close()
+}
+
+func newStore(d driver, opts Options) (*Store, error) {
+	if opts.Prefix == "" {
+		opts.Prefix = DefaultPrefix
+	}
+	if strings.ContainsAny(opts.Prefix, "{}") {
+		return nil, fmt.Errorf("redis: prefix %q may not contain '{' or '}'", opts.Prefix)
+	}
+	if opts.Timeout <= 0 {
+		opts.Timeout = defaultTimeout
+	}
+	return &Store{d: d, prefix: opts.Prefix, now: opts.Now, timeout: opts.Timeout}, nil
+}
+
+// names are the Redis names of one (tenant, key).
+type names struct {
+	rec, fence, channel string
+}
+
+func (s *Store) names(tenant, key string) names {
+	id := escapeID(keys.StorageID(tenant, key))
+	base := s.prefix + ":{" + id + "}:"
+	return names{rec: base + "r", fence: base + "f", channel: base + "c"}
+}
+
+// escapeID keeps the storage id readable in redis-cli and free of the braces that would break the
+// hash tag: bytes outside '!'..'~', and '%', '{', '}', become %XX.
+func escapeID(id []byte) string {
+	const hex = "0123456789ABCDEF"
+	var b strings.Builder
+	b.Grow(len(id) + 8)
+	for _, c := range id {
+		if c < '!' || c > '~' || c == '%' || c == '{' || c == '}' {
+			b.WriteByte('%')
+			b.WriteByte(hex[c>>4])
+			b.WriteByte(hex[c&15])
+			continue
+		}
+		b.WriteByte(c)
+	}
+	return b.String()
+}
+
+// snapshot is one read of a record: what is stored, verbatim, and the clocks.
+type snapshot struct {
+	raw    string
+	exists bool
+	rec    *keys.Record // nil when absent
+	// now is the decision time: Redis's TIME, or Options.Now.
+	now time.Time
+	// offset is Redis's TIME minus now; zero in production.
+	offset time.Duration
+}
+
+func (s *Store) read(ctx context.Context, n names) (snapshot, error) {
+	raw, ok, sec, usec, err := s.d.read(ctx, n.rec)
+	if err != nil {
+		return snapshot{}, s.edge(err)
+	}
+	redisNow := time.Unix(sec, usec*1000).UTC()
+	snap := snapshot{raw: raw, exists: ok, now: redisNow}
+	if s.now != nil {
+		snap.now = s.now()
+		snap.offset = redisNow.Sub(snap.now)
+	}
+	if ok {
+		r, err := decodeValue(raw)
+		if err != nil {
+			return snapshot{}, err
+		}
+		snap.rec = &r
+	}
+	return snap, nil
+}
+
+func decodeValue(raw string) (keys.Record, error) {
+	i := strings.IndexByte(raw, ':')
+	if i < 0 {
+		return keys.Record{}, errors.New("redis: stored value has no fence")
+	}
+	fence, err := strconv.ParseUint(raw[:i], 10, 64)
+	if err != nil {
+		return keys.Record{}, fmt.Errorf("redis: stored value has a bad fence: %w", err)
+	}
+	r, err := keys.DecodeRecord([]byte(raw[i+1:]))
+	if err != nil {
+		return keys.Record{}, err
+	}
+	r.Lease.Fence = fence
+	return r, nil
+}
+
+// redisMillis turns a time on the decision clock into Unix milliseconds on Redis's clock,
+// rounded up so that Redis never removes a record while the rules still see it live.
+func (snap snapshot) redisMillis(t time.Time) int64 {
+	t = t.Add(snap.offset)
+	ms := t.UnixMilli()
+	if t.After(time.UnixMilli(ms)) {
+		ms++
+	}
+	return ms
+}
+
+type casWrite struct {
+	del      bool
+	rec      *keys.Record // put
+	newFence bool         // put: allocate a fence for a new lease
+	publish  bool
+}
+
+// cas writes w if the record is still snap. It returns the fence of the written record.
+func (s *Store) cas(ctx context.Context, n names, snap snapshot, w casWrite) (bool, uint64, error) {
+	present := "0"
+	if snap.exists {
+		present = "1"
+	}
+	channel := ""
+	if w.publish {
+		channel = n.channel
+	}
+	args := []string{present, snap.raw, "put", "", "", "0", "0", "0", channel}
+	if w.del {
+		args[2] = "del"
+	} else {
+		rec := *w.rec
+		fence := "new"
+		if !w.newFence {
+			fence = strconv.FormatUint(rec.Lease.Fence, 10)
+		}
+		rec.Lease.Fence = 0 // the value's prefix is the fence
+		args[3] = string(keys.AppendRecord(nil, &rec))
+		args[4] = fence
+		expires := snap.redisMillis(rec.ExpiresAt)
+		args[5] = strconv.FormatInt(expires, 10)
+		args[6] = strconv.FormatInt(snap.now.UnixMicro(), 10)
+		args[7] = strconv.FormatInt(expires+fenceMargin.Milliseconds(), 10)
+	}
+	wrote, fence, err := s.d.cas(ctx, [2]string{n.rec, n.fence}, args)
+	if err != nil {
+		// A write whose reply is lost is reported unavailable, never done: it may or may not
+		// have landed.
+		return false, 0, s.edge(err)
+	}
+	if !wrote || w.del {
+		return wrote, 0, nil
+	}
+	f, err := strconv.ParseUint(fence, 10, 64)
+	if err != nil {
+		return false, 0, fmt.Errorf("redis: script returned a bad fence %q", fence)
+	}
+	return true, f, nil
+}
+
+// op runs one operation: it bounds ctx by the store's timeout and retries attempt while it
+// reports a lost compare-and-set, with jittered backoff.
+func (s *Store) op(ctx context.Context, name, key string, attempt func(ctx context.Context) (done bool, err error)) error {
+	opCtx, cancel := context.WithTimeout(ctx, s.timeout)
+	defer cancel()
+	for i := 0; ; i++ {
+		done, err := attempt(opCtx)
+		if err != nil {
+			return s.wrap(ctx, name, key, err)
+		}
+		if done {
+			return nil
+		}
+		if i+1 == maxAttempts {
+			return fmt.Errorf("%s %q: %w: %d concurrent writes in a row won over this one",
+				name, key, keys.ErrUnavailable, maxAttempts)
+		}
+		// Up to 0.1, 0.2, 0.4 ... 25.6ms: spreads the losers so one of them wins next.
+		backoff := time.Duration(rand.Int64N(int64(100*time.Microsecond) << i))
+		t := time.NewTimer(backoff)
+		select {
+		case <-t.C:
+		case <-opCtx.Done():
+			t.Stop()
+			return s.wrap(ctx, name, key, s.edge(opCtx.Err()))
+		}
+	}
+}
+
+// edge translates a driver error: failures that mean Redis cannot serve now (network, timeout,
+// LOADING, READONLY, ...) wrap keys.ErrUnavailable; others (a script error, say) stay internal.
+func (s *Store) edge(err error) error {
+	if err == nil {
+		return nil
+	}
+	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) || s.d.unavailable(err) {
+		return fmt.Errorf("%w: %v", keys.ErrUnavailable, err)
+	}
+	return fmt.Errorf("redis: %w", err)
+}
+
+// wrap names the operation and key. When the caller's context ended (its deadline passed,
+// which the client may notice a moment before ctx.Err says so), the error also wraps the
+// context's error, next to keys.ErrUnavailable.
+func (s *Store) wrap(ctx context.Context, name, key string, err error) error {
+	if errors.Is(err, keys.ErrUnavailable) {
+		cerr := ctx.Err()
+		if dl, ok := ctx.Deadline(); ok && cerr == nil && !time.Now().Before(dl) {
+			cerr = context.DeadlineExceeded
+		}
+		if cerr != nil {
+			return fmt.Errorf("%s %q: %w: %w", name, key, err, cerr)
+		}
+	}
+	return fmt.Errorf("%s %q: %w", name, key, err)
+}
+
+// Begin implements keys.Store. It returns an error wrapping keys.ErrUnavailable when Redis
+// cannot be reached; then it acquired nothing as far as the caller knows (a lease whose reply was
+// lost holds the key until it expires).
+func (s *Store) Begin(ctx context.Context, tenant, key string, req keys.BeginRequest) (keys.BeginResult, error) {
+	n := s.names(tenant, key)
+	var res keys.BeginResult
+	err := s.op(ctx, "begin", key, func(ctx context.Context) (bool, error) {
+		snap, err := s.read(ctx, n)
+		if err != nil {
+			return false, err
+		}
+		var w keys.Write
+		res, w, err = keys.DecideBegin(snap.rec, snap.now, key, req)
+		if err != nil || w == keys.WriteNone {
+			return true, err
+		}
+		wrote, fence, err := s.cas(ctx, n, snap, casWrite{
+			rec: &res.Record, newFence: true, publish: res.Outcome == keys.TakenOver,
+		})
+		res.Record.Lease.Fence = fence
+		return wrote, err
+	})
+	if err != nil && !errors.Is(err, keys.ErrInProgress) {
+		return keys.BeginResult{}, err
+	}
+	return res, err
+}
+
+// Complete implements keys.Store. It returns an error wrapping keys.ErrUnavailable when Redis
+// cannot be reached; then the response may or may not be stored, and the same Complete again
+// tells which.
+func (s *Store) Complete(ctx context.Context, tenant, key string, req keys.CompleteRequest) (keys.Record, error) {
+	n := s.names(tenant, key)
+	var rec keys.Record
+	err := s.op(ctx, "complete", key, func(ctx context.Context) (bool, error) {
+		snap, err := s.read(ctx, n)
+		if err != nil {
+			return false, err
+		}
+		var w keys.Write
+		rec, w, err = keys.DecideComplete(snap.rec, snap.now, req)
+		if err != nil || w == keys.WriteNone {
+			return true, err
+		}
+		wrote, _, err := s.cas(ctx, n, snap, casWrite{rec: &rec, publish: true})
+		return wrote, err
+	})
+	if err != nil {
+		return keys.Record{}, err
+	}
+	return rec.Public(), nil
+}
+
+// Renew implements keys.Store. It returns an error wrapping keys.ErrUnavailable when Redis
+// cannot be reached.
+func (s *Store) Renew(ctx context.Context, tenant, key string, req keys.RenewRequest) (keys.Record, error) {
+	n := s.names(tenant, key)
+	var rec keys.Record
+	err := s.op(ctx, "renew", key, func(ctx context.Context) (bool, error) {
+		snap, err := s.read(ctx, n)
+		if err != nil {
+			return false, err
+		}
+		var w keys.Write
+		rec, w, err = keys.DecideRenew(snap.rec, snap.now, req)
+		if err != nil || w == keys.WriteNone {
+			return true, err
+		}
+		wrote, _, err := s.cas(ctx, n, snap, casWrite{rec: &rec})
+		return wrote, err
+	})
+	if err != nil {
+		return keys.Record{}, err
+	}
+	return rec, nil
+}
+
+// Release implements keys.Store. It returns an error wrapping keys.ErrUnavailable when Redis
+// cannot be reached.
+func (s *Store) Release(ctx context.Context, tenant, key, token string) error {
+	n := s.names(tenant, key)
+	return s.op(ctx, "release", key, func(ctx context.Context) (bool, error) {
+		snap, err := s.read(ctx, n)
+		if err != nil {
+			return false, err
+		}
+		w, err := keys.DecideRelease(snap.rec, snap.now, token)
+		if err != nil || w == keys.WriteNone {
+			return true, err
+		}
+		wrote, _, err := s.cas(ctx, n, snap, casWrite{del: true, publish: true})
+		return wrote, err
+	})
+}
+
+// Get implements keys.Store: one round trip. It returns an error wrapping keys.ErrUnavailable
+// when Redis cannot be reached.
+func (s *Store) Get(ctx context.Context, tenant, key string) (keys.Record, error) {
+	n := s.names(tenant, key)
+	var rec keys.Record
+	err := s.op(ctx, "get", key, func(ctx context.Context) (bool, error) {
+		snap, err := s.read(ctx, n)
+		if err != nil {
+			return false, err
+		}
+		rec, err = keys.DecideGet(snap.rec, snap.now)
+		return true, err
+	})
+	return rec, err
+}
+
+// Delete implements keys.Store: one round trip. The key's fence counter stays, so the next lease
+// still gets a larger fence. It returns an error wrapping keys.ErrUnavailable when Redis cannot be
+// reached.
+func (s *Store) Delete(ctx context.Context, tenant, key string) error {
+	n := s.names(tenant, key)
+	return s.op(ctx, "delete", key, func(ctx context.Context) (bool, error) {
+		return true, s.edge(s.d.del(ctx, n.rec, n.channel))
+	})
+}
+
+// Watch implements keys.Store through pub/sub: a write script publishes on the key's channel and
+// every Store subscribed to it, on any replica, closes its watchers' channels. See hub.
+func (s *Store) Watch(tenant, key string) (<-chan struct{}, func()) {
+	return s.hub.watch(s.names(tenant, key).channel)
+}
+
+// Sweep implements keys.Store: Redis removes expired records by itself, so it returns 0, nil
+// (or an error once the Store is closed).
+func (s *Store) Sweep(ctx context.Context, max int) (int, error) {
+	if s.closed.Load() {
+		return 0, fmt.Errorf("sweep: %w", errClosed)
+	}
+	return 0, nil
+}
+
+// Ping returns nil when Redis answers, else an error wrapping keys.ErrUnavailable.
+func (s *Store) Ping(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	defer cancel()
+	if err := s.d.ping(ctx); err != nil {
+		if errors.Is(err, keys.ErrUnavailable) {
+			return fmt.Errorf("ping: %w", err)
+		}
+		return fmt.Errorf("ping: %w: %v", keys.ErrUnavailable, err)
+	}
+	return nil
+}
+
+// Close wakes and stops the watchers and closes the connections; it waits for pending
+// operations. Every operation afterwards fails. Closing again does nothing.
+func (s *Store) Close() error {
+	if s.closed.Swap(true) {
+		return nil
+	}
+	s.hub.close()
+	s.d.close()
+	return nil
+}
