@@ -86,8 +86,15 @@ func (s *Server) writeError(w http.ResponseWriter, r *http.Request, err error) {
 	if p.showDetail {
 		detail = err.Error()
 	}
-	if p.status >= 500 {
+	switch {
+	case p.status == http.StatusInternalServerError:
 		s.logger.Error("request failed", zap.String("request_id", requestID(r.Context())),
+			zap.String("problem", p.name), zap.Error(err))
+	case errors.Is(err, context.Canceled) && r.Context().Err() != nil:
+		// The client went away; nobody reads this answer.
+		s.logger.Debug("request cancelled by the client", zap.String("request_id", requestID(r.Context())))
+	case p.status >= 500:
+		s.logger.Warn("request failed", zap.String("request_id", requestID(r.Context())),
 			zap.String("problem", p.name), zap.Error(err))
 	}
 	switch p.status {
