@@ -320,7 +320,7 @@ func (s *Store) edge(err error) error {
 		return nil
 	}
 	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) || s.d.unavailable(err) {
-		return fmt.Errorf("%w: %v", keys.ErrUnavailable, err)
+		return fmt.Errorf("%w: %w", keys.ErrUnavailable, err)
 	}
 	return fmt.Errorf("redis: %w", err)
 }
@@ -334,7 +334,7 @@ func (s *Store) wrap(ctx context.Context, name, key string, err error) error {
 		if dl, ok := ctx.Deadline(); ok && cerr == nil && !time.Now().Before(dl) {
 			cerr = context.DeadlineExceeded
 		}
-		if cerr != nil {
+		if cerr != nil && !errors.Is(err, cerr) {
 			return fmt.Errorf("%s %q: %w: %w", name, key, err, cerr)
 		}
 	}
