@@ -149,7 +149,8 @@ type Store interface {
 	// Complete stores the response of the current lease holder. It returns ErrNotFound when
 	// there is no live record, ErrLeaseLost when req.Token is not the current lease, and
 	// ErrAlreadyCompleted when the record is completed with another token or response. The
-	// same complete again returns the completed record and no error.
+	// same complete again returns the completed record and no error. The returned record has
+	// no token, the first time as on a retry (like Get's).
 	Complete(ctx context.Context, tenant, key string, req CompleteRequest) (Record, error)
 
 	// Renew extends the current lease. It returns ErrNotFound when there is no live record and

@@ -58,16 +58,14 @@ func DecideBegin(cur *Record, now time.Time, key string, req BeginRequest) (Begi
 	outcome := Acquired
 	if cur != nil { // an in-progress record whose lease ran out
 		outcome = TakenOver
-		next.CreatedAt = cur.CreatedAt
-		if cur.Fingerprint != "" {
-			next.Fingerprint = cur.Fingerprint
-		}
+		next.CreatedAt = cur.CreatedAt // (the fingerprints agree: a mismatch returned above)
 	}
 	return BeginResult{Outcome: outcome, Record: next}, WritePut, nil
 }
 
 // DecideComplete applies complete's rule and returns the completed record. The request's
-// response must already be valid (see Limits.CheckResponse).
+// response must already be valid (see Limits.CheckResponse). The record to write keeps the
+// lease's token, so that a retried complete can be recognised; a store shows its Public().
 func DecideComplete(cur *Record, now time.Time, req CompleteRequest) (Record, Write, error) {
 	cur = live(cur, now)
 	switch {

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -86,21 +85,10 @@ func durabilityProblems(db *bbolt.DB) []string {
 	return problems
 }
 
-// boltDB returns the *bbolt.DB under a bolt store, through the accessor DB() *bbolt.DB when
-// the bolt package has one.
-//
-// Until it does, the test reads the unexported field by reflection: brittle, but it fails
-// loudly (rather than passing) if the field is renamed.
+// boltDB returns the *bbolt.DB under a bolt store.
 func boltDB(t *testing.T, s *bolt.Store) *bbolt.DB {
 	t.Helper()
-	if a, ok := any(s).(interface{ DB() *bbolt.DB }); ok {
-		return a.DB()
-	}
-	f := reflect.ValueOf(s).Elem().FieldByName("db")
-	if !f.IsValid() || f.Type() != reflect.TypeFor[*bbolt.DB]() {
-		t.Fatalf("bolt.Store has neither a DB() *bbolt.DB accessor nor a db *bbolt.DB field: add the accessor")
-	}
-	return (*bbolt.DB)(f.UnsafePointer())
+	return s.DB()
 }
 
 // TestConsistencyCheckCatchesCorruption shows that the harness's bbolt check is not vacuous: a

@@ -1,0 +1,130 @@
+package bolt
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"go.etcd.io/bbolt"
+
+	"github.com/idemsvc/idemsvc/internal/keys"
+	"github.com/idemsvc/idemsvc/internal/storage/storagetest"
+)
+
+func TestConformance(t *testing.T) {
+	storagetest.Run(t, storagetest.Factory{
+		Open: func(t *testing.T, clock *storagetest.Clock) keys.Store {
+			return open(t, filepath.Join(t.TempDir(), FileName), clock)
+		},
+		Reopen: func(t *testing.T, s keys.Store, clock *storagetest.Clock) keys.Store {
+			path := s.(*Store).Path()
+			checkAndClose(t, s.(*Store))
+			return open(t, path, clock)
+		},
+	})
+}
+
+// open opens the store at path and, at the end of the test, checks and closes it.
+func open(t *testing.T, path string, clock *storagetest.Clock) *Store {
+	t.Helper()
+	s, err := Open(path, Options{Now: clock.Now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { checkAndClose(t, s) })
+	return s
+}
+
+// checkAndClose runs bbolt's consistency check and checkIndex on s, unless it is closed
+// already, and closes it.
+func checkAndClose(t *testing.T, s *Store) {
+	t.Helper()
+	s.mu.RLock()
+	closed := s.closed
+	s.mu.RUnlock()
+	if closed {
+		return
+	}
+	err := s.db.View(func(tx *bbolt.Tx) error {
+		var errs []error
+		for err := range tx.Check() {
+			errs = append(errs, err)
+		}
+		return errors.Join(append(errs, checkIndex(tx))...)
+	})
+	if err != nil {
+		t.Errorf("consistency check of %s: %v", s.path, err)
+	}
+	if err := s.Close(); err != nil {
+		t.Errorf("Close: %v", err)
+	}
+}
+
+func TestOpenLocked(t *testing.T) {
+	dir := t.TempDir()
+	first, err := OpenDir(dir, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer first.Close()
+
+	start := time.Now()
+	second, err := OpenDir(dir, Options{}) // flock conflicts between two opens in one process too
+	took := time.Since(start)
+	if err == nil {
+		second.Close()
+		t.Fatal("a second Open of the same file succeeded")
+	}
+	if !errors.Is(err, ErrLocked) || !strings.Contains(err.Error(), "locked by another process") {
+		t.Errorf("second Open: %v, want ErrLocked saying the file is locked by another process", err)
+	}
+	if took > 2*time.Second {
+		t.Errorf("second Open took %s to fail, want about %s", took, DefaultTimeout)
+	}
+	if !strings.Contains(err.Error(), filepath.Join(dir, FileName)) {
+		t.Errorf("second Open: %v, want the error to name the file", err)
+	}
+}
+
+func TestOpenNotBolt(t *testing.T) {
+	path := filepath.Join(t.TempDir(), FileName)
+	if err := os.WriteFile(path, []byte(strings.Repeat("not a bolt file ", 1024)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if s, err := Open(path, Options{}); err == nil {
+		s.Close()
+		t.Fatal("Open of a file that is not a bbolt file succeeded")
+	}
+}
+
+// checkIndex checks that the expiry index has exactly one entry per record, at its expiry.
+func checkIndex(tx *bbolt.Tx) error {
+	want := map[string]bool{}
+	err := tx.Bucket(bucketRecords).ForEach(func(id, v []byte) error {
+		rec, err := keys.DecodeRecord(v)
+		if err != nil {
+			return fmt.Errorf("record %x: %w", id, err)
+		}
+		want[string(expiryKey(rec.ExpiresAt, id))] = true
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	var errs []error
+	err = tx.Bucket(bucketExpiry).ForEach(func(k, _ []byte) error {
+		if !want[string(k)] {
+			errs = append(errs, fmt.Errorf("expiry index entry %x has no record with that expiry", k))
+		}
+		delete(want, string(k))
+		return nil
+	})
+	for k := range want {
+		errs = append(errs, fmt.Errorf("record %x has no expiry index entry", k[8:]))
+	}
+	return errors.Join(append(errs, err)...)
+}
