@@ -6,7 +6,7 @@
 // sync in one transaction. Fences come from the records bucket's sequence, which grows across
 // all keys and survives release, delete and reopen.
 //
-// Writes go through bbolt's group commit (DB.Batch) with fsync on; see DefaultMaxBatchSize.
+// Writes go through a group commit with fsync on; see DefaultMaxBatchSize and committer.
 // Watchers are notified in-process, which is enough because only one process can open the
 // file at a time.
 package bolt
@@ -34,26 +34,16 @@ const FileName = "idemsvc.db"
 // DefaultTimeout is how long Open waits for the data file's lock by default.
 const DefaultTimeout = time.Second
 
-// The group commit defaults, chosen with BenchmarkBeginComplete (begin then complete on fresh
-// keys, fsync on; 2-core VM, ext4 on virtio, about 0.6 ms per fdatasync, other jobs keeping
-// the load average near 9, so the spread is wide). Medians of six interleaved runs of
-// go test -run '^$' -bench BeginComplete -benchtime 3s, in ops/s (one op is a begin and a
-// complete, two commits):
+// DefaultMaxBatchSize bounds how many writes one transaction commits (and so one fsync
+// covers), so that a transaction never holds the writer lock long.
 //
-//	                      1 goroutine    64 goroutines
-//	bbolt's 1000 / 10 ms     41 (30-43)    2,100 (1,900-2,600)
-//	64 / 1 ms               180 (147-210)  7,500 (5,500-13,700; 18,700 in a quiet spell)
-//
-// A batch commits as soon as MaxBatchSize writes have joined it, so with as many writers as
-// the size a batch never waits; a size above the number of writers always waits the whole
-// delay (at 64 goroutines and 1 ms, sizes 16, 32 and 128 all did worse than 64). A lone
-// writer waits the whole delay on every write, so the delay stays short: 64 / 2 ms did about
-// a third better at 64 goroutines under this load (7,900 against 5,900 in one interleaved
-// set) but a third worse at 1 (115 against 165).
-const (
-	DefaultMaxBatchSize  = 64
-	DefaultMaxBatchDelay = time.Millisecond
-)
+// Writes go through a group commit without a timer (see committer): measured with
+// BenchmarkBeginComplete (begin then complete on fresh keys, fsync on, 2-core VM, about 0.6 ms
+// per fdatasync), bbolt's DB.Batch at its defaults (1000 / 10 ms) gave about 40 ops/s with one
+// writer and 2,100 with 64; tuned to 64 / 1 ms, about 180 and 7,500; the committer's figures
+// are in docs/BENCHMARKS.md. The timer is what costs: a lone writer waits it out on every
+// write, and a closed loop of N writers rarely fills a batch of exactly N.
+const DefaultMaxBatchSize = 256
 
 // ErrLocked is returned by Open when another process holds the data file.
 var ErrLocked = errors.New("the data file is locked by another process")
@@ -79,8 +69,8 @@ type Options struct {
 	// MaxBatchSize is how many writes join one transaction at most; zero means
 	// DefaultMaxBatchSize.
 	MaxBatchSize int
-	// MaxBatchDelay is how long a transaction waits for more writes to join it; zero means
-	// DefaultMaxBatchDelay.
+	// MaxBatchDelay, when positive, switches from the timer-less group commit to bbolt's
+	// DB.Batch with this delay (and MaxBatchSize); it exists to compare the two.
 	MaxBatchDelay time.Duration
 }
 
@@ -89,6 +79,8 @@ type Store struct {
 	db   *bbolt.DB
 	path string
 	now  func() time.Time
+	// batch runs a write in a shared, committed transaction: the committer, or DB.Batch.
+	batch func(func(*bbolt.Tx) error) error
 
 	// mu is held shared by every operation and exclusively by Close, so that Close lets the
 	// pending operations finish and no operation starts on a closed database.
@@ -113,9 +105,6 @@ func Open(path string, opts Options) (*Store, error) {
 	if opts.MaxBatchSize <= 0 {
 		opts.MaxBatchSize = DefaultMaxBatchSize
 	}
-	if opts.MaxBatchDelay <= 0 {
-		opts.MaxBatchDelay = DefaultMaxBatchDelay
-	}
 	db, err := bbolt.Open(path, 0o600, &bbolt.Options{Timeout: opts.Timeout})
 	if errors.Is(err, berrors.ErrTimeout) {
 		return nil, fmt.Errorf("open %s: %w (gave up after %s)", path, ErrLocked, opts.Timeout)
@@ -123,8 +112,6 @@ func Open(path string, opts Options) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open %s: %w", path, err)
 	}
-	db.MaxBatchSize = opts.MaxBatchSize
-	db.MaxBatchDelay = opts.MaxBatchDelay
 	err = db.Update(func(tx *bbolt.Tx) error {
 		for _, name := range [][]byte{bucketRecords, bucketExpiry} {
 			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
@@ -137,7 +124,14 @@ func Open(path string, opts Options) (*Store, error) {
 		_ = db.Close()
 		return nil, fmt.Errorf("open %s: %w", path, err)
 	}
-	return &Store{db: db, path: path, now: opts.Now}, nil
+	st := &Store{db: db, path: path, now: opts.Now}
+	if opts.MaxBatchDelay > 0 {
+		db.MaxBatchSize, db.MaxBatchDelay = opts.MaxBatchSize, opts.MaxBatchDelay
+		st.batch = db.Batch
+	} else {
+		st.batch = (&committer{db: db, max: opts.MaxBatchSize}).do
+	}
+	return st, nil
 }
 
 // OpenDir creates dir if needed and opens FileName in it; see Open.
@@ -211,7 +205,7 @@ func (s *Store) begin(ctx context.Context, tenant, key string, req keys.BeginReq
 
 	// Batch may run this function more than once: everything it decides is reset first, and
 	// only the run that committed counts.
-	err = s.db.Batch(func(tx *bbolt.Tx) error {
+	err = s.batch(func(tx *bbolt.Tx) error {
 		res, w, rerr = keys.BeginResult{}, keys.WriteNone, nil
 		cur, err := getRecord(tx, id)
 		if err != nil {
@@ -292,7 +286,7 @@ type rule func(cur *keys.Record, now time.Time) (keys.Record, keys.Write, error)
 // update runs decide and its write in one batched transaction, and notifies the key's
 // watchers once the write has committed. decide's error is the operation's outcome; it is
 // carried out of the transaction function, never returned from it, so that a business
-// outcome does not make Batch re-run the function alone.
+// outcome does not make the group commit re-run the function alone.
 func (s *Store) update(ctx context.Context, tenant, key string, decide rule) (keys.Record, error) {
 	if err := s.enter(ctx); err != nil {
 		return keys.Record{}, err
@@ -305,7 +299,7 @@ func (s *Store) update(ctx context.Context, tenant, key string, decide rule) (ke
 		w    keys.Write
 		rerr error
 	)
-	err := s.db.Batch(func(tx *bbolt.Tx) error {
+	err := s.batch(func(tx *bbolt.Tx) error {
 		rec, w, rerr = keys.Record{}, keys.WriteNone, nil
 		cur, err := getRecord(tx, id)
 		if err != nil {

@@ -1,0 +1,86 @@
+package bolt
+
+import (
+	"sync"
+
+	"go.etcd.io/bbolt"
+)
+
+// committer is a group commit without a timer. A write joins the pending queue; when no commit
+// is running, a committer goroutine starts and commits everything pending in one transaction
+// (at most max writes), then everything that queued up meanwhile, and so on until the queue is
+// empty. A lone writer therefore never waits for others, and under load each fsync is shared by
+// all the writes that arrived during the previous one. bbolt's DB.Batch, by contrast, holds
+// every batch open for MaxBatchDelay unless MaxBatchSize writes arrive first, which a closed
+// loop of N writers rarely fills exactly (see BenchmarkBeginComplete).
+//
+// Its rules are DB.Batch's: a function may run more than once, so it must reset what it
+// decides at its start; when one function fails, the transaction is rolled back, that function
+// is run alone (its error is its caller's), and the others are committed again without it.
+type committer struct {
+	db  *bbolt.DB
+	max int
+
+	mu      sync.Mutex
+	pending []*call
+	running bool
+}
+
+type call struct {
+	fn   func(*bbolt.Tx) error
+	done chan error
+}
+
+// do runs fn in a committed read-write transaction, shared with other writers, and returns
+// fn's error or the commit's.
+func (c *committer) do(fn func(*bbolt.Tx) error) error {
+	cl := &call{fn: fn, done: make(chan error, 1)}
+	c.mu.Lock()
+	c.pending = append(c.pending, cl)
+	if !c.running {
+		c.running = true
+		go c.loop()
+	}
+	c.mu.Unlock()
+	return <-cl.done
+}
+
+func (c *committer) loop() {
+	for {
+		c.mu.Lock()
+		if len(c.pending) == 0 {
+			c.running = false
+			c.mu.Unlock()
+			return
+		}
+		n := min(len(c.pending), c.max)
+		batch := c.pending[:n:n]
+		c.pending = append([]*call(nil), c.pending[n:]...)
+		c.mu.Unlock()
+		c.commit(batch)
+	}
+}
+
+func (c *committer) commit(batch []*call) {
+	for len(batch) > 0 {
+		failed := -1
+		err := c.db.Update(func(tx *bbolt.Tx) error {
+			for i, cl := range batch {
+				if err := cl.fn(tx); err != nil {
+					failed = i
+					return err
+				}
+			}
+			return nil
+		})
+		if failed < 0 { // committed, or the commit itself failed for everyone
+			for _, cl := range batch {
+				cl.done <- err
+			}
+			return
+		}
+		bad := batch[failed]
+		bad.done <- c.db.Update(bad.fn)
+		batch = append(batch[:failed:failed], batch[failed+1:]...)
+	}
+}
