@@ -70,17 +70,20 @@ func realMain(args, environ []string, stdout, stderr io.Writer) int {
 	return 0
 }
 
+// newLogger builds the JSON logger. Its output is buffered (flushed every second, when 256 KiB
+// are waiting, and at exit): one write syscall per access-log line was a measurable part of a
+// request's cost under load.
 func newLogger(level string) (*zap.Logger, error) {
 	lvl, err := zapcore.ParseLevel(level)
 	if err != nil {
 		return nil, err
 	}
-	zc := zap.NewProductionConfig()
-	zc.Level = zap.NewAtomicLevelAt(lvl)
-	zc.Sampling = nil // every access-log line, not a sample
-	zc.EncoderConfig.TimeKey = "time"
-	zc.EncoderConfig.EncodeTime = zapcore.RFC3339NanoTimeEncoder
-	return zc.Build()
+	ec := zap.NewProductionEncoderConfig()
+	ec.TimeKey = "time"
+	ec.EncodeTime = zapcore.RFC3339NanoTimeEncoder
+	out := &zapcore.BufferedWriteSyncer{WS: zapcore.Lock(os.Stderr), Size: 256 << 10, FlushInterval: time.Second}
+	core := zapcore.NewCore(zapcore.NewJSONEncoder(ec), out, lvl) // every line, no sampling
+	return zap.New(core, zap.AddCaller(), zap.AddStacktrace(zapcore.ErrorLevel)), nil
 }
 
 // healthcheck asks the local service's /healthz, for container health checks (the runtime

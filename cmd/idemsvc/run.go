@@ -88,6 +88,7 @@ func run(ctx context.Context, cfg Config, logger *zap.Logger) error {
 		return nil
 	})
 	logger.Info("listening", zap.String("addr", ln.Addr().String()))
+	_ = logger.Sync() // whoever waits for this line sees it now, not at the next flush
 	if cfg.Ready != nil {
 		cfg.Ready(ln.Addr().String())
 	}
@@ -95,6 +96,7 @@ func run(ctx context.Context, cfg Config, logger *zap.Logger) error {
 		return err
 	}
 	logger.Info("stopped cleanly")
+	_ = logger.Sync()
 	return nil
 }
 

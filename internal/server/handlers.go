@@ -74,11 +74,11 @@ func (s *Server) handleBegin(w http.ResponseWriter, r *http.Request) {
 		ri.outcome = res.Outcome.String()
 		s.metrics.begins.WithLabelValues(ri.outcome).Inc()
 		w.Header().Set("Idempotent-Replayed", "true")
-		encode(w, http.StatusOK, toJSON(res.Record, false))
+		encodeRecord(w, http.StatusOK, res.Record, false)
 	default:
 		ri.outcome = res.Outcome.String()
 		s.metrics.begins.WithLabelValues(ri.outcome).Inc()
-		encode(w, http.StatusCreated, toJSON(res.Record, true))
+		encodeRecord(w, http.StatusCreated, res.Record, true)
 	}
 }
 
@@ -123,7 +123,7 @@ func (s *Server) handleComplete(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, err)
 		return
 	}
-	encode(w, http.StatusOK, toJSON(rec, false))
+	encodeRecord(w, http.StatusOK, rec, false)
 }
 
 func (s *Server) completeRequest(in completeRequest) (keys.CompleteRequest, error) {
@@ -171,7 +171,7 @@ func (s *Server) handleRenew(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, err)
 		return
 	}
-	encode(w, http.StatusOK, toJSON(rec, true))
+	encodeRecord(w, http.StatusOK, rec, true)
 }
 
 func (s *Server) handleRelease(w http.ResponseWriter, r *http.Request) {
@@ -207,7 +207,7 @@ func (s *Server) handleGet(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, err)
 		return
 	}
-	encode(w, http.StatusOK, toJSON(rec, false))
+	encodeRecord(w, http.StatusOK, rec, false)
 }
 
 func (s *Server) handleDelete(w http.ResponseWriter, r *http.Request) {

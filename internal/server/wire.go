@@ -1,14 +1,18 @@
 package server
 
 import (
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"mime"
 	"net/http"
+	"slices"
+	"strconv"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/idemsvc/idemsvc/internal/keys"
 )
@@ -42,62 +46,6 @@ type renewRequest struct {
 
 type releaseRequest struct {
 	Token string `json:"token"`
-}
-
-type leaseJSON struct {
-	Token     string    `json:"token,omitempty"`
-	Fence     uint64    `json:"fence"`
-	ExpiresAt time.Time `json:"expires_at"`
-}
-
-type responseJSON struct {
-	Status  int                 `json:"status"`
-	Headers map[string][]string `json:"headers"`
-	Body    []byte              `json:"body"`
-}
-
-type recordJSON struct {
-	Key         string        `json:"key"`
-	State       keys.State    `json:"state"`
-	Fingerprint string        `json:"fingerprint"`
-	Lease       *leaseJSON    `json:"lease,omitempty"`
-	Response    *responseJSON `json:"response,omitempty"`
-	CreatedAt   time.Time     `json:"created_at"`
-	CompletedAt *time.Time    `json:"completed_at,omitempty"`
-	ExpiresAt   time.Time     `json:"expires_at"`
-}
-
-// toJSON renders a record. The token is shown only when withToken (begin's 201, renew's 200).
-func toJSON(r keys.Record, withToken bool) recordJSON {
-	out := recordJSON{
-		Key:         r.Key,
-		State:       r.State,
-		Fingerprint: r.Fingerprint,
-		CreatedAt:   r.CreatedAt.UTC(),
-		ExpiresAt:   r.ExpiresAt.UTC(),
-	}
-	if r.State == keys.StateInProgress {
-		out.Lease = &leaseJSON{Fence: r.Lease.Fence, ExpiresAt: r.Lease.ExpiresAt.UTC()}
-		if withToken {
-			out.Lease.Token = r.Lease.Token
-		}
-	}
-	if r.Response != nil {
-		h := r.Response.Headers
-		if h == nil {
-			h = map[string][]string{}
-		}
-		body := r.Response.Body
-		if body == nil {
-			body = []byte{}
-		}
-		out.Response = &responseJSON{Status: r.Response.Status, Headers: h, Body: body}
-	}
-	if !r.CompletedAt.IsZero() {
-		t := r.CompletedAt.UTC()
-		out.CompletedAt = &t
-	}
-	return out
 }
 
 var (
@@ -163,9 +111,137 @@ func decode(r *http.Request, maxBytes int64, v any, optional bool) error {
 	return nil
 }
 
-// encode writes v as JSON with status.
-func encode(w http.ResponseWriter, status int, v any) {
+// appendRecord appends the JSON of r (docs/WIRE.md) to b: byte for byte what encoding/json
+// writes for the reference struct in wire_test.go (the equivalence is tested), without
+// reflection, since records are on every hot path. The token is shown only when withToken
+// (begin's 201, renew's 200).
+func appendRecord(b []byte, r keys.Record, withToken bool) []byte {
+	b = append(b, `{"key":`...)
+	b = appendJSONString(b, r.Key)
+	b = append(b, `,"state":`...)
+	b = appendJSONString(b, string(r.State))
+	b = append(b, `,"fingerprint":`...)
+	b = appendJSONString(b, r.Fingerprint)
+	if r.State == keys.StateInProgress {
+		b = append(b, `,"lease":{`...)
+		if withToken && r.Lease.Token != "" {
+			b = append(b, `"token":`...)
+			b = appendJSONString(b, r.Lease.Token)
+			b = append(b, ',')
+		}
+		b = append(b, `"fence":`...)
+		b = strconv.AppendUint(b, r.Lease.Fence, 10)
+		b = append(b, `,"expires_at":`...)
+		b = appendJSONTime(b, r.Lease.ExpiresAt)
+		b = append(b, '}')
+	}
+	if resp := r.Response; resp != nil {
+		b = append(b, `,"response":{"status":`...)
+		b = strconv.AppendInt(b, int64(resp.Status), 10)
+		b = append(b, `,"headers":{`...)
+		names := make([]string, 0, len(resp.Headers))
+		for name := range resp.Headers {
+			names = append(names, name)
+		}
+		slices.Sort(names)
+		for i, name := range names {
+			if i > 0 {
+				b = append(b, ',')
+			}
+			b = appendJSONString(b, name)
+			b = append(b, ':', '[')
+			for j, v := range resp.Headers[name] {
+				if j > 0 {
+					b = append(b, ',')
+				}
+				b = appendJSONString(b, v)
+			}
+			b = append(b, ']')
+		}
+		b = append(b, `},"body":"`...)
+		b = base64.StdEncoding.AppendEncode(b, resp.Body)
+		b = append(b, `"}`...)
+	}
+	b = append(b, `,"created_at":`...)
+	b = appendJSONTime(b, r.CreatedAt)
+	if !r.CompletedAt.IsZero() {
+		b = append(b, `,"completed_at":`...)
+		b = appendJSONTime(b, r.CompletedAt)
+	}
+	b = append(b, `,"expires_at":`...)
+	b = appendJSONTime(b, r.ExpiresAt)
+	return append(b, '}')
+}
+
+func appendJSONTime(b []byte, t time.Time) []byte {
+	b = append(b, '"')
+	b = t.UTC().AppendFormat(b, time.RFC3339Nano)
+	return append(b, '"')
+}
+
+const hexDigits = "0123456789abcdef"
+
+// appendJSONString appends s as a JSON string the way encoding/json does: HTML-sensitive
+// characters, control characters, U+2028 and U+2029 escaped; invalid UTF-8 as U+FFFD.
+func appendJSONString(b []byte, s string) []byte {
+	b = append(b, '"')
+	start := 0
+	for i := 0; i < len(s); {
+		c := s[i]
+		if c < utf8.RuneSelf {
+			if c >= 0x20 && c != '"' && c != '\\' && c != '<' && c != '>' && c != '&' {
+				i++
+				continue
+			}
+			b = append(b, s[start:i]...)
+			switch c {
+			case '"', '\\':
+				b = append(b, '\\', c)
+			case '\n':
+				b = append(b, '\\', 'n')
+			case '\r':
+				b = append(b, '\\', 'r')
+			case '\t':
+				b = append(b, '\\', 't')
+			case '\b':
+				b = append(b, '\\', 'b')
+			case '\f':
+				b = append(b, '\\', 'f')
+			default:
+				b = append(b, '\\', 'u', '0', '0', hexDigits[c>>4], hexDigits[c&0xf])
+			}
+			i++
+			start = i
+			continue
+		}
+		r, size := utf8.DecodeRuneInString(s[i:])
+		switch {
+		case r == utf8.RuneError && size == 1:
+			b = append(b, s[start:i]...)
+			b = append(b, `\ufffd`...)
+		case r == '\u2028' || r == '\u2029':
+			b = append(b, s[start:i]...)
+			b = append(b, '\\', 'u', '2', '0', '2', hexDigits[r&0xf])
+		default:
+			i += size
+			continue
+		}
+		i += size
+		start = i
+	}
+	b = append(b, s[start:]...)
+	return append(b, '"')
+}
+
+// encodeRecord writes r as the JSON body of a response with status.
+func encodeRecord(w http.ResponseWriter, status int, r keys.Record, withToken bool) {
+	n := 512
+	if r.Response != nil {
+		n += base64.StdEncoding.EncodedLen(len(r.Response.Body))
+	}
+	buf := append(appendRecord(make([]byte, 0, n), r, withToken), '\n')
 	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Content-Length", strconv.Itoa(len(buf)))
 	w.WriteHeader(status)
-	_ = json.NewEncoder(w).Encode(v)
+	_, _ = w.Write(buf)
 }
