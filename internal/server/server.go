@@ -112,14 +112,16 @@ func (s *Server) routes() http.Handler {
 	r.NotFound(func(w http.ResponseWriter, r *http.Request) { s.writeError(w, r, errRouteNotFound) })
 	r.MethodNotAllowed(func(w http.ResponseWriter, r *http.Request) { s.writeError(w, r, errMethodNotAllowed) })
 
-	r.Route("/v1/keys/{key}", func(r chi.Router) {
+	// Flat patterns, not r.Route("/v1/keys/{key}"): a sub-router's "/" also matches a trailing
+	// slash, so GET /v1/keys/abc/ would have read the record "abc".
+	r.Group(func(r chi.Router) {
 		r.Use(s.authenticate)
-		r.Post("/begin", s.handleBegin)
-		r.Post("/complete", s.handleComplete)
-		r.Post("/renew", s.handleRenew)
-		r.Post("/release", s.handleRelease)
-		r.Get("/", s.handleGet)
-		r.Delete("/", s.handleDelete)
+		r.Post("/v1/keys/{key}/begin", s.handleBegin)
+		r.Post("/v1/keys/{key}/complete", s.handleComplete)
+		r.Post("/v1/keys/{key}/renew", s.handleRenew)
+		r.Post("/v1/keys/{key}/release", s.handleRelease)
+		r.Get("/v1/keys/{key}", s.handleGet)
+		r.Delete("/v1/keys/{key}", s.handleDelete)
 	})
 
 	r.Get("/healthz", s.handleHealthz)

@@ -624,6 +624,8 @@ func TestMalformed(t *testing.T) {
 		{"text body", "POST", "/v1/keys/held/complete", "{}", []string{"Content-Type", "text/plain"}, 415, "unsupported-media-type"},
 		{"unknown route", "GET", "/v2/keys/k", nil, nil, 404, "not-found"},
 		{"unknown action", "POST", "/v1/keys/k/explode", "{}", nil, 404, "not-found"},
+		{"trailing slash GET", "GET", "/v1/keys/held/", nil, nil, 404, "not-found"},
+		{"trailing slash DELETE", "DELETE", "/v1/keys/held/", nil, nil, 404, "not-found"},
 	}
 	if len(cases) < 50 {
 		t.Fatalf("only %d malformed cases", len(cases))
