@@ -3,8 +3,10 @@
 // Two buckets: "records" maps keys.StorageID(tenant, key) to keys.AppendRecord of the record,
 // and "expiry" indexes the same records by (expires_at, storage id), so that a sweep reads only
 // what has expired, oldest first, and never scans what is stored. Every write keeps both in
-// sync in one transaction. Fences come from the records bucket's sequence, which grows across
-// all keys and survives release, delete and reopen.
+// sync in one transaction. Fences come from a sequence per tenant (a bucket per tenant under
+// "fences"), which grows across all of the tenant's keys and survives release, delete and
+// reopen; a per-tenant sequence, so that the gaps between a tenant's fences count only its own
+// leases, never another tenant's.
 //
 // Writes go through a group commit with fsync on; see DefaultMaxBatchSize and committer.
 // Watchers are notified in-process, which is enough because only one process can open the
@@ -53,6 +55,7 @@ var errClosed = fmt.Errorf("%w: the bolt store is closed", keys.ErrUnavailable)
 
 var (
 	bucketRecords = []byte("records")
+	bucketFences  = []byte("fences")
 	bucketExpiry  = []byte("expiry")
 )
 
@@ -113,7 +116,7 @@ func Open(path string, opts Options) (*Store, error) {
 		return nil, fmt.Errorf("open %s: %w", path, err)
 	}
 	err = db.Update(func(tx *bbolt.Tx) error {
-		for _, name := range [][]byte{bucketRecords, bucketExpiry} {
+		for _, name := range [][]byte{bucketRecords, bucketExpiry, bucketFences} {
 			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
 				return err
 			}
@@ -215,7 +218,7 @@ func (s *Store) begin(ctx context.Context, tenant, key string, req keys.BeginReq
 		if w != keys.WritePut {
 			return nil
 		}
-		fence, err := tx.Bucket(bucketRecords).NextSequence()
+		fence, err := nextFence(tx, tenant)
 		if err != nil {
 			return err
 		}
@@ -423,6 +426,24 @@ func sweep(tx *bbolt.Tx, now time.Time, max int) (int, error) {
 	return removed, nil
 }
 
+// nextFence returns the next fence of tenant: larger than every fence the tenant's keys had.
+// A tenant's sequence starts where the records bucket's stands, the store-wide sequence that
+// files written before the per-tenant ones used, so fences never go back.
+func nextFence(tx *bbolt.Tx, tenant string) (uint64, error) {
+	fences := tx.Bucket(bucketFences)
+	b := fences.Bucket([]byte(tenant))
+	if b == nil {
+		var err error
+		if b, err = fences.CreateBucket([]byte(tenant)); err != nil {
+			return 0, err
+		}
+		if err := b.SetSequence(tx.Bucket(bucketRecords).Sequence()); err != nil {
+			return 0, err
+		}
+	}
+	return b.NextSequence()
+}
+
 // Ping returns nil when the data file can be read, else an error; see keys.Store.
 func (s *Store) Ping(ctx context.Context) error {
 	if err := s.enter(ctx); err != nil {
@@ -430,7 +451,7 @@ func (s *Store) Ping(ctx context.Context) error {
 	}
 	defer s.mu.RUnlock()
 	err := s.db.View(func(tx *bbolt.Tx) error {
-		if tx.Bucket(bucketRecords) == nil || tx.Bucket(bucketExpiry) == nil {
+		if tx.Bucket(bucketRecords) == nil || tx.Bucket(bucketExpiry) == nil || tx.Bucket(bucketFences) == nil {
 			return errors.New("bolt: a bucket is missing")
 		}
 		return nil

@@ -53,6 +53,18 @@ func (s *suite) tenantTests() []subtest {
 				checkRecord(t, fmt.Sprintf("Get(%q, %q)", p[0], p[1]), e.getIn(p[0], p[1]), recs[p].Public())
 			}
 		}},
+		{"FencesRevealNoOtherTenant", func(t *testing.T) {
+			// A tenant's fences may not count another tenant's leases: the gap between two of
+			// a's fences must not grow with b's activity in between.
+			e := s.env(t)
+			f1 := e.acquireIn("a", "k1", req).Lease.Fence
+			for i := range 50 {
+				e.acquireIn("b", fmt.Sprintf("k%d", i), req)
+			}
+			if f2 := e.acquireIn("a", "k2", req).Lease.Fence; f2 > f1+1 {
+				t.Errorf("a's fences went %d -> %d across 50 leases of tenant b", f1, f2)
+			}
+		}},
 	}
 }
 
