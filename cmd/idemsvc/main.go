@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"runtime"
 	"strings"
 	"syscall"
 	"time"
@@ -60,6 +61,13 @@ func realMain(args, environ []string, stdout, stderr io.Writer) int {
 	}
 	defer func() { _ = logger.Sync() }()
 
+	// A bbolt commit blocks its thread in fdatasync. With a single P (one CPU, or a container
+	// limited to one) every other goroutine waits until the scheduler hands that P off, which
+	// under load cut throughput by 4x and raised p99 from 23 ms to 690 ms (docs/BENCHMARKS.md).
+	// A second P lets one goroutine sit in fsync while the other serves.
+	if runtime.GOMAXPROCS(0) < 2 {
+		runtime.GOMAXPROCS(2)
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	if err := run(ctx, cfg, logger); err != nil {
