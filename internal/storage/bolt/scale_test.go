@@ -103,11 +103,11 @@ func TestScale(t *testing.T) {
 	// Sweeping: expired records among the live ones, removed while writers run.
 	const expired = 200_000
 	fill(s, 0, expired, "expired", now.Add(-time.Second))
+	var next atomic.Int64 // fresh keys across both measurements
 	measure := func(d time.Duration, during func()) (p99 time.Duration, ops int64) {
 		var (
 			mu   sync.Mutex
 			lats []time.Duration
-			next atomic.Int64
 			stop atomic.Bool
 			wg   sync.WaitGroup
 		)
