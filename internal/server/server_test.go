@@ -8,48 +8,28 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/idemsvc/idemsvc/internal/apitest"
 	"github.com/idemsvc/idemsvc/internal/keys"
 	"github.com/idemsvc/idemsvc/internal/server/servertest"
+	"github.com/idemsvc/idemsvc/internal/storage/storagetest"
 )
-
-// clock is a fake clock for lease and TTL tests: no test sleeps for a lease.
-type clock struct {
-	mu  sync.Mutex
-	now time.Time
-}
-
-func newClock() *clock { return &clock{now: time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)} }
-
-func (c *clock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.now
-}
-
-func (c *clock) Advance(d time.Duration) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.now = c.now.Add(d)
-}
 
 // env is one test's server and a client whose every request and response is checked against
 // api/openapi.yaml.
 type env struct {
 	t      *testing.T
 	srv    *servertest.Server
-	clock  *clock
+	clock  *storagetest.Clock // fake: no test sleeps for a lease
 	client *http.Client
 	token  string // bearer token sent, if any
 }
 
 func newEnv(t *testing.T, opts servertest.Options) *env {
 	t.Helper()
-	c := newClock()
+	c := storagetest.NewClock(time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC))
 	if opts.Now == nil {
 		opts.Now = c.Now
 	}

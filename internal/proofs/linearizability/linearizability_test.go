@@ -2,17 +2,15 @@ package linearizability
 
 import (
 	"context"
-	"fmt"
+	"github.com/idemsvc/idemsvc/internal/storage/redis/redistest"
 	"math/rand/v2"
 	"os"
 	"testing"
 	"time"
 
 	"github.com/anishathalye/porcupine"
-	goredis "github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
 
-	"github.com/idemsvc/idemsvc/internal/keys"
 	"github.com/idemsvc/idemsvc/internal/server/servertest"
 	"github.com/idemsvc/idemsvc/internal/storage/redis"
 )
@@ -26,9 +24,8 @@ func TestBolt(t *testing.T) {
 // TestRedisThreeReplicas: 64 clients spread over three servers, each with its own connection
 // to one Redis and the same key prefix, as three replicas of a deployment.
 func TestRedisThreeReplicas(t *testing.T) {
-	url := redisURL(t)
-	prefix := "idemsvc-proofs-lin-" + keys.NewToken()
-	t.Cleanup(func() { cleanRedis(t, url, prefix) })
+	url := redistest.URL(t)
+	prefix := redistest.Prefix(t)
 	var urls []string
 	for range 3 {
 		s, err := redis.Open(context.Background(), url, redis.Options{Prefix: prefix})
@@ -83,66 +80,5 @@ func prove(t *testing.T, name string, w workload) {
 		if h.counts[outcome] == 0 {
 			t.Errorf("the run never saw %q: the workload does not exercise it", outcome)
 		}
-	}
-}
-
-// redisURL returns the URL of the Redis the tests use (IDEMSVC_TEST_REDIS_URL, default the
-// local one) once it answers. When it does not, the test is skipped, or fails when
-// IDEMSVC_TEST_REQUIRE_BACKENDS=1.
-func redisURL(t *testing.T) string {
-	t.Helper()
-	url := os.Getenv("IDEMSVC_TEST_REDIS_URL")
-	if url == "" {
-		url = "redis://127.0.0.1:6379/0"
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
-	defer cancel()
-	err := func() error {
-		s, err := redis.Open(ctx, url, redis.Options{Prefix: "idemsvc-proofs-ping"})
-		if err != nil {
-			return err
-		}
-		defer s.Close()
-		return s.Ping(ctx)
-	}()
-	if err != nil {
-		if os.Getenv("IDEMSVC_TEST_REQUIRE_BACKENDS") == "1" {
-			t.Fatalf("Redis at %s does not answer and IDEMSVC_TEST_REQUIRE_BACKENDS=1: %v", url, err)
-		}
-		t.Skipf("skipping the Redis linearizability proof: Redis at %s does not answer (set IDEMSVC_TEST_REQUIRE_BACKENDS=1 to fail instead): %v", url, err)
-	}
-	return url
-}
-
-// cleanRedis removes every Redis key under prefix: records and fence counters would otherwise
-// linger for up to a day.
-func cleanRedis(t *testing.T, url, prefix string) {
-	opts, err := goredis.ParseURL(url)
-	if err != nil {
-		t.Errorf("clean redis: %v", err)
-		return
-	}
-	c := goredis.NewClient(opts)
-	defer c.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	iter := c.Scan(ctx, 0, prefix+":*", 1000).Iterator()
-	var batch []string
-	flush := func() {
-		if len(batch) > 0 {
-			if err := c.Unlink(ctx, batch...).Err(); err != nil {
-				t.Errorf("clean redis: %v", err)
-			}
-			batch = batch[:0]
-		}
-	}
-	for iter.Next(ctx) {
-		if batch = append(batch, iter.Val()); len(batch) == 1000 {
-			flush()
-		}
-	}
-	flush()
-	if err := iter.Err(); err != nil {
-		t.Errorf("clean redis: %v", fmt.Errorf("scan %s:*: %w", prefix, err))
 	}
 }

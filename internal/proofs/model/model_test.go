@@ -6,6 +6,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"github.com/idemsvc/idemsvc/internal/storage/redis/redistest"
 	"maps"
 	"os"
 	"path/filepath"
@@ -16,7 +17,6 @@ import (
 	"testing"
 	"time"
 
-	goredis "github.com/redis/go-redis/v9"
 	"pgregory.net/rapid"
 
 	"github.com/idemsvc/idemsvc/internal/keys"
@@ -657,9 +657,8 @@ func TestModelBolt(t *testing.T) {
 
 func TestModelRedis(t *testing.T) {
 	t.Parallel()
-	url := redisURL(t)
-	prefix := "proofs-model-" + keys.NewToken()
-	t.Cleanup(func() { cleanRedis(t, url, prefix) })
+	url := redistest.URL(t)
+	prefix := redistest.Prefix(t)
 	var n atomic.Int64
 	run(t, true, func(clock *storagetest.Clock) (keys.Store, func()) {
 		s, err := redis.Open(context.Background(), url, redis.Options{
@@ -670,60 +669,4 @@ func TestModelRedis(t *testing.T) {
 		}
 		return s, func() { _ = s.Close() }
 	})
-}
-
-// redisURL returns the URL of the Redis that the tests use (IDEMSVC_TEST_REDIS_URL, default
-// the local one) once it answers. When it does not, the test is skipped, or fails when
-// IDEMSVC_TEST_REQUIRE_BACKENDS=1.
-func redisURL(t *testing.T) string {
-	t.Helper()
-	url := os.Getenv("IDEMSVC_TEST_REDIS_URL")
-	if url == "" {
-		url = "redis://127.0.0.1:6379/0"
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
-	defer cancel()
-	err := func() error {
-		s, err := redis.Open(ctx, url, redis.Options{Prefix: "proofs-ping"})
-		if err != nil {
-			return err
-		}
-		defer s.Close()
-		return s.Ping(ctx)
-	}()
-	if err != nil {
-		if os.Getenv("IDEMSVC_TEST_REQUIRE_BACKENDS") == "1" {
-			t.Fatalf("Redis at %s does not answer and IDEMSVC_TEST_REQUIRE_BACKENDS=1: %v", url, err)
-		}
-		t.Skipf("Redis at %s does not answer (set IDEMSVC_TEST_REQUIRE_BACKENDS=1 to fail instead): %v", url, err)
-	}
-	return url
-}
-
-// cleanRedis removes every Redis key under prefix: records and fence counters would otherwise
-// linger for a day.
-func cleanRedis(t *testing.T, url, prefix string) {
-	opts, err := goredis.ParseURL(url)
-	if err != nil {
-		t.Errorf("clean redis: %v", err)
-		return
-	}
-	c := goredis.NewClient(opts)
-	defer c.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	it := c.Scan(ctx, 0, prefix+"*", 1000).Iterator()
-	var batch []string
-	for it.Next(ctx) {
-		if batch = append(batch, it.Val()); len(batch) == 500 {
-			c.Unlink(ctx, batch...)
-			batch = batch[:0]
-		}
-	}
-	if len(batch) > 0 {
-		c.Unlink(ctx, batch...)
-	}
-	if err := it.Err(); err != nil {
-		t.Errorf("clean redis: %v", err)
-	}
 }

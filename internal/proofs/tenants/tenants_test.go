@@ -6,15 +6,12 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
+	"github.com/idemsvc/idemsvc/internal/storage/redis/redistest"
 	"io"
 	"net/http"
 	"net/url"
-	"os"
 	"strings"
 	"testing"
-	"time"
-
-	goredis "github.com/redis/go-redis/v9"
 
 	"github.com/idemsvc/idemsvc/internal/apitest"
 	"github.com/idemsvc/idemsvc/internal/keys"
@@ -51,9 +48,8 @@ func TestTenantsBolt(t *testing.T) {
 
 func TestTenantsRedis(t *testing.T) {
 	t.Parallel()
-	url := redisURL(t)
-	prefix := "proofs-tenants-" + keys.NewToken()
-	t.Cleanup(func() { cleanRedis(t, url, prefix) })
+	url := redistest.URL(t)
+	prefix := redistest.Prefix(t)
 	runTenants(t, func(t *testing.T) *servertest.Server {
 		clock := storagetest.NewClock(storagetest.Start)
 		store, err := redis.Open(context.Background(), url, redis.Options{
@@ -625,52 +621,4 @@ func equalJSON(a, b any) bool {
 	ja, _ := json.Marshal(a)
 	jb, _ := json.Marshal(b)
 	return bytes.Equal(ja, jb)
-}
-
-// redisURL returns the URL of the Redis that the tests use (IDEMSVC_TEST_REDIS_URL, default
-// the local one) once it answers. When it does not, the test is skipped, or fails when
-// IDEMSVC_TEST_REQUIRE_BACKENDS=1.
-func redisURL(t *testing.T) string {
-	t.Helper()
-	url := os.Getenv("IDEMSVC_TEST_REDIS_URL")
-	if url == "" {
-		url = "redis://127.0.0.1:6379/0"
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
-	defer cancel()
-	err := func() error {
-		s, err := redis.Open(ctx, url, redis.Options{Prefix: "proofs-ping"})
-		if err != nil {
-			return err
-		}
-		defer s.Close()
-		return s.Ping(ctx)
-	}()
-	if err != nil {
-		if os.Getenv("IDEMSVC_TEST_REQUIRE_BACKENDS") == "1" {
-			t.Fatalf("Redis at %s does not answer and IDEMSVC_TEST_REQUIRE_BACKENDS=1: %v", url, err)
-		}
-		t.Skipf("Redis at %s does not answer (set IDEMSVC_TEST_REQUIRE_BACKENDS=1 to fail instead): %v", url, err)
-	}
-	return url
-}
-
-// cleanRedis removes every Redis key under prefix.
-func cleanRedis(t *testing.T, url, prefix string) {
-	opts, err := goredis.ParseURL(url)
-	if err != nil {
-		t.Errorf("clean redis: %v", err)
-		return
-	}
-	c := goredis.NewClient(opts)
-	defer c.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	it := c.Scan(ctx, 0, prefix+"*", 1000).Iterator()
-	for it.Next(ctx) {
-		c.Unlink(ctx, it.Val())
-	}
-	if err := it.Err(); err != nil {
-		t.Errorf("clean redis: %v", err)
-	}
 }

@@ -55,7 +55,8 @@ func ping(url string) error {
 	return s.Ping(ctx)
 }
 
-// Prefix returns a fresh key prefix whose keys are removed when the test ends.
+// Prefix returns a fresh key prefix; every key under it (and under any prefix that extends it,
+// such as prefix+"-1") is removed when the test ends.
 func Prefix(t testing.TB) string {
 	t.Helper()
 	url := URL(t)
@@ -95,7 +96,7 @@ func scrub(t testing.TB, url, prefix string) {
 	ctx := context.Background()
 	var cursor uint64
 	for {
-		e, err := c.Do(ctx, c.B().Scan().Cursor(cursor).Match(prefix+":*").Count(1000).Build()).AsScanEntry()
+		e, err := c.Do(ctx, c.B().Scan().Cursor(cursor).Match(prefix+"*").Count(1000).Build()).AsScanEntry()
 		if err != nil {
 			t.Errorf("scrub %s: %v", prefix, err)
 			return
