@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 	"unicode/utf8"
 
@@ -235,13 +236,17 @@ func appendJSONString(b []byte, s string) []byte {
 
 // encodeRecord writes r as the JSON body of a response with status.
 func encodeRecord(w http.ResponseWriter, status int, r keys.Record, withToken bool) {
-	n := 512
-	if r.Response != nil {
-		n += base64.StdEncoding.EncodedLen(len(r.Response.Body))
-	}
-	buf := append(appendRecord(make([]byte, 0, n), r, withToken), '\n')
+	bp := bufPool.Get().(*[]byte)
+	buf := append(appendRecord((*bp)[:0], r, withToken), '\n')
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Content-Length", strconv.Itoa(len(buf)))
 	w.WriteHeader(status)
 	_, _ = w.Write(buf)
+	if cap(buf) <= 64<<10 { // keep small buffers only: a 1 MiB body should not stay pinned
+		*bp = buf
+		bufPool.Put(bp)
+	}
 }
+
+// bufPool holds the buffers records are encoded into.
+var bufPool = sync.Pool{New: func() any { b := make([]byte, 0, 1024); return &b }}
