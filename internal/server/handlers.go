@@ -30,15 +30,24 @@ func pathKey(r *http.Request) (string, error) {
 	return key, nil
 }
 
-func (s *Server) handleBegin(w http.ResponseWriter, r *http.Request) {
+// keyAndBody resolves the request's key and decodes its body into v (optional: an empty body
+// leaves v as it is). When either fails it writes the error and returns false.
+func (s *Server) keyAndBody(w http.ResponseWriter, r *http.Request, v any, optional bool) (string, bool) {
 	key, err := pathKey(r)
+	if err == nil {
+		err = decode(r, s.maxRequestBytes, v, optional)
+	}
 	if err != nil {
 		s.writeError(w, r, err)
-		return
+		return "", false
 	}
+	return key, true
+}
+
+func (s *Server) handleBegin(w http.ResponseWriter, r *http.Request) {
 	var in beginRequest
-	if err := decode(r, s.maxRequestBytes, &in, true); err != nil {
-		s.writeError(w, r, err)
+	key, ok := s.keyAndBody(w, r, &in, true)
+	if !ok {
 		return
 	}
 	req, wait, err := s.beginRequest(in)
@@ -103,14 +112,9 @@ func (s *Server) beginRequest(in beginRequest) (keys.BeginRequest, time.Duration
 }
 
 func (s *Server) handleComplete(w http.ResponseWriter, r *http.Request) {
-	key, err := pathKey(r)
-	if err != nil {
-		s.writeError(w, r, err)
-		return
-	}
 	var in completeRequest
-	if err := decode(r, s.maxRequestBytes, &in, false); err != nil {
-		s.writeError(w, r, err)
+	key, ok := s.keyAndBody(w, r, &in, false)
+	if !ok {
 		return
 	}
 	req, err := s.completeRequest(in)
@@ -147,14 +151,9 @@ func (s *Server) completeRequest(in completeRequest) (keys.CompleteRequest, erro
 }
 
 func (s *Server) handleRenew(w http.ResponseWriter, r *http.Request) {
-	key, err := pathKey(r)
-	if err != nil {
-		s.writeError(w, r, err)
-		return
-	}
 	var in renewRequest
-	if err := decode(r, s.maxRequestBytes, &in, false); err != nil {
-		s.writeError(w, r, err)
+	key, ok := s.keyAndBody(w, r, &in, false)
+	if !ok {
 		return
 	}
 	if in.Token == "" {
@@ -175,14 +174,9 @@ func (s *Server) handleRenew(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) handleRelease(w http.ResponseWriter, r *http.Request) {
-	key, err := pathKey(r)
-	if err != nil {
-		s.writeError(w, r, err)
-		return
-	}
 	var in releaseRequest
-	if err := decode(r, s.maxRequestBytes, &in, false); err != nil {
-		s.writeError(w, r, err)
+	key, ok := s.keyAndBody(w, r, &in, false)
+	if !ok {
 		return
 	}
 	if in.Token == "" {
