@@ -7,6 +7,18 @@ KEY=order-$RANDOM$RANDOM
 fail() { echo "FAIL: $*" >&2; exit 1; }
 status() { printf '%s' "$1" | sed -n 's/^HTTP\/[0-9.]* \([0-9]*\).*/\1/p' | head -1; }
 
+# The README's session itself, verbatim but for the address: it must run without an error and
+# show the replay marker, the mismatch and no token in the final GET.
+readme=$(dirname "$0")/../README.md
+block=$(awk '/^# 0\. Start clean/{f=1} f && /^```/{exit} f' "$readme")
+[[ -n $block ]] || fail "no curl session found in README.md"
+out=$(printf '%s\n' "$block" | sed "s#localhost:8080#${B#http://}#g" | bash -e 2>&1) || fail "README session: $out"
+grep -qi '^Idempotent-Replayed: true' <<<"$out" || fail "README session: no replay marker: $out"
+grep -q 'urn:idemsvc:problem:fingerprint-mismatch' <<<"$out" || fail "README session: no mismatch: $out"
+grep -q '"state":"completed"' <<<"$(tail -1 <<<"$out")" || fail "README session: GET is not completed: $out"
+echo "0 README session ran verbatim"
+
+# The same steps on a fresh key, each status checked.
 # 1. Begin
 out=$(curl -s -X POST "$B/v1/keys/$KEY/begin" \
   -H 'Content-Type: application/json' -d '{"fingerprint":"sha256:abc","lease_ms":30000}')
