@@ -53,7 +53,12 @@ func TestThreeReplicasOneRedis(t *testing.T) {
 	prefix := redistest.Prefix(t)
 	var urls []string
 	for range 3 {
-		s := servertest.Start(t, servertest.Options{Store: redistest.Open(t, redis.Options{Prefix: prefix})})
+		store, err := redis.Open(context.Background(), redistest.URL(t), redis.Options{Prefix: prefix})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = store.Close() })
+		s := servertest.Start(t, servertest.Options{Store: store})
 		urls = append(urls, s.URL)
 	}
 	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: perKey}, Timeout: 30 * time.Second}

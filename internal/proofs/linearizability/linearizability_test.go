@@ -2,7 +2,6 @@ package linearizability
 
 import (
 	"context"
-	"github.com/idemsvc/idemsvc/internal/storage/redis/redistest"
 	"math/rand/v2"
 	"os"
 	"testing"
@@ -13,6 +12,7 @@ import (
 
 	"github.com/idemsvc/idemsvc/internal/server/servertest"
 	"github.com/idemsvc/idemsvc/internal/storage/redis"
+	"github.com/idemsvc/idemsvc/internal/storage/redis/redistest"
 )
 
 // TestBolt: 64 clients on one server over the embedded bbolt store.

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"github.com/idemsvc/idemsvc/internal/storage/redis/redistest"
 	"maps"
 	"os"
 	"path/filepath"
@@ -22,6 +21,7 @@ import (
 	"github.com/idemsvc/idemsvc/internal/keys"
 	"github.com/idemsvc/idemsvc/internal/storage/bolt"
 	"github.com/idemsvc/idemsvc/internal/storage/redis"
+	"github.com/idemsvc/idemsvc/internal/storage/redis/redistest"
 	"github.com/idemsvc/idemsvc/internal/storage/storagetest"
 )
 

@@ -6,7 +6,6 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
-	"github.com/idemsvc/idemsvc/internal/storage/redis/redistest"
 	"io"
 	"net/http"
 	"net/url"
@@ -17,6 +16,7 @@ import (
 	"github.com/idemsvc/idemsvc/internal/keys"
 	"github.com/idemsvc/idemsvc/internal/server/servertest"
 	"github.com/idemsvc/idemsvc/internal/storage/redis"
+	"github.com/idemsvc/idemsvc/internal/storage/redis/redistest"
 	"github.com/idemsvc/idemsvc/internal/storage/storagetest"
 )
 

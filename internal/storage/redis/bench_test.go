@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/idemsvc/idemsvc/internal/keys"
+	"github.com/idemsvc/idemsvc/internal/storage/redis/redistest"
 )
 
 // BenchmarkBeginComplete measures begin+complete pairs on fresh keys (four round trips each)
@@ -16,7 +17,7 @@ import (
 func BenchmarkBeginComplete(b *testing.B) {
 	for _, g := range []int{1, 64} {
 		b.Run("goroutines="+strconv.Itoa(g), func(b *testing.B) {
-			s := openTest(b, testURL(b), testPrefix(b), nil)
+			s := openTest(b, redistest.URL(b), redistest.Prefix(b), nil)
 			ctx := b.Context()
 			var seq atomic.Int64
 			one := func() {
@@ -54,7 +55,7 @@ func BenchmarkBeginComplete(b *testing.B) {
 // of the key on store B (another replica on the same Redis) is woken, and reports the median,
 // p99 and maximum, next to the median duration of the complete itself.
 func BenchmarkWatchAcrossStores(b *testing.B) {
-	url, prefix := testURL(b), testPrefix(b)
+	url, prefix := redistest.URL(b), redistest.Prefix(b)
 	a, other := openTest(b, url, prefix, nil), openTest(b, url, prefix, nil)
 	ctx := b.Context()
 	var delays, completes []time.Duration

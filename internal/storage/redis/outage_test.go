@@ -5,94 +5,16 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"os"
-	"os/exec"
-	"strconv"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/idemsvc/idemsvc/internal/keys"
+	"github.com/idemsvc/idemsvc/internal/storage/redis/redistest"
 )
 
 // Outages. These tests run their own redis-server on a free port, which they stop, freeze and
 // restart; they never touch the shared one.
-
-// server is a redis-server this test started.
-type server struct {
-	t    *testing.T
-	port int
-	args []string
-	cmd  *exec.Cmd
-}
-
-// startServer starts a redis-server on a free port with extra args, and kills it when the test
-// ends. It skips when redis-server is not installed (fails under IDEMSVC_TEST_REQUIRE_BACKENDS=1).
-func startServer(t *testing.T, args ...string) *server {
-	t.Helper()
-	if _, err := exec.LookPath("redis-server"); err != nil {
-		msg := "redis-server is not installed: the outage tests need their own server"
-		if os.Getenv("IDEMSVC_TEST_REQUIRE_BACKENDS") == "1" {
-			t.Fatal(msg)
-		}
-		t.Skip(msg)
-	}
-	s := &server{t: t, port: freePort(t), args: args}
-	s.start()
-	t.Cleanup(s.kill)
-	return s
-}
-
-func freePort(t *testing.T) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
-func (s *server) url() string { return fmt.Sprintf("redis://127.0.0.1:%d/0", s.port) }
-
-func (s *server) start() {
-	s.t.Helper()
-	args := append([]string{"--port", strconv.Itoa(s.port), "--bind", "127.0.0.1",
-		"--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"}, s.args...)
-	s.cmd = exec.Command("redis-server", args...)
-	if err := s.cmd.Start(); err != nil {
-		s.t.Fatal(err)
-	}
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", s.port), 100*time.Millisecond)
-		if err == nil {
-			c.Close()
-			return
-		}
-		if time.Now().After(deadline) {
-			s.t.Fatalf("redis-server on port %d did not start: %v", s.port, err)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
-func (s *server) kill() {
-	if s.cmd == nil {
-		return
-	}
-	_ = s.cmd.Process.Signal(syscall.SIGCONT) // in case it is frozen
-	_ = s.cmd.Process.Kill()
-	_ = s.cmd.Wait()
-	s.cmd = nil
-}
-
-func (s *server) signal(sig syscall.Signal) {
-	s.t.Helper()
-	if err := s.cmd.Process.Signal(sig); err != nil {
-		s.t.Fatal(err)
-	}
-}
 
 // wantUnavailable checks that err wraps keys.ErrUnavailable and took at most limit.
 func wantUnavailable(t *testing.T, what string, err error, took, limit time.Duration) {
@@ -137,7 +59,7 @@ func allOps(ctx context.Context, s *Store, token string) map[string]opResult {
 
 func TestDeadPort(t *testing.T) {
 	t.Parallel()
-	url := fmt.Sprintf("redis://127.0.0.1:%d/0", freePort(t))
+	url := fmt.Sprintf("redis://127.0.0.1:%d/0", redistest.FreePort(t))
 	start := time.Now()
 	s, err := Open(t.Context(), url, Options{Prefix: "dead"})
 	if err != nil {
@@ -160,8 +82,8 @@ func TestDeadPort(t *testing.T) {
 // the record Redis kept.
 func TestStopAndRestart(t *testing.T) {
 	t.Parallel()
-	srv := startServer(t)
-	s, err := Open(t.Context(), srv.url(), Options{Prefix: "restart", Timeout: 500 * time.Millisecond})
+	srv := redistest.StartServer(t)
+	s, err := Open(t.Context(), srv.URL(), Options{Prefix: "restart", Timeout: 500 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -174,7 +96,7 @@ func TestStopAndRestart(t *testing.T) {
 	changed, stop := s.Watch("t", "key")
 	defer stop()
 
-	srv.kill()
+	srv.Stop()
 	select { // a broken subscription wakes its watchers: what was published meanwhile is unknown
 	case <-changed:
 	case <-time.After(2 * time.Second):
@@ -186,7 +108,7 @@ func TestStopAndRestart(t *testing.T) {
 		}
 	}
 
-	srv.start() // no persistence: an empty Redis, as after losing everything
+	srv.Start() // no persistence: an empty Redis, as after losing everything
 	deadline := time.Now().Add(10 * time.Second)
 	for s.Ping(ctx) != nil {
 		if time.Now().After(deadline) {
@@ -218,9 +140,9 @@ func TestStopAndRestart(t *testing.T) {
 // fail with ErrUnavailable after the store's timeout, not hang; service resumes after SIGCONT.
 func TestFrozen(t *testing.T) {
 	t.Parallel()
-	srv := startServer(t)
+	srv := redistest.StartServer(t)
 	const timeout = 300 * time.Millisecond
-	s, err := Open(t.Context(), srv.url(), Options{Prefix: "frozen", Timeout: timeout})
+	s, err := Open(t.Context(), srv.URL(), Options{Prefix: "frozen", Timeout: timeout})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -229,7 +151,7 @@ func TestFrozen(t *testing.T) {
 	if err := s.Ping(ctx); err != nil {
 		t.Fatal(err)
 	}
-	srv.signal(syscall.SIGSTOP)
+	srv.Signal(syscall.SIGSTOP)
 	start := time.Now()
 	_, err = s.Begin(ctx, "t", "key", testReq)
 	wantUnavailable(t, "Begin while frozen", err, time.Since(start), timeout+500*time.Millisecond)
@@ -242,7 +164,7 @@ func TestFrozen(t *testing.T) {
 	if !errors.Is(err, context.DeadlineExceeded) {
 		t.Errorf("Get with a 50ms deadline: %v, want it to wrap context.DeadlineExceeded", err)
 	}
-	srv.signal(syscall.SIGCONT)
+	srv.Signal(syscall.SIGCONT)
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		res, err := s.Begin(ctx, "t", "key", testReq)
@@ -266,13 +188,13 @@ func TestFrozen(t *testing.T) {
 // TestWrongPassword: credentials are configuration, so Open fails instead of waiting.
 func TestWrongPassword(t *testing.T) {
 	t.Parallel()
-	srv := startServer(t, "--requirepass", "s3cret")
-	u := fmt.Sprintf("redis://:wrong@127.0.0.1:%d/0", srv.port)
+	srv := redistest.StartServer(t, "--requirepass", "s3cret")
+	u := fmt.Sprintf("redis://:wrong@127.0.0.1:%d/0", srv.Port())
 	if s, err := Open(t.Context(), u, Options{}); err == nil {
 		s.Close()
 		t.Fatal("Open with a wrong password succeeded")
 	}
-	u = fmt.Sprintf("redis://:s3cret@127.0.0.1:%d/3", srv.port)
+	u = fmt.Sprintf("redis://:s3cret@127.0.0.1:%d/3", srv.Port())
 	s, err := Open(t.Context(), u, Options{})
 	if err != nil {
 		t.Fatalf("Open with the password: %v", err)
@@ -301,8 +223,8 @@ func (d *lossyDriver) cas(ctx context.Context, keys [2]string, args []string) (b
 // TestLostReply: a write whose reply is lost is reported unavailable, never acquired or
 // completed; what it did shows on the next call.
 func TestLostReply(t *testing.T) {
-	url := testURL(t)
-	s := openTest(t, url, testPrefix(t), nil)
+	url := redistest.URL(t)
+	s := openTest(t, url, redistest.Prefix(t), nil)
 	lossy := &lossyDriver{driver: s.d, lose: true}
 	s.d = lossy
 	ctx := t.Context()

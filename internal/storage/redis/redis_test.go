@@ -3,23 +3,21 @@ package redis
 import (
 	"context"
 	"errors"
-	"os"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
-	"github.com/redis/rueidis"
-
 	"github.com/idemsvc/idemsvc/internal/keys"
+	"github.com/idemsvc/idemsvc/internal/storage/redis/redistest"
 	"github.com/idemsvc/idemsvc/internal/storage/storagetest"
 )
 
 func TestConformance(t *testing.T) {
-	url := testURL(t)
+	url := redistest.URL(t)
 	storagetest.Run(t, storagetest.Factory{
 		Open: func(t *testing.T, clock *storagetest.Clock) keys.Store {
-			return openTest(t, url, testPrefix(t), clock.Now)
+			return openTest(t, url, redistest.Prefix(t), clock.Now)
 		},
 		Reopen: func(t *testing.T, s keys.Store, clock *storagetest.Clock) keys.Store {
 			prefix := s.(*Store).prefix
@@ -30,85 +28,6 @@ func TestConformance(t *testing.T) {
 		},
 		ExpiresItself: true,
 	})
-}
-
-// testURL returns the Redis the tests use: IDEMSVC_TEST_REDIS_URL, or the local default. When it
-// does not answer, the test is skipped, or fails when IDEMSVC_TEST_REQUIRE_BACKENDS=1.
-func testURL(t testing.TB) string {
-	t.Helper()
-	url := os.Getenv("IDEMSVC_TEST_REDIS_URL")
-	if url == "" {
-		url = "redis://127.0.0.1:6379/0"
-	}
-	reachable.once.Do(func() { reachable.err = ping(url) })
-	if reachable.err != nil {
-		msg := "no Redis answers at " + url + " (set IDEMSVC_TEST_REDIS_URL, or run redis-server): " + reachable.err.Error()
-		if os.Getenv("IDEMSVC_TEST_REQUIRE_BACKENDS") == "1" {
-			t.Fatal(msg + "; IDEMSVC_TEST_REQUIRE_BACKENDS=1 requires it")
-		}
-		t.Skip(msg)
-	}
-	return url
-}
-
-var reachable struct {
-	once sync.Once
-	err  error
-}
-
-func ping(url string) error {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	s, err := Open(ctx, url, Options{Prefix: "idemtest-ping", Timeout: 5 * time.Second})
-	if err != nil {
-		return err
-	}
-	defer s.Close()
-	return s.Ping(ctx)
-}
-
-// testPrefix returns a fresh key prefix and removes every key under it when the test ends.
-func testPrefix(t testing.TB) string {
-	prefix := "idemtest-" + keys.NewToken()
-	url := os.Getenv("IDEMSVC_TEST_REDIS_URL")
-	if url == "" {
-		url = "redis://127.0.0.1:6379/0"
-	}
-	t.Cleanup(func() { scrub(t, url, prefix) })
-	return prefix
-}
-
-// scrub deletes every key under prefix.
-func scrub(t testing.TB, url, prefix string) {
-	opt, err := rueidis.ParseURL(url)
-	if err != nil {
-		t.Error(err)
-		return
-	}
-	c, err := rueidis.NewClient(opt)
-	if err != nil {
-		t.Errorf("scrub %s: %v", prefix, err)
-		return
-	}
-	defer c.Close()
-	ctx := context.Background()
-	var cursor uint64
-	for {
-		e, err := c.Do(ctx, c.B().Scan().Cursor(cursor).Match(prefix+":*").Count(1000).Build()).AsScanEntry()
-		if err != nil {
-			t.Errorf("scrub %s: %v", prefix, err)
-			return
-		}
-		if len(e.Elements) > 0 {
-			if err := c.Do(ctx, c.B().Unlink().Key(e.Elements...).Build()).Error(); err != nil {
-				t.Errorf("scrub %s: %v", prefix, err)
-				return
-			}
-		}
-		if cursor = e.Cursor; cursor == 0 {
-			return
-		}
-	}
 }
 
 // openTest opens a store and closes it when the test ends.
@@ -131,8 +50,8 @@ var (
 // on one Redis, for many keys: exactly one acquires each key, every other one sees it in
 // progress, and after the winner completes every begin on either store replays its response.
 func TestOneWinnerAcrossStores(t *testing.T) {
-	url := testURL(t)
-	prefix := testPrefix(t)
+	url := redistest.URL(t)
+	prefix := redistest.Prefix(t)
 	stores := [2]*Store{openTest(t, url, prefix, nil), openTest(t, url, prefix, nil)}
 	ctx := t.Context()
 	for k := range 20 {
@@ -179,8 +98,8 @@ func TestOneWinnerAcrossStores(t *testing.T) {
 // TestWatchAcrossStores: a watcher on store B is woken when store A completes, releases or
 // deletes, and the delay is reported.
 func TestWatchAcrossStores(t *testing.T) {
-	url := testURL(t)
-	prefix := testPrefix(t)
+	url := redistest.URL(t)
+	prefix := redistest.Prefix(t)
 	a, b := openTest(t, url, prefix, nil), openTest(t, url, prefix, nil)
 	ctx := t.Context()
 	for _, tc := range []struct {
@@ -241,8 +160,8 @@ func TestWatchAcrossStores(t *testing.T) {
 
 // TestBeginWaitAcrossStores: a waiter on B acquires promptly when the holder on A releases.
 func TestBeginWaitAcrossStores(t *testing.T) {
-	url := testURL(t)
-	prefix := testPrefix(t)
+	url := redistest.URL(t)
+	prefix := redistest.Prefix(t)
 	a, b := openTest(t, url, prefix, nil), openTest(t, url, prefix, nil)
 	ctx := t.Context()
 	held, err := a.Begin(ctx, "t", "key", testReq)
@@ -310,8 +229,8 @@ func TestBadPrefix(t *testing.T) {
 // TestRedisExpiry: with Redis's own clock, the record key carries the record's expiry and the
 // fence counter outlives it.
 func TestRedisExpiry(t *testing.T) {
-	url := testURL(t)
-	s := openTest(t, url, testPrefix(t), nil)
+	url := redistest.URL(t)
+	s := openTest(t, url, redistest.Prefix(t), nil)
 	res, err := s.Begin(t.Context(), "t", "key", keys.BeginRequest{Lease: time.Second, TTL: time.Minute})
 	if err != nil {
 		t.Fatal(err)

@@ -1,6 +1,8 @@
-// Package redistest gives tests outside the redis package a real Redis: the URL to use (skipping
-// when none answers, failing instead when IDEMSVC_TEST_REQUIRE_BACKENDS=1) and stores on a fresh
-// key prefix whose keys are removed when the test ends.
+// Package redistest gives tests a real Redis: the URL to use (skipping when none answers,
+// failing instead when IDEMSVC_TEST_REQUIRE_BACKENDS=1), a fresh key prefix whose keys are
+// removed when the test ends, and redis-servers of a test's own to stop and restart.
+//
+// It does not import the redis backend, so that the backend's own tests can use it too.
 package redistest
 
 import (
@@ -11,13 +13,13 @@ import (
 	"os/exec"
 	"strconv"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/redis/rueidis"
 
 	"github.com/idemsvc/idemsvc/internal/keys"
-	"github.com/idemsvc/idemsvc/internal/storage/redis"
 )
 
 // URL returns the Redis the tests use: IDEMSVC_TEST_REDIS_URL, or redis://127.0.0.1:6379/0.
@@ -47,12 +49,21 @@ var reachable struct {
 func ping(url string) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	s, err := redis.Open(ctx, url, redis.Options{Prefix: "idemtest-ping", Timeout: 5 * time.Second})
+	c, err := client(url)
 	if err != nil {
 		return err
 	}
-	defer s.Close()
-	return s.Ping(ctx)
+	defer c.Close()
+	return c.Do(ctx, c.B().Ping().Build()).Error()
+}
+
+func client(url string) (rueidis.Client, error) {
+	opt, err := rueidis.ParseURL(url)
+	if err != nil {
+		return nil, err
+	}
+	opt.DisableCache = true
+	return rueidis.NewClient(opt)
 }
 
 // Prefix returns a fresh key prefix; every key under it (and under any prefix that extends it,
@@ -65,29 +76,9 @@ func Prefix(t testing.TB) string {
 	return prefix
 }
 
-// Open opens a store on the test Redis and closes it when the test ends. opts.Prefix must be
-// set (use Prefix; several stores on one prefix act as replicas of one service).
-func Open(t testing.TB, opts redis.Options) *redis.Store {
-	t.Helper()
-	if opts.Prefix == "" {
-		t.Fatal("redistest.Open: opts.Prefix is empty; use redistest.Prefix(t)")
-	}
-	s, err := redis.Open(context.Background(), URL(t), opts)
-	if err != nil {
-		t.Fatalf("redis.Open: %v", err)
-	}
-	t.Cleanup(func() { _ = s.Close() })
-	return s
-}
-
 // scrub deletes every key under prefix.
 func scrub(t testing.TB, url, prefix string) {
-	opt, err := rueidis.ParseURL(url)
-	if err != nil {
-		t.Error(err)
-		return
-	}
-	c, err := rueidis.NewClient(opt)
+	c, err := client(url)
 	if err != nil {
 		t.Errorf("scrub %s: %v", prefix, err)
 		return
@@ -113,18 +104,30 @@ func scrub(t testing.TB, url, prefix string) {
 	}
 }
 
-// Server is a redis-server that a test started on a free port, to stop and restart at will; the
-// shared Redis is never touched.
+// FreePort returns a TCP port on 127.0.0.1 that nothing listens on (at the time of the call).
+func FreePort(t testing.TB) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// Server is a redis-server that a test started on a free port, to stop, freeze and restart at
+// will; the shared Redis is never touched.
 type Server struct {
 	t    testing.TB
 	port int
+	args []string
 	cmd  *exec.Cmd
 }
 
-// StartServer starts a redis-server (no persistence) on a free 127.0.0.1 port and kills it when
-// the test ends. It skips when redis-server is not installed, or fails when
+// StartServer starts a redis-server (no persistence, plus args) on a free 127.0.0.1 port and
+// kills it when the test ends. It skips when redis-server is not installed, or fails when
 // IDEMSVC_TEST_REQUIRE_BACKENDS=1.
-func StartServer(t testing.TB) *Server {
+func StartServer(t testing.TB, args ...string) *Server {
 	t.Helper()
 	if _, err := exec.LookPath("redis-server"); err != nil {
 		msg := "redis-server is not installed: this test needs a server of its own"
@@ -133,16 +136,14 @@ func StartServer(t testing.TB) *Server {
 		}
 		t.Skip(msg)
 	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := &Server{t: t, port: l.Addr().(*net.TCPAddr).Port}
-	_ = l.Close()
+	s := &Server{t: t, port: FreePort(t), args: args}
 	s.Start()
 	t.Cleanup(s.Stop)
 	return s
 }
+
+// Port is the server's port.
+func (s *Server) Port() int { return s.port }
 
 // URL is the server's redis:// URL.
 func (s *Server) URL() string { return fmt.Sprintf("redis://127.0.0.1:%d/0", s.port) }
@@ -150,8 +151,9 @@ func (s *Server) URL() string { return fmt.Sprintf("redis://127.0.0.1:%d/0", s.p
 // Start (re)starts the server on its port and waits until it accepts connections.
 func (s *Server) Start() {
 	s.t.Helper()
-	s.cmd = exec.Command("redis-server", "--port", strconv.Itoa(s.port), "--bind", "127.0.0.1",
-		"--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning")
+	args := append([]string{"--port", strconv.Itoa(s.port), "--bind", "127.0.0.1",
+		"--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"}, s.args...)
+	s.cmd = exec.Command("redis-server", args...)
 	if err := s.cmd.Start(); err != nil {
 		s.t.Fatal(err)
 	}
@@ -169,12 +171,22 @@ func (s *Server) Start() {
 	}
 }
 
-// Stop kills the server (SIGKILL: its data is gone, as in a crash without persistence).
+// Stop kills the server (SIGKILL: its data is gone, as in a crash without persistence). It is
+// safe to call on a stopped or frozen server.
 func (s *Server) Stop() {
 	if s.cmd == nil {
 		return
 	}
+	_ = s.cmd.Process.Signal(syscall.SIGCONT) // in case it is frozen
 	_ = s.cmd.Process.Kill()
 	_ = s.cmd.Wait()
 	s.cmd = nil
+}
+
+// Signal sends sig to the server (SIGSTOP freezes it, SIGCONT thaws it).
+func (s *Server) Signal(sig syscall.Signal) {
+	s.t.Helper()
+	if err := s.cmd.Process.Signal(sig); err != nil {
+		s.t.Fatal(err)
+	}
 }
