@@ -19,6 +19,13 @@ const minWaitPoll = 10 * time.Millisecond
 // ErrInProgress when the wait ends first. now is the store's clock, used to time the lease's
 // expiry. A wait of 0 is a plain Begin.
 func BeginWait(ctx context.Context, s Store, now func() time.Time, tenant, key string, req BeginRequest, wait time.Duration) (BeginResult, error) {
+	return BeginWaitUntil(ctx, s, now, tenant, key, req, wait, nil)
+}
+
+// BeginWaitUntil is BeginWait whose wait also ends, with ErrInProgress, when stop is closed (a
+// server that shuts down). Only the waiting stops early: a store call under way is never cut
+// short, so the answer is always one that the store gave.
+func BeginWaitUntil(ctx context.Context, s Store, now func() time.Time, tenant, key string, req BeginRequest, wait time.Duration, stop <-chan struct{}) (BeginResult, error) {
 	res, err := s.Begin(ctx, tenant, key, req)
 	if wait <= 0 || !errors.Is(err, ErrInProgress) {
 		return res, err
@@ -27,10 +34,10 @@ func BeginWait(ctx context.Context, s Store, now func() time.Time, tenant, key s
 	defer deadline.Stop()
 	for {
 		// Watch before the next begin, so a change between the begin and the wait is not missed.
-		changed, stop := s.Watch(tenant, key)
+		changed, unwatch := s.Watch(tenant, key)
 		res, err = s.Begin(ctx, tenant, key, req)
 		if !errors.Is(err, ErrInProgress) {
-			stop()
+			unwatch()
 			return res, err
 		}
 		sleep := min(max(res.Record.Lease.ExpiresAt.Sub(now()), minWaitPoll), maxWaitPoll)
@@ -40,14 +47,18 @@ func BeginWait(ctx context.Context, s Store, now func() time.Time, tenant, key s
 		case <-poll.C:
 		case <-deadline.C:
 			poll.Stop()
-			stop()
+			unwatch()
+			return res, err
+		case <-stop:
+			poll.Stop()
+			unwatch()
 			return res, err
 		case <-ctx.Done():
 			poll.Stop()
-			stop()
+			unwatch()
 			return res, ctx.Err()
 		}
 		poll.Stop()
-		stop()
+		unwatch()
 	}
 }

@@ -1,7 +1,6 @@
 package server
 
 import (
-	"context"
 	"errors"
 	"net/http"
 	"net/url"
@@ -56,16 +55,8 @@ func (s *Server) handleBegin(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	ctx := r.Context()
-	if wait > 0 { // a drain ends the wait early
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithCancel(ctx)
-		defer cancel()
-		defer context.AfterFunc(s.draining, cancel)()
-	}
-	res, err := keys.BeginWait(ctx, s.store, s.now, tenant(ctx), key, req, wait)
-	if errors.Is(err, context.Canceled) && r.Context().Err() == nil {
-		err = keys.ErrInProgress // drained while waiting: res holds the holder's record
-	}
+	// A drain (shutdown) ends a wait early with 409; it never cuts a store call short.
+	res, err := keys.BeginWaitUntil(ctx, s.store, s.now, tenant(ctx), key, req, wait, s.draining.Done())
 	ri := info(r.Context())
 	switch {
 	case errors.Is(err, keys.ErrInProgress):

@@ -2,8 +2,10 @@ package server_test
 
 import (
 	"bytes"
+	"context"
 	"encoding/base64"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net/http"
 	"strconv"
@@ -14,6 +16,7 @@ import (
 	"github.com/idemsvc/idemsvc/internal/apitest"
 	"github.com/idemsvc/idemsvc/internal/keys"
 	"github.com/idemsvc/idemsvc/internal/server/servertest"
+	"github.com/idemsvc/idemsvc/internal/storage/bolt"
 	"github.com/idemsvc/idemsvc/internal/storage/storagetest"
 )
 
@@ -618,4 +621,27 @@ func TestMalformed(t *testing.T) {
 	}
 	// None of it disturbed the held key.
 	wantStatus(t, e.do("POST", "/v1/keys/held/complete", completeBody(tok, 200, "ok")), 200, "")
+}
+
+// cancelledStore answers every Begin with an error that wraps context.Canceled, as a store
+// client may when a call of its own was cut short.
+type cancelledStore struct{ keys.Store }
+
+func (cancelledStore) Begin(context.Context, string, string, keys.BeginRequest) (keys.BeginResult, error) {
+	return keys.BeginResult{}, fmt.Errorf("begin: %w: %w", keys.ErrUnavailable, context.Canceled)
+}
+
+// TestStoreCancellationIsNotInProgress: a store call that failed is 503, never 409: a 409 says
+// another caller holds the key, which nobody may claim without the store's word.
+func TestStoreCancellationIsNotInProgress(t *testing.T) {
+	t.Parallel()
+	s, err := bolt.OpenDir(t.TempDir(), bolt.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.Close() })
+	e := newEnv(t, servertest.Options{Store: cancelledStore{s}})
+	for _, body := range []any{nil, map[string]any{"wait_ms": 50}} {
+		wantStatus(t, e.do("POST", "/v1/keys/k/begin", body), http.StatusServiceUnavailable, "unavailable")
+	}
 }
