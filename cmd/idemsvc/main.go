@@ -65,7 +65,7 @@ func realMain(args, environ []string, stdout, stderr io.Writer) int {
 	// limited to one) every other goroutine waits until the scheduler hands that P off, which
 	// under load cut throughput by 4x and raised p99 from 23 ms to 690 ms (docs/BENCHMARKS.md).
 	// A second P lets one goroutine sit in fsync while the other serves.
-	if runtime.GOMAXPROCS(0) < 2 {
+	if runtime.GOMAXPROCS(0) < 2 && os.Getenv("GOMAXPROCS") == "" {
 		runtime.GOMAXPROCS(2)
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)

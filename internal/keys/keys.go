@@ -173,8 +173,8 @@ type Store interface {
 	// signalled (callers time it themselves). stop must be called to free the watch.
 	Watch(tenant, key string) (changed <-chan struct{}, stop func())
 
-	// Sweep removes at most max expired records in one transaction and returns how many it
-	// removed. It never removes a live record. Backends whose records expire by themselves
+	// Sweep removes at most max expired records (in one transaction or in several) and returns
+	// how many it removed. It never removes a live record. Backends whose records expire by themselves
 	// return 0, nil.
 	Sweep(ctx context.Context, max int) (int, error)
 

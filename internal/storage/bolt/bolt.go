@@ -47,6 +47,12 @@ const DefaultTimeout = time.Second
 // write, and a closed loop of N writers rarely fills a batch of exactly N.
 const DefaultMaxBatchSize = 256
 
+// DefaultSweepChunk and DefaultSweepChunkBusy size a sweep's transactions: see Store.Sweep.
+const (
+	DefaultSweepChunk     = 1000
+	DefaultSweepChunkBusy = 128
+)
+
 // ErrLocked is returned by Open when another process holds the data file.
 var ErrLocked = errors.New("the data file is locked by another process")
 
@@ -75,6 +81,10 @@ type Options struct {
 	// MaxBatchDelay, when positive, switches from the timer-less group commit to bbolt's
 	// DB.Batch with this delay (and MaxBatchSize); it exists to compare the two.
 	MaxBatchDelay time.Duration
+	// SweepChunk and SweepChunkBusy are how many expired records one transaction of a sweep
+	// removes at most, alone and alongside writers; zero means DefaultSweepChunk and
+	// DefaultSweepChunkBusy.
+	SweepChunk, SweepChunkBusy int
 }
 
 // Store is the bbolt keys.Store. It is safe for concurrent use.
@@ -84,6 +94,9 @@ type Store struct {
 	now  func() time.Time
 	// batch runs a write in a shared, committed transaction: the committer, or DB.Batch.
 	batch func(func(*bbolt.Tx) error) error
+	// comm is the group commit (nil with DB.Batch).
+	comm                       *committer
+	sweepChunk, sweepChunkBusy int
 
 	// mu is held shared by every operation and exclusively by Close, so that Close lets the
 	// pending operations finish and no operation starts on a closed database.
@@ -108,6 +121,12 @@ func Open(path string, opts Options) (*Store, error) {
 	if opts.MaxBatchSize <= 0 {
 		opts.MaxBatchSize = DefaultMaxBatchSize
 	}
+	if opts.SweepChunk <= 0 {
+		opts.SweepChunk = DefaultSweepChunk
+	}
+	if opts.SweepChunkBusy <= 0 {
+		opts.SweepChunkBusy = DefaultSweepChunkBusy
+	}
 	db, err := bbolt.Open(path, 0o600, &bbolt.Options{Timeout: opts.Timeout})
 	if errors.Is(err, berrors.ErrTimeout) {
 		return nil, fmt.Errorf("open %s: %w (gave up after %s)", path, ErrLocked, opts.Timeout)
@@ -127,12 +146,13 @@ func Open(path string, opts Options) (*Store, error) {
 		_ = db.Close()
 		return nil, fmt.Errorf("open %s: %w", path, err)
 	}
-	st := &Store{db: db, path: path, now: opts.Now}
+	st := &Store{db: db, path: path, now: opts.Now, sweepChunk: opts.SweepChunk, sweepChunkBusy: opts.SweepChunkBusy}
 	if opts.MaxBatchDelay > 0 {
 		db.MaxBatchSize, db.MaxBatchDelay = opts.MaxBatchSize, opts.MaxBatchDelay
 		st.batch = db.Batch
 	} else {
-		st.batch = (&committer{db: db, max: opts.MaxBatchSize}).do
+		st.comm = &committer{db: db, max: opts.MaxBatchSize}
+		st.batch = st.comm.do
 	}
 	return st, nil
 }
@@ -364,35 +384,54 @@ func (s *Store) Watch(tenant, key string) (<-chan struct{}, func()) {
 	return s.watch.add(string(keys.StorageID(tenant, key)))
 }
 
-// Sweep removes at most max expired records in one transaction, oldest first, reading only
-// the expired part of the expiry index; see keys.Store.
+// Sweep removes at most max expired records, oldest first, reading only the expired part of
+// the expiry index; see keys.Store.
+//
+// It takes them in chunks, each in a transaction of the group commit, where it rides along
+// with the writers' calls and shares their fsync. A chunk is SweepChunk records when the
+// transaction carries nothing else, and only SweepChunkBusy when writers share it, so that a
+// sweep of a large backlog adds little to any writer's latency yet keeps going under load.
 func (s *Store) Sweep(ctx context.Context, max int) (int, error) {
 	if err := s.enter(ctx); err != nil {
 		return 0, fmt.Errorf("sweep: %w", err)
 	}
 	defer s.mu.RUnlock()
-	if max <= 0 {
-		return 0, nil
-	}
 	removed := 0
-	// Through the group commit: a sweep shares its transaction and fsync with the writers that
-	// queue meanwhile, instead of taking turns with them for the writer lock.
-	err := s.batch(func(tx *bbolt.Tx) error {
-		removed = 0
-		now := s.now()
-		n, err := sweep(tx, now, max)
-		removed = n
-		return err
-	})
-	if err != nil {
-		return 0, fmt.Errorf("sweep: %w", translate(err))
+	for removed < max {
+		if err := ctx.Err(); err != nil {
+			return removed, fmt.Errorf("sweep: %w", err)
+		}
+		var n, seen, budget int
+		fn := func(tx *bbolt.Tx) error {
+			budget = min(max-removed, s.sweepChunk)
+			if s.comm != nil && s.comm.busy() {
+				budget = min(budget, s.sweepChunkBusy)
+			}
+			var err error
+			n, seen, err = sweep(tx, s.now(), budget)
+			return err
+		}
+		var err error
+		if s.comm != nil {
+			err = s.comm.doBackground(fn)
+		} else {
+			err = s.batch(fn)
+		}
+		if err != nil {
+			return removed, fmt.Errorf("sweep: %w", translate(err))
+		}
+		removed += n
+		if seen < budget { // the expired part of the index is empty now
+			break
+		}
 	}
 	return removed, nil
 }
 
-// sweep removes up to max records that have expired at now. An index entry whose record is
-// gone or live again (which a consistent index never has) is dropped without counting.
-func sweep(tx *bbolt.Tx, now time.Time, max int) (int, error) {
+// sweep removes up to max records that have expired at now, and returns how many it removed
+// and how many index entries it took. An index entry whose record is gone or live again (which
+// a consistent index never has) is dropped without counting.
+func sweep(tx *bbolt.Tx, now time.Time, max int) (removed, seen int, err error) {
 	limit := expiryNanos(now) // expired means expires_at <= now
 	var due [][]byte
 	c := tx.Bucket(bucketExpiry).Cursor()
@@ -404,10 +443,9 @@ func sweep(tx *bbolt.Tx, now time.Time, max int) (int, error) {
 		due = append(due, bytes.Clone(k))
 	}
 	idx := tx.Bucket(bucketExpiry)
-	removed := 0
 	for _, k := range due {
 		if err := idx.Delete(k); err != nil {
-			return 0, err
+			return 0, 0, err
 		}
 		if len(k) < 8 {
 			continue
@@ -415,17 +453,17 @@ func sweep(tx *bbolt.Tx, now time.Time, max int) (int, error) {
 		id := k[8:]
 		cur, err := getRecord(tx, id)
 		if err != nil {
-			return 0, err
+			return 0, 0, err
 		}
 		if cur == nil || cur.Live(now) {
 			continue
 		}
 		if err := deleteRecord(tx, id, cur); err != nil {
-			return 0, err
+			return 0, 0, err
 		}
 		removed++
 	}
-	return removed, nil
+	return removed, len(due), nil
 }
 
 // nextFence returns the next fence of tenant: larger than every fence the tenant's keys had.

@@ -16,14 +16,24 @@ import (
 )
 
 func TestConformance(t *testing.T) {
+	conformance(t, Options{})
+}
+
+// TestConformanceSmallSweepChunks runs the suite with sweeps of one or two records per
+// transaction, so that every sweep in it spans several transactions of the group commit.
+func TestConformanceSmallSweepChunks(t *testing.T) {
+	conformance(t, Options{SweepChunk: 2, SweepChunkBusy: 1})
+}
+
+func conformance(t *testing.T, opts Options) {
 	storagetest.Run(t, storagetest.Factory{
 		Open: func(t *testing.T, clock *storagetest.Clock) keys.Store {
-			return open(t, filepath.Join(t.TempDir(), FileName), clock)
+			return openWith(t, filepath.Join(t.TempDir(), FileName), clock, opts)
 		},
 		Reopen: func(t *testing.T, s keys.Store, clock *storagetest.Clock) keys.Store {
 			path := s.(*Store).Path()
 			checkAndClose(t, s.(*Store))
-			return open(t, path, clock)
+			return openWith(t, path, clock, opts)
 		},
 	})
 }
@@ -31,7 +41,13 @@ func TestConformance(t *testing.T) {
 // open opens the store at path and, at the end of the test, checks and closes it.
 func open(t *testing.T, path string, clock *storagetest.Clock) *Store {
 	t.Helper()
-	s, err := Open(path, Options{Now: clock.Now})
+	return openWith(t, path, clock, Options{})
+}
+
+func openWith(t *testing.T, path string, clock *storagetest.Clock, opts Options) *Store {
+	t.Helper()
+	opts.Now = clock.Now
+	s, err := Open(path, opts)
 	if err != nil {
 		t.Fatal(err)
 	}

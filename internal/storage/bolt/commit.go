@@ -2,6 +2,7 @@ package bolt
 
 import (
 	"sync"
+	"time"
 
 	"go.etcd.io/bbolt"
 )
@@ -24,17 +25,45 @@ type committer struct {
 	mu      sync.Mutex
 	pending []*call
 	running bool
+
+	// foreground is how many of the running transaction's calls are not background ones; only
+	// the committer goroutine touches it, and a background function reads it from inside the
+	// transaction to size its share (see Store.Sweep).
+	foreground int
+	// lastForeground is when the committer last started a transaction with writers' calls.
+	lastForeground time.Time
 }
 
+// quietAfter is how long after the last writer a transaction counts as idle for background
+// work: a closed loop of writers resubmits within microseconds of its answer, so a background
+// call that finds itself alone right after their commit must not take that for idleness.
+const quietAfter = 10 * time.Millisecond
+
 type call struct {
-	fn   func(*bbolt.Tx) error
-	done chan error
+	fn         func(*bbolt.Tx) error
+	done       chan error
+	background bool
 }
 
 // do runs fn in a committed read-write transaction, shared with other writers, and returns
 // fn's error or the commit's.
 func (c *committer) do(fn func(*bbolt.Tx) error) error {
-	cl := &call{fn: fn, done: make(chan error, 1)}
+	return c.enqueue(&call{fn: fn, done: make(chan error, 1)})
+}
+
+// doBackground is do for housekeeping (the sweep): fn may ask busy() whether writers share its
+// transaction, and then do less.
+func (c *committer) doBackground(fn func(*bbolt.Tx) error) error {
+	return c.enqueue(&call{fn: fn, done: make(chan error, 1), background: true})
+}
+
+// busy reports, from inside a function that the committer runs, whether the transaction also
+// carries writers' calls, or writers committed within quietAfter.
+func (c *committer) busy() bool {
+	return c.foreground > 0 || time.Since(c.lastForeground) < quietAfter
+}
+
+func (c *committer) enqueue(cl *call) error {
 	c.mu.Lock()
 	c.pending = append(c.pending, cl)
 	if !c.running {
@@ -63,6 +92,15 @@ func (c *committer) loop() {
 
 func (c *committer) commit(batch []*call) {
 	for len(batch) > 0 {
+		c.foreground = 0
+		for _, cl := range batch {
+			if !cl.background {
+				c.foreground++
+			}
+		}
+		if c.foreground > 0 {
+			c.lastForeground = time.Now()
+		}
 		failed := -1
 		err := c.db.Update(func(tx *bbolt.Tx) error {
 			for i, cl := range batch {
@@ -80,6 +118,10 @@ func (c *committer) commit(batch []*call) {
 			return
 		}
 		bad := batch[failed]
+		c.foreground = 0
+		if !bad.background {
+			c.foreground = 1
+		}
 		bad.done <- c.db.Update(bad.fn)
 		batch = append(batch[:failed:failed], batch[failed+1:]...)
 	}
