@@ -186,6 +186,20 @@ redis_benchmark() {
 	"$IB" import-redis-benchmark -c 64 <<<"$csv" >>"$RESULTS" || log "redis-benchmark: unreadable output: $csv"
 }
 
+# redis_store_bench: the Redis store's own Go benchmark (begin+complete, 64 goroutines, no HTTP),
+# pinned like the generator, so that its writes can be set beside redis-benchmark's.
+redis_store_bench() {
+	if [[ ! -x $WORK/redis.test ]] && ! go test -c -o "$WORK/redis.test" ./internal/storage/redis/; then
+		log "the Redis store benchmark did not build"
+		return 0
+	fi
+	local args=(-test.run '^$' -test.bench 'BeginComplete/goroutines=64$' -test.benchtime 3s)
+	if [[ $REP == 1 ]]; then echo "IDEMSVC_TEST_REDIS_URL=$REDIS_URL ${PIN_GEN[*]} go test ./internal/storage/redis/ ${args[*]//-test./-}" >>"$COMMANDS"; fi
+	local out
+	out=$(IDEMSVC_TEST_REDIS_URL=$REDIS_URL timeout 120 "${PIN_GEN[@]}" "$WORK/redis.test" "${args[@]}" 2>&1) || true
+	"$IB" import-gobench -c 64 -label redis-store <<<"$out" >>"$RESULTS" || log "Redis store benchmark: unreadable output: $(tail -n 3 <<<"$out")"
+}
+
 # What one fsync costs here: the floor of a bolt commit.
 SYNC_US=$(dd if=/dev/zero of="$WORK/sync-probe" bs=4k count=200 oflag=dsync 2>&1 | sed -nE 's/.* copied, ([0-9.]+) s.*/\1/p' | awk '{printf "%.0f", $1 / 200 * 1e6}')
 rm -f "$WORK/sync-probe"
@@ -223,6 +237,7 @@ for ((REP = 1; REP <= REPS; REP++)); do
 	done
 	if [[ " ${TARGETS[*]} " == *" redis "* ]] && command -v redis-benchmark >/dev/null; then
 		redis_benchmark
+		redis_store_bench
 	fi
 done
 

@@ -11,6 +11,7 @@
 //	idembench freeport                     print a free TCP port on 127.0.0.1
 //	idembench wait -url U -timeout D       wait until U/healthz answers 200
 //	idembench import-redis-benchmark       turn redis-benchmark --csv output into a result line
+//	idembench import-gobench               turn the Redis store's go test -bench output into one
 //
 // Workers are closed loops: each owns one keep-alive connection and sends its next request when
 // the previous answer is in. The default client writes and parses HTTP/1.1 by hand with no
@@ -67,6 +68,8 @@ func dispatch(ctx context.Context, args []string, stdout io.Writer) (int, error)
 			return 0, waitMain(ctx, args[1:])
 		case "import-redis-benchmark":
 			return 0, rbImportMain(args[1:], os.Stdin, stdout, os.Stderr)
+		case "import-gobench":
+			return 0, gobenchImportMain(args[1:], os.Stdin, stdout, os.Stderr)
 		}
 	}
 	return loadMain(ctx, args, stdout)

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"encoding/csv"
 	"encoding/json"
 	"errors"
@@ -8,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"strconv"
+	"strings"
 )
 
 // rbImportMain turns the --csv output of redis-benchmark (one test) into one result line, so
@@ -47,5 +49,47 @@ func rbImportMain(args []string, stdin io.Reader, stdout, stderr io.Writer) erro
 	b, _ := json.Marshal(res)
 	fmt.Fprintf(stdout, "%s\n", b)
 	fmt.Fprintf(stderr, "  redis-benchmark %s c=%d: %.0f req/s, p99 %s ms\n", row[0], *conns, res.RPS, row[6])
+	return nil
+}
+
+// gobenchImportMain turns the output of the Redis store's Go benchmark
+// (BenchmarkBeginComplete, which reports "pairs/s") into one result line: idemsvc's Redis
+// writes without HTTP in front, to set beside redis-benchmark's SET NX EX. Each pair is two
+// writes (a begin and a complete), so its requests/s are twice its pairs/s.
+func gobenchImportMain(args []string, stdin io.Reader, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("import-gobench", flag.ContinueOnError)
+	conns := fs.Int("c", 64, "the goroutines of the benchmark line to take")
+	label := fs.String("label", "redis-store", "the result's label")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	want := "goroutines=" + strconv.Itoa(*conns)
+	sc := bufio.NewScanner(stdin)
+	var pairs float64
+	for sc.Scan() {
+		f := strings.Fields(sc.Text())
+		if len(f) < 4 || !strings.HasPrefix(f[0], "Benchmark") || !strings.Contains(f[0], want) {
+			continue
+		}
+		for i := 2; i+1 < len(f); i++ {
+			if f[i+1] == "pairs/s" {
+				pairs, _ = strconv.ParseFloat(f[i], 64)
+			}
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return err
+	}
+	if pairs <= 0 {
+		return fmt.Errorf("no benchmark line with %s and a pairs/s figure", want)
+	}
+	res := result{
+		Label: *label, Scenario: "store-pair", Client: "go test -bench", Conns: *conns,
+		RPS: 2 * pairs, PairsPerSec: pairs,
+		PerOp: map[string]latency{}, Statuses: map[string]uint64{},
+	}
+	b, _ := json.Marshal(res)
+	fmt.Fprintf(stdout, "%s\n", b)
+	fmt.Fprintf(stderr, "  %s c=%d: %.0f pairs/s, %.0f writes/s\n", *label, *conns, pairs, 2*pairs)
 	return nil
 }

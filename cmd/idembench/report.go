@@ -213,10 +213,13 @@ func renderReport(rs []result, meta, commands, chart string, labels []string, hc
 		}
 	}
 
-	var rb *summary
+	var rb, rstore *summary
 	for k, s := range sum {
 		if k.scenario == "redis-benchmark" && s.runs > s.failed {
 			rb = s
+		}
+		if k.scenario == "store-pair" && s.runs > s.failed {
+			rstore = s
 		}
 	}
 	p("\n### Redis's own ceiling\n\n")
@@ -227,6 +230,10 @@ func renderReport(rs []result, meta, commands, chart string, labels []string, hc
 			fnum(rb.rps), rb.runs-rb.failed, fnum(rb.rpsMin), fnum(rb.rpsMax), fms(rb.p99))
 		if s := get("redis", "pair", hc); s != nil {
 			p("idemsvc on Redis, pair scenario: %s requests/s (each a begin or a complete), %s of that.\n", fnum(s.rps), ratio(s.rps, rb.rps))
+		}
+		if rstore != nil {
+			p("The Redis store without HTTP in front (`go test -bench 'BeginComplete/goroutines=64' ./internal/storage/redis/`, pinned like the generator): %s writes/s (%s begin+complete pairs/s; median of %d), %s of `redis-benchmark`.\n",
+				fnum(rstore.rps), fnum(rstore.pairs), rstore.runs-rstore.failed, ratio(rstore.rps, rb.rps))
 		}
 	}
 
@@ -256,6 +263,9 @@ func renderReport(rs []result, meta, commands, chart string, labels []string, hc
 		target("redis: writes/s ÷ redis-benchmark SET NX EX", "≥ 0.5", s.rps/rb.rps, s.rps/rb.rps >= 0.5, true)
 	} else {
 		target("redis: writes/s ÷ redis-benchmark SET NX EX", "≥ 0.5", 0, false, false)
+	}
+	if rstore != nil && rb != nil {
+		target("redis: store writes/s without HTTP ÷ redis-benchmark SET NX EX", "≥ 0.5", rstore.rps/rb.rps, rstore.rps/rb.rps >= 0.5, true)
 	}
 	for _, l := range labels[1:] {
 		s := get(l, "replay", hc)
