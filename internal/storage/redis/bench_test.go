@@ -12,12 +12,13 @@ import (
 	"github.com/idemsvc/idemsvc/internal/storage/redis/redistest"
 )
 
-// BenchmarkBeginComplete measures begin+complete pairs on fresh keys (four round trips each)
-// from one goroutine and from 64.
+// BenchmarkBeginComplete measures begin+complete pairs on fresh keys from one goroutine and from
+// 64, and reports the scripts (round trips) per pair: 2 when both fast paths are taken, 4 on the
+// read path; and the fast paths missed for the clock, per pair.
 func BenchmarkBeginComplete(b *testing.B) {
 	for _, g := range []int{1, 64} {
 		b.Run("goroutines="+strconv.Itoa(g), func(b *testing.B) {
-			s := openTest(b, redistest.URL(b), redistest.Prefix(b), nil)
+			s, d := counted(b, redistest.URL(b), redistest.Prefix(b), nil)
 			ctx := b.Context()
 			var seq atomic.Int64
 			one := func() {
@@ -47,6 +48,8 @@ func BenchmarkBeginComplete(b *testing.B) {
 			}
 			b.StopTimer()
 			b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "pairs/s")
+			b.ReportMetric(float64(d.total())/float64(b.N), "scripts/pair")
+			b.ReportMetric(float64(d.clockMisses.Load())/float64(b.N), "misses/pair")
 		})
 	}
 }

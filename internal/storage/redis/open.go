@@ -31,23 +31,31 @@ func Open(ctx context.Context, url string, opts Options) (*Store, error) {
 		return nil, err
 	}
 	s.hub = newHub(d.client)
-	if err := checkServer(ctx, d, opts.Timeout); err != nil {
+	if err := s.checkServer(ctx, d); err != nil {
 		s.Close()
 		return nil, err
 	}
 	return s, nil
 }
 
-// checkServer connects and checks the server's version. An unreachable server passes.
-func checkServer(ctx context.Context, d *rueidisDriver, timeout time.Duration) error {
-	ctx, cancel := context.WithTimeout(ctx, timeout)
+// checkServer connects and checks the server's version, then reads its clock once, so that the
+// first begin can already decide ahead (see clock.go). An unreachable server passes.
+func (s *Store) checkServer(ctx context.Context, d *rueidisDriver) error {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
 	c, err := d.client(ctx)
 	if err == nil {
 		var info string
 		info, err = c.Do(ctx, c.B().Info().Section("server").Build()).ToString()
 		if err == nil {
-			return checkVersion(info)
+			if err := checkVersion(info); err != nil {
+				return err
+			}
+			sent := time.Now()
+			if sec, usec, err := d.time(ctx); err == nil { // else the first reply teaches it
+				s.clock.observe(sent, time.Now(), time.Unix(sec, usec*1000))
+			}
+			return nil
 		}
 	}
 	if _, isReply := rueidis.IsRedisErr(err); isReply {

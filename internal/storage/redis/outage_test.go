@@ -212,12 +212,19 @@ type lossyDriver struct {
 	lose bool
 }
 
-func (d *lossyDriver) cas(ctx context.Context, keys [2]string, args []string) (bool, string, error) {
-	wrote, fence, err := d.driver.cas(ctx, keys, args)
+func (d *lossyDriver) cas(ctx context.Context, keys [2]string, args []string) (reply, error) {
+	return d.lost(d.driver.cas(ctx, keys, args))
+}
+
+func (d *lossyDriver) begin(ctx context.Context, keys [2]string, args []string) (reply, error) {
+	return d.lost(d.driver.begin(ctx, keys, args))
+}
+
+func (d *lossyDriver) lost(r reply, err error) (reply, error) {
 	if d.lose && err == nil {
-		return false, "", errors.New("read tcp: connection reset by peer")
+		return reply{}, errors.New("read tcp: connection reset by peer")
 	}
-	return wrote, fence, err
+	return r, err
 }
 
 // TestLostReply: a write whose reply is lost is reported unavailable, never acquired or

@@ -2,21 +2,44 @@
 //
 // # Design
 //
-// The rules stay in package keys, the one source of them. Every operation reads the stored record
-// together with Redis's clock in one script (readScript), decides in Go with keys.DecideX, and,
-// when the rule writes, runs casScript: it writes only if the stored value is still the one that
-// was read, allocates the fence of a new lease, sets the record's expiry and publishes the change.
-// When the value changed in between, the operation reads and decides again (at most 10 times,
-// with jittered backoff; every lost attempt means another writer won). So among concurrent begins
-// on one key, on any number of replicas, exactly one write lands. Round trips:
+// The rules stay in package keys, the one source of them. An operation decides in Go with
+// keys.DecideX on a snapshot of the stored record and the time, and, when the rule writes, runs
+// casScript: it writes only if the stored value is still, byte for byte, the one decided on,
+// allocates the fence of a new lease, sets the record's expiry and publishes the change. When the
+// value changed in between, the operation reads and decides again (at most 10 times, with
+// jittered backoff; every lost attempt means another writer won). So among concurrent begins on
+// one key, on any number of replicas, exactly one write lands.
 //
-//	Begin     1 for replay, in progress and mismatch; 2 to acquire or take over
-//	Complete  2 (1 for the same complete again); Renew 2; Release 2 (1 when it writes nothing)
+// The snapshot is a read (readScript: the value and Redis's TIME), except where the Store can
+// decide ahead of the write and so save the read's round trip:
+//
+//   - Begin decides on "no record" at its estimate of Redis's clock (clock.go) and sends the new
+//     record with beginScript, which stores it (with the fence rule of casScript) when the key is
+//     absent and Redis's TIME is close enough to the estimate. When a record is stored, or the
+//     estimate is off, it writes nothing and returns the value and TIME: that is the read, and
+//     begin goes on as above.
+//   - Complete, Renew and Release decide on the value this Store wrote for the lease (its begin or
+//     renew: the cache of cache.go) at the estimate, when no time the rule compares with (lease
+//     end, expiry) is near it, and send that decision to casScript, which compares the cached
+//     value with the stored one and checks TIME too. A stale cache (another replica wrote) or a
+//     wrong estimate makes it write nothing and return the value and TIME: again, that is the
+//     read.
+//
+// Either way every write is a compare-and-set of a value against the stored one, decided by the
+// rule on that value at a time the script checked; a wrong guess costs one round trip, never a
+// wrong write. Round trips:
+//
+//	Begin     1 to acquire an absent key, and for replay, in progress and mismatch;
+//	          2 to take over, or when the estimate of Redis's clock is off
+//	Complete  1 when this Store began (or last renewed) the lease, else 2; 1 for the same
+//	          complete again
+//	Renew     the same as Complete; Release too (1 when it writes nothing)
 //	Get, Delete, Ping  1
 //	Watch     0 when this Store already subscribes to the key's channel, else 1 (SUBSCRIBE)
 //
-// plus 2 for each compare-and-set lost to a concurrent writer. The scripts are sent once and then
-// called by hash (EVALSHA, falling back to EVAL after a SCRIPT FLUSH or a restart).
+// plus 2 for each compare-and-set lost to a concurrent writer. So a begin+complete pair through
+// one replica is 2 round trips (it was 4 when every operation read first). The scripts are sent
+// once and then called by hash (EVALSHA, falling back to EVAL after a SCRIPT FLUSH or a restart).
 //
 // Each (tenant, key) has two Redis keys that share one hash tag, so every script touches one slot
 // and the store also runs on Redis Cluster:
@@ -35,10 +58,17 @@
 //
 // # Clock
 //
-// Lease and expiry decisions use the time of the Redis node that owns the key, read by TIME inside
-// readScript, so replicas with skewed clocks agree. Options.Now, when set, replaces that clock for
-// decisions: the conformance suite drives a fake clock through it. Redis expiries are then placed
-// at the same distance from Redis's own time as the record's ExpiresAt is from the fake now.
+// Lease and expiry decisions use the time of the Redis node that owns the key, so replicas with
+// skewed clocks agree: read by TIME inside the scripts, or, when the Store decides ahead,
+// estimated from the TIME of earlier replies and checked by the writing script against its own
+// TIME (within 1ms ahead and 25ms behind, and only when no lease end or expiry lies within that
+// window, so the decision is the one Redis's clock gives; see clock.go). On Redis Cluster the
+// one estimate serves every node: nodes whose clocks are further apart than that window cost the
+// fast paths' round trip now and then, and stay correct.
+//
+// Options.Now, when set, replaces that clock for decisions: the conformance suite drives a fake
+// clock through it. Redis expiries are then placed at the same distance from Redis's own time (or
+// its estimate) as the record's ExpiresAt is from the fake now.
 //
 // # Failures
 //
@@ -114,23 +144,45 @@ type Store struct {
 	timeout time.Duration
 	hub     *hub
 	closed  atomic.Bool
+	// clock estimates Redis's clock, for the decisions made ahead (see clock.go).
+	clock *redisClock
+	// cache holds the values this Store wrote for leases in progress (see cache.go).
+	cache *valueCache
 }
 
 // driver is the little that Store needs from a Redis client: rueidisDriver; tests wrap it to
-// lose replies.
+// lose replies or count round trips.
 type driver interface {
 	// read runs readScript on the record key.
-	read(ctx context.Context, key string) (val string, ok bool, sec, usec int64, err error)
-	// cas runs casScript; fence is set when it wrote.
-	cas(ctx context.Context, keys [2]string, args []string) (wrote bool, fence string, err error)
+	read(ctx context.Context, key string) (reply, error)
+	// cas runs casScript.
+	cas(ctx context.Context, keys [2]string, args []string) (reply, error)
+	// begin runs beginScript.
+	begin(ctx context.Context, keys [2]string, args []string) (reply, error)
 	// del runs delScript.
 	del(ctx context.Context, key, channel string) error
+	// time runs TIME.
+	time(ctx context.Context) (sec, usec int64, err error)
 	ping(ctx context.Context) error
 	// unavailable reports whether a failure means Redis cannot serve now (network, timeout,
 	// LOADING, READONLY, ...), as opposed to a bug (a script error, a wrong type).
 	unavailable(err error) bool
 	close()
 }
+
+// reply is a script's answer.
+type reply struct {
+	wrote bool
+	fence string // when it wrote a record: its fence, in decimal
+	// When it did not write (and from readScript): the stored value, verbatim, and whether there
+	// is one.
+	val    string
+	exists bool
+	// sec, usec are Redis's TIME while the script ran.
+	sec, usec int64
+}
+
+func (r reply) time() time.Time { return time.Unix(r.sec, r.usec*1000).UTC() }
 
 func newStore(d driver, opts Options) (*Store, error) {
 	if opts.Prefix == "" {
@@ -142,7 +194,10 @@ func newStore(d driver, opts Options) (*Store, error) {
 	if opts.Timeout <= 0 {
 		opts.Timeout = defaultTimeout
 	}
-	return &Store{d: d, prefix: opts.Prefix, now: opts.Now, timeout: opts.Timeout}, nil
+	return &Store{
+		d: d, prefix: opts.Prefix, now: opts.Now, timeout: opts.Timeout,
+		clock: newRedisClock(), cache: newValueCache(),
+	}, nil
 }
 
 // names are the Redis names of one (tenant, key).
@@ -174,36 +229,108 @@ func escapeID(id []byte) string {
 	return b.String()
 }
 
-// snapshot is one read of a record: what is stored, verbatim, and the clocks.
+// snapshot is what a decision is made on: the stored record, verbatim, and the clocks. It comes
+// from a script's reply (a read, or a write that did not happen), or, for a decision made ahead,
+// from the Store's cache and its estimate of Redis's clock.
 type snapshot struct {
 	raw    string
 	exists bool
 	rec    *keys.Record // nil when absent
-	// now is the decision time: Redis's TIME, or Options.Now.
+	// now is the decision time: Redis's TIME (or its estimate), or Options.Now.
 	now time.Time
-	// offset is Redis's TIME minus now; zero in production.
+	// offset is Redis's TIME (or its estimate) minus now; zero in production.
 	offset time.Duration
+	// est, when set, is the estimate of Redis's clock that the decision was made at, ahead of
+	// the write: the script then checks it against TIME (see clock.go).
+	est time.Time
+}
+
+// call runs one script and learns Redis's clock from its reply.
+func (s *Store) call(run func() (reply, error)) (reply, error) {
+	sent := time.Now()
+	r, err := run()
+	if err == nil {
+		s.clock.observe(sent, time.Now(), r.time())
+	}
+	return r, err
 }
 
 func (s *Store) read(ctx context.Context, n names) (snapshot, error) {
-	raw, ok, sec, usec, err := s.d.read(ctx, n.rec)
+	r, err := s.call(func() (reply, error) { return s.d.read(ctx, n.rec) })
 	if err != nil {
 		return snapshot{}, s.edge(err)
 	}
-	redisNow := time.Unix(sec, usec*1000).UTC()
-	snap := snapshot{raw: raw, exists: ok, now: redisNow}
+	return s.snap(r)
+}
+
+// snap is the record and clock that a script saw.
+func (s *Store) snap(r reply) (snapshot, error) {
+	redisNow := r.time()
+	snap := snapshot{raw: r.val, exists: r.exists, now: redisNow}
 	if s.now != nil {
 		snap.now = s.now()
 		snap.offset = redisNow.Sub(snap.now)
 	}
-	if ok {
-		r, err := decodeValue(raw)
+	if r.exists {
+		rec, err := decodeValue(r.val)
 		if err != nil {
 			return snapshot{}, err
 		}
-		snap.rec = &r
+		snap.rec = &rec
 	}
 	return snap, nil
+}
+
+// ahead returns the clocks of a decision made ahead of the write, at the estimate of Redis's
+// clock (its record is for the caller to fill in), and false while there is no estimate yet.
+func (s *Store) ahead() (snapshot, bool) {
+	est, ok := s.clock.now()
+	if !ok {
+		return snapshot{}, false
+	}
+	snap := snapshot{now: est, est: est}
+	if s.now != nil {
+		snap.now = s.now()
+		snap.offset = est.Sub(snap.now)
+	}
+	return snap, true
+}
+
+// cached returns a snapshot of n's record as this Store last wrote it, for a decision made
+// ahead; false when it holds none (or has no estimate of the clock yet).
+func (s *Store) cached(n names) (snapshot, bool) {
+	raw, ok := s.cache.get(n.rec)
+	if !ok {
+		return snapshot{}, false
+	}
+	snap, ok := s.ahead()
+	if !ok {
+		return snapshot{}, false
+	}
+	rec, err := decodeValue(raw)
+	if err != nil {
+		s.cache.drop(n.rec)
+		return snapshot{}, false
+	}
+	snap.raw, snap.exists, snap.rec = raw, true, &rec
+	return snap, true
+}
+
+// steady reports whether a decision made ahead on snap holds at every time Redis's clock may
+// show when the write runs (the script checks that it is within clockAhead before and
+// clockBehind after the estimate): no time the rules compare with (the lease's end, the record's
+// expiry; "live" is now < t) lies in that window.
+func (snap snapshot) steady() bool {
+	if snap.rec == nil {
+		return true
+	}
+	lo, hi := snap.now.Add(-clockAhead), snap.now.Add(clockBehind)
+	for _, t := range [...]time.Time{snap.rec.Lease.ExpiresAt, snap.rec.ExpiresAt} {
+		if t.After(lo) && !t.After(hi) {
+			return false
+		}
+	}
+	return true
 }
 
 func decodeValue(raw string) (keys.Record, error) {
@@ -241,8 +368,17 @@ type casWrite struct {
 	publish  bool
 }
 
-// cas writes w if the record is still snap. It returns the fence of the written record.
-func (s *Store) cas(ctx context.Context, n names, snap snapshot, w casWrite) (bool, uint64, error) {
+// casResult is what a compare-and-set did.
+type casResult struct {
+	wrote bool
+	fence uint64 // of the record written
+	// reply is the script's; when it did not write, it holds the current value and TIME.
+	reply reply
+}
+
+// cas writes w if the record is still snap, and keeps the cache: the value it wrote when that
+// holds a lease in progress, else nothing for the key.
+func (s *Store) cas(ctx context.Context, n names, snap snapshot, w casWrite) (casResult, error) {
 	present := "0"
 	if snap.exists {
 		present = "1"
@@ -251,7 +387,7 @@ func (s *Store) cas(ctx context.Context, n names, snap snapshot, w casWrite) (bo
 	if w.publish {
 		channel = n.channel
 	}
-	args := []string{present, snap.raw, "put", "", "", "0", "0", "0", channel}
+	args := []string{present, snap.raw, "put", "", "", "0", "0", "0", channel, "", "", ""}
 	if w.del {
 		args[2] = "del"
 	} else {
@@ -268,20 +404,31 @@ func (s *Store) cas(ctx context.Context, n names, snap snapshot, w casWrite) (bo
 		args[6] = strconv.FormatInt(snap.now.UnixMicro(), 10)
 		args[7] = strconv.FormatInt(expires+fenceMargin.Milliseconds(), 10)
 	}
-	wrote, fence, err := s.d.cas(ctx, [2]string{n.rec, n.fence}, args)
+	if !snap.est.IsZero() {
+		args[9] = strconv.FormatInt(snap.est.UnixMicro(), 10)
+		args[10] = strconv.FormatInt(clockAhead.Microseconds(), 10)
+		args[11] = strconv.FormatInt(clockBehind.Microseconds(), 10)
+	}
+	r, err := s.call(func() (reply, error) { return s.d.cas(ctx, [2]string{n.rec, n.fence}, args) })
+	if err != nil || !r.wrote || w.del || w.rec.State != keys.StateInProgress {
+		s.cache.drop(n.rec)
+	}
 	if err != nil {
 		// A write whose reply is lost is reported unavailable, never done: it may or may not
 		// have landed.
-		return false, 0, s.edge(err)
+		return casResult{}, s.edge(err)
 	}
-	if !wrote || w.del {
-		return wrote, 0, nil
+	if !r.wrote || w.del {
+		return casResult{wrote: r.wrote, reply: r}, nil
 	}
-	f, err := strconv.ParseUint(fence, 10, 64)
+	f, err := strconv.ParseUint(r.fence, 10, 64)
 	if err != nil {
-		return false, 0, fmt.Errorf("redis: script returned a bad fence %q", fence)
+		return casResult{}, fmt.Errorf("redis: script returned a bad fence %q", r.fence)
 	}
-	return true, f, nil
+	if w.rec.State == keys.StateInProgress {
+		s.cache.put(n.rec, r.fence+":"+args[3])
+	}
+	return casResult{wrote: true, fence: f, reply: r}, nil
 }
 
 // op runs one operation: it bounds ctx by the store's timeout and retries attempt while it
@@ -347,9 +494,17 @@ func (s *Store) wrap(ctx context.Context, name, key string, err error) error {
 func (s *Store) Begin(ctx context.Context, tenant, key string, req keys.BeginRequest) (keys.BeginResult, error) {
 	n := s.names(tenant, key)
 	var res keys.BeginResult
+	first := true
 	err := s.op(ctx, "begin", key, func(ctx context.Context) (bool, error) {
-		snap, err := s.read(ctx, n)
-		if err != nil {
+		var snap snapshot
+		var err error
+		if first {
+			first = false
+			var done bool
+			if done, snap, err = s.beginAhead(ctx, n, key, req, &res); done || err != nil {
+				return done, err
+			}
+		} else if snap, err = s.read(ctx, n); err != nil {
 			return false, err
 		}
 		var w keys.Write
@@ -357,11 +512,11 @@ func (s *Store) Begin(ctx context.Context, tenant, key string, req keys.BeginReq
 		if err != nil || w == keys.WriteNone {
 			return true, err
 		}
-		wrote, fence, err := s.cas(ctx, n, snap, casWrite{
+		out, err := s.cas(ctx, n, snap, casWrite{
 			rec: &res.Record, newFence: true, publish: res.Outcome == keys.TakenOver,
 		})
-		res.Record.Lease.Fence = fence
-		return wrote, err
+		res.Record.Lease.Fence = out.fence
+		return out.wrote, err
 	})
 	if err != nil && !errors.Is(err, keys.ErrInProgress) {
 		return keys.BeginResult{}, err
@@ -369,24 +524,108 @@ func (s *Store) Begin(ctx context.Context, tenant, key string, req keys.BeginReq
 	return res, err
 }
 
+// beginAhead is begin's first attempt. It decides the acquire ahead, at the estimate of Redis's
+// clock, as if the key were absent, and sends the record with beginScript: when the key is absent
+// and the estimate holds, that is the whole begin (done). Otherwise the script's reply is the
+// snapshot to decide on, as a read would be; with no estimate yet, it reads.
+func (s *Store) beginAhead(ctx context.Context, n names, key string, req keys.BeginRequest, res *keys.BeginResult) (bool, snapshot, error) {
+	snap, ok := s.ahead()
+	if !ok {
+		snap, err := s.read(ctx, n)
+		return false, snap, err
+	}
+	r, w, err := keys.DecideBegin(nil, snap.now, key, req)
+	if err != nil || w != keys.WritePut {
+		return false, snapshot{}, fmt.Errorf("redis: begin on no record decided %v, %v", w, err)
+	}
+	rec := r.Record
+	rec.Lease.Fence = 0 // the value's prefix is the fence
+	body := string(keys.AppendRecord(nil, &rec))
+	expires := snap.redisMillis(rec.ExpiresAt)
+	args := []string{
+		body,
+		strconv.FormatInt(expires, 10),
+		strconv.FormatInt(snap.now.UnixMicro(), 10),
+		strconv.FormatInt(expires+fenceMargin.Milliseconds(), 10),
+		strconv.FormatInt(snap.est.UnixMicro(), 10),
+		strconv.FormatInt(clockAhead.Microseconds(), 10),
+		strconv.FormatInt(clockBehind.Microseconds(), 10),
+	}
+	rep, err := s.call(func() (reply, error) { return s.d.begin(ctx, [2]string{n.rec, n.fence}, args) })
+	if err != nil {
+		return false, snapshot{}, s.edge(err) // as in cas: a lost reply is never an acquire
+	}
+	if !rep.wrote {
+		snap, err := s.snap(rep)
+		return false, snap, err
+	}
+	fence, err := strconv.ParseUint(rep.fence, 10, 64)
+	if err != nil {
+		return false, snapshot{}, fmt.Errorf("redis: script returned a bad fence %q", rep.fence)
+	}
+	r.Record.Lease.Fence = fence
+	*res = r
+	s.cache.put(n.rec, rep.fence+":"+body)
+	return true, snapshot{}, nil
+}
+
+// update runs a rule on a stored record (complete, renew, release): snapshot, decide, and when the
+// rule writes, compare-and-set, again while the write loses to another writer. decide returns the
+// write and whether to make it.
+//
+// Its first attempt decides ahead when the cache holds the value this Store wrote for the key
+// (the holder's begin or renew ran here) and the decision does not depend on the exact time
+// (steady): the compare-and-set against the cached value is then the whole operation. When the
+// value changed meanwhile, or the estimate was off, the script's reply serves as the read.
+func (s *Store) update(ctx context.Context, name, key string, n names, decide func(snapshot) (casWrite, bool, error)) error {
+	first := true
+	return s.op(ctx, name, key, func(ctx context.Context) (bool, error) {
+		var snap snapshot
+		var err error
+		if first {
+			first = false
+			var done bool
+			if done, snap, err = s.updateAhead(ctx, n, decide); done || err != nil {
+				return done, err
+			}
+		} else if snap, err = s.read(ctx, n); err != nil {
+			return false, err
+		}
+		w, write, err := decide(snap)
+		if err != nil || !write {
+			return true, err
+		}
+		out, err := s.cas(ctx, n, snap, w)
+		return out.wrote, err
+	})
+}
+
+// updateAhead is update's first attempt: done when it wrote, else the snapshot to decide on.
+func (s *Store) updateAhead(ctx context.Context, n names, decide func(snapshot) (casWrite, bool, error)) (bool, snapshot, error) {
+	if c, ok := s.cached(n); ok && c.steady() {
+		if w, write, err := decide(c); err == nil && write {
+			out, err := s.cas(ctx, n, c, w)
+			if err != nil || out.wrote {
+				return out.wrote, snapshot{}, err
+			}
+			snap, err := s.snap(out.reply)
+			return false, snap, err
+		}
+	}
+	snap, err := s.read(ctx, n)
+	return false, snap, err
+}
+
 // Complete implements keys.Store. It returns an error wrapping keys.ErrUnavailable when Redis
 // cannot be reached; then the response may or may not be stored, and the same Complete again
 // tells which.
 func (s *Store) Complete(ctx context.Context, tenant, key string, req keys.CompleteRequest) (keys.Record, error) {
-	n := s.names(tenant, key)
 	var rec keys.Record
-	err := s.op(ctx, "complete", key, func(ctx context.Context) (bool, error) {
-		snap, err := s.read(ctx, n)
-		if err != nil {
-			return false, err
-		}
+	err := s.update(ctx, "complete", key, s.names(tenant, key), func(snap snapshot) (casWrite, bool, error) {
 		var w keys.Write
+		var err error
 		rec, w, err = keys.DecideComplete(snap.rec, snap.now, req)
-		if err != nil || w == keys.WriteNone {
-			return true, err
-		}
-		wrote, _, err := s.cas(ctx, n, snap, casWrite{rec: &rec, publish: true})
-		return wrote, err
+		return casWrite{rec: &rec, publish: true}, w == keys.WritePut, err
 	})
 	if err != nil {
 		return keys.Record{}, err
@@ -397,20 +636,12 @@ func (s *Store) Complete(ctx context.Context, tenant, key string, req keys.Compl
 // Renew implements keys.Store. It returns an error wrapping keys.ErrUnavailable when Redis
 // cannot be reached.
 func (s *Store) Renew(ctx context.Context, tenant, key string, req keys.RenewRequest) (keys.Record, error) {
-	n := s.names(tenant, key)
 	var rec keys.Record
-	err := s.op(ctx, "renew", key, func(ctx context.Context) (bool, error) {
-		snap, err := s.read(ctx, n)
-		if err != nil {
-			return false, err
-		}
+	err := s.update(ctx, "renew", key, s.names(tenant, key), func(snap snapshot) (casWrite, bool, error) {
 		var w keys.Write
+		var err error
 		rec, w, err = keys.DecideRenew(snap.rec, snap.now, req)
-		if err != nil || w == keys.WriteNone {
-			return true, err
-		}
-		wrote, _, err := s.cas(ctx, n, snap, casWrite{rec: &rec})
-		return wrote, err
+		return casWrite{rec: &rec}, w == keys.WritePut, err
 	})
 	if err != nil {
 		return keys.Record{}, err
@@ -421,18 +652,9 @@ func (s *Store) Renew(ctx context.Context, tenant, key string, req keys.RenewReq
 // Release implements keys.Store. It returns an error wrapping keys.ErrUnavailable when Redis
 // cannot be reached.
 func (s *Store) Release(ctx context.Context, tenant, key, token string) error {
-	n := s.names(tenant, key)
-	return s.op(ctx, "release", key, func(ctx context.Context) (bool, error) {
-		snap, err := s.read(ctx, n)
-		if err != nil {
-			return false, err
-		}
+	return s.update(ctx, "release", key, s.names(tenant, key), func(snap snapshot) (casWrite, bool, error) {
 		w, err := keys.DecideRelease(snap.rec, snap.now, token)
-		if err != nil || w == keys.WriteNone {
-			return true, err
-		}
-		wrote, _, err := s.cas(ctx, n, snap, casWrite{del: true, publish: true})
-		return wrote, err
+		return casWrite{del: true, publish: true}, w == keys.WriteDelete, err
 	})
 }
 
@@ -457,6 +679,7 @@ func (s *Store) Get(ctx context.Context, tenant, key string) (keys.Record, error
 // reached.
 func (s *Store) Delete(ctx context.Context, tenant, key string) error {
 	n := s.names(tenant, key)
+	s.cache.drop(n.rec)
 	return s.op(ctx, "delete", key, func(ctx context.Context) (bool, error) {
 		return true, s.edge(s.d.del(ctx, n.rec, n.channel))
 	})

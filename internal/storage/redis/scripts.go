@@ -2,11 +2,21 @@ package redis
 
 // The Lua scripts. They hold no rule of idemsvc: the rules run in Go (package keys). readScript
 // returns the stored value and Redis's clock in one round trip; casScript writes what the rule
-// decided only if the value is still the one that was read, and allocates the fence; delScript is
-// Delete. Every script touches only the keys it is given, which share one hash tag, so each runs
-// on the one node that owns the slot, also on Redis Cluster.
+// decided only if the value is still the one that was read, and allocates the fence; beginScript
+// is the one-round-trip begin on an absent key; delScript is Delete. Every script touches only the
+// keys it is given, which share one hash tag, so each runs on the one node that owns the slot,
+// also on Redis Cluster.
 //
-// They need Redis 7.0 or later (PEXPIRETIME; SET PXAT and KEEPTTL are 6.0/6.2).
+// They need Redis 7.0 or later (PEXPIRETIME; SET PXAT and KEEPTTL are 6.0/6.2; TIME before a
+// write needs effects replication, the only kind since 7.0).
+//
+// Every writing script answers with TIME, so that every reply also tells the Store where Redis's
+// clock is (see clock.go):
+//
+//	{1, fence, seconds, microseconds}  it wrote (fence is '' for a delete)
+//	{0, value, seconds, microseconds}  it did not; value is what is stored now (nil when none),
+//	                                   read at that TIME: the caller decides again from it
+//	                                   without another read
 
 // readScript: KEYS[1] the record. Returns {value or nil, seconds, microseconds} of TIME, so that
 // decisions use the clock of the node that owns the key, not the clock of the replica that asks.
@@ -14,6 +24,60 @@ const readScript = `
 local v = redis.call('GET', KEYS[1])
 local t = redis.call('TIME')
 return {v, t[1], t[2]}
+`
+
+// scriptLib is the part that casScript and beginScript share, so that the fence rule and the
+// clock check exist once.
+//
+// put stores a record: KEYS[1] the record, KEYS[2] the key's fence counter (same hash tag);
+// fence is the fence to keep, or 'new' to allocate one; rec the record without its fence; pxat
+// the record's expiry (Unix ms on Redis's clock); floor the lowest fence a new lease may get
+// (Unix µs of the decision time); fexp the counter's expiry (Unix ms on Redis's clock). It
+// returns the fence written.
+//
+// Fences: a new lease gets max(counter + 1, floor). The counter makes fences strictly grow while
+// it exists; it is kept at least until the key's latest record expires plus a margin (fexp), so it
+// outlives every record, release and delete. The time floor keeps fences growing even when the
+// counter is gone (expired long after the last record, or lost in a failover): every earlier
+// fence was at most Redis's TIME when it was written plus the few leases handed out within one
+// microsecond, so a later lease's time is above it unless the clock stepped back. The numbers
+// (about 1.8e15 today) are exact in Lua's doubles and in JSON, below 2^53. string.format('%d')
+// prints them in full, where tostring would round to 14 digits.
+//
+// clock runs TIME and returns it with the time in Unix µs. guess checks a write that Go decided
+// ahead, at its estimate of Redis's clock (est, Unix µs): it returns the floor to use, or nil
+// when Redis's clock is more than ahead µs before the estimate or more than behind µs after it
+// (clockAhead and clockBehind in clock.go). Then the decision might differ from the one Redis's
+// clock gives, so the script writes nothing and the caller decides again on the reply. When the
+// estimate is ahead of Redis's clock the floor comes down by as much, so that no fence exceeds
+// the TIME of its write (in production, where the decision time is the estimate, the floor is
+// then exactly that TIME).
+const scriptLib = `
+local function put(fence, rec, pxat, floor, fexp)
+  local c = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if fence == 'new' then
+    local f = c + 1
+    if floor > f then f = floor end
+    fence = string.format('%d', f)
+  end
+  if tonumber(fence) > c then
+    redis.call('SET', KEYS[2], fence, 'KEEPTTL')
+  end
+  if redis.call('PEXPIRETIME', KEYS[2]) < fexp then
+    redis.call('PEXPIREAT', KEYS[2], fexp)
+  end
+  redis.call('SET', KEYS[1], fence .. ':' .. rec, 'PXAT', pxat)
+  return fence
+end
+local function clock()
+  local t = redis.call('TIME')
+  return t, tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local function guess(now, est, ahead, behind, floor)
+  if now < est - ahead or now > est + behind then return nil end
+  if est > now then return floor - (est - now) end
+  return floor
+end
 `
 
 // casScript writes one decision, compare-and-set.
@@ -28,49 +92,60 @@ return {v, t[1], t[2]}
 //	ARGV[7] the lowest fence a new lease may get: the decision time in Unix microseconds (put)
 //	ARGV[8] the fence counter's expiry, Unix milliseconds on Redis's clock (put)
 //	ARGV[9] the channel to PUBLISH a change on, or ''
+//	ARGV[10] '' when the value was read from Redis; when it was taken from the Store's cache and
+//	         the decision made at its estimate of Redis's clock: that estimate, Unix µs
+//	ARGV[11], ARGV[12] with ARGV[10]: how far (µs) Redis's clock may be before it, and after it
 //
-// Returns {1, fence} when it wrote, {0} when the record changed since it was read (the caller
-// reads again and decides again). The stored value is the fence in decimal, ':', then the record
-// in keys' codec. Comparing the whole value is cheap: every write replaces an in-progress record
-// or none, and those are small; a completed record is never the base of a write while it lives.
-//
-// Fences: a new lease gets max(counter + 1, decision time in microseconds). The counter makes
-// fences strictly grow while it exists; it is kept at least until the key's latest record expires
-// plus a margin (ARGV[8]), so it outlives every record, release and delete. The time floor keeps
-// fences growing even when the counter is gone (expired long after the last record, or lost in a
-// failover): every earlier fence was at most its own decision time plus the few leases handed out
-// within one microsecond, so a later lease's time is above it unless the clock stepped back. The
-// numbers (about 1.8e15 today) are exact in Lua's doubles and in JSON, below 2^53.
-// string.format('%d') prints them in full, where tostring would round to 14 digits.
-const casScript = `
+// It writes nothing when the record changed since it was read (or since the Store cached it),
+// nor when the estimate was too far off; the reply then carries the current value and TIME, and
+// the caller decides again. The stored value is the fence in decimal, ':', then the record in
+// keys' codec. Comparing the whole value is cheap: every write replaces an in-progress record or
+// none, and those are small; a completed record is never the base of a write while it lives.
+const casScript = scriptLib + `
+local t, now = clock()
 local cur = redis.call('GET', KEYS[1])
+local floor = tonumber(ARGV[7])
+if ARGV[10] ~= '' then
+  floor = guess(now, tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12]), floor)
+  if not floor then return {0, cur, t[1], t[2]} end
+end
 if ARGV[1] == '1' then
-  if cur ~= ARGV[2] then return {0} end
+  if cur ~= ARGV[2] then return {0, cur, t[1], t[2]} end
 elseif cur then
-  return {0}
+  return {0, cur, t[1], t[2]}
 end
 local fence = ARGV[5]
 if ARGV[3] == 'del' then
   redis.call('DEL', KEYS[1])
 else
-  local c = tonumber(redis.call('GET', KEYS[2]) or '0')
-  if fence == 'new' then
-    local f = c + 1
-    local floor = tonumber(ARGV[7])
-    if floor > f then f = floor end
-    fence = string.format('%d', f)
-  end
-  if tonumber(fence) > c then
-    redis.call('SET', KEYS[2], fence, 'KEEPTTL')
-  end
-  local exp = tonumber(ARGV[8])
-  if redis.call('PEXPIRETIME', KEYS[2]) < exp then
-    redis.call('PEXPIREAT', KEYS[2], exp)
-  end
-  redis.call('SET', KEYS[1], fence .. ':' .. ARGV[4], 'PXAT', ARGV[6])
+  fence = put(fence, ARGV[4], ARGV[6], floor, tonumber(ARGV[8]))
 end
 if ARGV[9] ~= '' then redis.call('PUBLISH', ARGV[9], '') end
-return {1, fence}
+return {1, fence, t[1], t[2]}
+`
+
+// beginScript is begin in one round trip when the key is absent. Go decided the acquire ahead
+// (on no record, which always acquires) at its estimate of Redis's clock, and built the record.
+//
+//	KEYS[1] the record, KEYS[2] the key's fence counter (same hash tag)
+//	ARGV[1] the record to store, without its fence
+//	ARGV[2] the record's expiry, Unix milliseconds on Redis's clock
+//	ARGV[3] the decision time, Unix µs (the floor of the new fence)
+//	ARGV[4] the fence counter's expiry, Unix milliseconds on Redis's clock
+//	ARGV[5] the estimate of Redis's clock the decision was made at, Unix µs
+//	ARGV[6], ARGV[7] how far (µs) Redis's clock may be before it, and after it
+//
+// When a record is stored, or the estimate is too far off, it writes nothing and returns the
+// value and TIME, which serve the caller as its read (a replay or a conflict so costs one round
+// trip in all). An acquire never publishes: nobody waits on an absent key.
+const beginScript = scriptLib + `
+local t, now = clock()
+local cur = redis.call('GET', KEYS[1])
+if cur then return {0, cur, t[1], t[2]} end
+local floor = guess(now, tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[3]))
+if not floor then return {0, false, t[1], t[2]} end
+local fence = put('new', ARGV[1], ARGV[2], floor, tonumber(ARGV[4]))
+return {1, fence, t[1], t[2]}
 `
 
 // delScript: KEYS[1] the record; ARGV[1] the channel. Deletes whatever is there and wakes the
