@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"slices"
+	"strings"
 	"time"
 )
 
@@ -55,8 +56,15 @@ func AppendRecord(b []byte, r *Record) []byte {
 }
 
 // DecodeRecord decodes what AppendRecord wrote. The record does not alias b.
+//
+// It makes few allocations whatever the record holds: all its strings share one, the header
+// values another, and the body a third.
 func DecodeRecord(b []byte) (Record, error) {
 	d := decoder{b: b}
+	if size, values, ok := measure(b); ok {
+		d.strs.Grow(size)
+		d.values = make([]string, 0, values)
+	}
 	var r Record
 	if d.byte() != codecVersion {
 		return Record{}, errCorrupt
@@ -86,22 +94,52 @@ func DecodeRecord(b []byte) (Record, error) {
 			resp.Headers = make(map[string][]string, n)
 			for range n {
 				name := d.string()
-				values := make([]string, d.count())
-				for i := range values {
-					values[i] = d.string()
-				}
-				resp.Headers[name] = values
+				resp.Headers[name] = d.strings(d.count())
 			}
 		}
-		resp.Body = []byte(d.string())
+		resp.Body = d.bytes()
 		r.Response = resp
 	default: // a corrupt tag must not pass for "no response"
 		d.fail()
 	}
-	if d.err != nil || len(d.b) != 0 {
+	if d.err != nil || d.i != len(d.b) {
 		return Record{}, errCorrupt
 	}
 	return r, nil
+}
+
+// measure walks an encoding as DecodeRecord does and returns the total length of its strings
+// (the body is not one) and the number of its header values, so that DecodeRecord can allocate
+// for them once. It reports false on an encoding that DecodeRecord would refuse, and may
+// report true on some of those: DecodeRecord checks everything again.
+func measure(b []byte) (size, values int, ok bool) {
+	d := decoder{b: b}
+	skip := func() {
+		n := d.count()
+		size += n
+		d.i += n
+	}
+	d.byte() // version
+	skip()   // key
+	d.byte() // state
+	skip()   // fingerprint
+	skip()   // token
+	d.uvarint()
+	for range 5 { // four times and the TTL, all varints
+		d.varint()
+	}
+	if d.byte() == 1 {
+		d.uvarint() // status
+		for n := d.count(); n > 0 && d.err == nil; n-- {
+			skip() // name
+			m := d.count()
+			values += m
+			for ; m > 0 && d.err == nil; m-- {
+				skip()
+			}
+		}
+	}
+	return size, values, d.err == nil
 }
 
 func appendString(b []byte, s string) []byte {
@@ -122,40 +160,52 @@ func appendTime(b []byte, t time.Time) []byte {
 	return binary.AppendVarint(b, t.UnixNano())
 }
 
+// decoder reads b from i on. It moves i rather than b along: a write of an int needs no GC
+// write barrier, and a decoder runs on every read of a record.
 type decoder struct {
 	b   []byte
+	i   int
 	err error
+
+	// strs holds the bytes of every string decoded, so that they share one allocation: a
+	// strings.Builder never changes what it has written, so each string stays as it was.
+	strs strings.Builder
+	// values is where the header values' slices are cut from.
+	values []string
 }
 
-func (d *decoder) fail() { d.err, d.b = errCorrupt, nil }
+func (d *decoder) fail() { d.err, d.i = errCorrupt, len(d.b) }
+
+// rest returns what is left to read.
+func (d *decoder) rest() []byte { return d.b[d.i:] }
 
 func (d *decoder) byte() byte {
-	if len(d.b) == 0 {
+	if d.i >= len(d.b) {
 		d.fail()
 		return 0
 	}
-	c := d.b[0]
-	d.b = d.b[1:]
+	c := d.b[d.i]
+	d.i++
 	return c
 }
 
 func (d *decoder) uvarint() uint64 {
-	v, n := binary.Uvarint(d.b)
+	v, n := binary.Uvarint(d.rest())
 	if n <= 0 {
 		d.fail()
 		return 0
 	}
-	d.b = d.b[n:]
+	d.i += n
 	return v
 }
 
 func (d *decoder) varint() int64 {
-	v, n := binary.Varint(d.b)
+	v, n := binary.Varint(d.rest())
 	if n <= 0 {
 		d.fail()
 		return 0
 	}
-	d.b = d.b[n:]
+	d.i += n
 	return v
 }
 
@@ -163,7 +213,7 @@ func (d *decoder) varint() int64 {
 // at least), so a corrupt length cannot make a huge allocation.
 func (d *decoder) count() int {
 	n := d.uvarint()
-	if n > uint64(len(d.b)) {
+	if n > uint64(len(d.b)-d.i) {
 		d.fail()
 		return 0
 	}
@@ -172,9 +222,35 @@ func (d *decoder) count() int {
 
 func (d *decoder) string() string {
 	n := d.count()
-	s := string(d.b[:n])
-	d.b = d.b[n:]
-	return s
+	if n == 0 {
+		return ""
+	}
+	start := d.strs.Len()
+	d.strs.Write(d.b[d.i : d.i+n])
+	d.i += n
+	return d.strs.String()[start:]
+}
+
+// strings reads n strings into a slice whose capacity is its length, so that an append to it
+// does not write into its neighbour's values.
+func (d *decoder) strings(n int) []string {
+	if d.values == nil || len(d.values)+n > cap(d.values) {
+		d.values = make([]string, 0, n) // measure was wrong; correct all the same
+	}
+	start := len(d.values)
+	for range n {
+		d.values = append(d.values, d.string())
+	}
+	return d.values[start:len(d.values):len(d.values)]
+}
+
+// bytes reads a byte string into a slice of its own: empty, not nil, when it is empty.
+func (d *decoder) bytes() []byte {
+	n := d.count()
+	b := make([]byte, n)
+	copy(b, d.rest())
+	d.i += n
+	return b
 }
 
 func (d *decoder) time() time.Time {

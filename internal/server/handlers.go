@@ -61,23 +61,23 @@ func (s *Server) handleBegin(w http.ResponseWriter, r *http.Request) {
 	switch {
 	case errors.Is(err, keys.ErrInProgress):
 		ri.outcome = "in_progress"
-		s.metrics.begins.WithLabelValues(ri.outcome).Inc()
+		s.metrics.begin(ri.outcome)
 		w.Header().Set("Retry-After", retryAfter(s.now(), res.Record.Lease.ExpiresAt))
 		s.writeError(w, r, err)
 	case errors.Is(err, keys.ErrFingerprintMismatch):
 		ri.outcome = "mismatch"
-		s.metrics.begins.WithLabelValues(ri.outcome).Inc()
+		s.metrics.begin(ri.outcome)
 		s.writeError(w, r, err)
 	case err != nil:
 		s.writeError(w, r, err)
 	case res.Outcome == keys.Replayed:
 		ri.outcome = res.Outcome.String()
-		s.metrics.begins.WithLabelValues(ri.outcome).Inc()
-		w.Header().Set("Idempotent-Replayed", "true")
+		s.metrics.begin(ri.outcome)
+		w.Header()["Idempotent-Replayed"] = headerTrue
 		encodeRecord(w, http.StatusOK, res.Record, false)
 	default:
 		ri.outcome = res.Outcome.String()
-		s.metrics.begins.WithLabelValues(ri.outcome).Inc()
+		s.metrics.begin(ri.outcome)
 		encodeRecord(w, http.StatusCreated, res.Record, true)
 	}
 }

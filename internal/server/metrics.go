@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"strconv"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -20,6 +22,68 @@ type metrics struct {
 	begins   *prometheus.CounterVec
 	storeOps *prometheus.HistogramVec
 	swept    prometheus.Counter
+
+	// The children that requests use, resolved once instead of hashing their labels on every
+	// request. A child is made on its first use, as WithLabelValues makes it, so /metrics
+	// shows exactly the series it showed without the caches.
+	requestSeries childCache[requestLabels, requestObservers]
+	storeSeries   childCache[storeLabels, prometheus.Observer]
+	beginOutcomes map[string]prometheus.Counter // all of them: they are shown at 0 from the start
+}
+
+type requestLabels struct {
+	method, route string
+	status        int
+}
+
+type requestObservers struct {
+	count   prometheus.Counter
+	latency prometheus.Observer
+}
+
+type storeLabels struct{ op, result string }
+
+// maxCachedChildren bounds a childCache: the method is the client's to choose, and a cache
+// that is copied on every insert must not grow with what clients send.
+const maxCachedChildren = 256
+
+// childCache maps label values to the children of a metric vector: lock-free reads of a map
+// that is copied on write (the set of labels in use settles quickly).
+type childCache[K comparable, V any] struct {
+	m  atomic.Pointer[map[K]V]
+	mu sync.Mutex
+}
+
+// get returns the child for k, resolving it with resolve and keeping it on first use.
+func (c *childCache[K, V]) get(k K, resolve func(K) V) V {
+	if m := c.m.Load(); m != nil {
+		if v, ok := (*m)[k]; ok {
+			return v
+		}
+	}
+	v := resolve(k)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	old := c.m.Load()
+	if old != nil && len(*old) >= maxCachedChildren {
+		return v
+	}
+	m := make(map[K]V, 1+lenOf(old))
+	if old != nil {
+		for k, v := range *old {
+			m[k] = v
+		}
+	}
+	m[k] = v
+	c.m.Store(&m)
+	return v
+}
+
+func lenOf[K comparable, V any](m *map[K]V) int {
+	if m == nil {
+		return 0
+	}
+	return len(*m)
 }
 
 func newMetrics(reg *prometheus.Registry) *metrics {
@@ -49,15 +113,31 @@ func newMetrics(reg *prometheus.Registry) *metrics {
 	}
 	reg.MustRegister(m.requests, m.latency, m.begins, m.storeOps, m.swept,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	m.beginOutcomes = map[string]prometheus.Counter{}
 	for _, o := range []string{"acquired", "takeover", "replayed", "in_progress", "mismatch"} {
-		m.begins.WithLabelValues(o) // show every outcome from the start, at 0
+		m.beginOutcomes[o] = m.begins.WithLabelValues(o) // show every outcome from the start, at 0
 	}
 	return m
 }
 
 func (m *metrics) observeRequest(method, route string, status int, d time.Duration) {
-	m.requests.WithLabelValues(method, route, strconv.Itoa(status)).Inc()
-	m.latency.WithLabelValues(route).Observe(d.Seconds())
+	o := m.requestSeries.get(requestLabels{method, route, status}, func(l requestLabels) requestObservers {
+		return requestObservers{
+			count:   m.requests.WithLabelValues(l.method, l.route, strconv.Itoa(l.status)),
+			latency: m.latency.WithLabelValues(l.route),
+		}
+	})
+	o.count.Inc()
+	o.latency.Observe(d.Seconds())
+}
+
+// begin counts a begin's outcome.
+func (m *metrics) begin(outcome string) {
+	if c, ok := m.beginOutcomes[outcome]; ok {
+		c.Inc()
+		return
+	}
+	m.begins.WithLabelValues(outcome).Inc()
 }
 
 // instrumented is a keys.Store that times every operation of the store it wraps.
@@ -83,7 +163,9 @@ func (s instrumented) observe(op string, start time.Time, err error) {
 	default:
 		result = "error"
 	}
-	s.m.storeOps.WithLabelValues(op, result).Observe(time.Since(start).Seconds())
+	s.m.storeSeries.get(storeLabels{op, result}, func(l storeLabels) prometheus.Observer {
+		return s.m.storeOps.WithLabelValues(l.op, l.result)
+	}).Observe(time.Since(start).Seconds())
 }
 
 func (s instrumented) Begin(ctx context.Context, tenant, key string, req keys.BeginRequest) (keys.BeginResult, error) {

@@ -17,7 +17,7 @@ import (
 )
 
 // reqInfo is what the middleware learns about a request as it passes through the handlers; the
-// access log and metrics read it at the end. One allocation per request.
+// access log and metrics read it at the end.
 type reqInfo struct {
 	id      string
 	tenant  string
@@ -64,18 +64,47 @@ func (w *statusWriter) Write(b []byte) (int, error) {
 
 func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
+// infoContext is the request's context with its reqInfo as the value of ctxKey{}: what
+// context.WithValue would make, without an allocation of its own.
+type infoContext struct {
+	context.Context
+	ri *reqInfo
+}
+
+func (c *infoContext) Value(key any) any {
+	if key == (ctxKey{}) {
+		return c.ri
+	}
+	return c.Context.Value(key)
+}
+
+// exchange is everything observe keeps of one request, in one allocation: the request's
+// facts, the writer that remembers the status, the context that carries the facts to the
+// handlers, and the value of the X-Request-Id header. It is never reused: the response's
+// header map keeps pointing to idHeader, and a handler may keep the context.
+type exchange struct {
+	info     reqInfo
+	sw       statusWriter
+	ctx      infoContext
+	idHeader [1]string
+}
+
 // observe gives every request an id (echoed in X-Request-Id), recovers panics into a 500
 // problem, and writes one access-log line and the request metrics.
 func (s *Server) observe(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
-		ri := &reqInfo{id: r.Header.Get("X-Request-Id")}
-		if !saneRequestID(ri.id) {
+		x := &exchange{sw: statusWriter{ResponseWriter: w}}
+		ri, sw := &x.info, &x.sw
+		if id := r.Header["X-Request-Id"]; len(id) > 0 && saneRequestID(id[0]) { // Header.Get
+			ri.id = id[0]
+		} else {
 			ri.id = newRequestID()
 		}
-		w.Header().Set("X-Request-Id", ri.id)
-		r = r.WithContext(context.WithValue(r.Context(), ctxKey{}, ri))
-		sw := &statusWriter{ResponseWriter: w}
+		x.idHeader[0] = ri.id
+		w.Header()["X-Request-Id"] = x.idHeader[:] // Header.Set, without its allocation
+		x.ctx = infoContext{Context: r.Context(), ri: ri}
+		r = r.WithContext(&x.ctx)
 		defer func() {
 			if v := recover(); v != nil {
 				if v == http.ErrAbortHandler {
@@ -157,7 +186,10 @@ func (a *authenticator) tenantOf(r *http.Request) (string, bool) {
 	if len(a.tenants) == 0 {
 		return DefaultTenant, true
 	}
-	h := r.Header.Get("Authorization")
+	var h string
+	if v := r.Header["Authorization"]; len(v) > 0 { // Header.Get, without canonicalizing
+		h = v[0]
+	}
 	scheme, token, ok := strings.Cut(h, " ")
 	if !ok || !strings.EqualFold(scheme, "Bearer") {
 		return "", false

@@ -19,30 +19,41 @@ import (
 )
 
 // Request and response bodies of API v1 (docs/WIRE.md). They are separate from the domain
-// structs so that the wire format is decided here, once.
+// structs so that the wire format is decided here, once. The unexported fields are where the
+// fast decoder (fastjson.go) keeps what the pointers point to, so that it allocates neither;
+// encoding/json ignores them.
 
 type beginRequest struct {
 	Fingerprint string `json:"fingerprint"`
 	LeaseMS     *int64 `json:"lease_ms"`
 	TTLMS       *int64 `json:"ttl_ms"`
 	WaitMS      *int64 `json:"wait_ms"`
+
+	ms [3]int64
 }
 
 type storedResponse struct {
 	Status  *int                `json:"status"`
 	Headers map[string][]string `json:"headers"`
 	Body    []byte              `json:"body"` // standard base64 on the wire
+
+	status int
 }
 
 type completeRequest struct {
 	Token    string          `json:"token"`
 	Response *storedResponse `json:"response"`
 	TTLMS    *int64          `json:"ttl_ms"`
+
+	ttlMS int64
+	resp  storedResponse
 }
 
 type renewRequest struct {
 	Token   string `json:"token"`
 	LeaseMS *int64 `json:"lease_ms"`
+
+	leaseMS int64
 }
 
 type releaseRequest struct {
@@ -64,16 +75,50 @@ var (
 )
 
 // decode reads r's JSON body into v: at most maxBytes, no unknown fields, nothing after the
-// object. An empty body leaves v as it is when optional, else it is an error.
+// object. An empty body leaves v as it is when optional, else it is an error. v must point to a
+// zero value.
+//
+// A body of a known length of at most maxFastBody bytes is read whole and, when v has a fast
+// decoder that knows it, decoded without encoding/json; any other body, and every error, goes
+// through decodeJSON as the same stream of bytes.
 func decode(r *http.Request, maxBytes int64, v any, optional bool) error {
-	if ct := r.Header.Get("Content-Type"); ct != "" {
-		mt, _, err := mime.ParseMediaType(ct)
+	// Header.Get, without canonicalizing a name that already is canonical.
+	if ct := r.Header["Content-Type"]; len(ct) > 0 && ct[0] != "" && ct[0] != "application/json" {
+		mt, _, err := mime.ParseMediaType(ct[0])
 		if err != nil || !(mt == "application/json" || strings.HasSuffix(mt, "+json")) {
 			return errUnsupportedMedia
 		}
 	}
-	body := http.MaxBytesReader(nil, r.Body, maxBytes)
-	dec := json.NewDecoder(body)
+	fd, ok := v.(fastDecoder)
+	if !ok || r.Body == nil || r.ContentLength < 0 || r.ContentLength > maxFastBody || len(r.Header["Expect"]) > 0 {
+		return decodeJSON(r.Body, maxBytes, v, optional)
+	}
+	bp := bufPool.Get().(*[]byte)
+	defer func() {
+		if cap(*bp) <= maxFastBody+1 {
+			bufPool.Put(bp)
+		}
+	}()
+	limit := int(min(maxFastBody, maxBytes))
+	b, err := readBody(r.Body, (*bp)[:0], limit)
+	*bp = b[:0]
+	if err == io.EOF && len(b) <= limit { // the whole body, and not over maxBytes
+		switch {
+		case isJSONSpace(b): // what encoding/json reports as io.EOF
+			if optional {
+				return nil
+			}
+			return errBodyRequired
+		case fd.decodeFast(b):
+			return nil
+		}
+	}
+	return decodeJSON(&replayReader{buf: b, err: err, r: r.Body}, maxBytes, v, optional)
+}
+
+// decodeJSON is decode by encoding/json, from body.
+func decodeJSON(body io.Reader, maxBytes int64, v any, optional bool) error {
+	dec := json.NewDecoder(http.MaxBytesReader(nil, io.NopCloser(body), maxBytes))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
 		var tooLarge *http.MaxBytesError
@@ -186,6 +231,12 @@ const hexDigits = "0123456789abcdef"
 // characters, control characters, U+2028 and U+2029 escaped; invalid UTF-8 as U+FFFD.
 func appendJSONString(b []byte, s string) []byte {
 	b = append(b, '"')
+	b = appendJSONStringContent(b, s)
+	return append(b, '"')
+}
+
+// appendJSONStringContent is appendJSONString without the quotes.
+func appendJSONStringContent(b []byte, s string) []byte {
 	start := 0
 	for i := 0; i < len(s); {
 		c := s[i]
@@ -230,16 +281,16 @@ func appendJSONString(b []byte, s string) []byte {
 		i += size
 		start = i
 	}
-	b = append(b, s[start:]...)
-	return append(b, '"')
+	return append(b, s[start:]...)
 }
 
 // encodeRecord writes r as the JSON body of a response with status.
 func encodeRecord(w http.ResponseWriter, status int, r keys.Record, withToken bool) {
 	bp := bufPool.Get().(*[]byte)
 	buf := append(appendRecord((*bp)[:0], r, withToken), '\n')
-	w.Header().Set("Content-Type", "application/json")
-	w.Header().Set("Content-Length", strconv.Itoa(len(buf)))
+	h := w.Header()
+	h["Content-Type"] = jsonContentType
+	h["Content-Length"] = []string{strconv.Itoa(len(buf))}
 	w.WriteHeader(status)
 	_, _ = w.Write(buf)
 	if cap(buf) <= 64<<10 { // keep small buffers only: a 1 MiB body should not stay pinned
@@ -248,5 +299,15 @@ func encodeRecord(w http.ResponseWriter, status int, r keys.Record, withToken bo
 	}
 }
 
-// bufPool holds the buffers records are encoded into.
+// Header values that never change, assigned to a header map instead of Header.Set, which
+// allocates a slice for each. Safe to share: net/http only reads them, and since their cap is
+// their len, a later Header.Add appends into a copy.
+var (
+	jsonContentType    = []string{"application/json"}
+	problemContentType = []string{"application/problem+json"}
+	bearerChallenge    = []string{"Bearer"}
+	headerTrue         = []string{"true"}
+)
+
+// bufPool holds the buffers records are encoded into and request bodies are read into.
 var bufPool = sync.Pool{New: func() any { b := make([]byte, 0, 1024); return &b }}

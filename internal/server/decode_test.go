@@ -1,0 +1,360 @@
+package server
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"mime"
+	"net/http"
+	"reflect"
+	"strings"
+	"testing"
+
+	"github.com/idemsvc/idemsvc/internal/keys"
+)
+
+// decodeReference is decode as it was before the fast path, word for word: the reference that
+// FuzzDecodeFast holds decode to.
+func decodeReference(r *http.Request, maxBytes int64, v any, optional bool) error {
+	if ct := r.Header.Get("Content-Type"); ct != "" {
+		mt, _, err := mime.ParseMediaType(ct)
+		if err != nil || !(mt == "application/json" || strings.HasSuffix(mt, "+json")) {
+			return errUnsupportedMedia
+		}
+	}
+	body := http.MaxBytesReader(nil, r.Body, maxBytes)
+	dec := json.NewDecoder(body)
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		var tooLarge *http.MaxBytesError
+		var syntax *json.SyntaxError
+		var typ *json.UnmarshalTypeError
+		switch {
+		case errors.As(err, &tooLarge):
+			return errPayloadTooLarge
+		case errors.Is(err, io.EOF):
+			if optional {
+				return nil
+			}
+			return errBodyRequired
+		case errors.As(err, &syntax):
+			return fmt.Errorf("%w: malformed JSON at byte %d", keys.ErrInvalidRequest, syntax.Offset)
+		case errors.As(err, &typ):
+			if typ.Field != "" {
+				return fmt.Errorf("%w: %s must be of type %s", keys.ErrInvalidRequest, typ.Field, typ.Type)
+			}
+			return fmt.Errorf("%w: the body must be a JSON object", keys.ErrInvalidRequest)
+		case strings.HasPrefix(err.Error(), "json: unknown field"):
+			return fmt.Errorf("%w: %s", keys.ErrInvalidRequest, strings.TrimPrefix(err.Error(), "json: "))
+		case errors.Is(err, io.ErrUnexpectedEOF):
+			return fmt.Errorf("%w: truncated JSON", keys.ErrInvalidRequest)
+		}
+		// base64 errors and the like: still the client's input.
+		return fmt.Errorf("%w: %s", keys.ErrInvalidRequest, strings.TrimPrefix(err.Error(), "json: "))
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		var tooLarge *http.MaxBytesError
+		if errors.As(err, &tooLarge) {
+			return errPayloadTooLarge
+		}
+		return errTrailingData
+	}
+	return nil
+}
+
+// errBroken is a body that fails to read, as a broken chunked encoding does.
+var errBroken = errors.New("broken body")
+
+// bodyReader yields b in reads of at most chunk bytes (0: all at once), then end.
+type bodyReader struct {
+	b     []byte
+	chunk int
+	end   error
+}
+
+func (br *bodyReader) Read(p []byte) (int, error) {
+	if len(br.b) == 0 {
+		return 0, br.end
+	}
+	n := len(br.b)
+	if br.chunk > 0 {
+		n = min(n, br.chunk)
+	}
+	n = copy(p, br.b[:n])
+	br.b = br.b[n:]
+	if len(br.b) == 0 && br.chunk == 0 {
+		return n, br.end // data and the end in one read, as a strings.Reader does not
+	}
+	return n, nil
+}
+
+// decodeCase is one way to send a body: which request it is, and how the body arrives.
+type decodeCase struct {
+	kind          int   // 0 begin, 1 complete, 2 renew, 3 release
+	optional      bool  // an empty body is allowed (begin's is)
+	chunk         int   // bytes per read; 0: all at once
+	broken        bool  // the body ends in a read error instead of io.EOF
+	maxBytes      int64 // the request body limit
+	contentLength int64 // the declared length; -1: unknown (chunked)
+	contentType   string
+	expect        bool // Expect: 100-continue
+}
+
+func newDecodeCase(mode uint16, contentType string, body []byte) decodeCase {
+	c := decodeCase{
+		kind:          int(mode & 3),
+		optional:      mode&4 != 0,
+		chunk:         []int{0, 1, 7, 512}[(mode>>3)&3],
+		broken:        mode&32 != 0,
+		maxBytes:      []int64{1 << 20, 16, 100, maxFastBody + 10}[(mode>>6)&3],
+		contentLength: int64(len(body)),
+		contentType:   contentType,
+	}
+	if mode&256 != 0 {
+		c.contentLength = -1
+	}
+	if mode&512 != 0 {
+		c.contentLength = int64(len(body)) / 2 // a length that lies: the reads go on all the same
+	}
+	c.expect = mode&1024 != 0
+	return c
+}
+
+func (c decodeCase) request(body []byte) *http.Request {
+	end := io.EOF
+	if c.broken {
+		end = errBroken
+	}
+	r := &http.Request{Method: "POST", Header: http.Header{},
+		Body: io.NopCloser(&bodyReader{b: body, chunk: c.chunk, end: end}), ContentLength: c.contentLength}
+	if c.contentType != "" {
+		r.Header.Set("Content-Type", c.contentType)
+	}
+	if c.expect {
+		r.Header.Set("Expect", "100-continue")
+	}
+	return r
+}
+
+// newBody returns a pointer to a zero request body of kind.
+func newBody(kind int) any {
+	return [...]func() any{
+		func() any { return new(beginRequest) },
+		func() any { return new(completeRequest) },
+		func() any { return new(renewRequest) },
+		func() any { return new(releaseRequest) },
+	}[kind]()
+}
+
+// exported returns what encoding/json fills in v: v without the fast decoder's storage, with
+// pointers that point to copies (reflect.DeepEqual compares what pointers point to).
+func exported(v any) any {
+	cp := func(p *int64) *int64 {
+		if p == nil {
+			return nil
+		}
+		n := *p
+		return &n
+	}
+	switch v := v.(type) {
+	case *beginRequest:
+		return beginRequest{Fingerprint: v.Fingerprint, LeaseMS: cp(v.LeaseMS), TTLMS: cp(v.TTLMS), WaitMS: cp(v.WaitMS)}
+	case *completeRequest:
+		out := completeRequest{Token: v.Token, TTLMS: cp(v.TTLMS)}
+		if r := v.Response; r != nil {
+			out.Response = &storedResponse{Headers: r.Headers, Body: r.Body}
+			if r.Status != nil {
+				s := *r.Status
+				out.Response.Status = &s
+			}
+		}
+		return out
+	case *renewRequest:
+		return renewRequest{Token: v.Token, LeaseMS: cp(v.LeaseMS)}
+	case *releaseRequest:
+		return *v
+	}
+	panic(fmt.Sprintf("no request body %T", v))
+}
+
+// checkDecode decodes body as c says with decode and with decodeReference, and fails unless
+// both give the same value, or errors of the same text and the same problem.
+func checkDecode(t *testing.T, c decodeCase, body []byte) {
+	t.Helper()
+	got, want := newBody(c.kind), newBody(c.kind)
+	gotErr := decode(c.request(body), c.maxBytes, got, c.optional)
+	wantErr := decodeReference(c.request(body), c.maxBytes, want, c.optional)
+	switch {
+	case (gotErr == nil) != (wantErr == nil):
+		t.Fatalf("%+v %q:\n got error %v\nwant error %v", c, body, gotErr, wantErr)
+	case gotErr != nil:
+		if gotErr.Error() != wantErr.Error() || classify(gotErr) != classify(wantErr) {
+			t.Fatalf("%+v %q:\n got error %q (%s)\nwant error %q (%s)", c, body,
+				gotErr, classify(gotErr).name, wantErr, classify(wantErr).name)
+		}
+	default:
+		if g, w := exported(got), exported(want); !reflect.DeepEqual(g, w) {
+			t.Fatalf("%+v %q:\n got %#v\nwant %#v", c, body, g, w)
+		}
+	}
+}
+
+// decodeSeeds are bodies of every shape the fast decoder knows, its near misses, and the JSON
+// cases of TestMalformed.
+var decodeSeeds = []string{
+	``, ` `, " \t\r\n", `{}`, ` { } `, `{"fingerprint":"fp"}`,
+	`{"fingerprint":"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08","ttl_ms":600000}`,
+	`{"fingerprint":"fp","lease_ms":30000,"ttl_ms":86400000,"wait_ms":0}`,
+	`{ "fingerprint" : "fp" , "wait_ms" : -0 }`,
+	`{"token":"abc","response":{"status":201,"headers":{"Content-Type":["application/json"],"X-Multi":["a","b"],"X-Empty":[]},"body":"QUJD"},"ttl_ms":60000}`,
+	`{"token":"abc","response":{"status":200,"headers":{},"body":""}}`,
+	`{"token":"abc","response":{}}`, `{"token":"abc","lease_ms":1000}`, `{"token":"abc"}`,
+	// Near misses: case, escapes, duplicates, null, numbers, non-ASCII, base64.
+	`{"Fingerprint":"fp"}`, `{"FINGERPRINT":"fp"}`, `{"fingerprint":"f\"p"}`, `{"fingerprint":"f\u0070"}`,
+	`{"fingerprint":"a","fingerprint":"b"}`, `{"lease_ms":1,"lease_ms":2}`, `{"lease_ms":null}`,
+	`{"fingerprint":null}`, `{"lease_ms":01}`, `{"lease_ms":1e3}`, `{"lease_ms":1.0}`, `{"lease_ms":-}`,
+	`{"lease_ms":123456789012345678}`, `{"lease_ms":1234567890123456789}`, `{"lease_ms":9223372036854775808}`,
+	`{"fingerprint":"café"}`, "{\"fingerprint\":\"\xff\"}", "{\"fingerprint\":\"a\tb\"}",
+	`{"token":"t","response":{"status":200,"body":"QUJ"}}`, `{"token":"t","response":{"status":200,"body":"QU\nJD"}}`,
+	`{"token":"t","response":{"status":200,"headers":{"A":["1"],"A":["2"]}}}`,
+	`{"token":"t","response":{"status":200},"response":{"body":""}}`,
+	`{"token":"t","response":{"status":200,"headers":{"A":null}}}`,
+	`{"token":"t","response":{"status":1234567890}}`, `{"token":"t","response":{"status":-5}}`,
+	`{"token":"t","response":null}`, `{"token":"t","response":[]}`,
+	`{"fingerprint":"fp"}{}`, `{"fingerprint":"fp"} x`, `{"fingerprint":"fp",}`, `{,}`, `{"a"}`,
+	// TestMalformed.
+	`not json`, `{"lease_ms":`, `[]`, `"x"`, `{} {}`, `{"lease":5}`,
+	`{"token":"t","response":{"status":200,"code":1}}`, `{"lease_ms":"5"}`, `{"lease_ms":1.5}`,
+	`{"fingerprint":5}`, `{"token":"t","response":{"status":"200"}}`,
+	`{"token":"t","response":{"status":200,"body":"%%%"}}`,
+	`{"token":"t","response":{"status":200,"headers":{"A":"b"}}}`, `{"lease_ms":0}`, `{"lease_ms":-1}`,
+	`{"lease_ms":3600001}`, `{"lease_ms":99999999999999999999}`, `{"ttl_ms":0}`, `{"ttl_ms":2592000001}`,
+	`{"wait_ms":-5}`, `{"wait_ms":30001}`, `{"response":{"status":200}}`, `{"token":"t"}`,
+	`{"token":"t","response":{}}`, `{}`, `{"token":""}`, `a=b`,
+	`{"token":"t","response":{"status":200,"headers":{"Bad Name":["v"]}}}`,
+	`{"token":"t","response":{"status":200,"headers":{"X":["a\r\nSet-Cookie: x"]}}}`,
+	`{"token":"t","response":{"status":200,"headers":{"set-cookie":["s=1"]}}}`,
+}
+
+// FuzzDecodeFast holds decode (with its fast path) to decodeReference (encoding/json only):
+// for any body, sent as any request, in any chunks, with any limit and content type, both give
+// the same value or the same error.
+//
+//	go test -run '^$' -fuzz '^FuzzDecodeFast$' -fuzztime 60s ./internal/server/
+func FuzzDecodeFast(f *testing.F) {
+	for i, body := range decodeSeeds {
+		for kind := range uint16(4) {
+			f.Add(kind|uint16(i%8)<<3|4, "application/json", []byte(body))
+		}
+	}
+	f.Add(uint16(0), "", []byte(`{"fingerprint":"fp"}`))
+	f.Add(uint16(1), "application/json; charset=utf-8", []byte(`{"token":"t"}`))
+	f.Add(uint16(2), "application/merge-patch+json", []byte(`{"token":"t"}`))
+	f.Add(uint16(3), "text/plain", []byte(`{"token":"t"}`))
+	f.Add(uint16(3), "application/json;", []byte(`{"token":"t"}`))
+	f.Fuzz(func(t *testing.T, mode uint16, contentType string, body []byte) {
+		checkDecode(t, newDecodeCase(mode, contentType, body), body)
+	})
+}
+
+// TestDecodeFastLimits runs bodies around maxFastBody and the request limit, which the fuzzer's
+// small inputs do not reach.
+func TestDecodeFastLimits(t *testing.T) {
+	t.Parallel()
+	pad := func(body string, n int) []byte { // body, then white space up to n bytes
+		return append([]byte(body), bytes.Repeat([]byte(" "), n-len(body))...)
+	}
+	valid := `{"token":"t","response":{"status":200,"body":"QUJD"}}`
+	invalid := `{"token":"t","response":{"status":200,"body":"QUJD"},"x":1}`
+	for _, n := range []int{maxFastBody - 1, maxFastBody, maxFastBody + 1, maxFastBody + 2, 3 * maxFastBody} {
+		for _, body := range [][]byte{pad(valid, n), pad(invalid, n), pad("", n)} {
+			for mode := range uint16(1024) {
+				// Complete and begin bodies; reads of 7 and 1 bytes take long here and differ in
+				// nothing that the fuzzer does not try on small bodies.
+				if c := newDecodeCase(mode, "application/json", body); c.kind < 2 && (c.chunk == 0 || c.chunk == 512) {
+					checkDecode(t, c, body)
+				}
+			}
+		}
+	}
+	// A large stored body, as complete sends it: past maxFastBody, so decoded by encoding/json.
+	big := []byte(`{"token":"t","response":{"status":200,"body":"` + strings.Repeat("QUJD", maxFastBody/3) + `"}}`)
+	checkDecode(t, decodeCase{kind: 1, maxBytes: 1 << 20, contentLength: int64(len(big))}, big)
+	checkDecode(t, decodeCase{kind: 1, maxBytes: 1 << 20, contentLength: -1}, big)
+}
+
+// TestDecodeFastPath checks that the bodies the hot paths send take the fast path: the
+// differential tests alone would pass if it were never taken.
+func TestDecodeFastPath(t *testing.T) { // not parallel: AllocsPerRun
+	bodies := []struct {
+		v    fastDecoder
+		body string
+	}{
+		{new(beginRequest), `{"fingerprint":"fp","lease_ms":30000,"ttl_ms":600000,"wait_ms":100}`},
+		{new(completeRequest), `{"token":"t","response":{"status":201,"headers":{"Content-Type":["application/json"]},"body":"QUJD"},"ttl_ms":5}`},
+		{new(renewRequest), `{"token":"t","lease_ms":30000}`},
+		{new(releaseRequest), `{"token":"t"}`},
+	}
+	for _, b := range bodies {
+		if !b.v.decodeFast([]byte(b.body)) {
+			t.Errorf("%T: the fast decoder refused %s", b.v, b.body)
+		}
+	}
+	body := []byte(bodies[0].body)
+	if allocs := testing.AllocsPerRun(100, func() {
+		var in beginRequest // on the heap: its pointers point into it
+		if !in.decodeFast(body) {
+			t.Fatal("refused")
+		}
+	}); allocs > 2 { // the struct and the fingerprint
+		t.Errorf("decoding a begin body allocates %v times, want 2", allocs)
+	}
+	// And decode takes the fast path for such a body (encoding/json allocates a dozen times).
+	c := decodeCase{maxBytes: 1 << 20, contentLength: int64(len(body)), contentType: "application/json"}
+	r := c.request(body)
+	br := &bodyReader{end: io.EOF}
+	r.Body = io.NopCloser(br)
+	if allocs := testing.AllocsPerRun(100, func() {
+		br.b = body
+		if err := decode(r, c.maxBytes, new(beginRequest), false); err != nil {
+			t.Fatal(err)
+		}
+	}); allocs > 4 { // 2, and the buffer pool's misses (the race detector makes some)
+		t.Errorf("decode of a begin body allocates %v times, want 2", allocs)
+	}
+}
+
+func BenchmarkDecode(b *testing.B) {
+	bodies := []struct {
+		name string
+		kind int
+		body string
+	}{
+		{"Begin", 0, `{"fingerprint":"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08","ttl_ms":600000}`},
+		{"Complete", 1, `{"token":"AAAAAAAAAAAAAAAAAAAAAA","response":{"status":201,"headers":{"Content-Type":["application/json"]},"body":"` +
+			strings.Repeat("QUJD", 66) + `"}}`},
+	}
+	for _, bb := range bodies {
+		for _, impl := range []struct {
+			name   string
+			decode func(*http.Request, int64, any, bool) error
+		}{{"fast", decode}, {"encoding-json", decodeReference}} {
+			b.Run(bb.name+"/"+impl.name, func(b *testing.B) {
+				c := decodeCase{kind: bb.kind, maxBytes: 1 << 20, contentLength: int64(len(bb.body)), contentType: "application/json"}
+				body := []byte(bb.body)
+				r := c.request(body)
+				br := &bodyReader{end: io.EOF}
+				r.Body = io.NopCloser(br)
+				b.ReportAllocs()
+				for b.Loop() {
+					br.b = body
+					if err := impl.decode(r, c.maxBytes, newBody(bb.kind), false); err != nil {
+						b.Fatal(err)
+					}
+				}
+			})
+		}
+	}
+}
