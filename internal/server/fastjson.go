@@ -217,35 +217,43 @@ func once(seen *uint8, bit uint8) bool {
 	return true
 }
 
+// strOnce reads a string member into dst; false when it is not in the subset or its name came
+// before (bit in seen).
+func (s *scanner) strOnce(seen *uint8, bit uint8, dst *string) bool {
+	v, ok := s.str()
+	if !ok || !once(seen, bit) {
+		return false
+	}
+	*dst = string(v)
+	return true
+}
+
+// intOnce reads an integer member into *slot and points *ptr at it, as encoding/json would
+// allocate and point; false when it is not in the subset or its name came before.
+func (s *scanner) intOnce(seen *uint8, bit uint8, slot *int64, ptr **int64) bool {
+	n, ok := s.int(18)
+	if !ok || !once(seen, bit) {
+		return false
+	}
+	*slot, *ptr = n, slot
+	return true
+}
+
 func (in *beginRequest) decodeFast(b []byte) bool {
 	s := scanner{b: b}
 	var seen uint8
 	ok := s.object(func(name []byte) bool {
-		var ms **int64
-		var slot *int64
 		switch string(name) {
 		case "fingerprint":
-			v, ok := s.str()
-			if !ok || !once(&seen, 1) {
-				return false
-			}
-			in.Fingerprint = string(v)
-			return true
+			return s.strOnce(&seen, 1, &in.Fingerprint)
 		case "lease_ms":
-			ms, slot = &in.LeaseMS, &in.ms[0]
+			return s.intOnce(&seen, 2, &in.ms[0], &in.LeaseMS)
 		case "ttl_ms":
-			ms, slot = &in.TTLMS, &in.ms[1]
+			return s.intOnce(&seen, 4, &in.ms[1], &in.TTLMS)
 		case "wait_ms":
-			ms, slot = &in.WaitMS, &in.ms[2]
-		default:
-			return false
+			return s.intOnce(&seen, 8, &in.ms[2], &in.WaitMS)
 		}
-		n, ok := s.int(18)
-		if !ok || *ms != nil {
-			return false
-		}
-		*slot, *ms = n, slot
-		return true
+		return false
 	})
 	if !ok || !s.end() {
 		*in = beginRequest{}
@@ -260,20 +268,9 @@ func (in *completeRequest) decodeFast(b []byte) bool {
 	ok := s.object(func(name []byte) bool {
 		switch string(name) {
 		case "token":
-			v, ok := s.str()
-			if !ok || !once(&seen, 1) {
-				return false
-			}
-			in.Token = string(v)
-			return true
+			return s.strOnce(&seen, 1, &in.Token)
 		case "ttl_ms":
-			n, ok := s.int(18)
-			if !ok || !once(&seen, 2) {
-				return false
-			}
-			in.ttlMS = n
-			in.TTLMS = &in.ttlMS
-			return true
+			return s.intOnce(&seen, 2, &in.ttlMS, &in.TTLMS)
 		case "response":
 			if !once(&seen, 4) || !in.resp.decodeFast(&s) {
 				return false
@@ -340,20 +337,9 @@ func (in *renewRequest) decodeFast(b []byte) bool {
 	ok := s.object(func(name []byte) bool {
 		switch string(name) {
 		case "token":
-			v, ok := s.str()
-			if !ok || !once(&seen, 1) {
-				return false
-			}
-			in.Token = string(v)
-			return true
+			return s.strOnce(&seen, 1, &in.Token)
 		case "lease_ms":
-			n, ok := s.int(18)
-			if !ok || !once(&seen, 2) {
-				return false
-			}
-			in.leaseMS = n
-			in.LeaseMS = &in.leaseMS
-			return true
+			return s.intOnce(&seen, 2, &in.leaseMS, &in.LeaseMS)
 		}
 		return false
 	})
@@ -368,15 +354,7 @@ func (in *releaseRequest) decodeFast(b []byte) bool {
 	s := scanner{b: b}
 	var seen uint8
 	ok := s.object(func(name []byte) bool {
-		if string(name) != "token" {
-			return false
-		}
-		v, ok := s.str()
-		if !ok || !once(&seen, 1) {
-			return false
-		}
-		in.Token = string(v)
-		return true
+		return string(name) == "token" && s.strOnce(&seen, 1, &in.Token)
 	})
 	if !ok || !s.end() {
 		*in = releaseRequest{}
