@@ -51,6 +51,7 @@ const DefaultMaxBatchSize = 256
 const (
 	DefaultSweepChunk     = 1000
 	DefaultSweepChunkBusy = 128
+	minSweepChunkBusy     = 16
 )
 
 // ErrLocked is returned by Open when another process holds the data file.
@@ -384,28 +385,33 @@ func (s *Store) Watch(tenant, key string) (<-chan struct{}, func()) {
 	return s.watch.add(string(keys.StorageID(tenant, key)))
 }
 
-// Sweep removes at most max expired records, oldest first, reading only the expired part of
+// Sweep removes at most limit expired records, oldest first, reading only the expired part of
 // the expiry index; see keys.Store.
 //
 // It takes them in chunks, each in a transaction of the group commit, where it rides along
-// with the writers' calls and shares their fsync. A chunk is SweepChunk records when the
-// transaction carries nothing else, and only SweepChunkBusy when writers share it, so that a
-// sweep of a large backlog adds little to any writer's latency yet keeps going under load.
-func (s *Store) Sweep(ctx context.Context, max int) (int, error) {
+// with the writers' calls and shares their fsync. A chunk is SweepChunk records when no writer
+// has committed for a while, and beside writers only as many records as the transaction has
+// writers' calls (between 16 and SweepChunkBusy), so that a sweep of a large backlog adds
+// little to any writer's latency yet keeps pace with the writes under load.
+func (s *Store) Sweep(ctx context.Context, limit int) (int, error) {
 	if err := s.enter(ctx); err != nil {
 		return 0, fmt.Errorf("sweep: %w", err)
 	}
 	defer s.mu.RUnlock()
 	removed := 0
-	for removed < max {
+	for removed < limit {
 		if err := ctx.Err(); err != nil {
 			return removed, fmt.Errorf("sweep: %w", err)
 		}
 		var n, seen, budget int
 		fn := func(tx *bbolt.Tx) error {
-			budget = min(max-removed, s.sweepChunk)
+			budget = min(limit-removed, s.sweepChunk)
 			if s.comm != nil && s.comm.busy() {
-				budget = min(budget, s.sweepChunkBusy)
+				// As many records as the transaction has writers' calls (at least
+				// minSweepChunkBusy, at most SweepChunkBusy): every record took at least one
+				// write to make, so the sweep keeps pace with any write load, and it adds
+				// to a commit at most about as much work as the writers brought.
+				budget = min(budget, s.sweepChunkBusy, max(minSweepChunkBusy, s.comm.foreground))
 			}
 			var err error
 			n, seen, err = sweep(tx, s.now(), budget)
