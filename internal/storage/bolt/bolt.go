@@ -449,6 +449,7 @@ func sweep(tx *bbolt.Tx, now time.Time, max int) (removed, seen int, err error) 
 		due = append(due, bytes.Clone(k))
 	}
 	idx := tx.Bucket(bucketExpiry)
+	recs := tx.Bucket(bucketRecords).Cursor()
 	for _, k := range due {
 		if err := idx.Delete(k); err != nil {
 			return 0, 0, err
@@ -457,15 +458,25 @@ func sweep(tx *bbolt.Tx, now time.Time, max int) (removed, seen int, err error) 
 			continue
 		}
 		id := k[8:]
-		cur, err := getRecord(tx, id)
-		if err != nil {
-			return 0, 0, err
-		}
-		if cur == nil || cur.Live(now) {
+		found, v := recs.Seek(id)
+		if !bytes.Equal(found, id) {
 			continue
 		}
-		if err := deleteRecord(tx, id, cur); err != nil {
+		cur, err := keys.DecodeRecord(v)
+		if err != nil {
+			return 0, 0, fmt.Errorf("record %x: %w", id, err)
+		}
+		if cur.Live(now) {
+			continue
+		}
+		if err := recs.Delete(); err != nil {
 			return 0, 0, err
+		}
+		// The record's own index entry is k in a consistent index; drop any other.
+		if ek := expiryKey(cur.ExpiresAt, id); !bytes.Equal(ek, k) {
+			if err := idx.Delete(ek); err != nil {
+				return 0, 0, err
+			}
 		}
 		removed++
 	}
