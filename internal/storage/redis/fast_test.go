@@ -527,3 +527,43 @@ func TestValueCacheBounded(t *testing.T) {
 		t.Error("get after drop found it")
 	}
 }
+
+// TestBeginChoosesByWhatItFinds: a Store whose begins keep finding stored keys (replays) reads
+// first, a script without the record it would write; once absent keys come back, it decides
+// ahead again.
+func TestBeginChoosesByWhatItFinds(t *testing.T) {
+	s, d := counted(t, redistest.URL(t), redistest.Prefix(t), nil)
+	ctx := t.Context()
+	res, err := s.Begin(ctx, "t", "done", testReq)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Complete(ctx, "t", "done", keys.CompleteRequest{Token: res.Record.Lease.Token, Response: testResp}); err != nil {
+		t.Fatal(err)
+	}
+	replay := func() {
+		t.Helper()
+		if res, err := s.Begin(ctx, "t", "done", testReq); err != nil || res.Outcome != keys.Replayed {
+			t.Fatalf("Begin = %v, %v; want a replay", res.Outcome, err)
+		}
+	}
+	// One absent key so far: the score is freshUp, and freshUp*4+1 replays take it to
+	// -3*freshUp-1; then it takes 4 absent keys to be positive again.
+	for range freshUp * 4 {
+		replay()
+	}
+	d.counts()
+	replay()
+	d.want(t, "a replay after many", "1/0/0")
+	for i := range 4 {
+		key := "new-" + strconv.Itoa(i)
+		if _, err := s.Begin(ctx, "t", key, testReq); err != nil {
+			t.Fatal(err)
+		}
+	}
+	d.counts()
+	if _, err := s.Begin(ctx, "t", "new-more", testReq); err != nil {
+		t.Fatal(err)
+	}
+	d.want(t, "a begin on an absent key after absent ones again", "0/0/1")
+}

@@ -148,6 +148,32 @@ type Store struct {
 	clock *redisClock
 	// cache holds the values this Store wrote for leases in progress (see cache.go).
 	cache *valueCache
+	// fresh scores the keys that recent begins found: up by freshUp for an absent key, down by
+	// one for a stored one, within ±freshCap. Begin decides ahead (beginScript) while it is not
+	// negative, and reads first when stored keys have outnumbered absent ones freshUp to one:
+	// beginScript carries the record it would write, which a replay sends for nothing, and a
+	// read first costs an acquire a second round trip.
+	fresh atomic.Int32
+}
+
+const (
+	freshUp  = 3
+	freshCap = 48
+)
+
+// learnFresh scores one begin's key: absent or stored.
+func (s *Store) learnFresh(absent bool) {
+	for {
+		cur := s.fresh.Load()
+		next := cur - 1
+		if absent {
+			next = cur + freshUp
+		}
+		next = min(max(next, -freshCap), freshCap)
+		if next == cur || s.fresh.CompareAndSwap(cur, next) {
+			return
+		}
+	}
 }
 
 // driver is the little that Store needs from a Redis client: rueidisDriver; tests wrap it to
@@ -498,14 +524,28 @@ func (s *Store) Begin(ctx context.Context, tenant, key string, req keys.BeginReq
 	err := s.op(ctx, "begin", key, func(ctx context.Context) (bool, error) {
 		var snap snapshot
 		var err error
-		if first {
+		switch {
+		case first && s.fresh.Load() >= 0:
 			first = false
 			var done bool
-			if done, snap, err = s.beginAhead(ctx, n, key, req, &res); done || err != nil {
-				return done, err
+			done, snap, err = s.beginAhead(ctx, n, key, req, &res)
+			if err != nil {
+				return false, err
 			}
-		} else if snap, err = s.read(ctx, n); err != nil {
-			return false, err
+			s.learnFresh(done || !snap.exists)
+			if done {
+				return true, nil
+			}
+		case first:
+			first = false
+			if snap, err = s.read(ctx, n); err != nil {
+				return false, err
+			}
+			s.learnFresh(!snap.exists)
+		default:
+			if snap, err = s.read(ctx, n); err != nil {
+				return false, err
+			}
 		}
 		var w keys.Write
 		res, w, err = keys.DecideBegin(snap.rec, snap.now, key, req)
