@@ -238,17 +238,27 @@ func renderReport(rs []result, meta, commands, chart string, labels []string, hc
 	}
 
 	p("\n### Targets of issue 7 (%d connections, ratios within this run)\n\n", hc)
-	p("| target | goal | measured | met |\n|---|---|---:|---|\n")
+	p("The spread is the lowest and highest ratio within one repetition (each server against the baseline measured just before it), over the repetitions.\n\n")
+	p("| target | goal | measured | spread | met |\n|---|---|---:|---:|---|\n")
+	spread := ""
 	target := func(name, goal string, v float64, ok bool, have bool) {
 		if !have {
-			p("| %s | %s | not run | |\n", name, goal)
+			p("| %s | %s | not run | | |\n", name, goal)
 			return
 		}
 		met := "no"
 		if ok {
 			met = "yes"
 		}
-		p("| %s | %s | %.2f | %s |\n", name, goal, v, met)
+		p("| %s | %s | %.2f | %s | %s |\n", name, goal, v, spread, met)
+		spread = ""
+	}
+	// perRun sets the spread of the next target row: the ratio within each repetition.
+	perRun := func(label, scenario string, pairs bool) {
+		lo, hi, n := repRatios(rs, label, scenario, hc, pairs, base)
+		if n > 1 {
+			spread = fmt.Sprintf("%.2f–%.2f", lo, hi)
+		}
 	}
 	for _, l := range labels[1:] {
 		s := get(l, "pair", hc)
@@ -257,6 +267,7 @@ func renderReport(rs []result, meta, commands, chart string, labels []string, hc
 		if have {
 			v = s.pairs / bp.pairs
 		}
+		perRun(l, "pair", true)
 		target(l+": pairs/s ÷ baseline", "≥ 0.5", v, v >= 0.5, have)
 	}
 	if s := get("redis", "pair", hc); s != nil && rb != nil {
@@ -274,6 +285,7 @@ func renderReport(rs []result, meta, commands, chart string, labels []string, hc
 		if have {
 			v = s.rps / br.rps
 		}
+		perRun(l, "replay", false)
 		target(l+": replays/s ÷ baseline requests/s", "≥ 0.8", v, v >= 0.8, have)
 	}
 	for _, l := range labels[1:] {
@@ -370,4 +382,41 @@ func statusList(m map[string]uint64) string {
 		parts = append(parts, fmt.Sprintf("%s: %s", k, commas(int64(m[k]))))
 	}
 	return strings.Join(parts, ", ")
+}
+
+// repRatios pairs the k-th successful run of (label, scenario, c) with the k-th of the
+// baseline's, in the order of the results file (the script interleaves the servers: baseline,
+// bolt, redis, then again), and returns the lowest and highest ratio of pairs/s (or requests/s)
+// over those pairs of runs, and how many there were.
+func repRatios(rs []result, label, scenario string, c int, pairs bool, base string) (lo, hi float64, n int) {
+	var num, den []float64
+	for _, r := range rs {
+		if r.Failed || r.Scenario != scenario || r.Conns != c {
+			continue
+		}
+		v := r.RPS
+		if pairs {
+			v = r.PairsPerSec
+		}
+		switch r.Label {
+		case label:
+			num = append(num, v)
+		case base:
+			den = append(den, v)
+		}
+	}
+	for i := range min(len(num), len(den)) {
+		if den[i] <= 0 {
+			continue
+		}
+		q := num[i] / den[i]
+		if n == 0 || q < lo {
+			lo = q
+		}
+		if n == 0 || q > hi {
+			hi = q
+		}
+		n++
+	}
+	return lo, hi, n
 }
