@@ -30,7 +30,9 @@
 // wrong write. Round trips:
 //
 //	Begin     1 to acquire an absent key, and for replay, in progress and mismatch;
-//	          2 to take over, or when the estimate of Redis's clock is off
+//	          2 to take over, or when the estimate of Redis's clock is off, or to acquire
+//	          while this Store's recent begins mostly found stored keys (it then reads
+//	          first, so that replays do not carry a record: see Store.fresh)
 //	Complete  1 when this Store began (or last renewed) the lease, else 2; 1 for the same
 //	          complete again
 //	Renew     the same as Complete; Release too (1 when it writes nothing)
