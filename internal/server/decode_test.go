@@ -2,7 +2,6 @@ package server
 
 import (
 	"bytes"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -11,12 +10,11 @@ import (
 	"reflect"
 	"strings"
 	"testing"
-
-	"github.com/idemsvc/idemsvc/internal/keys"
 )
 
-// decodeReference is decode as it was before the fast path, word for word: the reference that
-// FuzzDecodeFast holds decode to.
+// decodeReference is decode without its fast path: the media type checked by the full parser,
+// then the whole body streamed to encoding/json (decodeJSON, the code every body took before
+// the fast path). FuzzDecodeFast holds decode to it.
 func decodeReference(r *http.Request, maxBytes int64, v any, optional bool) error {
 	if ct := r.Header.Get("Content-Type"); ct != "" {
 		mt, _, err := mime.ParseMediaType(ct)
@@ -24,44 +22,7 @@ func decodeReference(r *http.Request, maxBytes int64, v any, optional bool) erro
 			return errUnsupportedMedia
 		}
 	}
-	body := http.MaxBytesReader(nil, r.Body, maxBytes)
-	dec := json.NewDecoder(body)
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(v); err != nil {
-		var tooLarge *http.MaxBytesError
-		var syntax *json.SyntaxError
-		var typ *json.UnmarshalTypeError
-		switch {
-		case errors.As(err, &tooLarge):
-			return errPayloadTooLarge
-		case errors.Is(err, io.EOF):
-			if optional {
-				return nil
-			}
-			return errBodyRequired
-		case errors.As(err, &syntax):
-			return fmt.Errorf("%w: malformed JSON at byte %d", keys.ErrInvalidRequest, syntax.Offset)
-		case errors.As(err, &typ):
-			if typ.Field != "" {
-				return fmt.Errorf("%w: %s must be of type %s", keys.ErrInvalidRequest, typ.Field, typ.Type)
-			}
-			return fmt.Errorf("%w: the body must be a JSON object", keys.ErrInvalidRequest)
-		case strings.HasPrefix(err.Error(), "json: unknown field"):
-			return fmt.Errorf("%w: %s", keys.ErrInvalidRequest, strings.TrimPrefix(err.Error(), "json: "))
-		case errors.Is(err, io.ErrUnexpectedEOF):
-			return fmt.Errorf("%w: truncated JSON", keys.ErrInvalidRequest)
-		}
-		// base64 errors and the like: still the client's input.
-		return fmt.Errorf("%w: %s", keys.ErrInvalidRequest, strings.TrimPrefix(err.Error(), "json: "))
-	}
-	if _, err := dec.Token(); err != io.EOF {
-		var tooLarge *http.MaxBytesError
-		if errors.As(err, &tooLarge) {
-			return errPayloadTooLarge
-		}
-		return errTrailingData
-	}
-	return nil
+	return decodeJSON(r.Body, maxBytes, v, optional)
 }
 
 // errBroken is a body that fails to read, as a broken chunked encoding does.
