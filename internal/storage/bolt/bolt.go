@@ -405,14 +405,7 @@ func (s *Store) Sweep(ctx context.Context, limit int) (int, error) {
 		}
 		var n, seen, budget int
 		fn := func(tx *bbolt.Tx) error {
-			budget = min(limit-removed, s.sweepChunk)
-			if s.comm != nil && s.comm.busy() {
-				// As many records as the transaction has writers' calls (at least
-				// minSweepChunkBusy, at most SweepChunkBusy): every record took at least one
-				// write to make, so the sweep keeps pace with any write load, and it adds
-				// to a commit at most about as much work as the writers brought.
-				budget = min(budget, s.sweepChunkBusy, max(minSweepChunkBusy, s.comm.foreground))
-			}
+			budget = s.sweepBudget(limit - removed)
 			var err error
 			n, seen, err = sweep(tx, s.now(), budget)
 			return err
@@ -432,6 +425,19 @@ func (s *Store) Sweep(ctx context.Context, limit int) (int, error) {
 		}
 	}
 	return removed, nil
+}
+
+// sweepBudget is how many records the sweep's current transaction may remove, at most want.
+// It runs inside a transaction of the group commit. When writers are about, it is as many records
+// as the transaction has writers' calls (at least minSweepChunkBusy, at most SweepChunkBusy):
+// every record took at least one write to make, so the sweep keeps pace with any write load, and
+// it adds to a commit at most about as much work as the writers brought.
+func (s *Store) sweepBudget(want int) int {
+	budget := min(want, s.sweepChunk)
+	if s.comm != nil && s.comm.busy() {
+		budget = min(budget, s.sweepChunkBusy, max(minSweepChunkBusy, s.comm.foreground))
+	}
+	return budget
 }
 
 // sweep removes up to max records that have expired at now, and returns how many it removed
