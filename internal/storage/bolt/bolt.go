@@ -86,6 +86,9 @@ type Options struct {
 	// removes at most, alone and alongside writers; zero means DefaultSweepChunk and
 	// DefaultSweepChunkBusy.
 	SweepChunk, SweepChunkBusy int
+	// CacheBytes bounds the cache of completed records that replays read (see replayCache);
+	// zero means DefaultCacheBytes, and a negative value turns the cache off.
+	CacheBytes int
 }
 
 // Store is the bbolt keys.Store. It is safe for concurrent use.
@@ -98,6 +101,8 @@ type Store struct {
 	// comm is the group commit (nil with DB.Batch).
 	comm                       *committer
 	sweepChunk, sweepChunkBusy int
+	// cache holds completed records for replays; nil when turned off.
+	cache *replayCache
 
 	// mu is held shared by every operation and exclusively by Close, so that Close lets the
 	// pending operations finish and no operation starts on a closed database.
@@ -128,6 +133,9 @@ func Open(path string, opts Options) (*Store, error) {
 	if opts.SweepChunkBusy <= 0 {
 		opts.SweepChunkBusy = DefaultSweepChunkBusy
 	}
+	if opts.CacheBytes == 0 {
+		opts.CacheBytes = DefaultCacheBytes
+	}
 	db, err := bbolt.Open(path, 0o600, &bbolt.Options{Timeout: opts.Timeout})
 	if errors.Is(err, berrors.ErrTimeout) {
 		return nil, fmt.Errorf("open %s: %w (gave up after %s)", path, ErrLocked, opts.Timeout)
@@ -147,7 +155,11 @@ func Open(path string, opts Options) (*Store, error) {
 		_ = db.Close()
 		return nil, fmt.Errorf("open %s: %w", path, err)
 	}
-	st := &Store{db: db, path: path, now: opts.Now, sweepChunk: opts.SweepChunk, sweepChunkBusy: opts.SweepChunkBusy}
+	st := &Store{
+		db: db, path: path, now: opts.Now,
+		sweepChunk: opts.SweepChunk, sweepChunkBusy: opts.SweepChunkBusy,
+		cache: newReplayCache(opts.CacheBytes),
+	}
 	if opts.MaxBatchDelay > 0 {
 		db.MaxBatchSize, db.MaxBatchDelay = opts.MaxBatchSize, opts.MaxBatchDelay
 		st.batch = db.Batch
@@ -189,9 +201,10 @@ func (s *Store) enter(ctx context.Context) error {
 
 // Begin reserves (tenant, key) or reports its state; see keys.Store.
 //
-// It first decides in a read transaction: a replay, an in-progress or a mismatch needs no
-// write and no fsync. Only when the rule wants a write does it join a batch, where it decides
-// again on what is stored then.
+// It first decides on the cached record, when the key's completed record is in the replay
+// cache, and else in a read transaction: a replay, an in-progress or a mismatch needs no write
+// and no fsync. Only when the rule wants a write does it join a batch, where it decides again
+// on what is stored then.
 func (s *Store) Begin(ctx context.Context, tenant, key string, req keys.BeginRequest) (keys.BeginResult, error) {
 	res, err := s.begin(ctx, tenant, key, req)
 	if err != nil {
@@ -212,12 +225,21 @@ func (s *Store) begin(ctx context.Context, tenant, key string, req keys.BeginReq
 		w    keys.Write
 		rerr error // the rule's outcome, never returned from a transaction function
 	)
+	if cached := s.cache.get(id); cached != nil {
+		if res, w, rerr = keys.DecideBegin(cached, s.now(), key, req); w == keys.WriteNone {
+			return res, rerr
+		}
+	}
+	gen := s.cache.generation()
 	err := s.db.View(func(tx *bbolt.Tx) error {
 		cur, err := getRecord(tx, id)
 		if err != nil {
 			return err
 		}
 		res, w, rerr = keys.DecideBegin(cur, s.now(), key, req)
+		if res.Outcome == keys.Replayed {
+			s.cache.add(id, cur, gen)
+		}
 		return nil
 	})
 	if err != nil {
@@ -229,6 +251,7 @@ func (s *Store) begin(ctx context.Context, tenant, key string, req keys.BeginReq
 
 	// Batch may run this function more than once: everything it decides is reset first, and
 	// only the run that committed counts.
+	marked := false
 	err = s.batch(func(tx *bbolt.Tx) error {
 		res, w, rerr = keys.BeginResult{}, keys.WriteNone, nil
 		cur, err := getRecord(tx, id)
@@ -239,6 +262,10 @@ func (s *Store) begin(ctx context.Context, tenant, key string, req keys.BeginReq
 		if w != keys.WritePut {
 			return nil
 		}
+		if cur != nil && cur.State == keys.StateCompleted && !marked { // an expired one, taken over
+			s.cache.mark(id)
+			marked = true
+		}
 		fence, err := nextFence(tx, tenant)
 		if err != nil {
 			return err
@@ -246,6 +273,9 @@ func (s *Store) begin(ctx context.Context, tenant, key string, req keys.BeginReq
 		res.Record.Lease.Fence = fence
 		return putRecord(tx, id, cur, &res.Record)
 	})
+	if marked {
+		s.cache.unmark(id)
+	}
 	if err != nil {
 		return keys.BeginResult{}, translate(err)
 	}
@@ -319,9 +349,10 @@ func (s *Store) update(ctx context.Context, tenant, key string, decide rule) (ke
 	id := keys.StorageID(tenant, key)
 
 	var (
-		rec  keys.Record
-		w    keys.Write
-		rerr error
+		rec    keys.Record
+		w      keys.Write
+		rerr   error
+		marked bool
 	)
 	err := s.batch(func(tx *bbolt.Tx) error {
 		rec, w, rerr = keys.Record{}, keys.WriteNone, nil
@@ -330,6 +361,10 @@ func (s *Store) update(ctx context.Context, tenant, key string, decide rule) (ke
 			return err
 		}
 		rec, w, rerr = decide(cur, s.now())
+		if w != keys.WriteNone && cur != nil && cur.State == keys.StateCompleted && !marked {
+			s.cache.mark(id)
+			marked = true
+		}
 		switch w {
 		case keys.WritePut:
 			return putRecord(tx, id, cur, &rec)
@@ -338,6 +373,9 @@ func (s *Store) update(ctx context.Context, tenant, key string, decide rule) (ke
 		}
 		return nil
 	})
+	if marked {
+		s.cache.unmark(id)
+	}
 	if err != nil {
 		return keys.Record{}, translate(err)
 	}
@@ -361,16 +399,24 @@ func (s *Store) get(ctx context.Context, tenant, key string) (keys.Record, error
 		return keys.Record{}, err
 	}
 	defer s.mu.RUnlock()
+	id := keys.StorageID(tenant, key)
+	if cached := s.cache.get(id); cached != nil {
+		return keys.DecideGet(cached, s.now())
+	}
 	var (
 		rec  keys.Record
 		rerr error
 	)
+	gen := s.cache.generation()
 	err := s.db.View(func(tx *bbolt.Tx) error {
-		cur, err := getRecord(tx, keys.StorageID(tenant, key))
+		cur, err := getRecord(tx, id)
 		if err != nil {
 			return err
 		}
 		rec, rerr = keys.DecideGet(cur, s.now())
+		if rerr == nil {
+			s.cache.add(id, cur, gen)
+		}
 		return nil
 	})
 	if err != nil {
@@ -403,11 +449,15 @@ func (s *Store) Sweep(ctx context.Context, limit int) (int, error) {
 		if err := ctx.Err(); err != nil {
 			return removed, fmt.Errorf("sweep: %w", err)
 		}
-		var n, seen, budget int
+		var (
+			n, seen, budget int
+			gone            [][]byte
+		)
 		fn := func(tx *bbolt.Tx) error {
 			budget = s.sweepBudget(limit - removed)
 			var err error
-			n, seen, err = sweep(tx, s.now(), budget)
+			gone, seen, err = sweep(tx, s.now(), budget, s.cache != nil)
+			n = len(gone)
 			return err
 		}
 		var err error
@@ -419,6 +469,7 @@ func (s *Store) Sweep(ctx context.Context, limit int) (int, error) {
 		if err != nil {
 			return removed, fmt.Errorf("sweep: %w", translate(err))
 		}
+		s.cache.drop(gone)
 		removed += n
 		if seen < budget { // the expired part of the index is empty now
 			break
@@ -440,10 +491,11 @@ func (s *Store) sweepBudget(want int) int {
 	return budget
 }
 
-// sweep removes up to max records that have expired at now, and returns how many it removed
-// and how many index entries it took. An index entry whose record is gone or live again (which
-// a consistent index never has) is dropped without counting.
-func sweep(tx *bbolt.Tx, now time.Time, max int) (removed, seen int, err error) {
+// sweep removes up to max records that have expired at now, and returns the storage ids of
+// those it removed (copies, when keep is set; else only as many nils) and how many index
+// entries it took. An index entry whose record is gone or live again (which a consistent index
+// never has) is dropped without counting.
+func sweep(tx *bbolt.Tx, now time.Time, max int, keep bool) (removed [][]byte, seen int, err error) {
 	limit := expiryNanos(now) // expired means expires_at <= now
 	var due [][]byte
 	c := tx.Bucket(bucketExpiry).Cursor()
@@ -458,7 +510,7 @@ func sweep(tx *bbolt.Tx, now time.Time, max int) (removed, seen int, err error) 
 	recs := tx.Bucket(bucketRecords).Cursor()
 	for _, k := range due {
 		if err := idx.Delete(k); err != nil {
-			return 0, 0, err
+			return nil, 0, err
 		}
 		if len(k) < 8 {
 			continue
@@ -470,21 +522,25 @@ func sweep(tx *bbolt.Tx, now time.Time, max int) (removed, seen int, err error) 
 		}
 		cur, err := keys.DecodeRecord(v)
 		if err != nil {
-			return 0, 0, fmt.Errorf("record %x: %w", id, err)
+			return nil, 0, fmt.Errorf("record %x: %w", id, err)
 		}
 		if cur.Live(now) {
 			continue
 		}
 		if err := recs.Delete(); err != nil {
-			return 0, 0, err
+			return nil, 0, err
 		}
 		// The record's own index entry is k in a consistent index; drop any other.
 		if ek := expiryKey(cur.ExpiresAt, id); !bytes.Equal(ek, k) {
 			if err := idx.Delete(ek); err != nil {
-				return 0, 0, err
+				return nil, 0, err
 			}
 		}
-		removed++
+		if keep && cur.State == keys.StateCompleted {
+			removed = append(removed, id) // id is a copy: k was cloned
+		} else {
+			removed = append(removed, nil)
+		}
 	}
 	return removed, len(due), nil
 }
