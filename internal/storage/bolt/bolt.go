@@ -21,6 +21,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"time"
 
@@ -497,22 +498,26 @@ func (s *Store) sweepBudget(want int) int {
 // never has) is dropped without counting.
 func sweep(tx *bbolt.Tx, now time.Time, max int, keep bool) (removed [][]byte, seen int, err error) {
 	limit := expiryNanos(now) // expired means expires_at <= now
+	// Take the due entries off the front of the index: First after each Delete, because a
+	// cursor's Next after a Delete can skip a key. First walks down the left edge only, with no
+	// search.
 	var due [][]byte
 	c := tx.Bucket(bucketExpiry).Cursor()
-	for k, _ := c.First(); k != nil && len(due) < max; k, _ = c.Next() {
+	for k, _ := c.First(); k != nil && len(due) < max; k, _ = c.First() {
 		if len(k) >= 8 && binary.BigEndian.Uint64(k) > limit {
 			break
 		}
-		// Deleting under a cursor can make it skip the next key: collect first.
-		due = append(due, bytes.Clone(k))
+		due = append(due, bytes.Clone(k)) // k lives only until the Delete
+		if err := c.Delete(); err != nil {
+			return nil, 0, err
+		}
 	}
+	// Visit the records in key order, so that neighbours share the pages just read.
+	slices.SortFunc(due, func(a, b []byte) int { return bytes.Compare(a[min(8, len(a)):], b[min(8, len(b)):]) })
 	idx := tx.Bucket(bucketExpiry)
 	recs := tx.Bucket(bucketRecords).Cursor()
 	for _, k := range due {
-		if err := idx.Delete(k); err != nil {
-			return nil, 0, err
-		}
-		if len(k) < 8 {
+		if len(k) <= 8 {
 			continue
 		}
 		id := k[8:]
@@ -520,24 +525,25 @@ func sweep(tx *bbolt.Tx, now time.Time, max int, keep bool) (removed [][]byte, s
 		if !bytes.Equal(found, id) {
 			continue
 		}
-		cur, err := keys.DecodeRecord(v)
+		state, expires, err := keys.DecodeExpiry(v)
 		if err != nil {
 			return nil, 0, fmt.Errorf("record %x: %w", id, err)
 		}
-		if cur.Live(now) {
+		if now.Before(expires) { // live: its own index entry is elsewhere
 			continue
 		}
 		if err := recs.Delete(); err != nil {
 			return nil, 0, err
 		}
-		// The record's own index entry is k in a consistent index; drop any other.
-		if ek := expiryKey(cur.ExpiresAt, id); !bytes.Equal(ek, k) {
+		// The record's own index entry is the one just taken in a consistent index; drop any
+		// other.
+		if ek := expiryKey(expires, id); !bytes.Equal(ek, k) {
 			if err := idx.Delete(ek); err != nil {
 				return nil, 0, err
 			}
 		}
-		if keep && cur.State == keys.StateCompleted {
-			removed = append(removed, id) // id is a copy: k was cloned
+		if keep && state == keys.StateCompleted {
+			removed = append(removed, id) // a copy: due's keys were cloned
 		} else {
 			removed = append(removed, nil)
 		}
