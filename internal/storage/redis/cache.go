@@ -3,6 +3,8 @@ package redis
 import (
 	"hash/maphash"
 	"sync"
+
+	"github.com/idemsvc/idemsvc/internal/keys"
 )
 
 // valueCache remembers, per record key, the exact value this Store last wrote there for a lease
@@ -82,4 +84,75 @@ func (c *valueCache) len() int {
 		sh.mu.Unlock()
 	}
 	return n
+}
+
+// decodedCache keeps, per record key, the decoding of a completed record's value as last read,
+// so that a replay (the same value read again and again) is not decoded again. An entry serves
+// only a value equal byte for byte to the one it decoded, so it is never stale: whatever another
+// replica did, the decision is made on the decoding of the very bytes this read returned.
+//
+// Entries are shared and never modified (the rules return copies). Each shard holds at most
+// decodedShardBytes of values, so the cache stays within about cacheShards×decodedShardBytes
+// (twice that counting the decodings) whatever the bodies' sizes; to make room it drops arbitrary
+// entries.
+type decodedCache struct {
+	seed   maphash.Seed
+	shards [cacheShards]decodedShard
+}
+
+const decodedShardBytes = 64 << 10 // 4 MiB of values in all
+
+type decodedShard struct {
+	mu    sync.Mutex
+	m     map[string]decodedValue
+	bytes int
+}
+
+type decodedValue struct {
+	raw string
+	rec *keys.Record
+}
+
+func newDecodedCache() *decodedCache {
+	c := &decodedCache{seed: maphash.MakeSeed()}
+	for i := range c.shards {
+		c.shards[i].m = make(map[string]decodedValue)
+	}
+	return c
+}
+
+// get returns the decoding of raw, the value just read at key, if it is the one cached.
+func (c *decodedCache) get(key, raw string) *keys.Record {
+	sh := &c.shards[maphash.String(c.seed, key)%cacheShards]
+	sh.mu.Lock()
+	e, ok := sh.m[key]
+	sh.mu.Unlock()
+	if ok && e.raw == raw {
+		return e.rec
+	}
+	return nil
+}
+
+// put caches rec, the decoding of raw read at key, if it is a completed record.
+func (c *decodedCache) put(key, raw string, rec *keys.Record) {
+	size := len(key) + len(raw)
+	if rec.State != keys.StateCompleted || size > decodedShardBytes {
+		return
+	}
+	sh := &c.shards[maphash.String(c.seed, key)%cacheShards]
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	if old, ok := sh.m[key]; ok {
+		sh.bytes -= len(key) + len(old.raw)
+		delete(sh.m, key)
+	}
+	for k, e := range sh.m {
+		if sh.bytes+size <= decodedShardBytes {
+			break
+		}
+		sh.bytes -= len(k) + len(e.raw)
+		delete(sh.m, k)
+	}
+	sh.m[key] = decodedValue{raw: raw, rec: rec}
+	sh.bytes += size
 }

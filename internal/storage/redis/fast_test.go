@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -566,4 +567,99 @@ func TestBeginChoosesByWhatItFinds(t *testing.T) {
 		t.Fatal(err)
 	}
 	d.want(t, "a begin on an absent key after absent ones again", "0/0/1")
+}
+
+// TestDecodedCacheFollowsOtherReplicas: replica A replays a key from the decoding it cached;
+// replica B deletes the key and completes it again with another response; A's next reads show
+// B's response, because an entry serves only the very bytes it decoded.
+func TestDecodedCacheFollowsOtherReplicas(t *testing.T) {
+	url, prefix := redistest.URL(t), redistest.Prefix(t)
+	a := openTest(t, url, prefix, nil)
+	b := openTest(t, url, prefix, nil)
+	ctx := t.Context()
+	pair := func(s *Store, body string) {
+		t.Helper()
+		res, err := s.Begin(ctx, "t", "k", testReq)
+		if err != nil || res.Outcome != keys.Acquired {
+			t.Fatalf("begin: %v, %v", res.Outcome, err)
+		}
+		_, err = s.Complete(ctx, "t", "k", keys.CompleteRequest{Token: res.Record.Lease.Token, Response: keys.Response{Status: 200, Body: []byte(body)}})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	replay := func(s *Store) string {
+		t.Helper()
+		res, err := s.Begin(ctx, "t", "k", testReq)
+		if err != nil || res.Outcome != keys.Replayed {
+			t.Fatalf("replay: %v, %v", res.Outcome, err)
+		}
+		rec, err := s.Get(ctx, "t", "k")
+		if err != nil || string(rec.Response.Body) != string(res.Record.Response.Body) {
+			t.Fatalf("get: %v, %v; the replay said %q", rec.Response, err, res.Record.Response.Body)
+		}
+		return string(res.Record.Response.Body)
+	}
+
+	pair(a, "first")
+	for range 3 {
+		if got := replay(a); got != "first" {
+			t.Fatalf("A replays %q, want first", got)
+		}
+	}
+	if a.decoded.get(a.names("t", "k").rec, mustRead(t, a)) == nil {
+		t.Fatal("A's replays left no decoding in its cache")
+	}
+	if err := b.Delete(ctx, "t", "k"); err != nil {
+		t.Fatal(err)
+	}
+	pair(b, "second")
+	if got := replay(a); got != "second" {
+		t.Fatalf("A replays %q after B completed the key again, want second", got)
+	}
+}
+
+// mustRead returns the value stored for ("t", "k").
+func mustRead(t *testing.T, s *Store) string {
+	t.Helper()
+	r, err := s.d.read(t.Context(), s.names("t", "k").rec)
+	if err != nil || !r.exists {
+		t.Fatalf("read: %v (exists %v)", err, r.exists)
+	}
+	return r.val
+}
+
+func TestDecodedCacheBounded(t *testing.T) {
+	c := newDecodedCache()
+	rec := &keys.Record{State: keys.StateCompleted}
+	value := strings.Repeat("v", 1000)
+	for i := range 10_000 {
+		c.put("k"+strconv.Itoa(i), value+strconv.Itoa(i), rec)
+	}
+	total := 0
+	for i := range c.shards {
+		sh := &c.shards[i]
+		if sh.bytes > decodedShardBytes {
+			t.Errorf("shard %d holds %d bytes, more than %d", i, sh.bytes, decodedShardBytes)
+		}
+		n := 0
+		for k, e := range sh.m {
+			n += len(k) + len(e.raw)
+		}
+		if n != sh.bytes {
+			t.Errorf("shard %d counts %d bytes, holds %d", i, sh.bytes, n)
+		}
+		total += n
+	}
+	if total < cacheShards*decodedShardBytes/2 {
+		t.Errorf("%d bytes cached in all, want most of %d", total, cacheShards*decodedShardBytes)
+	}
+	c.put("x", "1", rec)
+	if c.get("x", "2") != nil || c.get("x", "1") != rec {
+		t.Error("an entry served another value than the one it decoded, or not its own")
+	}
+	c.put("x", "3", &keys.Record{State: keys.StateInProgress})
+	if c.get("x", "3") != nil {
+		t.Error("cached an in-progress record")
+	}
 }

@@ -106,6 +106,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"time"
+	"unsafe"
 
 	"github.com/idemsvc/idemsvc/internal/keys"
 )
@@ -150,6 +151,8 @@ type Store struct {
 	clock *redisClock
 	// cache holds the values this Store wrote for leases in progress (see cache.go).
 	cache *valueCache
+	// decoded holds the decodings of completed records' values last read (see cache.go).
+	decoded *decodedCache
 	// fresh scores the keys that recent begins found: up by freshUp for an absent key, down by
 	// one for a stored one, within ±freshCap. Begin decides ahead (beginScript) while it is not
 	// negative, and reads first when stored keys have outnumbered absent ones freshUp to one:
@@ -224,7 +227,7 @@ func newStore(d driver, opts Options) (*Store, error) {
 	}
 	return &Store{
 		d: d, prefix: opts.Prefix, now: opts.Now, timeout: opts.Timeout,
-		clock: newRedisClock(), cache: newValueCache(),
+		clock: newRedisClock(), cache: newValueCache(), decoded: newDecodedCache(),
 	}, nil
 }
 
@@ -288,25 +291,39 @@ func (s *Store) read(ctx context.Context, n names) (snapshot, error) {
 	if err != nil {
 		return snapshot{}, s.edge(err)
 	}
-	return s.snap(r)
+	if r.exists {
+		if rec := s.decoded.get(n.rec, r.val); rec != nil {
+			return s.snapWith(r, rec), nil
+		}
+	}
+	snap, err := s.snap(r)
+	if err == nil && snap.rec != nil {
+		s.decoded.put(n.rec, r.val, snap.rec)
+	}
+	return snap, err
 }
 
 // snap is the record and clock that a script saw.
 func (s *Store) snap(r reply) (snapshot, error) {
+	if !r.exists {
+		return s.snapWith(r, nil), nil
+	}
+	rec, err := decodeValue(r.val)
+	if err != nil {
+		return snapshot{}, err
+	}
+	return s.snapWith(r, &rec), nil
+}
+
+// snapWith is snap with the record already decoded (nil when none).
+func (s *Store) snapWith(r reply, rec *keys.Record) snapshot {
 	redisNow := r.time()
-	snap := snapshot{raw: r.val, exists: r.exists, now: redisNow}
+	snap := snapshot{raw: r.val, exists: r.exists, now: redisNow, rec: rec}
 	if s.now != nil {
 		snap.now = s.now()
 		snap.offset = redisNow.Sub(snap.now)
 	}
-	if r.exists {
-		rec, err := decodeValue(r.val)
-		if err != nil {
-			return snapshot{}, err
-		}
-		snap.rec = &rec
-	}
-	return snap, nil
+	return snap
 }
 
 // ahead returns the clocks of a decision made ahead of the write, at the estimate of Redis's
@@ -370,7 +387,8 @@ func decodeValue(raw string) (keys.Record, error) {
 	if err != nil {
 		return keys.Record{}, fmt.Errorf("redis: stored value has a bad fence: %w", err)
 	}
-	r, err := keys.DecodeRecord([]byte(raw[i+1:]))
+	// DecodeRecord copies what it keeps and never writes to its input: no need to copy raw.
+	r, err := keys.DecodeRecord(unsafe.Slice(unsafe.StringData(raw[i+1:]), len(raw)-i-1))
 	if err != nil {
 		return keys.Record{}, err
 	}
