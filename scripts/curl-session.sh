@@ -57,6 +57,6 @@ echo "5 mismatch: 422 fingerprint-mismatch"
 # 6. Get
 out=$(curl -s -w '\n%{http_code}' "$B/v1/keys/$KEY")
 [[ ${out##*$'\n'} == 200 ]] || fail "get: $out"
-printf '%s' "$out" | grep -q "$TOKEN" && fail "get shows the token: $out"
+printf '%s' "$out" | grep -qF -- "$TOKEN" && fail "get shows the token: $out"
 echo "6 get: 200, no token"
 echo "PASS: curl session"
