@@ -183,7 +183,7 @@ func OpenDir(dir string, opts Options) (*Store, error) {
 func (s *Store) Path() string { return s.path }
 
 // DB returns the underlying bbolt database, for tests and tools that check its settings or
-// consistency. Writing through it bypasses the store's rules and notifications.
+// consistency. Writing through it bypasses the store's rules, notifications and replay cache.
 func (s *Store) DB() *bbolt.DB { return s.db }
 
 // enter starts an operation; it returns errClosed after Close. A nil error must be followed
