@@ -2,6 +2,7 @@ package bolt
 
 import (
 	"hash/maphash"
+	"slices"
 	"sync"
 	"sync/atomic"
 
@@ -122,6 +123,30 @@ func (c *replayCache) add(id []byte, rec *keys.Record, gen uint64) {
 	sh.m[k] = rec
 	sh.fifo = append(sh.fifo, k)
 	sh.bytes += size
+	if len(sh.fifo)-sh.head > 2*len(sh.m)+64 {
+		sh.rebuildQueue()
+	}
+}
+
+// rebuildQueue drops from the queue the ids whose entries are gone (a mark or a sweep dropped
+// them) and the older copies of ids added again since, so that the queue stays within a few
+// times the entries however many are dropped without being evicted.
+func (sh *cacheShard) rebuildQueue() {
+	seen := make(map[string]struct{}, len(sh.m))
+	keep := make([]string, 0, len(sh.m))
+	for i := len(sh.fifo) - 1; i >= sh.head; i-- { // newest first: keep each id's latest place
+		k := sh.fifo[i]
+		if _, ok := sh.m[k]; !ok {
+			continue
+		}
+		if _, dup := seen[k]; dup {
+			continue
+		}
+		seen[k] = struct{}{}
+		keep = append(keep, k)
+	}
+	slices.Reverse(keep)
+	sh.fifo, sh.head = keep, 0
 }
 
 // mark drops id's entry and keeps readers from adding one until unmark; a writer calls it

@@ -179,6 +179,32 @@ func TestReplayCacheBounded(t *testing.T) {
 	}
 }
 
+// TestReplayCacheQueueBounded: entries dropped by writers, not evicted, do not pile up in the
+// eviction queue: a key read and deleted again and again keeps it short.
+func TestReplayCacheQueueBounded(t *testing.T) {
+	c := newReplayCache(1 << 20)
+	rec := &keys.Record{State: keys.StateCompleted, Response: &keys.Response{Status: 200}}
+	ids := [][]byte{keys.StorageID("t", "a"), keys.StorageID("t", "b")}
+	for range 10_000 {
+		for _, id := range ids {
+			c.add(id, rec, c.generation())
+			c.mark(id)
+			c.unmark(id)
+		}
+	}
+	c.add(ids[0], rec, c.generation())
+	queued := 0
+	for i := range c.shards {
+		queued += len(c.shards[i].fifo) - c.shards[i].head
+	}
+	if queued > 2*(64+2)*2 {
+		t.Errorf("%d ids queued for 1 entry after 20,000 adds and drops", queued)
+	}
+	if c.get(ids[0]) != rec || c.get(ids[1]) != nil {
+		t.Error("the cache lost its entry, or kept a dropped one")
+	}
+}
+
 // TestReplayCacheUnderDeletes: readers (gets) racing a writer that deletes and re-creates one key never
 // see a version after its delete returned. A reader notes the last deleted version before each
 // read, so a stale cache entry (one not dropped before the delete's commit, or added from a read
