@@ -92,9 +92,9 @@ func (c *valueCache) len() int {
 // replica did, the decision is made on the decoding of the very bytes this read returned.
 //
 // Entries are shared and never modified (the rules return copies). Each shard holds at most
-// decodedShardBytes of values, so the cache stays within about cacheShards×decodedShardBytes
-// (twice that counting the decodings) whatever the bodies' sizes; to make room it drops arbitrary
-// entries.
+// decodedShardBytes of keys and values, so the cache holds at most cacheShards×decodedShardBytes
+// of them whatever the bodies' sizes, plus their decodings (about as large again) and a few
+// hundred bytes of bookkeeping per entry; to make room it drops arbitrary entries.
 type decodedCache struct {
 	seed   maphash.Seed
 	shards [cacheShards]decodedShard
