@@ -108,22 +108,16 @@ func DecodeRecord(b []byte) (Record, error) {
 	return r, nil
 }
 
-// DecodeExpiry reads only what a sweep needs of an encoding: the record's state and ExpiresAt,
-// without copying anything. It checks less than DecodeRecord: an encoding it accepts may
-// still be corrupt further on.
-func DecodeExpiry(b []byte) (State, time.Time, error) {
+// DecodeExpiry reads only what a sweep needs of an encoding, the record's ExpiresAt, without
+// copying anything. It checks less than DecodeRecord: an encoding it accepts may still be
+// corrupt further on.
+func DecodeExpiry(b []byte) (time.Time, error) {
 	d := decoder{b: b}
 	if d.byte() != codecVersion {
-		return "", time.Time{}, errCorrupt
+		return time.Time{}, errCorrupt
 	}
 	d.skip() // key
-	var state State
-	switch d.byte() {
-	case 1:
-		state = StateInProgress
-	case 2:
-		state = StateCompleted
-	default:
+	if state := d.byte(); state != 1 && state != 2 {
 		d.fail()
 	}
 	d.skip() // fingerprint
@@ -134,9 +128,9 @@ func DecodeExpiry(b []byte) (State, time.Time, error) {
 	d.varint() // completed_at
 	expires := d.time()
 	if d.err != nil {
-		return "", time.Time{}, d.err
+		return time.Time{}, d.err
 	}
-	return state, expires, nil
+	return expires, nil
 }
 
 // measure walks an encoding as DecodeRecord does and returns the total length of its strings

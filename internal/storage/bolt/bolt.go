@@ -263,10 +263,7 @@ func (s *Store) begin(ctx context.Context, tenant, key string, req keys.BeginReq
 		if w != keys.WritePut {
 			return nil
 		}
-		if cur != nil && cur.State == keys.StateCompleted && !marked { // an expired one, taken over
-			s.cache.mark(id)
-			marked = true
-		}
+		s.markReplaced(id, cur, &marked) // a completed one that expired, taken over
 		fence, err := nextFence(tx, tenant)
 		if err != nil {
 			return err
@@ -335,6 +332,16 @@ func (s *Store) Delete(ctx context.Context, tenant, key string) error {
 	return nil
 }
 
+// markReplaced marks id in the replay cache, once per operation (a transaction function may
+// run more than once), when the write about to commit replaces or removes cur, a completed
+// record that the cache may hold; the caller unmarks it after the commit.
+func (s *Store) markReplaced(id []byte, cur *keys.Record, marked *bool) {
+	if cur != nil && cur.State == keys.StateCompleted && !*marked {
+		s.cache.mark(id)
+		*marked = true
+	}
+}
+
 // rule decides a write from the stored record (nil when none, expired ones included) and now.
 type rule func(cur *keys.Record, now time.Time) (keys.Record, keys.Write, error)
 
@@ -362,9 +369,8 @@ func (s *Store) update(ctx context.Context, tenant, key string, decide rule) (ke
 			return err
 		}
 		rec, w, rerr = decide(cur, s.now())
-		if w != keys.WriteNone && cur != nil && cur.State == keys.StateCompleted && !marked {
-			s.cache.mark(id)
-			marked = true
+		if w != keys.WriteNone {
+			s.markReplaced(id, cur, &marked)
 		}
 		switch w {
 		case keys.WritePut:
@@ -457,7 +463,7 @@ func (s *Store) Sweep(ctx context.Context, limit int) (int, error) {
 		fn := func(tx *bbolt.Tx) error {
 			budget = s.sweepBudget(limit - removed)
 			var err error
-			gone, seen, err = sweep(tx, s.now(), budget, s.cache != nil)
+			gone, seen, err = sweep(tx, s.now(), budget)
 			n = len(gone)
 			return err
 		}
@@ -493,10 +499,9 @@ func (s *Store) sweepBudget(want int) int {
 }
 
 // sweep removes up to max records that have expired at now, and returns the storage ids of
-// those it removed (copies, when keep is set; else only as many nils) and how many index
-// entries it took. An index entry whose record is gone or live again (which a consistent index
+// those it removed (copies) and how many index entries it took. An index entry whose record is gone or live again (which a consistent index
 // never has) is dropped without counting.
-func sweep(tx *bbolt.Tx, now time.Time, max int, keep bool) (removed [][]byte, seen int, err error) {
+func sweep(tx *bbolt.Tx, now time.Time, max int) (removed [][]byte, seen int, err error) {
 	limit := expiryNanos(now) // expired means expires_at <= now
 	// Take the due entries off the front of the index: First after each Delete, because a
 	// cursor's Next after a Delete can skip a key. First walks down the left edge only, with no
@@ -525,7 +530,7 @@ func sweep(tx *bbolt.Tx, now time.Time, max int, keep bool) (removed [][]byte, s
 		if !bytes.Equal(found, id) {
 			continue
 		}
-		state, expires, err := keys.DecodeExpiry(v)
+		expires, err := keys.DecodeExpiry(v)
 		if err != nil {
 			return nil, 0, fmt.Errorf("record %x: %w", id, err)
 		}
@@ -542,11 +547,7 @@ func sweep(tx *bbolt.Tx, now time.Time, max int, keep bool) (removed [][]byte, s
 				return nil, 0, err
 			}
 		}
-		if keep && state == keys.StateCompleted {
-			removed = append(removed, id) // a copy: due's keys were cloned
-		} else {
-			removed = append(removed, nil)
-		}
+		removed = append(removed, id) // a copy: due's keys were cloned
 	}
 	return removed, len(due), nil
 }

@@ -177,16 +177,13 @@ func (c *replayCache) unmark(id []byte) {
 	sh.mu.Unlock()
 }
 
-// drop removes the entries of ids (a sweep's, after its commit); nil ids are skipped.
+// drop removes the entries of ids (a sweep's, after its commit).
 func (c *replayCache) drop(ids [][]byte) {
 	if c == nil || len(ids) == 0 {
 		return
 	}
 	c.gen.Add(1)
 	for _, id := range ids {
-		if id == nil {
-			continue
-		}
 		sh := c.shard(id)
 		sh.mu.Lock()
 		sh.dropLocked(string(id))
