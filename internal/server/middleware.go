@@ -125,7 +125,7 @@ func (s *Server) observe(next http.Handler) http.Handler {
 				status = http.StatusOK
 			}
 			s.metrics.observeRequest(r.Method, route, status, elapsed)
-			if ce := s.logger.Check(zap.InfoLevel, "request"); ce != nil {
+			if ce := s.accessLog.Check(zap.InfoLevel, "request"); ce != nil {
 				ce.Write(
 					zap.String("method", r.Method),
 					zap.String("route", route),

@@ -18,6 +18,9 @@ import (
 	"github.com/idemsvc/idemsvc/internal/server/servertest"
 	"github.com/idemsvc/idemsvc/internal/storage/bolt"
 	"github.com/idemsvc/idemsvc/internal/storage/storagetest"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
 )
 
 // env is one test's server and a client whose every request and response is checked against
@@ -517,6 +520,36 @@ func TestOperational(t *testing.T) {
 	}
 	if id := e.do("GET", "/healthz", nil).header.Get("X-Request-Id"); id == "" {
 		t.Error("no X-Request-Id made")
+	}
+}
+
+// TestAccessLog: one info line per request, naming what an operator looks for, and no caller
+// (the access log is built without caller capture, which costs a stack walk per request).
+func TestAccessLog(t *testing.T) {
+	t.Parallel()
+	core, logs := observer.New(zapcore.InfoLevel)
+	e := newEnv(t, servertest.Options{
+		Tokens: map[string]string{"acme": "token-0123456789abcdef"},
+		Logger: zap.New(core, zap.AddCaller()), // as cmd/idemsvc builds it
+	})
+	e.token = "token-0123456789abcdef"
+	e.do("POST", "/v1/keys/order-7/begin", nil, "X-Request-Id", "rid-1")
+	lines := logs.FilterMessage("request").AllUntimed()
+	if len(lines) != 1 {
+		t.Fatalf("%d access lines for one request: %v", len(lines), lines)
+	}
+	l := lines[0]
+	if l.Caller.Defined {
+		t.Errorf("access line has a caller (%s): the stack walk is back on every request", l.Caller)
+	}
+	got := l.ContextMap()
+	for k, want := range map[string]any{
+		"method": "POST", "route": "/v1/keys/{key}/begin", "status": int64(201),
+		"tenant": "acme", "key": "order-7", "request_id": "rid-1", "outcome": "acquired", "component": "http",
+	} {
+		if got[k] != want {
+			t.Errorf("access line %s = %v (%T), want %v", k, got[k], got[k], want)
+		}
 	}
 }
 
