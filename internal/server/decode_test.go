@@ -5,22 +5,18 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"mime"
 	"net/http"
 	"reflect"
 	"strings"
 	"testing"
 )
 
-// decodeReference is decode without its fast path: the media type checked by the full parser,
-// then the whole body streamed to encoding/json (decodeJSON, the code every body took before
-// the fast path). FuzzDecodeFast holds decode to it.
+// decodeReference is decode without its fast path: the media type checked as decode does, then
+// the whole body through encoding/json and checkStrict (decodeJSON, the code every body took
+// before the fast path). FuzzDecodeFast holds decode to it.
 func decodeReference(r *http.Request, maxBytes int64, v any, optional bool) error {
-	if ct := r.Header.Get("Content-Type"); ct != "" {
-		mt, _, err := mime.ParseMediaType(ct)
-		if err != nil || !(mt == "application/json" || strings.HasSuffix(mt, "+json")) {
-			return errUnsupportedMedia
-		}
+	if !jsonMediaType(r.Header.Values("Content-Type")) {
+		return emptyOrUnsupported(r.Body, maxBytes, optional)
 	}
 	return decodeJSON(r.Body, maxBytes, v, optional)
 }
@@ -178,6 +174,8 @@ var decodeSeeds = []string{
 	`{"fingerprint":null}`, `{"lease_ms":01}`, `{"lease_ms":1e3}`, `{"lease_ms":1.0}`, `{"lease_ms":-}`,
 	`{"lease_ms":123456789012345678}`, `{"lease_ms":1234567890123456789}`, `{"lease_ms":9223372036854775808}`,
 	`{"fingerprint":"café"}`, "{\"fingerprint\":\"\xff\"}", "{\"fingerprint\":\"a\tb\"}",
+	`{"fingerprint":"\ud800"}`, `{"fingerprint":"\udfff\ud800"}`, `{"fingerprint":"\ud83d\ude00"}`, `{"fingerprint":"\\ud800"}`,
+	`null`, ` null `, `{"fingerprint":"a","FINGERPRINT":"b"}`, `{"token":"t","response":{"status":200,"headers":{"X":["a",null]}}}`,
 	`{"token":"t","response":{"status":200,"body":"QUJ"}}`, `{"token":"t","response":{"status":200,"body":"QU\nJD"}}`,
 	`{"token":"t","response":{"status":200,"headers":{"A":["1"],"A":["2"]}}}`,
 	`{"token":"t","response":{"status":200},"response":{"body":""}}`,

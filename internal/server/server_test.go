@@ -553,6 +553,27 @@ func TestAccessLog(t *testing.T) {
 	}
 }
 
+// TestBodiesAccepted: what the encoding rules allow. An empty begin under any media type is {}
+// (some HTTP clients send a form type on every POST); a charset of UTF-8 is fine; and text that
+// is Unicode, escaped or not, is kept as sent, so that two fingerprints differ when their text does.
+func TestBodiesAccepted(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, servertest.Options{})
+	wantStatus(t, e.do("POST", "/v1/keys/form/begin", "", "Content-Type", "application/x-www-form-urlencoded"), 201, "")
+	wantStatus(t, e.do("POST", "/v1/keys/none/begin", nil), 201, "")
+	wantStatus(t, e.do("POST", "/v1/keys/cs/begin", `{"ttl_ms":60000}`, "Content-Type", "application/json; charset=UTF-8"), 201, "")
+	for key, fp := range map[string]string{"pair": `\ud83d\ude00`, "raw": "😀", "accent": `caf\u00e9`} {
+		r := e.do("POST", "/v1/keys/"+key+"/begin", `{"fingerprint":"`+fp+`"}`)
+		wantStatus(t, r, 201, "")
+		if got := r.json(t)["fingerprint"]; got != map[string]string{"pair": "😀", "raw": "😀", "accent": "café"}[key] {
+			t.Errorf("%s: fingerprint stored as %q", key, got)
+		}
+	}
+	// The same text is the same fingerprint, however it was escaped; other text is not.
+	wantStatus(t, e.do("POST", "/v1/keys/pair/begin", `{"fingerprint":"😀"}`), 409, "in-progress")
+	wantStatus(t, e.do("POST", "/v1/keys/pair/begin", `{"fingerprint":"\ud83d\ude01"}`), 422, "fingerprint-mismatch")
+}
+
 // TestMalformed sends 50 malformed requests; each must get its documented 4xx and a
 // problem+json body, never a 5xx.
 func TestMalformed(t *testing.T) {
@@ -608,6 +629,22 @@ func TestMalformed(t *testing.T) {
 		{"status as string", "POST", "/v1/keys/held/complete", `{"token":"t","response":{"status":"200"}}`, nil, 400, "invalid-request"},
 		{"body not base64", "POST", "/v1/keys/held/complete", `{"token":"t","response":{"status":200,"body":"%%%"}}`, nil, 400, "invalid-request"},
 		{"headers not arrays", "POST", "/v1/keys/held/complete", `{"token":"t","response":{"status":200,"headers":{"A":"b"}}}`, nil, 400, "invalid-request"},
+		// What encoding/json lets through and the API refuses.
+		{"null body", "POST", "/v1/keys/k/begin", `null`, nil, 400, "invalid-request"},
+		{"null member", "POST", "/v1/keys/k/begin", `{"lease_ms":null}`, nil, 400, "invalid-request"},
+		{"null response", "POST", "/v1/keys/held/complete", `{"token":"` + tok + `","response":null}`, nil, 400, "invalid-request"},
+		{"null header values", "POST", "/v1/keys/held/complete", `{"token":"` + tok + `","response":{"status":200,"headers":{"X":null}}}`, nil, 400, "invalid-request"},
+		{"null in header values", "POST", "/v1/keys/held/complete", `{"token":"` + tok + `","response":{"status":200,"headers":{"X":["a",null]}}}`, nil, 400, "invalid-request"},
+		{"member in other case", "POST", "/v1/keys/k/begin", `{"Lease_MS":1000}`, nil, 400, "invalid-request"},
+		{"nested member in other case", "POST", "/v1/keys/held/complete", `{"token":"` + tok + `","Response":{"Status":200}}`, nil, 400, "invalid-request"},
+		{"member twice", "POST", "/v1/keys/k/begin", `{"fingerprint":"a","fingerprint":"b"}`, nil, 400, "invalid-request"},
+		{"member twice in other case", "POST", "/v1/keys/k/begin", `{"fingerprint":"a","FINGERPRINT":"b"}`, nil, 400, "invalid-request"},
+		{"header given twice", "POST", "/v1/keys/held/complete", `{"token":"` + tok + `","response":{"status":200,"headers":{"A":["1"],"A":["2"]}}}`, nil, 400, "invalid-request"},
+		{"invalid UTF-8", "POST", "/v1/keys/k/begin", "{\"fingerprint\":\"\xff\"}", nil, 400, "invalid-request"},
+		{"lone high surrogate", "POST", "/v1/keys/k/begin", `{"fingerprint":"\ud800"}`, nil, 400, "invalid-request"},
+		{"lone low surrogate", "POST", "/v1/keys/k/begin", `{"fingerprint":"x\udfffy"}`, nil, 400, "invalid-request"},
+		{"reversed surrogates", "POST", "/v1/keys/k/begin", `{"fingerprint":"\udc00\ud800"}`, nil, 400, "invalid-request"},
+		{"lone surrogate in a header", "POST", "/v1/keys/held/complete", `{"token":"` + tok + `","response":{"status":200,"headers":{"X":["\ud83d"]}}}`, nil, 400, "invalid-request"},
 		// Durations out of range.
 		{"lease zero", "POST", "/v1/keys/k/begin", `{"lease_ms":0}`, nil, 400, "invalid-request"},
 		{"lease negative", "POST", "/v1/keys/k/begin", `{"lease_ms":-1}`, nil, 400, "invalid-request"},
@@ -638,6 +675,10 @@ func TestMalformed(t *testing.T) {
 		{"PUT on record", "PUT", "/v1/keys/k", "{}", nil, 405, "method-not-allowed"},
 		{"form body", "POST", "/v1/keys/k/begin", "a=b", []string{"Content-Type", "application/x-www-form-urlencoded"}, 415, "unsupported-media-type"},
 		{"text body", "POST", "/v1/keys/held/complete", "{}", []string{"Content-Type", "text/plain"}, 415, "unsupported-media-type"},
+		{"body without a media type", "POST", "/v1/keys/k/begin", "{}", []string{"Content-Type", ""}, 415, "unsupported-media-type"},
+		{"+json media type", "POST", "/v1/keys/k/begin", "{}", []string{"Content-Type", "application/merge-patch+json"}, 415, "unsupported-media-type"},
+		{"charset not UTF-8", "POST", "/v1/keys/k/begin", "{}", []string{"Content-Type", "application/json; charset=latin1"}, 415, "unsupported-media-type"},
+		{"complete with no body and a form type", "POST", "/v1/keys/held/complete", "", []string{"Content-Type", "application/x-www-form-urlencoded"}, 400, "invalid-request"},
 		{"unknown route", "GET", "/v2/keys/k", nil, nil, 404, "not-found"},
 		{"unknown action", "POST", "/v1/keys/k/explode", "{}", nil, 404, "not-found"},
 		{"trailing slash GET", "GET", "/v1/keys/held/", nil, nil, 404, "not-found"},

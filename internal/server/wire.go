@@ -1,6 +1,7 @@
 package server
 
 import (
+	"bytes"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -8,6 +9,7 @@ import (
 	"io"
 	"mime"
 	"net/http"
+	"reflect"
 	"slices"
 	"strconv"
 	"strings"
@@ -82,12 +84,8 @@ var (
 // decoder that knows it, decoded without encoding/json; any other body, and every error, goes
 // through decodeJSON as the same stream of bytes.
 func decode(r *http.Request, maxBytes int64, v any, optional bool) error {
-	// Header.Get, without canonicalizing a name that already is canonical.
-	if ct := r.Header["Content-Type"]; len(ct) > 0 && ct[0] != "" && ct[0] != "application/json" {
-		mt, _, err := mime.ParseMediaType(ct[0])
-		if err != nil || !(mt == "application/json" || strings.HasSuffix(mt, "+json")) {
-			return errUnsupportedMedia
-		}
+	if !jsonMediaType(r.Header["Content-Type"]) { // Header.Get, without canonicalizing
+		return emptyOrUnsupported(r.Body, maxBytes, optional)
 	}
 	fd, ok := v.(fastDecoder)
 	if !ok || r.Body == nil || r.ContentLength < 0 || r.ContentLength > maxFastBody || len(r.Header["Expect"]) > 0 {
@@ -116,17 +114,71 @@ func decode(r *http.Request, maxBytes int64, v any, optional bool) error {
 	return decodeJSON(&replayReader{buf: b, err: err, r: r.Body}, maxBytes, v, optional)
 }
 
-// decodeJSON is decode by encoding/json, from body.
+// jsonMediaType reports whether a request's Content-Type values name application/json, with
+// parameters or without; a charset, if any, must be UTF-8, the only encoding of JSON (RFC 8259).
+func jsonMediaType(ct []string) bool {
+	if len(ct) == 0 {
+		return false
+	}
+	if ct[0] == "application/json" {
+		return true
+	}
+	mt, params, err := mime.ParseMediaType(ct[0])
+	if err != nil || mt != "application/json" {
+		return false
+	}
+	cs, ok := params["charset"]
+	return !ok || strings.EqualFold(cs, "utf-8") || strings.EqualFold(cs, "utf8")
+}
+
+// emptyOrUnsupported decides a body that is not declared as JSON: an empty one (or only white
+// space) is what it would be under any type, anything else is 415. It reads no further than
+// the first byte that is not white space.
+func emptyOrUnsupported(body io.Reader, maxBytes int64, optional bool) error {
+	if body != nil {
+		var buf [512]byte
+		rd := http.MaxBytesReader(nil, io.NopCloser(body), maxBytes)
+		for {
+			n, err := rd.Read(buf[:])
+			if !isJSONSpace(buf[:n]) {
+				return errUnsupportedMedia
+			}
+			if err == io.EOF {
+				break
+			}
+			if err != nil {
+				var tooLarge *http.MaxBytesError
+				if errors.As(err, &tooLarge) {
+					return errPayloadTooLarge
+				}
+				return fmt.Errorf("%w: %s", keys.ErrInvalidRequest, err)
+			}
+		}
+	}
+	if optional {
+		return nil
+	}
+	return errBodyRequired
+}
+
+// decodeJSON is decode by encoding/json, from body, and then held to what encoding/json lets
+// through but the API refuses (checkStrict): null, member names that differ from the field's
+// only in case, members given twice, and text that is not Unicode.
 func decodeJSON(body io.Reader, maxBytes int64, v any, optional bool) error {
-	dec := json.NewDecoder(http.MaxBytesReader(nil, io.NopCloser(body), maxBytes))
+	raw, err := io.ReadAll(http.MaxBytesReader(nil, io.NopCloser(body), maxBytes))
+	if err != nil {
+		var tooLarge *http.MaxBytesError
+		if errors.As(err, &tooLarge) {
+			return errPayloadTooLarge
+		}
+		return fmt.Errorf("%w: %s", keys.ErrInvalidRequest, err)
+	}
+	dec := json.NewDecoder(bytes.NewReader(raw))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
-		var tooLarge *http.MaxBytesError
 		var syntax *json.SyntaxError
 		var typ *json.UnmarshalTypeError
 		switch {
-		case errors.As(err, &tooLarge):
-			return errPayloadTooLarge
 		case errors.Is(err, io.EOF):
 			if optional {
 				return nil
@@ -148,13 +200,134 @@ func decodeJSON(body io.Reader, maxBytes int64, v any, optional bool) error {
 		return fmt.Errorf("%w: %s", keys.ErrInvalidRequest, strings.TrimPrefix(err.Error(), "json: "))
 	}
 	if _, err := dec.Token(); err != io.EOF {
-		var tooLarge *http.MaxBytesError
-		if errors.As(err, &tooLarge) {
-			return errPayloadTooLarge
-		}
 		return errTrailingData
 	}
+	return checkStrict(raw, reflect.TypeOf(v))
+}
+
+// checkStrict refuses, in a body that encoding/json decoded into a value of type t, what
+// encoding/json accepts silently: text that is not UTF-8 or a \u escape of half a surrogate
+// pair (both decoded as U+FFFD, so that two different fingerprints would compare equal), null
+// (which leaves a field as it was), a member name that matches a field only without regard to
+// case, and a member given twice (the last would win).
+func checkStrict(raw []byte, t reflect.Type) error {
+	if !utf8.Valid(raw) {
+		return fmt.Errorf("%w: the body is not valid UTF-8", keys.ErrInvalidRequest)
+	}
+	if i := loneSurrogate(raw); i >= 0 {
+		return fmt.Errorf("%w: %s at byte %d is half a UTF-16 surrogate pair", keys.ErrInvalidRequest, raw[i:i+6], i)
+	}
+	dec := json.NewDecoder(bytes.NewReader(raw))
+	dec.UseNumber()
+	return strictValue(dec, t, "")
+}
+
+// strictValue walks the next JSON value of dec, which encoding/json has decoded into type t.
+func strictValue(dec *json.Decoder, t reflect.Type, path string) error {
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	tok, err := dec.Token()
+	if err != nil {
+		return fmt.Errorf("%w: %s", keys.ErrInvalidRequest, err)
+	}
+	switch tok {
+	case nil:
+		if path == "" {
+			return fmt.Errorf("%w: the body must be a JSON object, not null", keys.ErrInvalidRequest)
+		}
+		return fmt.Errorf("%w: %s must not be null (leave it out instead)", keys.ErrInvalidRequest, path)
+	case json.Delim('{'):
+		seen := map[string]bool{}
+		for dec.More() {
+			nt, err := dec.Token()
+			if err != nil {
+				return fmt.Errorf("%w: %s", keys.ErrInvalidRequest, err)
+			}
+			name, _ := nt.(string)
+			member := name
+			if path != "" {
+				member = path + "." + name
+			}
+			if seen[name] {
+				return fmt.Errorf("%w: %s is given twice", keys.ErrInvalidRequest, member)
+			}
+			seen[name] = true
+			var ft reflect.Type
+			switch t.Kind() {
+			case reflect.Struct:
+				if ft = jsonField(t, name); ft == nil {
+					return fmt.Errorf("%w: unknown field %q", keys.ErrInvalidRequest, name)
+				}
+			case reflect.Map:
+				ft = t.Elem()
+			default:
+				return fmt.Errorf("%w: %s must not be an object", keys.ErrInvalidRequest, path)
+			}
+			if err := strictValue(dec, ft, member); err != nil {
+				return err
+			}
+		}
+		_, err = dec.Token()
+	case json.Delim('['):
+		if t.Kind() != reflect.Slice {
+			return fmt.Errorf("%w: %s must not be an array", keys.ErrInvalidRequest, path)
+		}
+		for i := 0; dec.More(); i++ {
+			if err := strictValue(dec, t.Elem(), path+"["+strconv.Itoa(i)+"]"); err != nil {
+				return err
+			}
+		}
+		_, err = dec.Token()
+	}
+	if err != nil {
+		return fmt.Errorf("%w: %s", keys.ErrInvalidRequest, err)
+	}
 	return nil
+}
+
+// jsonField returns the type of t's field named name exactly in its json tag, or nil.
+func jsonField(t reflect.Type, name string) reflect.Type {
+	for i := range t.NumField() {
+		f := t.Field(i)
+		if tag, _, _ := strings.Cut(f.Tag.Get("json"), ","); f.IsExported() && tag == name {
+			return f.Type
+		}
+	}
+	return nil
+}
+
+// loneSurrogate returns the offset of the first \u escape in b that is half a surrogate pair
+// without its other half, or -1. A backslash can only stand in a string of valid JSON, so no
+// tracking of strings is needed: every backslash starts an escape.
+func loneSurrogate(b []byte) int {
+	hex4 := func(i int) (rune, bool) {
+		if i+6 > len(b) || b[i] != '\\' || b[i+1] != 'u' {
+			return 0, false
+		}
+		n, err := strconv.ParseUint(string(b[i+2:i+6]), 16, 16)
+		return rune(n), err == nil
+	}
+	for i := 0; i < len(b); i++ {
+		if b[i] != '\\' {
+			continue
+		}
+		r, ok := hex4(i)
+		switch {
+		case !ok:
+			i++ // another escape: skip the escaped byte, which may be a backslash
+		case r >= 0xD800 && r < 0xDC00: // high half: the low half must follow
+			if lo, ok := hex4(i + 6); !ok || lo < 0xDC00 || lo >= 0xE000 {
+				return i
+			}
+			i += 11
+		case r >= 0xDC00 && r < 0xE000:
+			return i
+		default:
+			i += 5
+		}
+	}
+	return -1
 }
 
 // appendRecord appends the JSON of r (docs/WIRE.md) to b: byte for byte what encoding/json
