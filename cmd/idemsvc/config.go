@@ -18,22 +18,28 @@ import (
 // envPrefix is the prefix of every configuration variable.
 const envPrefix = "IDEMSVC"
 
-// Config is the service's configuration, read from IDEMSVC_* variables (CONTRACT.md).
+// maxConfigDuration bounds IDEMSVC_MAX_LEASE, IDEMSVC_MAX_TTL and IDEMSVC_MAX_WAIT.
+const maxConfigDuration = 10 * 365 * 24 * time.Hour
+
+// Config is the service's configuration, read from IDEMSVC_* variables (CONTRACT.md). The names
+// come from the field names (split_words), not from envconfig tags: with a tag, envconfig also
+// reads the bare name (ADDR, TOKENS, DATA_DIR, ...) when the prefixed one is unset, so that a
+// stray TOKENS in the environment would have turned authentication on.
 type Config struct {
-	Addr            string        `envconfig:"ADDR" default:":8080" desc:"listen address"`
-	Backend         string        `envconfig:"BACKEND" default:"bolt" desc:"store: bolt (embedded file) or redis"`
-	DataDir         string        `envconfig:"DATA_DIR" default:"./data" desc:"directory of the bolt data file"`
-	RedisURL        string        `envconfig:"REDIS_URL" desc:"redis:// or rediss:// URL, for IDEMSVC_BACKEND=redis"`
-	Tokens          string        `envconfig:"TOKENS" desc:"tenant:token,tenant:token; none runs open as tenant 'default'"`
-	DefaultLease    time.Duration `envconfig:"DEFAULT_LEASE" default:"30s" desc:"lease when lease_ms is absent"`
-	MaxLease        time.Duration `envconfig:"MAX_LEASE" default:"1h" desc:"upper bound of lease_ms"`
-	DefaultTTL      time.Duration `envconfig:"DEFAULT_TTL" default:"24h" desc:"retention when ttl_ms is absent"`
-	MaxTTL          time.Duration `envconfig:"MAX_TTL" default:"720h" desc:"upper bound of ttl_ms"`
-	MaxWait         time.Duration `envconfig:"MAX_WAIT" default:"30s" desc:"upper bound of wait_ms"`
-	MaxBodyBytes    int           `envconfig:"MAX_BODY_BYTES" default:"1048576" desc:"largest stored response body, in bytes"`
-	SweepInterval   time.Duration `envconfig:"SWEEP_INTERVAL" default:"1m" desc:"how often expired records are removed"`
-	LogLevel        string        `envconfig:"LOG_LEVEL" default:"info" desc:"zap level: debug, info, warn, error"`
-	ShutdownTimeout time.Duration `envconfig:"SHUTDOWN_TIMEOUT" default:"15s" desc:"how long in-flight requests may take to finish at shutdown"`
+	Addr            string        `split_words:"true" default:":8080" desc:"listen address"`
+	Backend         string        `split_words:"true" default:"bolt" desc:"store: bolt (embedded file) or redis"`
+	DataDir         string        `split_words:"true" default:"./data" desc:"directory of the bolt data file"`
+	RedisURL        string        `split_words:"true" desc:"redis:// or rediss:// URL, for IDEMSVC_BACKEND=redis"`
+	Tokens          string        `split_words:"true" desc:"tenant:token,tenant:token; none runs open as tenant 'default'"`
+	DefaultLease    time.Duration `split_words:"true" default:"30s" desc:"lease when lease_ms is absent"`
+	MaxLease        time.Duration `split_words:"true" default:"1h" desc:"upper bound of lease_ms"`
+	DefaultTTL      time.Duration `split_words:"true" default:"24h" desc:"retention when ttl_ms is absent"`
+	MaxTTL          time.Duration `split_words:"true" default:"720h" desc:"upper bound of ttl_ms"`
+	MaxWait         time.Duration `split_words:"true" default:"30s" desc:"upper bound of wait_ms"`
+	MaxBodyBytes    int           `split_words:"true" default:"1048576" desc:"largest stored response body, in bytes"`
+	SweepInterval   time.Duration `split_words:"true" default:"1m" desc:"how often expired records are removed"`
+	LogLevel        string        `split_words:"true" default:"info" desc:"zap level: debug, info, warn, error"`
+	ShutdownTimeout time.Duration `split_words:"true" default:"15s" desc:"how long in-flight requests may take to finish at shutdown"`
 
 	// Ready, when set, is called with the listening address once the service accepts
 	// connections (tests listen on 127.0.0.1:0 and need the port).
@@ -101,6 +107,16 @@ func (c Config) validate() error {
 	}
 	if c.MaxWait < 0 {
 		bad("MAX_WAIT", "must not be negative")
+	}
+	// Records keep their times in Unix nanoseconds, which end in 2262: a bound far beyond any
+	// retention or lease a key needs keeps every time a request can ask for well inside.
+	for _, p := range []struct {
+		name string
+		d    time.Duration
+	}{{"MAX_LEASE", c.MaxLease}, {"MAX_TTL", c.MaxTTL}, {"MAX_WAIT", c.MaxWait}} {
+		if p.d > maxConfigDuration {
+			bad(p.name, "must be at most %s (10 years), not %s", maxConfigDuration, p.d)
+		}
 	}
 	if c.DefaultLease > c.MaxLease {
 		bad("DEFAULT_LEASE", "%s is above IDEMSVC_MAX_LEASE %s", c.DefaultLease, c.MaxLease)

@@ -7,10 +7,12 @@ import (
 	"errors"
 	"io"
 	"net/http"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/kelseyhightower/envconfig"
 	"go.uber.org/zap/zaptest"
 )
 
@@ -33,6 +35,10 @@ func TestConfig(t *testing.T) {
 		{"SharedToken", []string{"IDEMSVC_TOKENS=a:0123456789abcdef,b:0123456789abcdef"}, "IDEMSVC_TOKENS"},
 		{"BadLogLevel", []string{"IDEMSVC_LOG_LEVEL=loud"}, "IDEMSVC_LOG_LEVEL"},
 		{"ZeroSweep", []string{"IDEMSVC_SWEEP_INTERVAL=0s"}, "IDEMSVC_SWEEP_INTERVAL"},
+		{"LongestBounds", []string{"IDEMSVC_MAX_TTL=87600h", "IDEMSVC_MAX_LEASE=87600h", "IDEMSVC_MAX_WAIT=87600h"}, ""},
+		{"TTLPast2262", []string{"IDEMSVC_MAX_TTL=2500000h"}, "IDEMSVC_MAX_TTL"},
+		{"LeaseTooLong", []string{"IDEMSVC_MAX_LEASE=87601h"}, "IDEMSVC_MAX_LEASE"},
+		{"WaitTooLong", []string{"IDEMSVC_MAX_WAIT=87601h"}, "IDEMSVC_MAX_WAIT"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			for _, kv := range c.env {
@@ -48,6 +54,55 @@ func TestConfig(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestConfigReadsOnlyPrefixedNames: every setting comes from its IDEMSVC_ variable and never
+// from the bare name, which envconfig reads as a fallback for a field with an envconfig tag.
+func TestConfigReadsOnlyPrefixedNames(t *testing.T) {
+	bare := map[string]string{
+		"ADDR": "127.0.0.1:1", "BACKEND": "redis", "DATA_DIR": "/elsewhere", "REDIS_URL": "redis://x:1",
+		"TOKENS": "a:0123456789abcdef", "DEFAULT_LEASE": "2s", "MAX_LEASE": "3s", "DEFAULT_TTL": "2h",
+		"MAX_TTL": "3h", "MAX_WAIT": "1s", "MAX_BODY_BYTES": "7", "SWEEP_INTERVAL": "9s",
+		"LOG_LEVEL": "error", "SHUTDOWN_TIMEOUT": "1s",
+	}
+	if len(bare) != len(knownVars()) {
+		t.Fatalf("%d bare names for %d variables", len(bare), len(knownVars()))
+	}
+	def := defaultConfig(t) // before any bare name is set
+	for name, v := range bare {
+		t.Setenv(name, v)
+	}
+	cfg, err := loadConfig(nil)
+	if err != nil {
+		t.Fatalf("loadConfig with only bare names set: %v", err)
+	}
+	if !reflect.DeepEqual(cfg, def) {
+		t.Errorf("bare names were read:\n got %+v\nwant %+v", cfg, def)
+	}
+	// And each prefixed name is read.
+	env := []string{}
+	for name, v := range bare {
+		t.Setenv("IDEMSVC_"+name, v)
+		env = append(env, "IDEMSVC_"+name+"="+v)
+	}
+	cfg, _ = loadConfig(env) // invalid as a whole (7-byte bodies); only the values matter
+	if cfg.Addr != "127.0.0.1:1" || cfg.DataDir != "/elsewhere" || cfg.RedisURL != "redis://x:1" ||
+		cfg.Tokens != "a:0123456789abcdef" || cfg.DefaultLease != 2*time.Second || cfg.MaxLease != 3*time.Second ||
+		cfg.DefaultTTL != 2*time.Hour || cfg.MaxTTL != 3*time.Hour || cfg.MaxWait != time.Second ||
+		cfg.MaxBodyBytes != 7 || cfg.SweepInterval != 9*time.Second || cfg.LogLevel != "error" ||
+		cfg.ShutdownTimeout != time.Second || cfg.Backend != "redis" {
+		t.Errorf("prefixed names not all read: %+v", cfg)
+	}
+}
+
+// defaultConfig is the configuration of the environment without IDEMSVC_ variables.
+func defaultConfig(t *testing.T) Config {
+	t.Helper()
+	var cfg Config
+	if err := envconfig.Process("IDEMSVC_UNUSED_PREFIX_FOR_DEFAULTS", &cfg); err != nil {
+		t.Fatal(err)
+	}
+	return cfg
 }
 
 func TestUsageListsEveryVariable(t *testing.T) {

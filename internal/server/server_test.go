@@ -574,6 +574,26 @@ func TestBodiesAccepted(t *testing.T) {
 	wantStatus(t, e.do("POST", "/v1/keys/pair/begin", `{"fingerprint":"\ud83d\ude01"}`), 422, "fingerprint-mismatch")
 }
 
+// TestLongestBounds: with the largest lease and retention the configuration allows (10 years),
+// a record keeps its times and its holder. (Past 2262 the records' nanosecond times overflowed:
+// a record vanished at once and a second caller won the key; cmd/idemsvc refuses such bounds.)
+func TestLongestBounds(t *testing.T) {
+	t.Parallel()
+	limits := keys.DefaultLimits()
+	limits.MaxLease, limits.MaxTTL = 87600*time.Hour, 87600*time.Hour
+	e := newEnv(t, servertest.Options{Limits: limits})
+	ms := (87600 * time.Hour).Milliseconds()
+	l := e.begin("far", map[string]any{"lease_ms": ms, "ttl_ms": ms})
+	e.clock.Advance(24 * time.Hour)
+	wantStatus(t, e.do("GET", "/v1/keys/far", nil), 200, "")
+	wantStatus(t, e.do("POST", "/v1/keys/far/begin", nil), 409, "in-progress")
+	wantStatus(t, e.do("POST", "/v1/keys/far/complete", completeBody(l.token, 201, "done")), 200, "")
+	r := e.do("GET", "/v1/keys/far", nil)
+	if got, want := r.json(t)["expires_at"], e.clock.Now().Add(87600*time.Hour).UTC().Format(time.RFC3339Nano); got != want {
+		t.Errorf("expires_at = %v, want %s", got, want)
+	}
+}
+
 // TestMalformed sends 50 malformed requests; each must get its documented 4xx and a
 // problem+json body, never a 5xx.
 func TestMalformed(t *testing.T) {
