@@ -7,6 +7,7 @@ import (
 	"errors"
 	"io"
 	"net/http"
+	"net/url"
 	"reflect"
 	"strings"
 	"testing"
@@ -207,6 +208,17 @@ func TestRunEndToEnd(t *testing.T) {
 	}
 	if st, _, _ := call(t, "DELETE", base+"/v1/keys/never", ``); st != 204 {
 		t.Errorf("delete = %d, want 204", st)
+	}
+	// OPTIONS * is answered by the API, like any other request: problem+json, X-Request-Id.
+	u, _ := url.Parse(base)
+	u.Opaque = "*"
+	resp, err := http.DefaultClient.Do(&http.Request{Method: "OPTIONS", URL: u, Host: u.Host, Header: http.Header{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 404 || resp.Header.Get("Content-Type") != "application/problem+json" || resp.Header.Get("X-Request-Id") == "" {
+		t.Errorf("OPTIONS * = %d %v, want a 404 problem with X-Request-Id", resp.StatusCode, resp.Header)
 	}
 
 	// A second service on the same data dir fails fast, saying why.

@@ -58,7 +58,10 @@ func run(ctx context.Context, cfg Config, logger *zap.Logger) error {
 		WriteTimeout:      cfg.MaxWait + 30*time.Second, // a begin may wait up to MaxWait
 		IdleTimeout:       2 * time.Minute,
 		MaxHeaderBytes:    64 << 10,
-		ErrorLog:          zap.NewStdLog(logger.With(zap.String("component", "net/http"))),
+		// OPTIONS * goes to the handler too (a problem+json 404 with X-Request-Id), not to
+		// net/http's own answer without either.
+		DisableGeneralOptionsHandler: true,
+		ErrorLog:                     zap.NewStdLog(logger.With(zap.String("component", "net/http"))),
 	}
 
 	sweepCtx, stopSweeper := context.WithCancel(context.Background())

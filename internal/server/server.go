@@ -135,18 +135,19 @@ func (s *Server) routes() http.Handler {
 	return r
 }
 
-// allowed is the Allow header of a 405 on r's path.
+// allowed is the Allow header of a 405 on r's path. It splits the path as the router does, on
+// the escaped path: /v1/keys/begin is the record of the key "begin" (GET, DELETE), and so is
+// /v1/keys/x%2Fbegin; /v1/keys/x/begin is an action (POST).
 func allowed(r *http.Request) string {
-	p := r.URL.Path
-	if strings.HasPrefix(p, "/v1/keys/") {
-		for _, op := range []string{"/begin", "/complete", "/renew", "/release"} {
-			if strings.HasSuffix(p, op) {
-				return "POST"
-			}
-		}
+	rest, ok := strings.CutPrefix(r.URL.EscapedPath(), "/v1/keys/")
+	switch {
+	case !ok:
+		return "GET"
+	case strings.Contains(rest, "/"):
+		return "POST"
+	default:
 		return "GET, DELETE"
 	}
-	return "GET"
 }
 
 func handleSpec(w http.ResponseWriter, _ *http.Request) {
@@ -168,5 +169,5 @@ func (s *Server) handleReadyz(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-	_, _ = w.Write([]byte("ready\n"))
+	_, _ = w.Write([]byte("ok\n")) // api/openapi.yaml
 }

@@ -493,7 +493,9 @@ func TestOperational(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, servertest.Options{Tokens: map[string]string{"t": "token-0123456789abcdef"}})
 	wantStatus(t, e.do("GET", "/healthz", nil), 200, "")
-	wantStatus(t, e.do("GET", "/readyz", nil), 200, "")
+	if r := e.do("GET", "/readyz", nil); r.status != 200 || string(r.body) != "ok\n" {
+		t.Errorf("/readyz = %d %q, want 200 \"ok\\n\" (api/openapi.yaml)", r.status, r.body)
+	}
 	r := e.do("GET", "/openapi.yaml", nil)
 	wantStatus(t, r, 200, "")
 	if !bytes.Contains(r.body, []byte("openapi:")) {
@@ -591,6 +593,29 @@ func TestLongestBounds(t *testing.T) {
 	r := e.do("GET", "/v1/keys/far", nil)
 	if got, want := r.json(t)["expires_at"], e.clock.Now().Add(87600*time.Hour).UTC().Format(time.RFC3339Nano); got != want {
 		t.Errorf("expires_at = %v, want %s", got, want)
+	}
+}
+
+// TestAllow: a 405's Allow names the methods of the path the router matched, also for keys
+// that look like an action's name.
+func TestAllow(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, servertest.Options{})
+	for _, c := range []struct{ method, path, allow string }{
+		{"PUT", "/v1/keys/k", "GET, DELETE"},
+		{"PUT", "/v1/keys/begin", "GET, DELETE"},
+		{"POST", "/v1/keys/begin", "GET, DELETE"},
+		{"PATCH", "/v1/keys/release", "GET, DELETE"},
+		{"PUT", "/v1/keys/x%2Fbegin", "GET, DELETE"},
+		{"GET", "/v1/keys/k/begin", "POST"},
+		{"DELETE", "/v1/keys/begin/complete", "POST"},
+		{"POST", "/healthz", "GET"},
+	} {
+		r := e.bad(c.method, c.path, nil)
+		wantStatus(t, r, 405, "method-not-allowed")
+		if got := r.header.Get("Allow"); got != c.allow {
+			t.Errorf("%s %s: Allow %q, want %q", c.method, c.path, got, c.allow)
+		}
 	}
 }
 
