@@ -685,6 +685,8 @@ func TestMalformed(t *testing.T) {
 		{"member twice", "POST", "/v1/keys/k/begin", `{"fingerprint":"a","fingerprint":"b"}`, nil, 400, "invalid-request"},
 		{"member twice in other case", "POST", "/v1/keys/k/begin", `{"fingerprint":"a","FINGERPRINT":"b"}`, nil, 400, "invalid-request"},
 		{"header given twice", "POST", "/v1/keys/held/complete", `{"token":"` + tok + `","response":{"status":200,"headers":{"A":["1"],"A":["2"]}}}`, nil, 400, "invalid-request"},
+		{"base64 with a line break", "POST", "/v1/keys/held/complete", `{"token":"` + tok + `","response":{"status":200,"body":"YWJj\nZA=="}}`, nil, 400, "invalid-request"},
+		{"base64 with CR LF", "POST", "/v1/keys/held/complete", `{"token":"` + tok + `","response":{"status":200,"body":"YWJj\r\nZA=="}}`, nil, 400, "invalid-request"},
 		{"invalid UTF-8", "POST", "/v1/keys/k/begin", "{\"fingerprint\":\"\xff\"}", nil, 400, "invalid-request"},
 		{"lone high surrogate", "POST", "/v1/keys/k/begin", `{"fingerprint":"\ud800"}`, nil, 400, "invalid-request"},
 		{"lone low surrogate", "POST", "/v1/keys/k/begin", `{"fingerprint":"x\udfffy"}`, nil, 400, "invalid-request"},

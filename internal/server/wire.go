@@ -209,7 +209,7 @@ func decodeJSON(body io.Reader, maxBytes int64, v any, optional bool) error {
 // encoding/json accepts silently: text that is not UTF-8 or a \u escape of half a surrogate
 // pair (both decoded as U+FFFD, so that two different fingerprints would compare equal), null
 // (which leaves a field as it was), a member name that matches a field only without regard to
-// case, and a member given twice (the last would win).
+// case, a member given twice (the last would win), and line breaks in base64.
 func checkStrict(raw []byte, t reflect.Type) error {
 	if !utf8.Valid(raw) {
 		return fmt.Errorf("%w: the body is not valid UTF-8", keys.ErrInvalidRequest)
@@ -270,7 +270,7 @@ func strictValue(dec *json.Decoder, t reflect.Type, path string) error {
 		}
 		_, err = dec.Token()
 	case json.Delim('['):
-		if t.Kind() != reflect.Slice {
+		if t.Kind() != reflect.Slice || t.Elem().Kind() == reflect.Uint8 {
 			return fmt.Errorf("%w: %s must not be an array", keys.ErrInvalidRequest, path)
 		}
 		for i := 0; dec.More(); i++ {
@@ -279,6 +279,12 @@ func strictValue(dec *json.Decoder, t reflect.Type, path string) error {
 			}
 		}
 		_, err = dec.Token()
+	default:
+		// Base64 (a []byte): encoding/json skips line breaks in it; the spec's pattern has none.
+		if str, ok := tok.(string); ok && t.Kind() == reflect.Slice && t.Elem().Kind() == reflect.Uint8 &&
+			strings.ContainsAny(str, "\r\n") {
+			return fmt.Errorf("%w: %s must be base64 without line breaks", keys.ErrInvalidRequest, path)
+		}
 	}
 	if err != nil {
 		return fmt.Errorf("%w: %s", keys.ErrInvalidRequest, err)
