@@ -104,6 +104,8 @@ type Store struct {
 	sweepChunk, sweepChunkBusy int
 	// cache holds completed records for replays; nil when turned off.
 	cache *replayCache
+	// damage is set once a write transaction found the file damaged; Ping reports it.
+	damage damage
 
 	// mu is held shared by every operation and exclusively by Close, so that Close lets the
 	// pending operations finish and no operation starts on a closed database.
@@ -137,14 +139,14 @@ func Open(path string, opts Options) (*Store, error) {
 	if opts.CacheBytes == 0 {
 		opts.CacheBytes = DefaultCacheBytes
 	}
-	db, err := bbolt.Open(path, 0o600, &bbolt.Options{Timeout: opts.Timeout})
+	db, err := openDB(path, &bbolt.Options{Timeout: opts.Timeout})
 	if errors.Is(err, berrors.ErrTimeout) {
 		return nil, fmt.Errorf("open %s: %w (gave up after %s)", path, ErrLocked, opts.Timeout)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("open %s: %w", path, err)
 	}
-	err = db.Update(func(tx *bbolt.Tx) error {
+	err = updateSafely(db, nil, func(tx *bbolt.Tx) error {
 		for _, name := range [][]byte{bucketRecords, bucketExpiry, bucketFences} {
 			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
 				return err
@@ -165,7 +167,7 @@ func Open(path string, opts Options) (*Store, error) {
 		db.MaxBatchSize, db.MaxBatchDelay = opts.MaxBatchSize, opts.MaxBatchDelay
 		st.batch = db.Batch
 	} else {
-		st.comm = &committer{db: db, max: opts.MaxBatchSize}
+		st.comm = &committer{db: db, max: opts.MaxBatchSize, damage: &st.damage}
 		st.batch = st.comm.do
 	}
 	return st, nil
@@ -232,7 +234,7 @@ func (s *Store) begin(ctx context.Context, tenant, key string, req keys.BeginReq
 		}
 	}
 	gen := s.cache.generation()
-	err := s.db.View(func(tx *bbolt.Tx) error {
+	err := s.view(func(tx *bbolt.Tx) error {
 		cur, err := getRecord(tx, id)
 		if err != nil {
 			return err
@@ -415,7 +417,7 @@ func (s *Store) get(ctx context.Context, tenant, key string) (keys.Record, error
 		rerr error
 	)
 	gen := s.cache.generation()
-	err := s.db.View(func(tx *bbolt.Tx) error {
+	err := s.view(func(tx *bbolt.Tx) error {
 		cur, err := getRecord(tx, id)
 		if err != nil {
 			return err
@@ -576,7 +578,10 @@ func (s *Store) Ping(ctx context.Context) error {
 		return fmt.Errorf("ping: %w", err)
 	}
 	defer s.mu.RUnlock()
-	err := s.db.View(func(tx *bbolt.Tx) error {
+	if err := s.damage.get(); err != nil {
+		return fmt.Errorf("ping: %w", err)
+	}
+	err := s.view(func(tx *bbolt.Tx) error {
 		if tx.Bucket(bucketRecords) == nil || tx.Bucket(bucketExpiry) == nil || tx.Bucket(bucketFences) == nil {
 			return errors.New("bolt: a bucket is missing")
 		}

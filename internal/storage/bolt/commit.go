@@ -19,8 +19,9 @@ import (
 // decides at its start; when one function fails, the transaction is rolled back, that function
 // is run alone (its error is its caller's), and the others are committed again without it.
 type committer struct {
-	db  *bbolt.DB
-	max int
+	db     *bbolt.DB
+	max    int
+	damage *damage
 
 	mu      sync.Mutex
 	pending []*call
@@ -102,7 +103,7 @@ func (c *committer) commit(batch []*call) {
 			c.lastForeground = time.Now()
 		}
 		failed := -1
-		err := c.db.Update(func(tx *bbolt.Tx) error {
+		err := updateSafely(c.db, c.damage, func(tx *bbolt.Tx) error {
 			for i, cl := range batch {
 				if err := cl.fn(tx); err != nil {
 					failed = i
@@ -122,7 +123,7 @@ func (c *committer) commit(batch []*call) {
 		if !bad.background {
 			c.foreground = 1
 		}
-		bad.done <- c.db.Update(bad.fn)
+		bad.done <- updateSafely(c.db, c.damage, bad.fn)
 		batch = append(batch[:failed:failed], batch[failed+1:]...)
 	}
 }
