@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"net/url"
 	"io"
 	"slices"
 	"strings"
@@ -179,10 +180,13 @@ func (c Config) masked() map[string]any {
 		}
 		slices.Sort(tenants)
 	}
-	redisURL := c.RedisURL
-	if i := strings.Index(redisURL, "@"); i > 0 {
-		if j := strings.Index(redisURL, "://"); j > 0 && j < i {
-			redisURL = redisURL[:j+3] + "****" + redisURL[i:]
+	// Redacted, as url.Parse reads the URL (the password ends at the last @, and may hold @);
+	// a URL that does not parse is not shown at all.
+	redisURL := ""
+	if c.RedisURL != "" {
+		redisURL = "(does not parse)"
+		if u, err := url.Parse(c.RedisURL); err == nil {
+			redisURL = u.Redacted()
 		}
 	}
 	return map[string]any{

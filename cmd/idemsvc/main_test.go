@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"net/url"
@@ -275,5 +276,27 @@ func TestShutdownFinishesInFlight(t *testing.T) {
 	}
 	if d := time.Since(start); d > 5*time.Second {
 		t.Errorf("shutdown took %s", d)
+	}
+}
+
+// TestRedisPasswordNeverLogged: the start line's masked configuration and the error of a URL
+// that does not parse show no password, also one that holds an @ (the password ends at the last).
+func TestRedisPasswordNeverLogged(t *testing.T) {
+	for _, raw := range []string{
+		"redis://:p@ssw0rd-secret@127.0.0.1:6379/0",
+		"redis://user:s3cretpassw0rd@127.0.0.1:6379/0",
+		"redis://:s3cretpassw0rd@127.0.0.1:port/0", // does not parse: invalid port
+	} {
+		shown := fmt.Sprint(Config{RedisURL: raw}.masked())
+		if strings.Contains(shown, "ssw0rd") {
+			t.Errorf("masked config shows the password of %s: %s", raw, shown)
+		}
+		_, err := openStore(context.Background(), Config{Backend: "redis", RedisURL: raw}, zaptest.NewLogger(t))
+		if err != nil && strings.Contains(err.Error(), "ssw0rd") {
+			t.Errorf("opening %s: the error shows the password: %v", raw, err)
+		}
+		if strings.Contains(raw, ":port") && err == nil {
+			t.Errorf("opening %s: no error", raw)
+		}
 	}
 }

@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"errors"
+	"net/http"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -120,7 +121,20 @@ func newMetrics(reg *prometheus.Registry) *metrics {
 	return m
 }
 
+// metricMethod is the method label: one of the methods HTTP defines, or "other". The method is
+// the client's to choose, and every distinct label value is a series kept for the process's
+// life: 1,000 made-up methods of 40 KB each cost 86 MB and a 40 MB /metrics.
+func metricMethod(method string) string {
+	switch method {
+	case http.MethodGet, http.MethodHead, http.MethodPost, http.MethodPut, http.MethodPatch,
+		http.MethodDelete, http.MethodConnect, http.MethodOptions, http.MethodTrace:
+		return method
+	}
+	return "other"
+}
+
 func (m *metrics) observeRequest(method, route string, status int, d time.Duration) {
+	method = metricMethod(method)
 	o := m.requestSeries.get(requestLabels{method, route, status}, func(l requestLabels) requestObservers {
 		return requestObservers{
 			count:   m.requests.WithLabelValues(l.method, l.route, strconv.Itoa(l.status)),

@@ -13,6 +13,24 @@ import (
 	"github.com/idemsvc/idemsvc/internal/keys"
 )
 
+// TestMetricsMethodLabelBounded: made-up methods, which any client may send, share one series.
+func TestMetricsMethodLabelBounded(t *testing.T) {
+	t.Parallel()
+	reg := prometheus.NewRegistry()
+	m := newMetrics(reg)
+	for i := range 1000 {
+		m.observeRequest("M"+strconv.Itoa(i)+strings.Repeat("X", 100), "unmatched", 405, time.Millisecond)
+	}
+	m.observeRequest("POST", "unmatched", 405, time.Millisecond)
+	got := exposition(t, reg)
+	if n := strings.Count(got, "idemsvc_http_requests_total{"); n != 2 {
+		t.Errorf("%d request series after 1,001 methods, want 2 (other, POST):\n%.2000s", n, got)
+	}
+	if !strings.Contains(got, `idemsvc_http_requests_total{method="other",route="unmatched",status="405",} 1000`) {
+		t.Errorf("made-up methods are not counted as other:\n%.2000s", got)
+	}
+}
+
 // TestMetricsCachesShowTheSameSeries: what the request and store metrics show through the
 // caches of resolved children is what they show with WithLabelValues on every observation:
 // the same series, made at the same moment (first use), with the same values.
@@ -52,7 +70,7 @@ func TestMetricsCachesShowTheSameSeries(t *testing.T) {
 	for i := range 2 * maxCachedChildren { // more methods than the cache keeps
 		method := "M" + strconv.Itoa(i%(maxCachedChildren+10))
 		mc.observeRequest(method, "unmatched", 405, time.Millisecond)
-		md.requests.WithLabelValues(method, "unmatched", "405").Inc()
+		md.requests.WithLabelValues(metricMethod(method), "unmatched", "405").Inc()
 		md.latency.WithLabelValues("unmatched").Observe(time.Millisecond.Seconds())
 	}
 	if got, want := exposition(t, cached), exposition(t, direct); got != want {

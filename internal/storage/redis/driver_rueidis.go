@@ -3,6 +3,8 @@ package redis
 import (
 	"context"
 	"errors"
+	"fmt"
+	neturl "net/url"
 	"strings"
 	"sync"
 	"time"
@@ -40,7 +42,7 @@ var errClosed = errors.New("redis: store closed")
 func newRueidisDriver(url string, timeout time.Duration) (*rueidisDriver, error) {
 	opt, err := rueidis.ParseURL(url)
 	if err != nil {
-		return nil, err
+		return nil, redactURLError(err, url)
 	}
 	opt.Dialer.Timeout = timeout
 	// Notice a Redis that stopped answering within a few operation timeouts, not the default 10s.
@@ -252,4 +254,23 @@ func transientReply(msg string) bool {
 		return true
 	}
 	return false
+}
+
+// redactURLError is err without the URL it may quote (url.Parse's errors quote it whole, password
+// included) and without the password anywhere: what it says ends up in logs.
+func redactURLError(err error, raw string) error {
+	var ue *neturl.Error
+	if errors.As(err, &ue) {
+		err = fmt.Errorf("invalid URL: %w", ue.Err)
+	}
+	msg := err.Error()
+	if u, perr := neturl.Parse(raw); perr == nil {
+		if p, ok := u.User.Password(); ok && p != "" {
+			msg = strings.ReplaceAll(msg, p, "xxxxx")
+		}
+		msg = strings.ReplaceAll(msg, raw, u.Redacted())
+	} else if i := strings.LastIndex(raw, "@"); i > 0 {
+		msg = strings.ReplaceAll(msg, raw[:i], "xxxxx") // scheme and credentials, unparsed
+	}
+	return errors.New(msg)
 }
