@@ -3,8 +3,8 @@ package main
 import (
 	"errors"
 	"fmt"
-	"net/url"
 	"io"
+	"net/url"
 	"slices"
 	"strings"
 	"text/tabwriter"
