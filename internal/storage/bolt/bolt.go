@@ -460,13 +460,20 @@ func (s *Store) Sweep(ctx context.Context, limit int) (int, error) {
 		}
 		var (
 			n, seen, budget int
-			gone            [][]byte
+			gone, marked    [][]byte
 		)
 		fn := func(tx *bbolt.Tx) error {
 			budget = s.sweepBudget(limit - removed)
 			var err error
 			gone, seen, err = sweep(tx, s.now(), budget)
 			n = len(gone)
+			// Mark inside the transaction, as every writer does: a later call of the same
+			// batch (a begin of a swept key) must not leave the old entry for a reader to
+			// find after the commit, before the sweep gets to drop it.
+			for _, id := range gone {
+				s.cache.mark(id)
+			}
+			marked = append(marked, gone...) // every run's, however many runs there are
 			return err
 		}
 		var err error
@@ -475,10 +482,12 @@ func (s *Store) Sweep(ctx context.Context, limit int) (int, error) {
 		} else {
 			err = s.batch(fn)
 		}
+		for _, id := range marked {
+			s.cache.unmark(id)
+		}
 		if err != nil {
 			return removed, fmt.Errorf("sweep: %w", translate(err))
 		}
-		s.cache.drop(gone)
 		removed += n
 		if seen < budget { // the expired part of the index is empty now
 			break

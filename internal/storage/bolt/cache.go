@@ -25,8 +25,10 @@ const DefaultCacheBytes = 8 << 20
 //   - A reader notes the generation before its read transaction and adds what it read only if
 //     no mark or unmark happened since (every mark and unmark moves the generation): a value
 //     read before a commit can never be added after it.
-//   - A sweep removes only records that have expired, which a cached copy would show as expired
-//     too (the rules check the expiry on every use); it drops their entries after its commit.
+//   - A sweep is such a writer: it marks the ids it removes inside its transaction. An expired
+//     entry alone would be harmless (the rules check the expiry on every use), but a later
+//     call of the same transaction may write that id anew (a begin that finds it gone), and
+//     the old entry must not outlive that commit.
 //
 // Entries are shared and never modified: the rules return copies (Record.Public), and a
 // Response is never written to once stored.
@@ -175,20 +177,6 @@ func (c *replayCache) unmark(id []byte) {
 	}
 	c.gen.Add(1)
 	sh.mu.Unlock()
-}
-
-// drop removes the entries of ids (a sweep's, after its commit).
-func (c *replayCache) drop(ids [][]byte) {
-	if c == nil || len(ids) == 0 {
-		return
-	}
-	c.gen.Add(1)
-	for _, id := range ids {
-		sh := c.shard(id)
-		sh.mu.Lock()
-		sh.dropLocked(string(id))
-		sh.mu.Unlock()
-	}
 }
 
 func (sh *cacheShard) dropLocked(id string) {
