@@ -65,6 +65,21 @@ type Record struct {
 // Live reports whether the record exists at now, that is, has not expired.
 func (r *Record) Live(now time.Time) bool { return r != nil && now.Before(r.ExpiresAt) }
 
+// NextChange returns the first instant after now at which a rule could decide differently on r:
+// its expiry, or its lease's expiry while in progress, whichever comes first; the zero time when
+// r is nil or has expired at now (then nothing about it changes by itself). A decision made at
+// now holds until then: a store that writes it later must not write it at or after that instant.
+func (r *Record) NextChange(now time.Time) time.Time {
+	if !r.Live(now) {
+		return time.Time{}
+	}
+	t := r.ExpiresAt
+	if r.State == StateInProgress && r.Lease.ExpiresAt.After(now) && r.Lease.ExpiresAt.Before(t) {
+		t = r.Lease.ExpiresAt
+	}
+	return t
+}
+
 // LeaseLive reports whether an in-progress record's lease still holds at now.
 func (r *Record) LeaseLive(now time.Time) bool {
 	return r.State == StateInProgress && now.Before(r.Lease.ExpiresAt)

@@ -433,7 +433,19 @@ func (s *Store) cas(ctx context.Context, n names, snap snapshot, w casWrite) (ca
 	if w.publish {
 		channel = n.channel
 	}
-	args := []string{present, snap.raw, "put", "", "", "0", "0", "0", channel, "", "", ""}
+	args := []string{present, snap.raw, "put", "", "", "0", "0", "0", channel, "", "", "", ""}
+	// The instant the decision stops holding, on Redis's clock, rounded up to TIME's
+	// microseconds: every decision made on TIME sees the record change exactly there. Not with
+	// Options.Now: the script cannot see that clock, which stands still while Redis's moves.
+	if snap.rec != nil && s.now == nil {
+		if until := snap.rec.NextChange(snap.now); !until.IsZero() {
+			us := until.UnixMicro()
+			if until.After(time.UnixMicro(us)) {
+				us++
+			}
+			args[12] = strconv.FormatInt(us, 10)
+		}
+	}
 	if w.del {
 		args[2] = "del"
 	} else {

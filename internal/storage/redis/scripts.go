@@ -95,15 +95,21 @@ end
 //	ARGV[10] '' when the value was read from Redis; when it was taken from the Store's cache and
 //	         the decision made at its estimate of Redis's clock: that estimate, Unix µs
 //	ARGV[11], ARGV[12] with ARGV[10]: how far (µs) Redis's clock may be before it, and after it
+//	ARGV[13] '' or the instant, Unix µs on Redis's clock, from which the decision may no longer
+//	         hold (keys.Record.NextChange: the record's or its lease's expiry)
 //
 // It writes nothing when the record changed since it was read (or since the Store cached it),
-// nor when the estimate was too far off; the reply then carries the current value and TIME, and
-// the caller decides again. The stored value is the fence in decimal, ':', then the record in
+// when the estimate was too far off, or when TIME has reached ARGV[13]: a holder's complete
+// decided just before the record expired must not land after it (Redis keeps an expired key
+// for up to a millisecond past PXAT, and another replica may already have answered that the
+// record is gone). The reply then carries the current value and TIME, and the caller decides
+// again. The stored value is the fence in decimal, ':', then the record in
 // keys' codec. Comparing the whole value is cheap: every write replaces an in-progress record or
 // none, and those are small; a completed record is never the base of a write while it lives.
 const casScript = scriptLib + `
 local t, now = clock()
 local cur = redis.call('GET', KEYS[1])
+if ARGV[13] ~= '' and now >= tonumber(ARGV[13]) then return {0, cur, t[1], t[2]} end
 local floor = tonumber(ARGV[7])
 if ARGV[10] ~= '' then
   floor = guess(now, tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12]), floor)
