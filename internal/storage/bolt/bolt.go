@@ -409,12 +409,13 @@ func (s *Store) get(ctx context.Context, tenant, key string) (keys.Record, error
 	}
 	defer s.mu.RUnlock()
 	id := keys.StorageID(tenant, key)
-	if cached := s.cache.get(id); cached != nil {
+	if cached := s.cache.get(id); cached != nil && cached.Live(s.now()) {
 		return keys.DecideGet(cached, s.now())
 	}
 	var (
-		rec  keys.Record
-		rerr error
+		rec     keys.Record
+		rerr    error
+		expired bool
 	)
 	gen := s.cache.generation()
 	err := s.view(func(tx *bbolt.Tx) error {
@@ -422,10 +423,30 @@ func (s *Store) get(ctx context.Context, tenant, key string) (keys.Record, error
 		if err != nil {
 			return err
 		}
-		rec, rerr = keys.DecideGet(cur, s.now())
+		now := s.now()
+		rec, rerr = keys.DecideGet(cur, now)
+		expired = cur != nil && !cur.Live(now)
 		if rerr == nil {
 			s.cache.add(id, cur, gen)
 		}
+		return nil
+	})
+	if err != nil {
+		return keys.Record{}, translate(err)
+	}
+	if !expired {
+		return rec, rerr
+	}
+	// The record stored has expired. A writer may have decided on it before it expired (a
+	// holder's complete, say) and be waiting for its commit: answering "gone" now, and that
+	// write being acknowledged after, would be no order of the two. Decided in the group
+	// commit instead, after every write queued so far, a get sees what they did.
+	err = s.batch(func(tx *bbolt.Tx) error {
+		cur, err := getRecord(tx, id)
+		if err != nil {
+			return err
+		}
+		rec, rerr = keys.DecideGet(cur, s.now())
 		return nil
 	})
 	if err != nil {
