@@ -79,7 +79,7 @@ func New(store keys.Store, opts Options) *Server {
 		auth:            newAuthenticator(opts.Tokens),
 		metrics:         newMetrics(opts.Registry),
 		registry:        opts.Registry,
-		maxRequestBytes: int64(opts.Limits.MaxBodyBytes)/3*4 + 64<<10,
+		maxRequestBytes: maxRequestBytes(opts.Limits),
 	}
 	s.store = instrument(store, s.metrics)
 	s.draining, s.drain = context.WithCancel(context.Background())
@@ -107,6 +107,13 @@ func (s *Server) ObserveSweep(removed int, err error) {
 	if removed > 0 {
 		s.logger.Debug("swept expired records", zap.Int("removed", removed))
 	}
+}
+
+// maxRequestBytes bounds a request body: room for the largest valid complete, whose stored body
+// comes in base64 and whose stored headers a client may send with every byte escaped as
+// \u00XX (encoding/json escapes <, > and &), 6 bytes for one, plus 64 KiB for the rest.
+func maxRequestBytes(l keys.Limits) int64 {
+	return int64(l.MaxBodyBytes+2)/3*4 + 6*int64(l.MaxHeaderBytes) + 64<<10
 }
 
 // routes lists every route, in the order of api/openapi.yaml.

@@ -619,6 +619,24 @@ func TestAllow(t *testing.T) {
 	}
 }
 
+// TestLargestComplete: a complete at every limit at once (the largest stored body, and stored
+// headers of the largest total size, each byte escaped by encoding/json as \u003c) is not too
+// large a request.
+func TestLargestComplete(t *testing.T) {
+	t.Parallel()
+	limits := keys.DefaultLimits()
+	limits.MaxBodyBytes = 3000
+	e := newEnv(t, servertest.Options{Limits: limits})
+	l := e.begin("big", nil)
+	headers := map[string][]string{}
+	for i := range 8 { // 8 names of 4 bytes and values of 2,044: 16,384 bytes in all
+		headers[fmt.Sprintf("X-A%d", i)] = []string{strings.Repeat("<", 2044)}
+	}
+	body := map[string]any{"token": l.token, "response": map[string]any{
+		"status": 200, "headers": headers, "body": base64.StdEncoding.EncodeToString(make([]byte, 3000))}}
+	wantStatus(t, e.do("POST", "/v1/keys/big/complete", body), 200, "")
+}
+
 // TestMalformed sends 50 malformed requests; each must get its documented 4xx and a
 // problem+json body, never a 5xx.
 func TestMalformed(t *testing.T) {
