@@ -20,6 +20,8 @@ type Client struct {
 	hc        *http.Client
 	retry     RetryPolicy
 	userAgent string
+	// maxResponse bounds a 2xx response body: maxResponseBytes (a field so that tests can lower it).
+	maxResponse int64
 }
 
 // Option configures a Client.
@@ -53,10 +55,11 @@ func New(baseURL string, opts ...Option) (*Client, error) {
 		return nil, fmt.Errorf("idemclient: base URL %q has a query or fragment", baseURL)
 	}
 	c := &Client{
-		base:      strings.TrimRight(u.String(), "/"),
-		hc:        &http.Client{},
-		retry:     DefaultRetryPolicy(),
-		userAgent: "idemclient-go/1",
+		base:        strings.TrimRight(u.String(), "/"),
+		hc:          &http.Client{},
+		retry:       DefaultRetryPolicy(),
+		userAgent:   "idemclient-go/1",
+		maxResponse: maxResponseBytes,
 	}
 	for _, o := range opts {
 		o(c)
@@ -106,29 +109,36 @@ func checkDurations(ds ...time.Duration) error {
 // another caller holds the key, ErrFingerprintMismatch when the key was begun with another
 // fingerprint, ErrInvalidKey for a malformed key, and with the other errors of the package.
 func (c *Client) Begin(ctx context.Context, key string, opts BeginOptions) (*BeginResult, error) {
+	br, _, err := c.begin(ctx, key, opts)
+	return br, err
+}
+
+// begin is Begin that also returns the headers of the answer.
+func (c *Client) begin(ctx context.Context, key string, opts BeginOptions) (*BeginResult, http.Header, error) {
 	if !ValidKey(key) {
-		return nil, invalidKeyError(key)
+		return nil, nil, invalidKeyError(key)
 	}
 	if err := checkDurations(opts.Lease, opts.TTL, opts.Wait); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	body := beginBody{Fingerprint: opts.Fingerprint, LeaseMS: millis(opts.Lease), TTLMS: millis(opts.TTL), WaitMS: millis(opts.Wait)}
 	var rec wireRecord
+	var header http.Header
 	status, err := c.call(ctx, call{
 		op: "begin", method: http.MethodPost, path: keyPath(key, "begin"), body: body,
-		out: &rec, extraTimeout: opts.Wait, retryInProgress: c.retry.RetryInProgress,
+		out: &rec, header: &header, extraTimeout: opts.Wait, retryInProgress: c.retry.RetryInProgress,
 	})
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	r := rec.record()
 	switch {
 	case status == http.StatusCreated && r.Lease != nil && r.Lease.Token != "":
-		return &BeginResult{Acquired: true, Lease: r.Lease, Record: r}, nil
+		return &BeginResult{Acquired: true, Lease: r.Lease, Record: r}, header, nil
 	case status == http.StatusOK && r.State == StateCompleted && r.Response != nil:
-		return &BeginResult{Replayed: true, Record: r}, nil
+		return &BeginResult{Replayed: true, Record: r}, header, nil
 	}
-	return nil, fmt.Errorf("idemclient: begin %q: unexpected answer: status %d, state %q", key, status, r.State)
+	return nil, nil, fmt.Errorf("idemclient: begin %q: unexpected answer: status %d, state %q", key, status, r.State)
 }
 
 // Complete stores req.Response as the result of key's operation and returns the completed
@@ -219,16 +229,45 @@ func (c *Client) Ready(ctx context.Context) error {
 // call describes one API call.
 type call struct {
 	op, method, path string
-	body             any // JSON-encoded when not nil
-	out              any // decoded from a 2xx body when not nil
+	body             any          // JSON-encoded when not nil
+	out              any          // decoded from a 2xx body when not nil
+	header           *http.Header // set to the headers of a 2xx response when not nil
 	extraTimeout     time.Duration
 	retryInProgress  bool
 	noRetry          bool
 }
 
-// maxResponseBytes bounds a response body: a stored body of the server's largest configurable
-// size in base64, with room for the rest of the record.
-const maxResponseBytes = 64 << 20
+// The limits of idemsvc that bound the size of a record it sends (internal/keys and
+// cmd/idemsvc/config.go of the server). A client cannot read them from the server, so these are
+// the largest values the server accepts in any configuration.
+const (
+	serverMaxBodyBytes      = 64 << 20 // the largest IDEMSVC_MAX_BODY_BYTES
+	serverMaxHeaderBytes    = 16 << 10 // keys.Limits.MaxHeaderBytes: names and values of a stored response
+	serverMaxHeaderValues   = 100      // keys.Limits.MaxHeaders: header values (a name without values counts one)
+	serverMaxKeyBytes       = 255      // keys.MaxKeyLen
+	serverMaxFingerprintLen = 512      // keys.MaxFingerprintLen
+)
+
+// maxResponseBytes is the most the client reads of a 2xx response: the JSON of the largest
+// record idemsvc can send. Its parts:
+//
+//   - the stored body in standard base64 with padding: 4 bytes for every 3, rounded up;
+//   - the header names and values, each byte escaped by the server as encoding/json does, at
+//     worst 6 bytes ("<", ">" and "&" become \u003c, \u003e and \u0026, a byte of invalid UTF-8
+//     becomes \ufffd; control characters other than tab are refused);
+//   - per header value its quotes and comma, per name its quotes, colon, brackets and comma;
+//   - the rest of the record: key and fingerprint, escaped at worst 6 bytes a byte, the lease
+//     token, five timestamps, the member names and the trailing newline, with room to spare.
+//
+// A larger answer is not an idemsvc record; reading it whole would only cost memory, so the
+// client stops at this size and reports errResponseTooLarge.
+const maxResponseBytes = (serverMaxBodyBytes+2)/3*4 +
+	6*serverMaxHeaderBytes +
+	serverMaxHeaderValues*(3+6) +
+	6*(serverMaxKeyBytes+serverMaxFingerprintLen) + 16<<10
+
+// errResponseTooLarge is the error of a response over the client's limit.
+var errResponseTooLarge = errors.New("response body is larger than the largest record idemsvc sends")
 
 // call performs c with the client's retry policy and returns the final status.
 func (c *Client) call(ctx context.Context, cl call) (int, error) {
@@ -242,11 +281,18 @@ func (c *Client) call(ctx context.Context, cl call) (int, error) {
 	p := c.retry
 	for attempt := 1; ; attempt++ {
 		status, header, body, err := c.attempt(ctx, cl, payload)
+		if errors.Is(err, errResponseTooLarge) {
+			// Not a transport error: the same request would get the same answer.
+			return status, fmt.Errorf("idemclient: %s: %d response: %w", cl.op, status, err)
+		}
 		if err == nil && status >= 200 && status < 300 {
 			if cl.out != nil && status != http.StatusNoContent {
 				if err := json.Unmarshal(body, cl.out); err != nil {
 					return status, fmt.Errorf("idemclient: %s: decode %d response: %w", cl.op, status, err)
 				}
+			}
+			if cl.header != nil {
+				*cl.header = header
 			}
 			return status, nil
 		}
@@ -271,10 +317,7 @@ func (c *Client) call(ctx context.Context, cl call) (int, error) {
 		if !retryable || cl.noRetry || attempt >= p.MaxAttempts {
 			return status, err
 		}
-		wait := p.backoff(attempt)
-		if retryAfter > 0 {
-			wait = retryAfter
-		}
+		wait := p.delay(attempt, retryAfter)
 		if dl, ok := ctx.Deadline(); ok && time.Now().Add(wait).After(dl) {
 			return status, err // the wait would outlive the context: give up now
 		}
@@ -282,7 +325,9 @@ func (c *Client) call(ctx context.Context, cl call) (int, error) {
 		select {
 		case <-ctx.Done():
 			t.Stop()
-			return status, err
+			// The caller gave up: say so first, so that errors.Is(err, context.Canceled) holds,
+			// and keep the error that the retry was waiting to overcome.
+			return status, fmt.Errorf("idemclient: %s: %w while waiting to retry after: %w", cl.op, ctx.Err(), err)
 		case <-t.C:
 		}
 	}
@@ -315,13 +360,55 @@ func (c *Client) attempt(ctx context.Context, cl call, payload []byte) (int, htt
 		return 0, nil, nil, err
 	}
 	defer resp.Body.Close()
-	limit := int64(maxResponseBytes)
 	if resp.StatusCode >= 300 {
-		limit = maxProblemBytes
+		// An error body only informs (decodeError); a long one (a proxy's error page, say) is
+		// cut, not refused.
+		data, err := io.ReadAll(io.LimitReader(resp.Body, maxProblemBytes))
+		if err != nil {
+			return 0, nil, nil, fmt.Errorf("read response: %w", err)
+		}
+		return resp.StatusCode, resp.Header, data, nil
 	}
-	data, err := io.ReadAll(io.LimitReader(resp.Body, limit))
+	data, err := readLimited(resp.Body, resp.ContentLength, c.maxResponse)
+	if errors.Is(err, errResponseTooLarge) {
+		return resp.StatusCode, nil, nil, err
+	}
 	if err != nil {
-		return 0, nil, nil, fmt.Errorf("read response: %w", err)
+		return 0, nil, nil, err
 	}
 	return resp.StatusCode, resp.Header, data, nil
+}
+
+// readLimited reads a whole body of at most limit bytes, whose length is contentLength (-1 when
+// unknown). A longer body is an error matching errResponseTooLarge, never a cut one: a record cut
+// short would only fail to decode, with a JSON syntax error that hides the cause.
+func readLimited(r io.Reader, contentLength, limit int64) ([]byte, error) {
+	if contentLength > limit {
+		return nil, fmt.Errorf("%w: Content-Length %d is over the limit of %d bytes", errResponseTooLarge, contentLength, limit)
+	}
+	// Room for the announced length and one byte more, so that the read that finds the end does
+	// not grow (and so copy) a buffer that may be tens of megabytes.
+	size := int64(512)
+	if contentLength >= 0 {
+		size = contentLength + 1
+	}
+	buf := make([]byte, 0, size)
+	lr := io.LimitReader(r, limit+1)
+	for {
+		if len(buf) == cap(buf) {
+			buf = append(buf, 0)[:len(buf)]
+		}
+		n, err := lr.Read(buf[len(buf):cap(buf)])
+		buf = buf[:len(buf)+n]
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return nil, fmt.Errorf("read response: %w", err)
+		}
+	}
+	if int64(len(buf)) > limit {
+		return nil, fmt.Errorf("%w: more than the limit of %d bytes", errResponseTooLarge, limit)
+	}
+	return buf, nil
 }

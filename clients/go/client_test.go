@@ -336,6 +336,54 @@ func TestRetry(t *testing.T) {
 			t.Errorf("attempts = %d, want 2", got)
 		}
 	})
+	t.Run("CancelledWhileWaitingToRetry", func(t *testing.T) {
+		t.Parallel()
+		for _, header := range [][]string{{"Retry-After", "5"}, nil} {
+			srv, n := scripted(t, problemAnswer(503, "unavailable", header...))
+			p := fast
+			p.BaseDelay, p.MaxDelay = 10*time.Second, 10*time.Second // the backoff waits long too
+			c := newTestClient(t, srv.URL, WithRetry(p))
+			ctx, cancel := context.WithCancel(context.Background())
+			time.AfterFunc(100*time.Millisecond, cancel)
+			start := time.Now()
+			err := c.Delete(ctx, "k")
+			if !errors.Is(err, context.Canceled) {
+				t.Errorf("Retry-After %q: got %v, want context.Canceled", header, err)
+			}
+			var e *Error
+			if !errors.Is(err, ErrUnavailable) || !errors.As(err, &e) || e.Status != 503 {
+				t.Errorf("Retry-After %q: got %v, want it to carry the last error, the 503", header, err)
+			}
+			if elapsed := time.Since(start); elapsed > 2*time.Second || n.Load() != 1 {
+				t.Errorf("Retry-After %q: took %v and %d attempts, want a return at the cancel, after 1", header, elapsed, n.Load())
+			}
+		}
+	})
+	t.Run("RetryAfterCapped", func(t *testing.T) {
+		t.Parallel()
+		// A proxy asks for a day; the context has no deadline.
+		srv, n := scripted(t, problemAnswer(503, "x", "Retry-After", "86400"), noContent)
+		p := fast
+		p.MaxRetryAfter = 200 * time.Millisecond
+		c := newTestClient(t, srv.URL, WithRetry(p))
+		done := make(chan error, 1)
+		start := time.Now()
+		go func() { done <- c.Delete(context.Background(), "k") }()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatal(err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("still waiting after 10s: the Retry-After of a day is not capped by MaxRetryAfter")
+		}
+		if elapsed := time.Since(start); elapsed < p.MaxRetryAfter {
+			t.Errorf("retried after %v, want MaxRetryAfter, %v", elapsed, p.MaxRetryAfter)
+		}
+		if got := n.Load(); got != 2 {
+			t.Errorf("attempts = %d, want 2", got)
+		}
+	})
 	t.Run("CancelledContextIsNotUnavailable", func(t *testing.T) {
 		t.Parallel()
 		srv, _ := scripted(t, func(w http.ResponseWriter) { time.Sleep(time.Second) })
@@ -363,6 +411,29 @@ func TestBackoff(t *testing.T) {
 		}
 		if maxSeen < ceiling/2 {
 			t.Errorf("backoff(%d) never above %v in 2000 draws; want full jitter up to %v", attempt, maxSeen, ceiling)
+		}
+	}
+}
+
+func TestRetryDelay(t *testing.T) {
+	t.Parallel()
+	if got, want := DefaultRetryPolicy().MaxRetryAfter, 30*time.Second; got != want {
+		t.Errorf("DefaultRetryPolicy().MaxRetryAfter = %v, want %v", got, want)
+	}
+	for _, tc := range []struct {
+		name       string
+		p          RetryPolicy
+		retryAfter time.Duration
+		want       time.Duration
+	}{
+		{"Default", RetryPolicy{}, 24 * time.Hour, 30 * time.Second},
+		{"DefaultShort", RetryPolicy{}, 3 * time.Second, 3 * time.Second},
+		{"Set", RetryPolicy{MaxRetryAfter: time.Minute}, 24 * time.Hour, time.Minute},
+		{"LongerThanTheBackoff", RetryPolicy{MaxDelay: time.Millisecond}, 3 * time.Second, 3 * time.Second},
+	} {
+		p := tc.p.withDefaults()
+		if got := p.delay(1, tc.retryAfter); got != tc.want {
+			t.Errorf("%s: delay with Retry-After %v = %v, want %v", tc.name, tc.retryAfter, got, tc.want)
 		}
 	}
 }

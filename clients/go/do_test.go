@@ -216,6 +216,32 @@ func TestDoRenewFailsButNobodyTookOver(t *testing.T) {
 	}
 }
 
+// TestDoRenewFailsAndFnGivesUp: renewals fail until the lease runs out by the client's clock,
+// and fn returns its context's error. Do releases the key and returns an error matching
+// ErrLeaseLost, as documented, and fn's error too: it used to return only fn's error (context
+// canceled), which said nothing of the lease (seen under load in TestDoLeaseLost).
+func TestDoRenewFailsAndFnGivesUp(t *testing.T) {
+	t.Parallel()
+	f, srv := newFake(t)
+	f.inject = func(op string) int {
+		if op == "renew" {
+			return 503
+		}
+		return 0
+	}
+	c := newTestClient(t, srv.URL)
+	_, err := c.Do(context.Background(), "k", "", func(ctx context.Context) (Response, error) {
+		<-ctx.Done()
+		return Response{}, ctx.Err()
+	}, WithLease(100*time.Millisecond))
+	if !errors.Is(err, ErrLeaseLost) || !errors.Is(err, context.Canceled) {
+		t.Fatalf("Do = %v, want an error matching ErrLeaseLost and context.Canceled", err)
+	}
+	if got := f.count("release"); got != 1 {
+		t.Errorf("%d releases, want 1", got)
+	}
+}
+
 func TestDoContextCancelled(t *testing.T) {
 	t.Parallel()
 	t.Run("FnFinishesItsWork", func(t *testing.T) {

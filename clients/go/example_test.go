@@ -18,7 +18,7 @@ func chargeCard(ctx context.Context, cents int) (string, error) { return "ch_1",
 // Do runs the charge at most once per key: a retry of the same order, from this process or
 // another, gets the stored result instead of charging again.
 func ExampleClient_Do() {
-	c, err := idemclient.New("http://127.0.0.1:8080", idemclient.WithToken(os.Getenv("IDEMSVC_TOKEN")))
+	c, err := idemclient.New("http://127.0.0.1:8080", idemclient.WithToken(os.Getenv("IDEMCLIENT_TOKEN")))
 	if err != nil {
 		log.Fatal(err)
 	}
@@ -52,7 +52,7 @@ func ExampleMiddleware() {
 		fmt.Fprintln(w, `{"id":"ch_1"}`)
 	})
 
-	idem, err := idemclient.New("http://127.0.0.1:8080", idemclient.WithToken(os.Getenv("IDEMSVC_TOKEN")))
+	idem, err := idemclient.New("http://127.0.0.1:8080", idemclient.WithToken(os.Getenv("IDEMCLIENT_TOKEN")))
 	if err != nil {
 		log.Fatal(err)
 	}

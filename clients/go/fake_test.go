@@ -1,6 +1,7 @@
 package idemclient
 
 import (
+	"cmp"
 	"encoding/json"
 	"fmt"
 	"maps"
@@ -17,8 +18,8 @@ import (
 )
 
 // fakeSvc is a hand-written, in-memory idemsvc that follows CONTRACT.md closely enough to test
-// Do and Middleware in this module. The tests against the real server live in the root module
-// (internal/clienttest).
+// Do and Middleware in this module. The tests against the real server are those named
+// ...AgainstIdemsvc here (see idemsvc_test.go) and those in the root module (internal/clienttest).
 type fakeSvc struct {
 	t     testing.TB
 	token string // required bearer token; "" is open mode
@@ -29,6 +30,10 @@ type fakeSvc struct {
 	calls   map[string]int
 	inject  func(op string) int // status to answer instead of handling; 0 handles
 	maxBody int
+	// defaultLease is the lease of a begin or renew without lease_ms; 0 means 30s.
+	defaultLease time.Duration
+	// leaseMS holds the lease_ms of every begin and renew, by op.
+	leaseMS map[string][]*int64
 }
 
 type fakeRec struct {
@@ -45,7 +50,7 @@ type fakeRec struct {
 }
 
 func newFake(t testing.TB) (*fakeSvc, *httptest.Server) {
-	f := &fakeSvc{t: t, recs: map[string]*fakeRec{}, calls: map[string]int{}, maxBody: 1 << 20}
+	f := &fakeSvc{t: t, recs: map[string]*fakeRec{}, calls: map[string]int{}, maxBody: 1 << 20, leaseMS: map[string][]*int64{}}
 	srv := httptest.NewServer(f)
 	t.Cleanup(srv.Close)
 	return f, srv
@@ -142,9 +147,15 @@ func (f *fakeSvc) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		return time.Duration(*p) * time.Millisecond
 	}
+	f.mu.Lock()
+	defaultLease := cmp.Or(f.defaultLease, 30*time.Second)
+	if op == "begin" || op == "renew" {
+		f.leaseMS[op] = append(f.leaseMS[op], body.LeaseMS)
+	}
+	f.mu.Unlock()
 	switch op {
 	case "begin":
-		f.begin(w, key, body.Fingerprint, ms(body.LeaseMS, 30*time.Second), ms(body.TTLMS, time.Hour), ms(body.WaitMS, 0))
+		f.begin(w, key, body.Fingerprint, ms(body.LeaseMS, defaultLease), ms(body.TTLMS, time.Hour), ms(body.WaitMS, 0))
 	case "complete":
 		if body.Response == nil || body.Response.Status < 100 || body.Response.Status > 599 || len(body.Response.Body) > f.maxBody {
 			f.problem(w, 422, "invalid-response")
@@ -159,7 +170,7 @@ func (f *fakeSvc) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		f.complete(w, key, body.Token, body.Response, ms(body.TTLMS, 0))
 	case "renew":
-		f.renew(w, key, body.Token, ms(body.LeaseMS, 30*time.Second))
+		f.renew(w, key, body.Token, ms(body.LeaseMS, defaultLease))
 	case "release":
 		f.release(w, key, body.Token)
 	case "get":

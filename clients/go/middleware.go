@@ -144,8 +144,11 @@ func WithLogger(l *slog.Logger) MiddlewareOption {
 //     urn:idemsvc:problem:in-progress) with Retry-After: 1, or, with WithWait, waits for the
 //     first to finish. (Not the holder's lease time: the lease is renewed while the handler
 //     runs, so it says nothing about when the handler finishes.)
-//   - The same key with a different request (method, path, query or body) gets 422
-//     (urn:idemsvc:problem:fingerprint-mismatch).
+//   - The same key with the same method and scope (see WithScope; by default the path) but a
+//     different request (path, query or body) gets 422
+//     (urn:idemsvc:problem:fingerprint-mismatch). With the default scope only the query or the
+//     body can differ: the same key with another method or in another scope (by default, on
+//     another path) names another record, and the handler runs for it.
 //   - A malformed key gets 400 (urn:idemsvc:problem:invalid-key); a missing one passes through
 //     unprotected unless WithRequireKey is set (then 400, urn:idemsvc:problem:missing-key).
 //   - When idemsvc cannot be reached, 503 (urn:idemsvc:problem:unavailable) unless

@@ -351,3 +351,59 @@ func TestMiddlewareEmptyAndSniffedResponses(t *testing.T) {
 		}
 	}
 }
+
+// TestMiddlewareKeyScopeAgainstIdemsvc pins what the same Idempotency-Key does on the real
+// idemsvc, as the Middleware docs and the README table say: with the same method and scope a
+// different path, query or body is 422; another method or another scope is another record, and
+// the handler runs for it.
+func TestMiddlewareKeyScopeAgainstIdemsvc(t *testing.T) {
+	t.Parallel()
+	c := newTestClient(t, startIdemsvc(t))
+	type request struct {
+		method, path, body string
+		want               int
+		replay             bool
+	}
+	for _, tc := range []struct {
+		name string
+		opts []MiddlewareOption
+		reqs []request
+		runs int32
+	}{
+		{"DefaultScope", nil, []request{
+			{"POST", "/charges", `{"amount":1}`, 201, false},
+			{"POST", "/charges?expand=1", `{"amount":1}`, 422, false}, // same method and scope, another query
+			{"POST", "/charges", `{"amount":2}`, 422, false},          // another body
+			{"PATCH", "/charges", `{"amount":1}`, 201, false},         // another method: another record
+			{"POST", "/refunds", `{"amount":1}`, 201, false},          // another scope (path): another record
+			{"POST", "/charges", `{"amount":1}`, 201, true},           // the same request: the replay
+			{"PATCH", "/charges", `{"amount":2}`, 422, false},         // the PATCH record has its own request
+		}, 3},
+		{"CustomScope", []MiddlewareOption{WithScope(func(*http.Request) string { return "charges" })}, []request{
+			{"POST", "/charges/1", `{}`, 201, false},
+			{"POST", "/charges/2", `{}`, 422, false}, // same scope, another path
+			{"PATCH", "/charges/2", `{}`, 201, false},
+		}, 2},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			app := &chargeApp{}
+			srv := httptest.NewServer(Middleware(c, tc.opts...)(app))
+			defer srv.Close()
+			key := `"scope-` + tc.name + `"`
+			for i, r := range tc.reqs {
+				a := send(t, r.method, srv.URL+r.path, key, r.body)
+				if a.status != r.want || (a.header.Get(ReplayedHeader) == "true") != r.replay {
+					t.Errorf("request %d, %s %s %s = %d (replayed %q) %s; want %d, replayed %v",
+						i+1, r.method, r.path, r.body, a.status, a.header.Get(ReplayedHeader), a.body, r.want, r.replay)
+				}
+				if a.status == 422 && problemType(t, a) != "fingerprint-mismatch" {
+					t.Errorf("request %d: problem %s, want fingerprint-mismatch", i+1, a.body)
+				}
+			}
+			if got := app.runs.Load(); got != tc.runs {
+				t.Errorf("handler ran %d times, want %d", got, tc.runs)
+			}
+		})
+	}
+}

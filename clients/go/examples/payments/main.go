@@ -31,7 +31,9 @@ import (
 
 func main() {
 	idemURL := flag.String("idemsvc", "http://127.0.0.1:8080", "base URL of idemsvc")
-	token := flag.String("token", os.Getenv("IDEMSVC_TOKEN"), "bearer token for idemsvc (default $IDEMSVC_TOKEN)")
+	// Not an IDEMSVC_* name: idemsvc refuses to start when an IDEMSVC_* variable it does not
+	// know is set, and a token is often exported in the shell that starts idemsvc too.
+	token := flag.String("token", os.Getenv("IDEMCLIENT_TOKEN"), "bearer token for idemsvc (default $IDEMCLIENT_TOKEN)")
 	work := flag.Duration("work", 1500*time.Millisecond, "how long booking a charge takes")
 	timeout := flag.Duration("timeout", 500*time.Millisecond, "the client's timeout per attempt")
 	flag.Parse()

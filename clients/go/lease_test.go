@@ -1,0 +1,186 @@
+package idemclient
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"net/http/httptest"
+	"strconv"
+	"testing"
+	"time"
+)
+
+// TestDoLeaseAgainstIdemsvc runs Do against the real idemsvc configured with leases shorter than
+// 30s (IDEMSVC_MAX_LEASE=10s, IDEMSVC_DEFAULT_LEASE=5s). Without WithLease, Do asks for no
+// lease: the server's default applies, and Do renews it in time, judging its length from the
+// begin's answer. Before, Do always asked for 30s, and every Do failed with 400.
+func TestDoLeaseAgainstIdemsvc(t *testing.T) {
+	t.Parallel()
+	url := startIdemsvc(t, "IDEMSVC_MAX_LEASE=10s", "IDEMSVC_DEFAULT_LEASE=5s")
+	c := newTestClient(t, url)
+	ctx := context.Background()
+
+	// renewedInTime checks, from inside fn, that key's lease has the length want and is renewed
+	// before it runs out.
+	renewedInTime := func(t *testing.T, key string, want time.Duration, takeover bool) {
+		t.Helper()
+		rec, err := c.Get(ctx, key)
+		if err != nil || rec.Lease == nil {
+			t.Fatalf("Get in fn = %+v, %v", rec, err)
+		}
+		first := rec.Lease.ExpiresAt
+		if !takeover {
+			if got := first.Sub(rec.CreatedAt); got < want-50*time.Millisecond || got > want+50*time.Millisecond {
+				t.Errorf("lease of %v, want %v", got, want)
+			}
+		}
+		for {
+			time.Sleep(50 * time.Millisecond)
+			rec, err := c.Get(ctx, key)
+			if err != nil {
+				t.Fatalf("Get in fn = %+v, %v", rec, err)
+			}
+			if rec.Lease.ExpiresAt.After(first) {
+				if left := time.Until(first); left < want/4 {
+					t.Errorf("renewed %v before the lease ran out, want about two thirds of %v", left, want)
+				}
+				return
+			}
+			if time.Until(first) < 0 {
+				t.Fatalf("the lease ran out at %v without a renew", first)
+			}
+		}
+	}
+
+	t.Run("ServerDefault", func(t *testing.T) {
+		t.Parallel()
+		res, err := c.Do(ctx, "default", "", func(context.Context) (Response, error) {
+			renewedInTime(t, "default", 5*time.Second, false)
+			return okResponse("ok"), nil
+		})
+		if err != nil || res.Record == nil || res.Record.State != StateCompleted {
+			t.Fatalf("Do = %+v, %v; want it recorded", res, err)
+		}
+	})
+	t.Run("TakeOver", func(t *testing.T) {
+		t.Parallel()
+		// A holder that crashed: its 300ms lease runs out, Do takes over. The record keeps its
+		// first created_at, so Do cannot read the new lease's length from it.
+		if _, err := c.Begin(ctx, "takeover", BeginOptions{Lease: 300 * time.Millisecond}); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(400 * time.Millisecond)
+		res, err := c.Do(ctx, "takeover", "", func(context.Context) (Response, error) {
+			renewedInTime(t, "takeover", 5*time.Second, true)
+			return okResponse("ok"), nil
+		})
+		if err != nil || res.Record == nil {
+			t.Fatalf("Do = %+v, %v; want it recorded", res, err)
+		}
+	})
+	t.Run("WithLease", func(t *testing.T) {
+		t.Parallel()
+		res, err := c.Do(ctx, "explicit", "", func(context.Context) (Response, error) {
+			renewedInTime(t, "explicit", 2*time.Second, false)
+			return okResponse("ok"), nil
+		}, WithLease(2*time.Second))
+		if err != nil || res.Record == nil {
+			t.Fatalf("Do = %+v, %v; want it recorded", res, err)
+		}
+	})
+	t.Run("WithLeaseOverTheMaximum", func(t *testing.T) {
+		t.Parallel()
+		_, err := c.Do(ctx, "too-long", "", func(context.Context) (Response, error) {
+			t.Error("fn ran")
+			return Response{}, nil
+		}, WithLease(20*time.Second))
+		if !errors.Is(err, ErrInvalidRequest) {
+			t.Fatalf("Do with a lease over IDEMSVC_MAX_LEASE = %v, want ErrInvalidRequest", err)
+		}
+	})
+	t.Run("Middleware", func(t *testing.T) {
+		t.Parallel()
+		app := &chargeApp{}
+		srv := httptest.NewServer(Middleware(c)(app))
+		defer srv.Close()
+		for i, want := range []string{"", "true"} {
+			a := send(t, "POST", srv.URL+"/charges", `"mw"`, `{"amount":1}`)
+			if a.status != http.StatusCreated || a.header.Get(ReplayedHeader) != want {
+				t.Errorf("request %d = %d %s %v, want 201 (replayed %q)", i+1, a.status, a.body, a.header, want)
+			}
+		}
+		if got := app.runs.Load(); got != 1 {
+			t.Errorf("handler ran %d times, want 1", got)
+		}
+	})
+}
+
+func TestGrantedLease(t *testing.T) {
+	t.Parallel()
+	grant := time.Date(2030, 1, 1, 12, 0, 7, 600e6, time.UTC) // the server's time of the grant
+	lease := &Lease{ExpiresAt: grant.Add(5 * time.Second)}
+	date := http.Header{"Date": {grant.Format(http.TimeFormat)}} // whole seconds: 12:00:07
+	for _, tc := range []struct {
+		name      string
+		createdAt time.Time
+		header    http.Header
+		want      time.Duration
+	}{
+		{"Created", grant, date, 5 * time.Second},
+		{"CreatedNoDate", grant, http.Header{}, 5 * time.Second},
+		{"TakeOver", grant.Add(-time.Hour), date, 5600 * time.Millisecond}, // up to a second more
+		{"DateAfterCreation", grant, http.Header{"Date": {grant.Add(time.Second).Format(http.TimeFormat)}}, 4600 * time.Millisecond},
+		{"Nonsense", lease.ExpiresAt.Add(time.Second), http.Header{}, time.Second},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			if got := grantedLease(&Record{CreatedAt: tc.createdAt}, lease, tc.header); got != tc.want {
+				t.Errorf("grantedLease = %v, want %v", got, tc.want)
+			}
+		})
+	}
+}
+
+// TestDoSendsNoLeaseByDefault: without WithLease neither the begin nor the renews of Do carry
+// lease_ms, and the renews follow the server's lease; with WithLease, both carry it.
+func TestDoSendsNoLeaseByDefault(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name string
+		opts []DoOption
+		want *int64
+	}{{"Default", nil, nil}, {"WithLease", []DoOption{WithLease(240 * time.Millisecond)}, millis(240 * time.Millisecond)}} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			f, idem := newFake(t)
+			f.defaultLease = 300 * time.Millisecond
+			c := newTestClient(t, idem.URL)
+			_, err := c.Do(context.Background(), "k", "", func(ctx context.Context) (Response, error) {
+				time.Sleep(400 * time.Millisecond) // more than a lease: Do must renew
+				return okResponse("ok"), nil
+			}, tc.opts...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			f.mu.Lock()
+			defer f.mu.Unlock()
+			if len(f.leaseMS["begin"]) != 1 || len(f.leaseMS["renew"]) < 2 {
+				t.Fatalf("lease_ms of begins and renews: %v; want 1 begin and renews every third of the lease", f.leaseMS)
+			}
+			for op, sent := range f.leaseMS {
+				for _, ms := range sent {
+					if (ms == nil) != (tc.want == nil) || ms != nil && *ms != *tc.want {
+						t.Errorf("%s sent lease_ms %v, want %v", op, ptrString(ms), ptrString(tc.want))
+					}
+				}
+			}
+		})
+	}
+}
+
+func ptrString(p *int64) string {
+	if p == nil {
+		return "none"
+	}
+	return strconv.FormatInt(*p, 10)
+}
