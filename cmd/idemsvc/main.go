@@ -82,6 +82,9 @@ func realMain(args, environ []string, stdout, stderr io.Writer) int {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	// After the first signal, a second one ends the process at once (Go's default), as an
+	// operator who presses Ctrl-C twice expects: every acknowledged write is already on disk.
+	go func() { <-ctx.Done(); stop() }()
 	if err := run(ctx, cfg, logger); err != nil {
 		logger.Error("idemsvc stopped", zap.Error(err))
 		fmt.Fprintf(stderr, "idemsvc: %v\n", err)
