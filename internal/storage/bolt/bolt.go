@@ -23,6 +23,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sync"
+	"syscall"
 	"time"
 
 	"go.etcd.io/bbolt"
@@ -641,8 +642,13 @@ func (s *Store) Close() error {
 
 // translate turns a bbolt error into a keys error where one fits; anything else is internal.
 func translate(err error) error {
-	if errors.Is(err, berrors.ErrDatabaseNotOpen) {
+	switch {
+	case errors.Is(err, berrors.ErrDatabaseNotOpen):
 		return errClosed
+	case errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT):
+		// The disk is full: an outage of this replica, which clears when space is freed (the
+		// transaction was rolled back), not a fault of the request. 503, and retry.
+		return fmt.Errorf("%w: %w", keys.ErrUnavailable, err)
 	}
 	return err
 }

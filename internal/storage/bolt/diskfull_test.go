@@ -1,0 +1,63 @@
+package bolt
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/idemsvc/idemsvc/internal/keys"
+)
+
+// TestDiskFull: on a full disk a write fails with keys.ErrUnavailable (503: retry later), not an
+// internal error, and the store takes writes again once there is room. It needs a small tmpfs,
+// so root; it is skipped otherwise.
+func TestDiskFull(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("mounting a small tmpfs needs root")
+	}
+	dir := t.TempDir()
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", dir).CombinedOutput(); err != nil {
+		t.Skipf("mount tmpfs: %v: %s", err, out)
+	}
+	t.Cleanup(func() { _ = exec.Command("umount", dir).Run() })
+	s, err := Open(filepath.Join(dir, FileName), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	ctx := context.Background()
+	body := make([]byte, 2000)
+	var full error
+	n := 0
+	for ; n < 10000; n++ {
+		res, err := s.Begin(ctx, "t", fmt.Sprintf("k%d", n), keys.BeginRequest{Lease: time.Minute, TTL: time.Hour})
+		if err == nil {
+			_, err = s.Complete(ctx, "t", fmt.Sprintf("k%d", n), keys.CompleteRequest{Token: res.Record.Lease.Token, Response: keys.Response{Status: 200, Body: body}})
+		}
+		if err != nil {
+			full = err
+			break
+		}
+	}
+	if full == nil {
+		t.Fatal("10,000 records of 2 KB fit in 400 KiB")
+	}
+	if !errors.Is(full, keys.ErrUnavailable) {
+		t.Fatalf("the write on a full disk: %v, want keys.ErrUnavailable", full)
+	}
+	// Make room (grow the file system) and write again.
+	if out, err := exec.Command("mount", "-o", "remount,size=4m", dir).CombinedOutput(); err != nil {
+		t.Fatalf("remount: %v: %s", err, out)
+	}
+	if _, err := s.Begin(ctx, "t", "after", keys.BeginRequest{Lease: time.Minute, TTL: time.Hour}); err != nil {
+		t.Errorf("a write once there is room: %v", err)
+	}
+	if _, err := s.Get(ctx, "t", "k0"); err != nil {
+		t.Errorf("a record stored before the disk filled: %v", err)
+	}
+}
