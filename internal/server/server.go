@@ -171,8 +171,7 @@ func (s *Server) handleReadyz(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 	defer cancel()
 	if err := s.store.Ping(ctx); err != nil {
-		s.logger.Warn("not ready", zap.Error(err))
-		s.writeError(w, r, fmt.Errorf("%w: %w", keys.ErrUnavailable, err))
+		s.writeError(w, r, fmt.Errorf("not ready: %w: %w", keys.ErrUnavailable, err)) // logs it, once
 		return
 	}
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")

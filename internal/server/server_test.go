@@ -637,6 +637,23 @@ func TestLargestComplete(t *testing.T) {
 	wantStatus(t, e.do("POST", "/v1/keys/big/complete", body), 200, "")
 }
 
+// downStore is a store whose Ping fails, as a store that lost its Redis does.
+type downStore struct{ keys.Store }
+
+func (downStore) Ping(context.Context) error { return fmt.Errorf("ping: %w", keys.ErrUnavailable) }
+
+// TestReadyzDown: a failing /readyz is a 503 problem and one log line, not two per probe.
+func TestReadyzDown(t *testing.T) {
+	t.Parallel()
+	core, logs := observer.New(zapcore.WarnLevel)
+	base := newEnv(t, servertest.Options{})
+	e := newEnv(t, servertest.Options{Store: downStore{base.srv.Store}, Logger: zap.New(core)})
+	wantStatus(t, e.do("GET", "/readyz", nil), 503, "unavailable")
+	if n := logs.Len(); n != 1 {
+		t.Errorf("%d log lines for one failing probe, want 1: %v", n, logs.All())
+	}
+}
+
 // TestMalformed sends 50 malformed requests; each must get its documented 4xx and a
 // problem+json body, never a 5xx.
 func TestMalformed(t *testing.T) {
