@@ -244,12 +244,12 @@ func (d *rueidisDriver) close() {
 }
 
 // transientReply reports whether a Redis error reply means the server cannot serve now
-// (loading, a replica, failing over, out of memory, busy with a script, refusing our credentials)
-// rather than a bug in the request.
+// (loading, a replica, failing over, out of memory, busy with a script, refusing writes since a
+// save failed, refusing our credentials) rather than a bug in the request.
 func transientReply(msg string) bool {
 	code, _, _ := strings.Cut(msg, " ")
 	switch code {
-	case "LOADING", "READONLY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "BUSY", "OOM",
+	case "LOADING", "READONLY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "BUSY", "OOM", "MISCONF",
 		"NOREPLICAS", "MOVED", "ASK", "NOAUTH", "WRONGPASS", "NOPERM":
 		return true
 	}

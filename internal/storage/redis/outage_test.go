@@ -5,9 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/redis/rueidis"
 
 	"github.com/idemsvc/idemsvc/internal/keys"
 	"github.com/idemsvc/idemsvc/internal/storage/redis/redistest"
@@ -299,4 +303,44 @@ func TestSilentServer(t *testing.T) {
 	if took := time.Since(start); took > limit {
 		t.Errorf("Watch took %v, want at most %v", took, limit)
 	}
+}
+
+// TestMisconf: a Redis that refuses writes because its last save failed (MISCONF, with
+// stop-writes-on-bgsave-error, the default) is unavailable (503, retry), not an internal error.
+// (Found by an audit: begins and deletes answered 500 while /readyz said 503.)
+func TestMisconf(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	srv := redistest.StartServer(t, "--dir", dir, "--save", "3600 1")
+	s, err := Open(t.Context(), srv.URL(), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if _, err := s.Begin(t.Context(), "t", "before", testReq); err != nil {
+		t.Fatal(err)
+	}
+	// The save fails: its directory is gone.
+	if err := os.RemoveAll(dir); err != nil {
+		t.Fatal(err)
+	}
+	c, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{fmt.Sprintf("127.0.0.1:%d", srv.Port())}, DisableCache: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_ = c.Do(t.Context(), c.B().Bgsave().Build()).Error()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		if err := c.Do(t.Context(), c.B().Set().Key("probe").Value("1").Build()).Error(); err != nil && strings.HasPrefix(err.Error(), "MISCONF") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("Redis did not start refusing writes after a failed save")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	_, err = s.Begin(t.Context(), "t", "after", testReq)
+	wantUnavailable(t, "begin while Redis refuses writes", err, 0, 5*time.Second)
+	wantUnavailable(t, "delete while Redis refuses writes", s.Delete(t.Context(), "t", "before"), 0, 5*time.Second)
 }

@@ -75,7 +75,7 @@
 // # Failures
 //
 // When Redis cannot be reached, answers too slowly (Options.Timeout, or the caller's deadline)
-// or says it cannot serve (LOADING, READONLY, OOM, ...), every operation returns an error wrapping
+// or says it cannot serve (LOADING, READONLY, OOM, MISCONF, ...), every operation returns an error wrapping
 // keys.ErrUnavailable, and Ping too. A write whose reply was lost is reported so, never as done:
 // it may have landed (a begin then holds the key until its lease runs out; a complete repeated
 // with the same token and response tells). The store reconnects by itself.
