@@ -6,7 +6,9 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -128,6 +130,9 @@ func TestStopAndRestart(t *testing.T) {
 	if res.Record.Lease.Fence <= held.Record.Lease.Fence {
 		t.Errorf("fence after losing the counter %d, want above %d", res.Record.Lease.Fence, held.Record.Lease.Fence)
 	}
+	// A pub/sub connection that broke soon after it opened (as the one above did, if Redis came
+	// back within subRedialPause) is not dialled again for subRedialPause; waiters poll meanwhile.
+	time.Sleep(subRedialPause)
 	changed, stop2 := s.Watch("t", "key")
 	defer stop2()
 	if err := s.Release(ctx, "t", "key", res.Record.Lease.Token); err != nil {
@@ -343,4 +348,63 @@ func TestMisconf(t *testing.T) {
 	_, err = s.Begin(t.Context(), "t", "after", testReq)
 	wantUnavailable(t, "begin while Redis refuses writes", err, 0, 5*time.Second)
 	wantUnavailable(t, "delete while Redis refuses writes", s.Delete(t.Context(), "t", "before"), 0, 5*time.Second)
+}
+
+// TestWaitWithoutPubSub: a waiting begin whose pub/sub connection cannot be opened (Redis at
+// maxclients, while the replica's command connection lives on) polls; it used to dial and begin
+// again in a tight loop, about 1,400 times a second for one waiter (an audit's find).
+func TestWaitWithoutPubSub(t *testing.T) {
+	t.Parallel()
+	srv := redistest.StartServer(t)
+	holder, err := Open(t.Context(), srv.URL(), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer holder.Close()
+	waiter, err := Open(t.Context(), srv.URL(), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer waiter.Close()
+	if _, err := holder.Begin(t.Context(), "t", "held", keys.BeginRequest{Lease: time.Minute, TTL: time.Hour}); err != nil {
+		t.Fatal(err)
+	}
+	// Open every command connection the waiter's client uses (rueidis spreads calls over a few).
+	var wg sync.WaitGroup
+	for range 64 {
+		wg.Go(func() { _, _ = waiter.Begin(t.Context(), "t", "held", testReq) })
+	}
+	wg.Wait()
+	admin, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{fmt.Sprintf("127.0.0.1:%d", srv.Port())}, DisableCache: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer admin.Close()
+	info := func(section, field string) int {
+		s, err := admin.Do(t.Context(), admin.B().Info().Section(section).Build()).ToString()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for line := range strings.SplitSeq(s, "\r\n") {
+			if v, ok := strings.CutPrefix(line, field+":"); ok {
+				n, _ := strconv.Atoi(v)
+				return n
+			}
+		}
+		return 0
+	}
+	clients := info("clients", "connected_clients")
+	if err := admin.Do(t.Context(), admin.B().ConfigSet().ParameterValue().ParameterValue("maxclients", strconv.Itoa(clients)).Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	rejected := info("stats", "rejected_connections")
+	start := time.Now()
+	_, err = keys.BeginWaitUntil(t.Context(), waiter, time.Now, "t", "held", keys.BeginRequest{Lease: time.Minute, TTL: time.Hour}, 2*time.Second, nil)
+	if !errors.Is(err, keys.ErrInProgress) {
+		t.Fatalf("the wait ended with %v, want ErrInProgress", err)
+	}
+	took := time.Since(start)
+	if dials := info("stats", "rejected_connections") - rejected; dials > 20 {
+		t.Errorf("%d connections refused in a %v wait: the waiter dials in a loop (want a few: one per %v)", dials, took, subRedialPause)
+	}
 }

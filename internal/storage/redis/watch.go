@@ -2,6 +2,7 @@ package redis
 
 import (
 	"context"
+	"errors"
 	"sync"
 	"time"
 
@@ -16,7 +17,10 @@ import (
 //
 // Delivery is best effort, and that is enough: keys.BeginWait polls at least every 250ms, so a
 // lost message costs at most that much latency. When the pub/sub connection breaks, every watcher
-// is woken (messages may have been lost meanwhile) and the next Watch connects again.
+// is woken (messages may have been lost meanwhile) and the next Watch connects again; but after
+// a connection that could not be opened, or broke within subRedialPause of opening (Redis at
+// maxclients, say), not for subRedialPause: every waiter would otherwise dial and begin again in
+// a tight loop.
 //
 // On Redis Cluster a PUBLISH is broadcast to every node over the cluster bus: correct, but its
 // cost grows with the cluster. SPUBLISH/SSUBSCRIBE (Redis 7) would keep it on the key's shard.
@@ -27,7 +31,13 @@ const (
 	subscribeWait = 250 * time.Millisecond
 	// linger is how long a channel stays subscribed without watchers.
 	linger = 5 * time.Second
+	// subRedialPause is how long after a failed or broken pub/sub connection Watch does not
+	// try another: its watchers poll meanwhile.
+	subRedialPause = 250 * time.Millisecond
 )
+
+// errSubPaused: the pub/sub connection failed less than subRedialPause ago.
+var errSubPaused = errors.New("redis: pub/sub connection failed just now; polling")
 
 type hub struct {
 	client func(context.Context) (rueidis.Client, error)
@@ -37,6 +47,8 @@ type hub struct {
 	conn    *subConn // nil when not connected
 	dialing *subDial // the connection attempt in flight, if any
 	closed  bool
+	// failedAt is when the last pub/sub connection failed to open or broke.
+	failedAt time.Time
 
 	stop chan struct{}
 	wg   sync.WaitGroup
@@ -55,6 +67,7 @@ type topic struct {
 type subConn struct {
 	dc     rueidis.DedicatedClient
 	cancel func()
+	opened time.Time
 }
 
 type subDial struct {
@@ -147,6 +160,10 @@ func (h *hub) connection(deadline time.Time) (*subConn, error) {
 		return conn, nil
 	}
 	run := h.dialing
+	if run == nil && time.Since(h.failedAt) < subRedialPause {
+		h.mu.Unlock()
+		return nil, errSubPaused
+	}
 	if run == nil {
 		run = &subDial{done: make(chan struct{})}
 		h.dialing = run
@@ -174,7 +191,7 @@ func (h *hub) dial(run *subDial) {
 	var lost <-chan error
 	if err == nil {
 		dc, release := c.Dedicate()
-		conn = &subConn{dc: dc, cancel: release}
+		conn = &subConn{dc: dc, cancel: release, opened: time.Now()}
 		lost = dc.SetPubSubHooks(rueidis.PubSubHooks{OnMessage: h.message})
 	}
 	h.mu.Lock()
@@ -183,6 +200,7 @@ func (h *hub) dial(run *subDial) {
 		err = errClosed
 	}
 	if err != nil {
+		h.failedAt = time.Now()
 		h.mu.Unlock()
 		if conn != nil {
 			conn.cancel()
@@ -227,6 +245,9 @@ func (h *hub) lost(conn *subConn) {
 	defer h.mu.Unlock()
 	if h.conn == conn {
 		h.conn = nil
+		if time.Since(conn.opened) < subRedialPause { // broke at once: do not loop on it
+			h.failedAt = time.Now()
+		}
 	}
 	for _, t := range h.topics {
 		if t.on == conn {
