@@ -75,7 +75,9 @@ func WithTTL(d time.Duration) DoOption { return doOption(func(c *doConfig) { c.t
 
 // WithWait makes a Do that meets a running holder wait up to d on the server for it to finish
 // (then Do replays its response) or fail (then this Do runs fn), instead of failing at once with
-// ErrInProgress. idemsvc bounds d (30s unless configured).
+// ErrInProgress. d must be within the server's IDEMSVC_MAX_WAIT (30s unless configured), or
+// every Do fails with ErrInvalidRequest (idemsvc does not clamp it); the Middleware then answers
+// every request that carries a key with 500 (see Middleware).
 func WithWait(d time.Duration) DoOption { return doOption(func(c *doConfig) { c.wait = max(d, 0) }) }
 
 // WithCleanupTimeout bounds the complete or release Do sends after fn returned, which runs even

@@ -184,3 +184,28 @@ func ptrString(p *int64) string {
 	}
 	return strconv.FormatInt(*p, 10)
 }
+
+// TestDoNilHeaderAgainstIdemsvc: a Response whose header has an entry with no values (nil, as
+// net/http code writes to suppress a header) is stored without it. idemsvc refuses null, and Do
+// kept the key until its lease ran out, and then fn ran again.
+func TestDoNilHeaderAgainstIdemsvc(t *testing.T) {
+	t.Parallel()
+	c := newTestClient(t, startIdemsvc(t))
+	runs := 0
+	fn := func(context.Context) (Response, error) {
+		runs++
+		return Response{Status: 201, Header: http.Header{"Date": nil, "X-Empty": {}, "X-Kept": {"1"}}, Body: []byte("charged")}, nil
+	}
+	for range 2 {
+		if _, err := c.Do(context.Background(), "nil-header", "", fn); err != nil {
+			t.Fatalf("Do: %v", err)
+		}
+	}
+	rec, err := c.Get(context.Background(), "nil-header")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if runs != 1 || rec.Response == nil || len(rec.Response.Header) != 1 || rec.Response.Header.Get("X-Kept") != "1" {
+		t.Errorf("fn ran %d times; stored %+v", runs, rec.Response)
+	}
+}

@@ -7,7 +7,10 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"maps"
 	"net/http"
+	"net/textproto"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -83,7 +86,8 @@ func WithFailOpen() MiddlewareOption {
 
 // WithStoreIf decides by status which responses are stored and replayed to retries; for the
 // others the key is released, so that a retry runs the handler again. The default stores
-// 200 to 499 and releases on 5xx, which says "the server failed; try again".
+// 200 to 499 and releases on 5xx, which says "the server failed; try again". A status above 599
+// is never stored, whatever store says: idemsvc stores 100 to 599.
 func WithStoreIf(store func(status int) bool) MiddlewareOption {
 	return middlewareOption(func(c *middlewareConfig) {
 		if store != nil {
@@ -136,10 +140,12 @@ func WithLogger(l *slog.Logger) MiddlewareOption {
 //   - The first request runs the handler, with its lease renewed however long it takes. The
 //     handler's status, headers and body are captured (up to WithMaxResponseBody), stored when
 //     WithStoreIf says so (default: 2xx to 4xx), and then sent. Set-Cookie, Authorization and
-//     Proxy-Authorization are sent to this client but never stored. On a 5xx the key is
-//     released, so that a retry runs the handler again.
+//     Proxy-Authorization, in any spelling, are sent to this client but never stored. On a 5xx
+//     the key is released, so that a retry runs the handler again; so it is on a status above
+//     599 (WriteHeader takes up to 999, idemsvc stores 100 to 599), whatever WithStoreIf says,
+//     with a warning in the log.
 //   - A retry after completion gets the stored status, headers and body, byte for byte, with
-//     Idempotent-Replayed: true, without running the handler.
+//     Idempotent-Replayed: true, without running the handler (but see "Stored headers" below).
 //   - A retry while the first is still running gets 409 (problem type
 //     urn:idemsvc:problem:in-progress) with Retry-After: 1, or, with WithWait, waits for the
 //     first to finish. (Not the holder's lease time: the lease is renewed while the handler
@@ -153,12 +159,45 @@ func WithLogger(l *slog.Logger) MiddlewareOption {
 //     unprotected unless WithRequireKey is set (then 400, urn:idemsvc:problem:missing-key).
 //   - When idemsvc cannot be reached, 503 (urn:idemsvc:problem:unavailable) unless
 //     WithFailOpen is set.
+//   - When idemsvc refuses the begin as invalid or unauthorized, a configuration error (WithLease,
+//     WithTTL or WithWait beyond the server's IDEMSVC_MAX_LEASE, IDEMSVC_MAX_TTL or
+//     IDEMSVC_MAX_WAIT, or a wrong token), every request with a key gets 500
+//     (urn:idemsvc:problem:internal) whose detail names the cause, idemsvc's own detail included,
+//     and the error is logged; the handler does not run.
+//
+// Stored headers. What is stored is what net/http sends (over HTTP/1.1), in the form idemsvc
+// accepts, and a replay sends it again:
+//
+//   - Entries set to nil or to no values (w.Header()["Date"] = nil, net/http's way to suppress an
+//     automatic header) send nothing and are not stored, so a replay gets net/http's automatic
+//     Date again; a suppressed Content-Type is suppressed on the replay too.
+//   - Names are stored canonicalized (http.CanonicalHeaderKey); the values of names that
+//     canonicalize alike ("x-id" and "X-Id") are merged in the order net/http sends them (by
+//     name, in byte order). Names that are not valid tokens ("X Foo") are not sent by net/http
+//     and not stored.
+//   - CR and LF in a value become spaces, and values are trimmed of surrounding spaces and tabs,
+//     as net/http sends them.
+//   - Header values are stored as UTF-8 text; invalid bytes come back as U+FFFD (idemsvc's API
+//     carries JSON text).
+//   - Headers the first client gets but that idemsvc cannot store are left out of the stored copy,
+//     and a warning in the log names them, so that the response is still stored and a retry does
+//     not run the handler again: a header with a value that holds a control character other than
+//     tab (NUL, DEL, ...), and, while there are more than idemsvc's 100 header values, the header
+//     with the most values, then, while the names and values (a name counted once per value) are
+//     over its 16 KiB, the header with the most bytes (largest first; ties: the first name in
+//     byte order).
 //
 // Headers set on the ResponseWriter before the middleware runs (by outer middleware) are sent
-// but not stored; a replay sends the stored headers over them. Flush is a no-op while the
-// response is captured; 1xx responses and trailers are not passed on. If the client goes away
-// while the handler runs, the handler's context is cancelled and what it returns is stored as
-// Do documents.
+// but not stored; a replay sends the stored headers over them. A Content-Type of the outer
+// middleware is not replaced by a sniffed one: the middleware sniffs (and stores) a Content-Type
+// only when net/http would, when neither the handler nor the outer middleware set a
+// Content-Type (nor Content-Encoding or Transfer-Encoding); a replay then sends the one the
+// outer middleware sets again. Flush is a no-op while the response is captured; 1xx responses
+// and trailers are not passed on. http.ResponseController reaches the connection's read and
+// write deadlines, but its Hijack (and EnableFullDuplex) fail with http.ErrNotSupported: a
+// hijacked connection would bypass the response that is stored and replayed. If the client goes
+// away while the handler runs, the handler's context is cancelled and what it returns is stored
+// as Do documents.
 func Middleware(c *Client, opts ...MiddlewareOption) func(http.Handler) http.Handler {
 	cfg := middlewareConfig{
 		methods:         map[string]bool{http.MethodPost: true, http.MethodPatch: true},
@@ -238,10 +277,22 @@ func (m *middleware) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		if cw.passthrough {
 			return Response{}, errTooLarge
 		}
+		if cw.status > 599 {
+			// idemsvc stores 100 to 599 only (WriteHeader takes up to 999): like a 5xx, the
+			// key is released and a retry runs the handler again.
+			m.cfg.logger.Warn("idempotency: status outside 100-599 cannot be stored; key released, a retry runs the handler again",
+				"key", scoped, "status", cw.status)
+			return Response{}, errNotStored
+		}
 		if !m.cfg.storeIf(cw.status) {
 			return Response{}, errNotStored
 		}
-		return cw.stored(), nil
+		resp, dropped := cw.stored()
+		if len(dropped) > 0 {
+			m.cfg.logger.Warn("idempotency: response headers sent but not stored; a replay will not carry them",
+				"key", scoped, "dropped", dropped)
+		}
+		return resp, nil
 	}, m.cfg.doOpts...)
 
 	if cw != nil { // the handler ran: its response is the answer, recorded or not
@@ -266,6 +317,22 @@ func (m *middleware) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	case r.Context().Err() != nil:
 		// The client went away before the handler ran; nobody reads an answer.
 		w.WriteHeader(http.StatusServiceUnavailable)
+	case errors.Is(err, ErrInvalidRequest), errors.Is(err, ErrUnauthorized):
+		// A configuration error, not a failure that a retry can overcome: every keyed request
+		// fails the same way until the middleware's options, token or idemsvc's limits change.
+		m.cfg.logger.Error("idempotency: idemsvc refused the begin; check the middleware's options and token against the server's configuration",
+			"key", scoped, "error", err)
+		detail := "The idempotency middleware is misconfigured: idemsvc refused its request"
+		var e *Error
+		if errors.As(err, &e) && e.Detail != "" {
+			detail += " (" + e.Type + ": " + e.Detail + ")"
+		}
+		if errors.Is(err, ErrUnauthorized) {
+			detail += ". Its client's token is missing or unknown to idemsvc."
+		} else {
+			detail += ". WithLease, WithTTL and WithWait must be within idemsvc's IDEMSVC_MAX_LEASE, IDEMSVC_MAX_TTL and IDEMSVC_MAX_WAIT."
+		}
+		writeProblem(w, r, http.StatusInternalServerError, "internal", "Idempotency middleware misconfigured", detail, 0)
 	case errors.Is(err, ErrUnavailable), errors.Is(err, ErrInternal):
 		if m.cfg.failOpen {
 			m.cfg.logger.Warn("idempotency: idemsvc unavailable; running the handler without protection",
@@ -368,12 +435,35 @@ func (c *captureWriter) Flush() {
 	}
 }
 
-// Unwrap lets http.ResponseController reach the underlying writer (for deadlines).
-func (c *captureWriter) Unwrap() http.ResponseWriter { return c.w }
+// Unwrap lets http.ResponseController reach what is safe while the response is captured: the
+// connection's read and write deadlines. It does not expose the underlying writer itself, so
+// ResponseController.Hijack (a hijacked connection would bypass the captured response, which is
+// then stored and sent as something else) and EnableFullDuplex fail with http.ErrNotSupported,
+// and ResponseController.Flush reaches captureWriter's own Flush.
+func (c *captureWriter) Unwrap() http.ResponseWriter { return deadlineWriter{c} }
+
+// deadlineWriter is what captureWriter.Unwrap returns: the captureWriter's ResponseWriter
+// methods and the underlying writer's deadlines, and nothing else (no Unwrap, Hijack or Flush).
+type deadlineWriter struct{ c *captureWriter }
+
+func (d deadlineWriter) Header() http.Header         { return d.c.Header() }
+func (d deadlineWriter) Write(p []byte) (int, error) { return d.c.Write(p) }
+func (d deadlineWriter) WriteHeader(code int)        { d.c.WriteHeader(code) }
+
+func (d deadlineWriter) SetReadDeadline(t time.Time) error {
+	return http.NewResponseController(d.c.w).SetReadDeadline(t)
+}
+
+func (d deadlineWriter) SetWriteDeadline(t time.Time) error {
+	return http.NewResponseController(d.c.w).SetWriteDeadline(t)
+}
 
 // seal fixes the response once the handler returned: the implicit 200 of a handler that wrote
 // nothing, and the Content-Type net/http would sniff, so that the stored and the live response
-// are the same.
+// are the same. net/http sniffs only when the header it sends (the outer middleware's, with the
+// handler's over it: see finish) has no Content-Type, Content-Encoding or Transfer-Encoding;
+// a Content-Type of the outer middleware is not stored, and a replay sends the one the outer
+// middleware sets again.
 func (c *captureWriter) seal() {
 	if c.passthrough {
 		return
@@ -381,7 +471,20 @@ func (c *captureWriter) seal() {
 	if !c.wroteHeader {
 		c.WriteHeader(http.StatusOK)
 	}
-	if _, ok := c.sent["Content-Type"]; !ok && c.buf.Len() > 0 && c.sent.Get("Content-Encoding") == "" {
+	if c.buf.Len() == 0 {
+		return
+	}
+	get := func(name string) (string, bool) {
+		if v, ok := c.sent[name]; ok {
+			return strings.Join(v, ""), true
+		}
+		v, ok := c.w.Header()[name]
+		return strings.Join(v, ""), ok
+	}
+	_, haveType := get("Content-Type")
+	ce, _ := get("Content-Encoding")
+	te, _ := get("Transfer-Encoding")
+	if !haveType && ce == "" && te == "" {
 		c.sent.Set("Content-Type", http.DetectContentType(c.buf.Bytes()))
 	}
 }
@@ -394,13 +497,123 @@ func (c *captureWriter) startPassthrough() {
 	c.buf = bytes.Buffer{}
 }
 
-// stored returns the response to record: the live one without credential headers.
-func (c *captureWriter) stored() Response {
-	h := c.sent.Clone()
-	for _, name := range credentialHeaders {
-		h.Del(name)
+// stored returns the response to record: the live one as net/http sends it, without
+// credential headers and within idemsvc's limits (see storedHeader), and the headers that were
+// sent but are not stored, for a warning.
+func (c *captureWriter) stored() (Response, []string) {
+	h, dropped := storedHeader(c.sent)
+	return Response{Status: c.status, Header: h, Body: bytes.Clone(c.buf.Bytes())}, dropped
+}
+
+// idemsvc's limits on the headers of a stored response (not configurable): the number of values,
+// and the bytes of the names and values, counting a name once per value.
+const (
+	maxStoredHeaderValues = 100
+	maxStoredHeaderBytes  = 16 << 10
+)
+
+// newlineToSpace is what net/http does to CR and LF in a header value it sends.
+var newlineToSpace = strings.NewReplacer("\n", " ", "\r", " ")
+
+// storedHeader returns the headers of a response as net/http sends h over HTTP/1.1, in a form
+// idemsvc stores, and describes the headers that it sends but that are not stored:
+//
+//   - names that are not valid tokens are dropped (net/http does not send them);
+//   - nil or empty-valued entries are dropped (nothing is sent for them);
+//   - names are canonicalized, the values of names that canonicalize alike merged in the order
+//     net/http sends them (by sorted name);
+//   - CR and LF in values become spaces and values are trimmed of surrounding whitespace, as
+//     net/http does;
+//   - the credential headers are dropped;
+//   - a header with a value that still holds a control character other than tab (NUL, DEL, ...),
+//     which idemsvc refuses, is dropped, and reported;
+//   - while there are more than maxStoredHeaderValues values, the header with the most values is
+//     dropped, and then while the names and values are over maxStoredHeaderBytes, the header
+//     with the most bytes (ties: the first by name), and reported.
+func storedHeader(h http.Header) (http.Header, []string) {
+	out := http.Header{}
+	for _, name := range slices.Sorted(maps.Keys(h)) {
+		if !validHeaderName(name) {
+			continue
+		}
+		canon := http.CanonicalHeaderKey(name)
+		for _, v := range h[name] {
+			out[canon] = append(out[canon], textproto.TrimString(newlineToSpace.Replace(v)))
+		}
 	}
-	return Response{Status: c.status, Header: h, Body: bytes.Clone(c.buf.Bytes())}
+	for _, name := range credentialHeaders {
+		delete(out, name)
+	}
+	var dropped []string
+	for _, name := range slices.Sorted(maps.Keys(out)) {
+		for _, v := range out[name] {
+			if !validHeaderValue(v) {
+				delete(out, name)
+				dropped = append(dropped, name+" (a control character in a value)")
+				break
+			}
+		}
+	}
+	size := func(name string) int {
+		n := 0
+		for _, v := range out[name] {
+			n += len(name) + len(v)
+		}
+		return n
+	}
+	for {
+		values, total := 0, 0
+		for name, vs := range out {
+			values += len(vs)
+			total += size(name)
+		}
+		var weigh func(name string) int
+		var reason string
+		switch {
+		case values > maxStoredHeaderValues:
+			weigh = func(name string) int { return len(out[name]) }
+			reason = " (over idemsvc's " + strconv.Itoa(maxStoredHeaderValues) + " header values)"
+		case total > maxStoredHeaderBytes:
+			weigh = size
+			reason = " (over idemsvc's " + strconv.Itoa(maxStoredHeaderBytes) + " bytes of headers)"
+		default:
+			return out, dropped
+		}
+		largest := ""
+		for _, name := range slices.Sorted(maps.Keys(out)) {
+			if largest == "" || weigh(name) > weigh(largest) {
+				largest = name
+			}
+		}
+		delete(out, largest)
+		dropped = append(dropped, largest+reason)
+	}
+}
+
+// validHeaderName reports whether name is an RFC 9110 token, as net/http requires of the header
+// names it sends (httpguts.ValidHeaderFieldName) and idemsvc of those it stores.
+func validHeaderName(name string) bool {
+	if name == "" {
+		return false
+	}
+	for i := 0; i < len(name); i++ {
+		c := name[i]
+		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || strings.IndexByte("!#$%&'*+-.^_`|~", c) >= 0) {
+			return false
+		}
+	}
+	return true
+}
+
+// validHeaderValue reports whether v has no control character other than tab, as idemsvc
+// requires of the header values it stores.
+func validHeaderValue(v string) bool {
+	for i := 0; i < len(v); i++ {
+		if c := v[i]; c < 0x20 && c != '\t' || c == 0x7f {
+			return false
+		}
+	}
+	return true
 }
 
 // finish sends the captured response, unless it was passed through already.
@@ -427,6 +640,11 @@ func bodyAllowed(status int) bool {
 
 func writeReplay(w http.ResponseWriter, resp Response) {
 	copyHeader(w.Header(), resp.Header)
+	if _, ok := w.Header()["Content-Type"]; !ok {
+		// None stored and none set by outer middleware: the first response had none either
+		// (seal stores the one net/http sniffed), so do not let net/http sniff one now.
+		w.Header()["Content-Type"] = nil
+	}
 	w.Header().Set(ReplayedHeader, "true")
 	w.WriteHeader(resp.Status)
 	if len(resp.Body) > 0 && bodyAllowed(resp.Status) {

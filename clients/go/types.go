@@ -1,6 +1,7 @@
 package idemclient
 
 import (
+	"maps"
 	"net/http"
 	"time"
 )
@@ -33,7 +34,10 @@ type Response struct {
 	// Status is an HTTP status code (100 to 599).
 	Status int
 	// Header holds the response headers. idemsvc refuses to store the credential headers
-	// Set-Cookie, Authorization and Proxy-Authorization.
+	// Set-Cookie, Authorization and Proxy-Authorization, names that are not tokens, values with
+	// control characters other than tab, more than 100 values or more than 16 KiB of names and
+	// values (a name counted once per value). Header values are stored as UTF-8 text (the API
+	// carries JSON): invalid bytes come back as U+FFFD.
 	Header http.Header
 	// Body is the response body.
 	Body []byte
@@ -176,7 +180,16 @@ func (w *wireRecord) record() *Record {
 }
 
 func toWireResponse(r Response) wireResponse {
-	return wireResponse{Status: r.Status, Headers: r.Header, Body: r.Body}
+	h, cloned := r.Header, false
+	for name, v := range r.Header {
+		if len(v) == 0 { // nil or no values: nothing to store (idemsvc refuses null)
+			if !cloned {
+				h, cloned = maps.Clone(r.Header), true
+			}
+			delete(h, name)
+		}
+	}
+	return wireResponse{Status: r.Status, Headers: h, Body: r.Body}
 }
 
 // millis converts an optional duration to the wire's optional integer milliseconds, rounding up
