@@ -22,6 +22,14 @@ func BeginWait(ctx context.Context, s Store, now func() time.Time, tenant, key s
 	return BeginWaitUntil(ctx, s, now, tenant, key, req, wait, nil)
 }
 
+// Clocked is a Store whose rules run on a clock other than the host's (Redis's TIME, shared by
+// every replica): Now is its best estimate of that clock, on which the times of its records
+// are. The HTTP server measures a wait's polls and a 409's Retry-After on it, so that a
+// replica whose own clock is off still reads the lease's expiry right.
+type Clocked interface {
+	Now() time.Time
+}
+
 // BeginWaitUntil is BeginWait whose wait also ends, with ErrInProgress, when stop is closed (a
 // server that shuts down). Only the waiting stops early: a store call under way is never cut
 // short, so the answer is always one that the store gave.

@@ -26,8 +26,9 @@ type Options struct {
 	// Tokens maps tenant names to bearer tokens. Empty runs the service open, as the single
 	// tenant "default".
 	Tokens map[string]string
-	// Now is the clock used to time Retry-After; nil is time.Now. The store decides leases with
-	// its own clock.
+	// Now is the clock used to time a wait's polls and Retry-After against the store's lease
+	// expiries; nil is the store's own clock when it has one (keys.Clocked: Redis's), else
+	// time.Now. The store decides leases with its own clock.
 	Now func() time.Time
 	// Logger receives the access log and errors; nil logs nothing.
 	Logger *zap.Logger
@@ -64,6 +65,9 @@ type Server struct {
 func New(store keys.Store, opts Options) *Server {
 	if opts.Now == nil {
 		opts.Now = time.Now
+		if c, ok := store.(keys.Clocked); ok { // Redis's clock, on which its leases are
+			opts.Now = c.Now
+		}
 	}
 	if opts.Logger == nil {
 		opts.Logger = zap.NewNop()

@@ -654,6 +654,36 @@ func TestReadyzDown(t *testing.T) {
 	}
 }
 
+// skewedStore is a store on a clock an hour ahead of the host's, as a Redis store is on Redis's
+// clock when the replica's own clock lags it.
+type skewedStore struct {
+	keys.Store
+	now func() time.Time
+}
+
+func (s skewedStore) Now() time.Time { return s.now() }
+
+// TestRetryAfterOnTheStoresClock: Retry-After (and a wait's polls) are measured on the store's
+// clock, on which its lease expiries are, not the host's. With an hour of skew the 409 said
+// Retry-After: 3660 for a 60 s lease (an audit's find, on Redis).
+func TestRetryAfterOnTheStoresClock(t *testing.T) {
+	t.Parallel()
+	ahead := func() time.Time { return time.Now().Add(time.Hour) }
+	store, err := bolt.OpenDir(t.TempDir(), bolt.Options{Now: ahead})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = store.Close() })
+	srv := servertest.Start(t, servertest.Options{Store: skewedStore{store, ahead}})
+	e := &env{t: t, srv: srv, client: apitest.NewValidator(t).Client(t, nil)}
+	e.begin("k", map[string]any{"lease_ms": 60000})
+	r := e.do("POST", "/v1/keys/k/begin", nil)
+	wantStatus(t, r, 409, "in-progress")
+	if got := r.header.Get("Retry-After"); got != "60" && got != "59" {
+		t.Errorf("Retry-After = %s for a 60 s lease, want 60", got)
+	}
+}
+
 // TestMalformed sends 50 malformed requests; each must get its documented 4xx and a
 // problem+json body, never a 5xx.
 func TestMalformed(t *testing.T) {

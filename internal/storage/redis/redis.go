@@ -276,6 +276,20 @@ type snapshot struct {
 	est time.Time
 }
 
+var _ keys.Clocked = (*Store)(nil)
+
+// Now implements keys.Clocked: the Store's estimate of Redis's clock (Options.Now when set;
+// the host's clock until a reply has told where Redis's is).
+func (s *Store) Now() time.Time {
+	if s.now != nil {
+		return s.now()
+	}
+	if est, ok := s.clock.now(); ok {
+		return est
+	}
+	return time.Now()
+}
+
 // call runs one script and learns Redis's clock from its reply.
 func (s *Store) call(run func() (reply, error)) (reply, error) {
 	sent := time.Now()
