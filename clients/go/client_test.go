@@ -341,7 +341,7 @@ func TestRetry(t *testing.T) {
 		for _, header := range [][]string{{"Retry-After", "5"}, nil} {
 			srv, n := scripted(t, problemAnswer(503, "unavailable", header...))
 			p := fast
-			p.BaseDelay, p.MaxDelay = 10*time.Second, 10*time.Second // the backoff waits long too
+			p.BaseDelay, p.MaxDelay = time.Hour, time.Hour // the backoff waits long too (full jitter: below 100ms once in 36,000)
 			c := newTestClient(t, srv.URL, WithRetry(p))
 			ctx, cancel := context.WithCancel(context.Background())
 			time.AfterFunc(100*time.Millisecond, cancel)

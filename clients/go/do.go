@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net/http"
 	"time"
 )
 
@@ -27,15 +26,18 @@ type DoOption interface {
 }
 
 type doConfig struct {
-	lease, ttl, wait time.Duration // zero: the server's default
-	cleanupTimeout   time.Duration
+	lease          time.Duration // always set: DefaultLease unless WithLease
+	ttl, wait      time.Duration // zero: the server's default
+	cleanupTimeout time.Duration
 }
 
-// DefaultLease is idemsvc's default lease (IDEMSVC_DEFAULT_LEASE) when not configured otherwise.
-//
-// Deprecated: Do no longer asks for this lease. Without WithLease it sends none, so that the
-// server's configured default applies: a server whose IDEMSVC_MAX_LEASE is below 30s refused a
-// Do that asked for 30s.
+// DefaultLease is the lease Do asks for unless WithLease says otherwise (CONTRACT.md's default).
+// Do always sends its lease, so that it knows the lease's length without reading it from the
+// server's times: on a takeover the record keeps its first created_at, and the Date header may
+// be missing, rewritten by a proxy, or on another clock than the record's (a Redis replica's),
+// and an overestimated lease would let another caller take the key over while fn still runs. A
+// server whose IDEMSVC_MAX_LEASE is below 30s refuses it (ErrInvalidRequest): then set WithLease
+// within it.
 const DefaultLease = 30 * time.Second
 
 // DefaultCleanupTimeout bounds the complete or release that Do sends after fn has returned
@@ -43,7 +45,7 @@ const DefaultLease = 30 * time.Second
 const DefaultCleanupTimeout = 5 * time.Second
 
 func newDoConfig(opts []DoOption) doConfig {
-	cfg := doConfig{cleanupTimeout: DefaultCleanupTimeout}
+	cfg := doConfig{lease: DefaultLease, cleanupTimeout: DefaultCleanupTimeout}
 	for _, o := range opts {
 		o.applyDo(&cfg)
 	}
@@ -55,9 +57,8 @@ type doOption func(*doConfig)
 func (o doOption) applyDo(c *doConfig)                 { o(c) }
 func (o doOption) applyMiddleware(c *middlewareConfig) { c.doOpts = append(c.doOpts, o) }
 
-// WithLease sets the lease Do asks for, at begin and at every renew. Without it Do asks for
-// none and idemsvc's default applies (IDEMSVC_DEFAULT_LEASE, 30s unless configured). d must be
-// within the server's IDEMSVC_MAX_LEASE (1h unless configured), or every Do fails with
+// WithLease sets the lease Do asks for, at begin and at every renew (default DefaultLease). d
+// must be within the server's IDEMSVC_MAX_LEASE (1h unless configured), or every Do fails with
 // ErrInvalidRequest. Do renews the lease in the background every third of its length while fn
 // runs, so a short lease does not limit how long fn may take: it limits how long a crashed holder
 // blocks the key.
@@ -95,8 +96,7 @@ func WithCleanupTimeout(d time.Duration) DoOption {
 // It begins key with fingerprint (see Fingerprint; "" for none). When the key has completed, Do
 // returns the stored response with Result.Replayed set and does not call fn. When Do acquires
 // the key, it calls fn with a context derived from ctx and, while fn runs, renews the lease every
-// third of its length (WithLease's, or else the server's default, whose length Do reads from the
-// server's times in the begin's answer). When fn returns a Response and a nil error, Do stores
+// third of its length (DefaultLease, or WithLease's). When fn returns a Response and a nil error, Do stores
 // the response (complete) and returns it; a later Do with the same key replays it. When fn
 // returns an error, Do releases the key, so that a later Do runs fn again, and returns fn's error
 // unchanged. Encode a failure that must not be retried (a declined card, say) as a Response instead.
@@ -132,40 +132,18 @@ func (c *Client) Do(ctx context.Context, key, fingerprint string, fn func(ctx co
 	}
 	cfg := newDoConfig(opts)
 	start := time.Now()
-	br, header, err := c.begin(ctx, key, BeginOptions{Fingerprint: fingerprint, Lease: cfg.lease, TTL: cfg.ttl, Wait: cfg.wait})
+	br, _, err := c.begin(ctx, key, BeginOptions{Fingerprint: fingerprint, Lease: cfg.lease, TTL: cfg.ttl, Wait: cfg.wait})
 	if err != nil {
 		return Result{}, err
 	}
 	if br.Replayed {
 		return Result{Response: *br.Record.Response, Replayed: true, Record: br.Record}, nil
 	}
-	lease := cfg.lease
-	if lease == 0 {
-		lease = grantedLease(br.Record, br.Lease, header)
-	}
-	return c.execute(ctx, key, br.Lease.Token, start, lease, fn, cfg)
-}
-
-// grantedLease returns the length of a lease that idemsvc chose (a begin without lease_ms): the
-// lease's expiry minus the server's time of the grant. It takes that time from the server's clock
-// only, so that a skew between the two clocks cannot make Do renew too late: the record's
-// created_at, which is the time of the grant when the begin created the record, or the answer's
-// Date, whichever is later. A takeover of an expired lease keeps the record's earlier created_at;
-// then the Date decides, and with its whole seconds the result can exceed the lease by up to a
-// second.
-func grantedLease(rec *Record, lease *Lease, header http.Header) time.Duration {
-	d := lease.ExpiresAt.Sub(rec.CreatedAt)
-	if date, err := http.ParseTime(header.Get("Date")); err == nil {
-		d = min(d, lease.ExpiresAt.Sub(date))
-	}
-	if d <= 0 {
-		return time.Second // a lease that ended before it was granted: renew often
-	}
-	return d
+	return c.execute(ctx, key, br.Lease.Token, start, cfg.lease, fn, cfg)
 }
 
 // execute runs fn under the lease token, acquired by a begin sent at start, for a lease of length
-// lease. Its renewals ask for cfg.lease (zero: the server's default, which is lease again).
+// lease. Its renewals ask for lease again.
 func (c *Client) execute(ctx context.Context, key, token string, start time.Time, lease time.Duration, fn func(context.Context) (Response, error), cfg doConfig) (Result, error) {
 	fnCtx, cancelFn := context.WithCancelCause(ctx)
 	defer cancelFn(nil)
@@ -233,8 +211,8 @@ type keeper struct {
 }
 
 // keepAlive renews key's lease, of length lease, every third of lease, starting from start (when
-// the begin was sent: the lease cannot have started earlier). Each renew asks for ask (zero: the
-// server's default lease). When the lease is lost it calls onLost with an error matching
+// the begin was sent: the lease cannot have started earlier). Each renew asks for ask. When the
+// lease is lost it calls onLost with an error matching
 // ErrLeaseLost and stops.
 func (c *Client) keepAlive(ctx context.Context, key, token string, ask, lease time.Duration, start time.Time, onLost func(error)) *keeper {
 	rctx, cancel := context.WithCancel(context.WithoutCancel(ctx))

@@ -52,20 +52,21 @@ func TestDoLeaseAgainstIdemsvc(t *testing.T) {
 		}
 	}
 
-	t.Run("ServerDefault", func(t *testing.T) {
+	t.Run("DefaultOverTheMaximum", func(t *testing.T) {
 		t.Parallel()
-		res, err := c.Do(ctx, "default", "", func(context.Context) (Response, error) {
-			renewedInTime(t, "default", 5*time.Second, false)
-			return okResponse("ok"), nil
+		// Do asks for DefaultLease (30s), which this server refuses: a clear error, fn not run.
+		_, err := c.Do(ctx, "default", "", func(context.Context) (Response, error) {
+			t.Error("fn ran")
+			return Response{}, nil
 		})
-		if err != nil || res.Record == nil || res.Record.State != StateCompleted {
-			t.Fatalf("Do = %+v, %v; want it recorded", res, err)
+		if !errors.Is(err, ErrInvalidRequest) {
+			t.Fatalf("Do with DefaultLease over IDEMSVC_MAX_LEASE = %v, want ErrInvalidRequest", err)
 		}
 	})
 	t.Run("TakeOver", func(t *testing.T) {
 		t.Parallel()
-		// A holder that crashed: its 300ms lease runs out, Do takes over. The record keeps its
-		// first created_at, so Do cannot read the new lease's length from it.
+		// A holder that crashed: its 300ms lease runs out, Do takes over with the lease it asks
+		// for, whose length it knows whatever the record's created_at or the answer's Date.
 		if _, err := c.Begin(ctx, "takeover", BeginOptions{Lease: 300 * time.Millisecond}); err != nil {
 			t.Fatal(err)
 		}
@@ -73,7 +74,7 @@ func TestDoLeaseAgainstIdemsvc(t *testing.T) {
 		res, err := c.Do(ctx, "takeover", "", func(context.Context) (Response, error) {
 			renewedInTime(t, "takeover", 5*time.Second, true)
 			return okResponse("ok"), nil
-		})
+		}, WithLease(5*time.Second))
 		if err != nil || res.Record == nil {
 			t.Fatalf("Do = %+v, %v; want it recorded", res, err)
 		}
@@ -101,7 +102,7 @@ func TestDoLeaseAgainstIdemsvc(t *testing.T) {
 	t.Run("Middleware", func(t *testing.T) {
 		t.Parallel()
 		app := &chargeApp{}
-		srv := httptest.NewServer(Middleware(c)(app))
+		srv := httptest.NewServer(Middleware(c, WithLease(5*time.Second))(app))
 		defer srv.Close()
 		for i, want := range []string{"", "true"} {
 			a := send(t, "POST", srv.URL+"/charges", `"mw"`, `{"amount":1}`)
@@ -115,48 +116,25 @@ func TestDoLeaseAgainstIdemsvc(t *testing.T) {
 	})
 }
 
-func TestGrantedLease(t *testing.T) {
-	t.Parallel()
-	grant := time.Date(2030, 1, 1, 12, 0, 7, 600e6, time.UTC) // the server's time of the grant
-	lease := &Lease{ExpiresAt: grant.Add(5 * time.Second)}
-	date := http.Header{"Date": {grant.Format(http.TimeFormat)}} // whole seconds: 12:00:07
-	for _, tc := range []struct {
-		name      string
-		createdAt time.Time
-		header    http.Header
-		want      time.Duration
-	}{
-		{"Created", grant, date, 5 * time.Second},
-		{"CreatedNoDate", grant, http.Header{}, 5 * time.Second},
-		{"TakeOver", grant.Add(-time.Hour), date, 5600 * time.Millisecond}, // up to a second more
-		{"DateAfterCreation", grant, http.Header{"Date": {grant.Add(time.Second).Format(http.TimeFormat)}}, 4600 * time.Millisecond},
-		{"Nonsense", lease.ExpiresAt.Add(time.Second), http.Header{}, time.Second},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			t.Parallel()
-			if got := grantedLease(&Record{CreatedAt: tc.createdAt}, lease, tc.header); got != tc.want {
-				t.Errorf("grantedLease = %v, want %v", got, tc.want)
-			}
-		})
-	}
-}
-
-// TestDoSendsNoLeaseByDefault: without WithLease neither the begin nor the renews of Do carry
-// lease_ms, and the renews follow the server's lease; with WithLease, both carry it.
-func TestDoSendsNoLeaseByDefault(t *testing.T) {
+// TestDoAlwaysSendsItsLease: the begin and the renews of Do carry lease_ms, DefaultLease or
+// WithLease's, so that Do knows the length of the lease it renews. Without it, a takeover (the
+// record keeps its first created_at) read the lease's length from the answer's Date, which a
+// proxy may drop or rewrite, or which is on another clock than the record's: the lease was
+// overestimated, and another caller took over while fn still ran (found in review).
+func TestDoAlwaysSendsItsLease(t *testing.T) {
 	t.Parallel()
 	for _, tc := range []struct {
-		name string
-		opts []DoOption
-		want *int64
-	}{{"Default", nil, nil}, {"WithLease", []DoOption{WithLease(240 * time.Millisecond)}, millis(240 * time.Millisecond)}} {
+		name   string
+		opts   []DoOption
+		want   int64
+		renews bool
+	}{{"Default", nil, DefaultLease.Milliseconds(), false}, {"WithLease", []DoOption{WithLease(240 * time.Millisecond)}, 240, true}} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
 			f, idem := newFake(t)
-			f.defaultLease = 300 * time.Millisecond
 			c := newTestClient(t, idem.URL)
 			_, err := c.Do(context.Background(), "k", "", func(ctx context.Context) (Response, error) {
-				time.Sleep(400 * time.Millisecond) // more than a lease: Do must renew
+				time.Sleep(400 * time.Millisecond) // more than WithLease's lease: Do must renew
 				return okResponse("ok"), nil
 			}, tc.opts...)
 			if err != nil {
@@ -164,13 +142,13 @@ func TestDoSendsNoLeaseByDefault(t *testing.T) {
 			}
 			f.mu.Lock()
 			defer f.mu.Unlock()
-			if len(f.leaseMS["begin"]) != 1 || len(f.leaseMS["renew"]) < 2 {
-				t.Fatalf("lease_ms of begins and renews: %v; want 1 begin and renews every third of the lease", f.leaseMS)
+			if len(f.leaseMS["begin"]) != 1 || tc.renews && len(f.leaseMS["renew"]) < 2 {
+				t.Fatalf("lease_ms of begins and renews: %v; want 1 begin, and renews every third of the lease", f.leaseMS)
 			}
 			for op, sent := range f.leaseMS {
 				for _, ms := range sent {
-					if (ms == nil) != (tc.want == nil) || ms != nil && *ms != *tc.want {
-						t.Errorf("%s sent lease_ms %v, want %v", op, ptrString(ms), ptrString(tc.want))
+					if ms == nil || *ms != tc.want {
+						t.Errorf("%s sent lease_ms %v, want %d", op, ptrString(ms), tc.want)
 					}
 				}
 			}
