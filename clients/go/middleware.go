@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unicode/utf8"
 )
 
 // MiddlewareOption configures Middleware. Every DoOption (WithLease, WithTTL, WithWait,
@@ -557,7 +558,7 @@ func storedHeader(h http.Header) (http.Header, []string) {
 	size := func(name string) int {
 		n := 0
 		for _, v := range out[name] {
-			n += len(name) + len(v)
+			n += len(name) + storedLen(v)
 		}
 		return n
 	}
@@ -670,4 +671,20 @@ func writeProblem(w http.ResponseWriter, r *http.Request, status int, name, titl
 	}
 	w.WriteHeader(status)
 	_ = json.NewEncoder(w).Encode(problem{Type: ProblemTypePrefix + name, Title: title, Status: status, Detail: detail, Instance: r.URL.Path})
+}
+
+// storedLen is the length of v as idemsvc stores it: the JSON that carries it turns every byte
+// that is not valid UTF-8 into U+FFFD, three bytes.
+func storedLen(v string) int {
+	n := 0
+	for i := 0; i < len(v); {
+		r, size := utf8.DecodeRuneInString(v[i:])
+		if r == utf8.RuneError && size == 1 {
+			n += 3
+		} else {
+			n += size
+		}
+		i += size
+	}
+	return n
 }

@@ -439,3 +439,29 @@ func TestMiddlewareWaitOverMaxAgainstIdemsvc(t *testing.T) {
 		t.Errorf("WithWait(30s): %d %s, %d runs", a.status, a.body, runs.Load())
 	}
 }
+
+// TestMiddlewareInvalidUTF8SizeAgainstIdemsvc: header values that are not UTF-8 count at the size
+// idemsvc stores (each invalid byte becomes U+FFFD, three bytes) when the stored copy is fitted
+// into its 16 KiB: 6,000 such bytes are 18,000 stored, so the header is left out and the response
+// stored, instead of refused with the handler run again (found in review).
+func TestMiddlewareInvalidUTF8SizeAgainstIdemsvc(t *testing.T) {
+	t.Parallel()
+	c := newTestClient(t, startIdemsvc(t))
+	var runs atomic.Int32
+	srv := httptest.NewServer(Middleware(c)(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		runs.Add(1)
+		w.Header().Set("X-Bin", strings.Repeat("\xff", 6000))
+		w.WriteHeader(201)
+		_, _ = w.Write([]byte("charged"))
+	})))
+	defer srv.Close()
+	for i, want := range []string{"", "true"} {
+		a := send(t, "POST", srv.URL+"/charge", `"utf8"`, `{}`)
+		if a.status != 201 || a.header.Get(ReplayedHeader) != want {
+			t.Errorf("request %d = %d, replayed %q, want 201, %q", i+1, a.status, a.header.Get(ReplayedHeader), want)
+		}
+	}
+	if got := runs.Load(); got != 1 {
+		t.Errorf("handler ran %d times, want 1", got)
+	}
+}

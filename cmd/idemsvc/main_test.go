@@ -291,7 +291,10 @@ func TestRedisPasswordNeverLogged(t *testing.T) {
 		if strings.Contains(shown, "ssw0rd") {
 			t.Errorf("masked config shows the password of %s: %s", raw, shown)
 		}
-		_, err := openStore(context.Background(), Config{Backend: "redis", RedisURL: raw}, zaptest.NewLogger(t))
+		st, err := openStore(context.Background(), Config{Backend: "redis", RedisURL: raw}, zaptest.NewLogger(t))
+		if st != nil {
+			_ = st.Close()
+		}
 		if err != nil && strings.Contains(err.Error(), "ssw0rd") {
 			t.Errorf("opening %s: the error shows the password: %v", raw, err)
 		}

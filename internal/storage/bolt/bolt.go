@@ -426,7 +426,10 @@ func (s *Store) get(ctx context.Context, tenant, key string) (keys.Record, error
 		}
 		now := s.now()
 		rec, rerr = keys.DecideGet(cur, now)
-		expired = cur != nil && !cur.Live(now)
+		// Only an in-progress record can come back: a complete or renew decided before it
+		// expired. An expired completed record stays gone whatever is queued (a takeover makes
+		// a new record, which a get ordered before it rightly does not see).
+		expired = cur != nil && !cur.Live(now) && cur.State == keys.StateInProgress
 		if rerr == nil {
 			s.cache.add(id, cur, gen)
 		}

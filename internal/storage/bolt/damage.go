@@ -11,7 +11,9 @@ import (
 )
 
 // ErrDamaged is wrapped by the error of an Open that finds the data file cut short, emptied or
-// overwritten, and by the error of every write after a transaction found a damaged page. bbolt
+// overwritten, and by the error of a transaction that met a damaged page (or panicked for any
+// other reason: bbolt rolls it back); from then on Ping reports the damage, so /readyz says 503,
+// while the operations that do not touch the damaged pages go on. bbolt
 // trusts its file: on a damaged one it panics, or faults on a page of its mapping past the file's
 // end, and either would take the whole process down, answered requests' log lines with it.
 var ErrDamaged = errors.New("bolt: the data file is damaged")
