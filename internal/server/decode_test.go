@@ -2,13 +2,18 @@ package server
 
 import (
 	"bytes"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net/http"
 	"reflect"
+	"strconv"
 	"strings"
 	"testing"
+	"unicode/utf8"
+
+	"github.com/idemsvc/idemsvc/internal/keys"
 )
 
 // decodeReference is decode without its fast path: the media type checked as decode does, then
@@ -314,6 +319,139 @@ func BenchmarkDecode(b *testing.B) {
 					}
 				}
 			})
+		}
+	}
+}
+
+// checkStrictReference is checkStrict with the walk through encoding/json's tokens.
+func checkStrictReference(raw []byte, t reflect.Type) error {
+	if !utf8.Valid(raw) {
+		return errors.New("not UTF-8")
+	}
+	if loneSurrogate(raw) >= 0 {
+		return errors.New("lone surrogate")
+	}
+	dec := json.NewDecoder(bytes.NewReader(raw))
+	dec.UseNumber()
+	return strictValueReference(dec, t, "")
+}
+
+// strictValueReference is the first checkStrict's walk, through encoding/json's tokens (which
+// copies every string, a stored body of megabytes included): FuzzCheckStrict holds the scanner
+// that replaced it to the same verdicts.
+func strictValueReference(dec *json.Decoder, t reflect.Type, path string) error {
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	tok, err := dec.Token()
+	if err != nil {
+		return fmt.Errorf("%w: %s", keys.ErrInvalidRequest, err)
+	}
+	switch tok {
+	case nil:
+		if path == "" {
+			return fmt.Errorf("%w: the body must be a JSON object, not null", keys.ErrInvalidRequest)
+		}
+		return fmt.Errorf("%w: %s must not be null (leave it out instead)", keys.ErrInvalidRequest, path)
+	case json.Delim('{'):
+		seen := map[string]bool{}
+		for dec.More() {
+			nt, err := dec.Token()
+			if err != nil {
+				return fmt.Errorf("%w: %s", keys.ErrInvalidRequest, err)
+			}
+			name, _ := nt.(string)
+			member := name
+			if path != "" {
+				member = path + "." + name
+			}
+			if seen[name] {
+				return fmt.Errorf("%w: %s is given twice", keys.ErrInvalidRequest, member)
+			}
+			seen[name] = true
+			var ft reflect.Type
+			switch t.Kind() {
+			case reflect.Struct:
+				if ft = jsonField(t, name); ft == nil {
+					return fmt.Errorf("%w: unknown field %q", keys.ErrInvalidRequest, name)
+				}
+			case reflect.Map:
+				ft = t.Elem()
+			default:
+				return fmt.Errorf("%w: %s must not be an object", keys.ErrInvalidRequest, path)
+			}
+			if err := strictValueReference(dec, ft, member); err != nil {
+				return err
+			}
+		}
+		_, err = dec.Token()
+	case json.Delim('['):
+		if t.Kind() != reflect.Slice || t.Elem().Kind() == reflect.Uint8 {
+			return fmt.Errorf("%w: %s must not be an array", keys.ErrInvalidRequest, path)
+		}
+		for i := 0; dec.More(); i++ {
+			if err := strictValueReference(dec, t.Elem(), path+"["+strconv.Itoa(i)+"]"); err != nil {
+				return err
+			}
+		}
+		_, err = dec.Token()
+	default:
+		// Base64 (a []byte): encoding/json skips line breaks in it; the spec's pattern has none.
+		if str, ok := tok.(string); ok && t.Kind() == reflect.Slice && t.Elem().Kind() == reflect.Uint8 &&
+			strings.ContainsAny(str, "\r\n") {
+			return fmt.Errorf("%w: %s must be base64 without line breaks", keys.ErrInvalidRequest, path)
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("%w: %s", keys.ErrInvalidRequest, err)
+	}
+	return nil
+}
+
+// FuzzCheckStrict: on every body that encoding/json decodes into a request type with nothing
+// after it, checkStrict (a scanner over the bytes) and checkStrictReference (a walk through
+// encoding/json's tokens) agree on whether the body is refused.
+//
+//	go test -run '^$' -fuzz '^FuzzCheckStrict$' -fuzztime 60s ./internal/server/
+func FuzzCheckStrict(f *testing.F) {
+	for _, body := range decodeSeeds {
+		for kind := range uint8(4) {
+			f.Add(kind, []byte(body))
+		}
+	}
+	f.Fuzz(func(t *testing.T, kind uint8, body []byte) {
+		v := newBody(int(kind % 4))
+		dec := json.NewDecoder(bytes.NewReader(body))
+		dec.DisallowUnknownFields()
+		if dec.Decode(v) != nil {
+			return
+		}
+		if _, err := dec.Token(); err != io.EOF {
+			return
+		}
+		typ := reflect.TypeOf(v)
+		got, want := checkStrict(body, typ), checkStrictReference(body, typ)
+		if (got == nil) != (want == nil) {
+			t.Fatalf("%q as %v: checkStrict %v, reference %v", body, typ, got, want)
+		}
+	})
+}
+
+// BenchmarkDecodeLarge: a complete with an 8 MiB stored body, which takes the slow path
+// (encoding/json, then checkStrict).
+//
+//	go test -run '^$' -bench DecodeLarge -benchmem ./internal/server/
+func BenchmarkDecodeLarge(b *testing.B) {
+	body := []byte(`{"token":"t","response":{"status":200,"headers":{"Content-Type":["application/json"]},"body":"` +
+		strings.Repeat("QUJD", 8<<20/3) + `"}}`)
+	b.SetBytes(int64(len(body)))
+	b.ReportAllocs()
+	for b.Loop() {
+		r, _ := http.NewRequest("POST", "/", bytes.NewReader(body))
+		r.Header.Set("Content-Type", "application/json")
+		var v completeRequest
+		if err := decode(r, 64<<20, &v, false); err != nil {
+			b.Fatal(err)
 		}
 	}
 }

@@ -163,7 +163,9 @@ func emptyOrUnsupported(body io.Reader, maxBytes int64, optional bool) error {
 
 // decodeJSON is decode by encoding/json, from body, and then held to what encoding/json lets
 // through but the API refuses (checkStrict): null, member names that differ from the field's
-// only in case, members given twice, and text that is not Unicode.
+// only in case, members given twice, and text that is not Unicode. (The body is read as it
+// comes, not into a buffer of its declared length: a client's word is not enough to allocate
+// megabytes before the bytes arrive.)
 func decodeJSON(body io.Reader, maxBytes int64, v any, optional bool) error {
 	raw, err := io.ReadAll(http.MaxBytesReader(nil, io.NopCloser(body), maxBytes))
 	if err != nil {
@@ -217,79 +219,155 @@ func checkStrict(raw []byte, t reflect.Type) error {
 	if i := loneSurrogate(raw); i >= 0 {
 		return fmt.Errorf("%w: %s at byte %d is half a UTF-16 surrogate pair", keys.ErrInvalidRequest, raw[i:i+6], i)
 	}
-	dec := json.NewDecoder(bytes.NewReader(raw))
-	dec.UseNumber()
-	return strictValue(dec, t, "")
+	sc := strictScanner{b: raw}
+	sc.space()
+	return sc.value(t, "")
 }
 
-// strictValue walks the next JSON value of dec, which encoding/json has decoded into type t.
-func strictValue(dec *json.Decoder, t reflect.Type, path string) error {
+// strictScanner walks JSON that encoding/json has decoded without error (so well formed, and of
+// the shape of the type it was decoded into), without copying it: a stored body of megabytes in
+// base64 is skipped, not turned into a string.
+type strictScanner struct {
+	b []byte
+	i int
+}
+
+func (s *strictScanner) space() {
+	for s.i < len(s.b) && isJSONSpace(s.b[s.i:s.i+1]) {
+		s.i++
+	}
+}
+
+// str moves past the string at s.i and returns it, quotes included.
+func (s *strictScanner) str() []byte {
+	start := s.i
+	for s.i++; s.i < len(s.b); s.i++ {
+		switch s.b[s.i] {
+		case '\\':
+			s.i++
+		case '"':
+			s.i++
+			return s.b[start:s.i]
+		}
+	}
+	return s.b[start:]
+}
+
+// value checks the value at s.i, which encoding/json decoded into type t, and moves past it.
+func (s *strictScanner) value(t reflect.Type, path string) error {
 	for t.Kind() == reflect.Pointer {
 		t = t.Elem()
 	}
-	tok, err := dec.Token()
-	if err != nil {
-		return fmt.Errorf("%w: %s", keys.ErrInvalidRequest, err)
+	if s.i >= len(s.b) {
+		return fmt.Errorf("%w: truncated JSON", keys.ErrInvalidRequest)
 	}
-	switch tok {
-	case nil:
+	switch s.b[s.i] {
+	case 'n':
 		if path == "" {
 			return fmt.Errorf("%w: the body must be a JSON object, not null", keys.ErrInvalidRequest)
 		}
 		return fmt.Errorf("%w: %s must not be null (leave it out instead)", keys.ErrInvalidRequest, path)
-	case json.Delim('{'):
-		seen := map[string]bool{}
-		for dec.More() {
-			nt, err := dec.Token()
-			if err != nil {
-				return fmt.Errorf("%w: %s", keys.ErrInvalidRequest, err)
+	case '{':
+		if t.Kind() != reflect.Struct && t.Kind() != reflect.Map {
+			return fmt.Errorf("%w: %s must not be an object", keys.ErrInvalidRequest, path)
+		}
+		s.i++
+		var seen []string // a handful of members
+		for {
+			s.space()
+			switch {
+			case s.i >= len(s.b):
+				return fmt.Errorf("%w: truncated JSON", keys.ErrInvalidRequest)
+			case s.b[s.i] == '}':
+				s.i++
+				return nil
+			case s.b[s.i] == ',':
+				s.i++
+				s.space()
 			}
-			name, _ := nt.(string)
+			raw := s.str()
+			name := string(raw[1 : len(raw)-1])
+			if bytes.IndexByte(raw, '\\') >= 0 && json.Unmarshal(raw, &name) != nil {
+				return fmt.Errorf("%w: malformed member name", keys.ErrInvalidRequest)
+			}
 			member := name
 			if path != "" {
 				member = path + "." + name
 			}
-			if seen[name] {
+			if slices.Contains(seen, name) {
 				return fmt.Errorf("%w: %s is given twice", keys.ErrInvalidRequest, member)
 			}
-			seen[name] = true
+			seen = append(seen, name)
 			var ft reflect.Type
-			switch t.Kind() {
-			case reflect.Struct:
-				if ft = jsonField(t, name); ft == nil {
-					return fmt.Errorf("%w: unknown field %q", keys.ErrInvalidRequest, name)
-				}
-			case reflect.Map:
+			if t.Kind() == reflect.Map {
 				ft = t.Elem()
-			default:
-				return fmt.Errorf("%w: %s must not be an object", keys.ErrInvalidRequest, path)
+			} else if ft = jsonField(t, name); ft == nil {
+				return fmt.Errorf("%w: unknown field %q", keys.ErrInvalidRequest, name)
 			}
-			if err := strictValue(dec, ft, member); err != nil {
+			s.space()
+			s.i++ // the colon
+			s.space()
+			if err := s.value(ft, member); err != nil {
 				return err
 			}
 		}
-		_, err = dec.Token()
-	case json.Delim('['):
+	case '[':
 		if t.Kind() != reflect.Slice || t.Elem().Kind() == reflect.Uint8 {
 			return fmt.Errorf("%w: %s must not be an array", keys.ErrInvalidRequest, path)
 		}
-		for i := 0; dec.More(); i++ {
-			if err := strictValue(dec, t.Elem(), path+"["+strconv.Itoa(i)+"]"); err != nil {
+		s.i++
+		for n := 0; ; n++ {
+			s.space()
+			switch {
+			case s.i >= len(s.b):
+				return fmt.Errorf("%w: truncated JSON", keys.ErrInvalidRequest)
+			case s.b[s.i] == ']':
+				s.i++
+				return nil
+			case s.b[s.i] == ',':
+				s.i++
+				s.space()
+			}
+			if err := s.value(t.Elem(), path+"["+strconv.Itoa(n)+"]"); err != nil {
 				return err
 			}
 		}
-		_, err = dec.Token()
-	default:
+	case '"':
+		raw := s.str()
 		// Base64 (a []byte): encoding/json skips line breaks in it; the spec's pattern has none.
-		if str, ok := tok.(string); ok && t.Kind() == reflect.Slice && t.Elem().Kind() == reflect.Uint8 &&
-			strings.ContainsAny(str, "\r\n") {
+		if t.Kind() == reflect.Slice && t.Elem().Kind() == reflect.Uint8 && escapedLineBreak(raw) {
 			return fmt.Errorf("%w: %s must be base64 without line breaks", keys.ErrInvalidRequest, path)
 		}
+		return nil
+	default: // a number, true or false
+		for s.i < len(s.b) && strings.IndexByte(",}] \t\r\n", s.b[s.i]) < 0 {
+			s.i++
+		}
+		return nil
 	}
-	if err != nil {
-		return fmt.Errorf("%w: %s", keys.ErrInvalidRequest, err)
+}
+
+// escapedLineBreak reports whether the JSON string str (quotes included) holds an escaped CR or
+// LF: \n, \r, \u000a or \u000d (a raw one is not valid JSON).
+func escapedLineBreak(str []byte) bool {
+	for i := bytes.IndexByte(str, '\\'); i >= 0 && i+1 < len(str); {
+		switch str[i+1] {
+		case 'n', 'r':
+			return true
+		case 'u':
+			if i+6 <= len(str) {
+				if h := strings.ToLower(string(str[i+2 : i+6])); h == "000a" || h == "000d" {
+					return true
+				}
+			}
+		}
+		j := bytes.IndexByte(str[i+2:], '\\')
+		if j < 0 {
+			break
+		}
+		i += 2 + j
 	}
-	return nil
+	return false
 }
 
 // jsonField returns the type of t's field named name exactly in its json tag, or nil.
