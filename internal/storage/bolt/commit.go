@@ -102,16 +102,21 @@ func (c *committer) commit(batch []*call) {
 		if c.foreground > 0 {
 			c.lastForeground = time.Now()
 		}
-		failed := -1
+		failed, current, ranAll := -1, -1, false
 		err := updateSafely(c.db, c.damage, func(tx *bbolt.Tx) error {
 			for i, cl := range batch {
+				current = i
 				if err := cl.fn(tx); err != nil {
 					failed = i
 					return err
 				}
 			}
+			ranAll = true
 			return nil
 		})
+		if failed < 0 && err != nil && !ranAll && current >= 0 {
+			failed = current // it panicked: like a failure, it runs alone and the others again
+		}
 		if failed < 0 { // committed, or the commit itself failed for everyone
 			for _, cl := range batch {
 				cl.done <- err

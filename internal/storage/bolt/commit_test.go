@@ -1,6 +1,7 @@
 package bolt
 
 import (
+	"errors"
 	"path/filepath"
 	"testing"
 	"time"
@@ -53,4 +54,37 @@ func TestSweepShareBesideWriters(t *testing.T) {
 			break
 		}
 	}
+}
+
+// TestPanicInABatchIsIsolated: a function that panics in a shared transaction (a damaged page
+// it reads, say) fails alone, with ErrDamaged, as a function that returns an error does; the
+// others of its batch are committed. It used to fail the whole batch.
+func TestPanicInABatchIsIsolated(t *testing.T) {
+	s, err := Open(filepath.Join(t.TempDir(), FileName), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	put := func(k string) *call {
+		return &call{done: make(chan error, 1), fn: func(tx *bbolt.Tx) error {
+			return tx.Bucket(bucketFences).Put([]byte(k), []byte("1"))
+		}}
+	}
+	bad := &call{done: make(chan error, 1), fn: func(*bbolt.Tx) error { panic("a damaged page") }}
+	batch := []*call{put("a"), bad, put("b")}
+	s.comm.commit(batch)
+	for i, cl := range batch {
+		err := <-cl.done
+		if (cl == bad) != errors.Is(err, ErrDamaged) || cl != bad && err != nil {
+			t.Errorf("call %d: %v", i, err)
+		}
+	}
+	_ = s.db.View(func(tx *bbolt.Tx) error {
+		for _, k := range []string{"a", "b"} {
+			if tx.Bucket(bucketFences).Get([]byte(k)) == nil {
+				t.Errorf("%s was not committed beside the panicking call", k)
+			}
+		}
+		return nil
+	})
 }
