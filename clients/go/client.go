@@ -109,36 +109,29 @@ func checkDurations(ds ...time.Duration) error {
 // another caller holds the key, ErrFingerprintMismatch when the key was begun with another
 // fingerprint, ErrInvalidKey for a malformed key, and with the other errors of the package.
 func (c *Client) Begin(ctx context.Context, key string, opts BeginOptions) (*BeginResult, error) {
-	br, _, err := c.begin(ctx, key, opts)
-	return br, err
-}
-
-// begin is Begin that also returns the headers of the answer.
-func (c *Client) begin(ctx context.Context, key string, opts BeginOptions) (*BeginResult, http.Header, error) {
 	if !ValidKey(key) {
-		return nil, nil, invalidKeyError(key)
+		return nil, invalidKeyError(key)
 	}
 	if err := checkDurations(opts.Lease, opts.TTL, opts.Wait); err != nil {
-		return nil, nil, err
+		return nil, err
 	}
 	body := beginBody{Fingerprint: opts.Fingerprint, LeaseMS: millis(opts.Lease), TTLMS: millis(opts.TTL), WaitMS: millis(opts.Wait)}
 	var rec wireRecord
-	var header http.Header
 	status, err := c.call(ctx, call{
 		op: "begin", method: http.MethodPost, path: keyPath(key, "begin"), body: body,
-		out: &rec, header: &header, extraTimeout: opts.Wait, retryInProgress: c.retry.RetryInProgress,
+		out: &rec, extraTimeout: opts.Wait, retryInProgress: c.retry.RetryInProgress,
 	})
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
 	r := rec.record()
 	switch {
 	case status == http.StatusCreated && r.Lease != nil && r.Lease.Token != "":
-		return &BeginResult{Acquired: true, Lease: r.Lease, Record: r}, header, nil
+		return &BeginResult{Acquired: true, Lease: r.Lease, Record: r}, nil
 	case status == http.StatusOK && r.State == StateCompleted && r.Response != nil:
-		return &BeginResult{Replayed: true, Record: r}, header, nil
+		return &BeginResult{Replayed: true, Record: r}, nil
 	}
-	return nil, nil, fmt.Errorf("idemclient: begin %q: unexpected answer: status %d, state %q", key, status, r.State)
+	return nil, fmt.Errorf("idemclient: begin %q: unexpected answer: status %d, state %q", key, status, r.State)
 }
 
 // Complete stores req.Response as the result of key's operation and returns the completed
@@ -229,9 +222,8 @@ func (c *Client) Ready(ctx context.Context) error {
 // call describes one API call.
 type call struct {
 	op, method, path string
-	body             any          // JSON-encoded when not nil
-	out              any          // decoded from a 2xx body when not nil
-	header           *http.Header // set to the headers of a 2xx response when not nil
+	body             any // JSON-encoded when not nil
+	out              any // decoded from a 2xx body when not nil
 	extraTimeout     time.Duration
 	retryInProgress  bool
 	noRetry          bool
@@ -290,9 +282,6 @@ func (c *Client) call(ctx context.Context, cl call) (int, error) {
 				if err := json.Unmarshal(body, cl.out); err != nil {
 					return status, fmt.Errorf("idemclient: %s: decode %d response: %w", cl.op, status, err)
 				}
-			}
-			if cl.header != nil {
-				*cl.header = header
 			}
 			return status, nil
 		}

@@ -26,9 +26,8 @@ type DoOption interface {
 }
 
 type doConfig struct {
-	lease          time.Duration // always set: DefaultLease unless WithLease
-	ttl, wait      time.Duration // zero: the server's default
-	cleanupTimeout time.Duration
+	lease, ttl, wait time.Duration
+	cleanupTimeout   time.Duration
 }
 
 // DefaultLease is the lease Do asks for unless WithLease says otherwise (CONTRACT.md's default).
@@ -96,10 +95,10 @@ func WithCleanupTimeout(d time.Duration) DoOption {
 // It begins key with fingerprint (see Fingerprint; "" for none). When the key has completed, Do
 // returns the stored response with Result.Replayed set and does not call fn. When Do acquires
 // the key, it calls fn with a context derived from ctx and, while fn runs, renews the lease every
-// third of its length (DefaultLease, or WithLease's). When fn returns a Response and a nil error, Do stores
-// the response (complete) and returns it; a later Do with the same key replays it. When fn
-// returns an error, Do releases the key, so that a later Do runs fn again, and returns fn's error
-// unchanged. Encode a failure that must not be retried (a declined card, say) as a Response instead.
+// third of its length. When fn returns a Response and a nil error, Do stores the response
+// (complete) and returns it; a later Do with the same key replays it. When fn returns an error,
+// Do releases the key, so that a later Do runs fn again, and returns fn's error unchanged.
+// Encode a failure that must not be retried (a declined card, say) as a Response instead.
 //
 // Do fails without calling fn with ErrInProgress when another caller holds the key (see
 // WithWait), ErrFingerprintMismatch when the key was begun for a different request, and with the
@@ -132,22 +131,21 @@ func (c *Client) Do(ctx context.Context, key, fingerprint string, fn func(ctx co
 	}
 	cfg := newDoConfig(opts)
 	start := time.Now()
-	br, _, err := c.begin(ctx, key, BeginOptions{Fingerprint: fingerprint, Lease: cfg.lease, TTL: cfg.ttl, Wait: cfg.wait})
+	br, err := c.Begin(ctx, key, BeginOptions{Fingerprint: fingerprint, Lease: cfg.lease, TTL: cfg.ttl, Wait: cfg.wait})
 	if err != nil {
 		return Result{}, err
 	}
 	if br.Replayed {
 		return Result{Response: *br.Record.Response, Replayed: true, Record: br.Record}, nil
 	}
-	return c.execute(ctx, key, br.Lease.Token, start, cfg.lease, fn, cfg)
+	return c.execute(ctx, key, br.Lease.Token, start, fn, cfg)
 }
 
-// execute runs fn under the lease token, acquired by a begin sent at start, for a lease of length
-// lease. Its renewals ask for lease again.
-func (c *Client) execute(ctx context.Context, key, token string, start time.Time, lease time.Duration, fn func(context.Context) (Response, error), cfg doConfig) (Result, error) {
+// execute runs fn under the lease token, acquired by a begin sent at start.
+func (c *Client) execute(ctx context.Context, key, token string, start time.Time, fn func(context.Context) (Response, error), cfg doConfig) (Result, error) {
 	fnCtx, cancelFn := context.WithCancelCause(ctx)
 	defer cancelFn(nil)
-	k := c.keepAlive(ctx, key, token, cfg.lease, lease, start, cancelFn)
+	k := c.keepAlive(ctx, key, token, cfg.lease, start, cancelFn)
 
 	cleanupCtx := func() (context.Context, context.CancelFunc) {
 		return context.WithTimeout(context.WithoutCancel(ctx), cfg.cleanupTimeout)
@@ -210,11 +208,10 @@ type keeper struct {
 	definitive bool  // idemsvc said so, as opposed to the lease running out by our clock
 }
 
-// keepAlive renews key's lease, of length lease, every third of lease, starting from start (when
-// the begin was sent: the lease cannot have started earlier). Each renew asks for ask. When the
-// lease is lost it calls onLost with an error matching
-// ErrLeaseLost and stops.
-func (c *Client) keepAlive(ctx context.Context, key, token string, ask, lease time.Duration, start time.Time, onLost func(error)) *keeper {
+// keepAlive renews key's lease every third of lease, starting from start (when the begin was
+// sent: the lease cannot have started earlier). When the lease is lost it calls onLost with an
+// error matching ErrLeaseLost and stops.
+func (c *Client) keepAlive(ctx context.Context, key, token string, lease time.Duration, start time.Time, onLost func(error)) *keeper {
 	rctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	k := &keeper{cancel: cancel, done: make(chan struct{})}
 	go func() {
@@ -231,7 +228,7 @@ func (c *Client) keepAlive(ctx context.Context, key, token string, ask, lease ti
 			}
 			sent := time.Now()
 			actx, acancel := context.WithDeadline(rctx, expiry)
-			_, err := c.Renew(actx, key, token, ask)
+			_, err := c.Renew(actx, key, token, lease)
 			acancel()
 			if rctx.Err() != nil {
 				return // stopped while renewing

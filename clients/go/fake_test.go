@@ -1,7 +1,6 @@
 package idemclient
 
 import (
-	"cmp"
 	"encoding/json"
 	"fmt"
 	"maps"
@@ -30,8 +29,6 @@ type fakeSvc struct {
 	calls   map[string]int
 	inject  func(op string) int // status to answer instead of handling; 0 handles
 	maxBody int
-	// defaultLease is the lease of a begin or renew without lease_ms; 0 means 30s.
-	defaultLease time.Duration
 	// leaseMS holds the lease_ms of every begin and renew, by op.
 	leaseMS map[string][]*int64
 }
@@ -148,14 +145,13 @@ func (f *fakeSvc) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return time.Duration(*p) * time.Millisecond
 	}
 	f.mu.Lock()
-	defaultLease := cmp.Or(f.defaultLease, 30*time.Second)
 	if op == "begin" || op == "renew" {
 		f.leaseMS[op] = append(f.leaseMS[op], body.LeaseMS)
 	}
 	f.mu.Unlock()
 	switch op {
 	case "begin":
-		f.begin(w, key, body.Fingerprint, ms(body.LeaseMS, defaultLease), ms(body.TTLMS, time.Hour), ms(body.WaitMS, 0))
+		f.begin(w, key, body.Fingerprint, ms(body.LeaseMS, 30*time.Second), ms(body.TTLMS, time.Hour), ms(body.WaitMS, 0))
 	case "complete":
 		if body.Response == nil || body.Response.Status < 100 || body.Response.Status > 599 || len(body.Response.Body) > f.maxBody {
 			f.problem(w, 422, "invalid-response")
@@ -170,7 +166,7 @@ func (f *fakeSvc) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		f.complete(w, key, body.Token, body.Response, ms(body.TTLMS, 0))
 	case "renew":
-		f.renew(w, key, body.Token, ms(body.LeaseMS, defaultLease))
+		f.renew(w, key, body.Token, ms(body.LeaseMS, 30*time.Second))
 	case "release":
 		f.release(w, key, body.Token)
 	case "get":
