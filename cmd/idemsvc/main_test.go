@@ -279,27 +279,21 @@ func TestShutdownFinishesInFlight(t *testing.T) {
 	}
 }
 
-// TestRedisPasswordNeverLogged: the start line's masked configuration and the error of a URL
-// that does not parse show no password, also one that holds an @ (the password ends at the last).
+// TestRedisPasswordNeverLogged: the start line's masked configuration shows no password, also
+// one that holds an @ (the password ends at the last), and neither does the error of a URL that
+// does not parse (url.Parse's error quotes the URL whole).
 func TestRedisPasswordNeverLogged(t *testing.T) {
 	for _, raw := range []string{
 		"redis://:p@ssw0rd-secret@127.0.0.1:6379/0",
 		"redis://user:s3cretpassw0rd@127.0.0.1:6379/0",
-		"redis://:s3cretpassw0rd@127.0.0.1:port/0", // does not parse: invalid port
+		"redis://:s3cretpassw0rd@127.0.0.1:port/0",
 	} {
-		shown := fmt.Sprint(Config{RedisURL: raw}.masked())
-		if strings.Contains(shown, "ssw0rd") {
+		if shown := fmt.Sprint(Config{RedisURL: raw}.masked()); strings.Contains(shown, "ssw0rd") {
 			t.Errorf("masked config shows the password of %s: %s", raw, shown)
 		}
-		st, err := openStore(context.Background(), Config{Backend: "redis", RedisURL: raw}, zaptest.NewLogger(t))
-		if st != nil {
-			_ = st.Close()
-		}
-		if err != nil && strings.Contains(err.Error(), "ssw0rd") {
-			t.Errorf("opening %s: the error shows the password: %v", raw, err)
-		}
-		if strings.Contains(raw, ":port") && err == nil {
-			t.Errorf("opening %s: no error", raw)
-		}
+	}
+	_, err := openStore(context.Background(), Config{Backend: "redis", RedisURL: "redis://:s3cretpassw0rd@127.0.0.1:port/0"}, zaptest.NewLogger(t))
+	if err == nil || strings.Contains(err.Error(), "ssw0rd") {
+		t.Errorf("opening a URL with an invalid port: %v, want an error without the password", err)
 	}
 }

@@ -147,11 +147,7 @@ func emptyOrUnsupported(body io.Reader, maxBytes int64, optional bool) error {
 				break
 			}
 			if err != nil {
-				var tooLarge *http.MaxBytesError
-				if errors.As(err, &tooLarge) {
-					return errPayloadTooLarge
-				}
-				return fmt.Errorf("%w: %s", keys.ErrInvalidRequest, err)
+				return readError(err)
 			}
 		}
 	}
@@ -159,6 +155,15 @@ func emptyOrUnsupported(body io.Reader, maxBytes int64, optional bool) error {
 		return nil
 	}
 	return errBodyRequired
+}
+
+// readError is the error of a request body that failed to read: 413 past the limit, else 400.
+func readError(err error) error {
+	var tooLarge *http.MaxBytesError
+	if errors.As(err, &tooLarge) {
+		return errPayloadTooLarge
+	}
+	return fmt.Errorf("%w: %s", keys.ErrInvalidRequest, err)
 }
 
 // decodeJSON is decode by encoding/json, from body, and then held to what encoding/json lets
@@ -169,11 +174,7 @@ func emptyOrUnsupported(body io.Reader, maxBytes int64, optional bool) error {
 func decodeJSON(body io.Reader, maxBytes int64, v any, optional bool) error {
 	raw, err := io.ReadAll(http.MaxBytesReader(nil, io.NopCloser(body), maxBytes))
 	if err != nil {
-		var tooLarge *http.MaxBytesError
-		if errors.As(err, &tooLarge) {
-			return errPayloadTooLarge
-		}
-		return fmt.Errorf("%w: %s", keys.ErrInvalidRequest, err)
+		return readError(err)
 	}
 	dec := json.NewDecoder(bytes.NewReader(raw))
 	dec.DisallowUnknownFields()
@@ -392,9 +393,13 @@ func loneSurrogate(b []byte) int {
 		n, err := strconv.ParseUint(string(b[i+2:i+6]), 16, 16)
 		return rune(n), err == nil
 	}
-	for i := 0; i < len(b); i++ {
+	for i := bytes.IndexByte(b, '\\'); i >= 0 && i < len(b); i++ {
 		if b[i] != '\\' {
-			continue
+			j := bytes.IndexByte(b[i:], '\\') // a stored body in base64 has none: one pass
+			if j < 0 {
+				break
+			}
+			i += j
 		}
 		r, ok := hex4(i)
 		switch {

@@ -410,8 +410,10 @@ func (s *Store) get(ctx context.Context, tenant, key string) (keys.Record, error
 	}
 	defer s.mu.RUnlock()
 	id := keys.StorageID(tenant, key)
-	if cached := s.cache.get(id); cached != nil && cached.Live(s.now()) {
-		return keys.DecideGet(cached, s.now())
+	if cached := s.cache.get(id); cached != nil {
+		if now := s.now(); cached.Live(now) {
+			return keys.DecideGet(cached, now)
+		}
 	}
 	var (
 		rec     keys.Record
@@ -535,8 +537,8 @@ func (s *Store) sweepBudget(want int) int {
 }
 
 // sweep removes up to max records that have expired at now, and returns the storage ids of
-// those it removed (copies) and how many index entries it took. An index entry whose record is gone or live again (which a consistent index
-// never has) is dropped without counting.
+// those it removed (copies) and how many index entries it took. An index entry whose record is
+// gone or live again (which a consistent index never has) is dropped without counting.
 func sweep(tx *bbolt.Tx, now time.Time, max int) (removed [][]byte, seen int, err error) {
 	limit := expiryNanos(now) // expired means expires_at <= now
 	// Take the due entries off the front of the index: First after each Delete, because a
