@@ -189,57 +189,52 @@ func TestDoLeaseLost(t *testing.T) {
 	}
 }
 
-// TestDoRenewFailsButNobodyTookOver: renewals fail until the lease runs out by the client's
-// clock; fn is told (ErrLeaseLost cause), but since nobody took over, its response can still be
-// recorded, and Do succeeds.
-func TestDoRenewFailsButNobodyTookOver(t *testing.T) {
+// TestDoRenewsFail: renewals fail until the lease runs out by the client's clock, and fn is told
+// (ErrLeaseLost cause).
+//   - FnResponds: since nobody took over, fn's response can still be recorded, and Do succeeds.
+//   - FnGivesUp: fn returns its context's error; Do releases the key and returns an error
+//     matching ErrLeaseLost, as documented, and fn's error too (it used to return only fn's
+//     error, context canceled, which said nothing of the lease: seen under load in
+//     TestDoLeaseLost).
+func TestDoRenewsFail(t *testing.T) {
 	t.Parallel()
-	f, srv := newFake(t)
-	f.inject = func(op string) int {
-		if op == "renew" {
-			return 503
+	run := func(t *testing.T, respond bool) (*fakeSvc, Result, error) {
+		f, srv := newFake(t)
+		f.inject = func(op string) int {
+			if op == "renew" {
+				return 503
+			}
+			return 0
 		}
-		return 0
+		c := newTestClient(t, srv.URL)
+		res, err := c.Do(context.Background(), "k", "", func(ctx context.Context) (Response, error) {
+			<-ctx.Done()
+			if cause := context.Cause(ctx); !errors.Is(cause, ErrLeaseLost) {
+				t.Errorf("context.Cause in fn = %v, want ErrLeaseLost", cause)
+			}
+			if respond {
+				return okResponse("done anyway"), nil
+			}
+			return Response{}, ctx.Err()
+		}, WithLease(100*time.Millisecond))
+		return f, res, err
 	}
-	c := newTestClient(t, srv.URL)
-	var cause error
-	res, err := c.Do(context.Background(), "k", "", func(ctx context.Context) (Response, error) {
-		<-ctx.Done()
-		cause = context.Cause(ctx)
-		return okResponse("done anyway"), nil
-	}, WithLease(100*time.Millisecond))
-	if !errors.Is(cause, ErrLeaseLost) {
-		t.Errorf("context.Cause in fn = %v, want ErrLeaseLost", cause)
-	}
-	if err != nil || res.Record == nil || res.Record.State != StateCompleted {
-		t.Fatalf("Do = %+v, %v; want the response recorded", res, err)
-	}
-}
-
-// TestDoRenewFailsAndFnGivesUp: renewals fail until the lease runs out by the client's clock,
-// and fn returns its context's error. Do releases the key and returns an error matching
-// ErrLeaseLost, as documented, and fn's error too: it used to return only fn's error (context
-// canceled), which said nothing of the lease (seen under load in TestDoLeaseLost).
-func TestDoRenewFailsAndFnGivesUp(t *testing.T) {
-	t.Parallel()
-	f, srv := newFake(t)
-	f.inject = func(op string) int {
-		if op == "renew" {
-			return 503
+	t.Run("FnResponds", func(t *testing.T) {
+		t.Parallel()
+		if _, res, err := run(t, true); err != nil || res.Record == nil || res.Record.State != StateCompleted {
+			t.Fatalf("Do = %+v, %v; want the response recorded", res, err)
 		}
-		return 0
-	}
-	c := newTestClient(t, srv.URL)
-	_, err := c.Do(context.Background(), "k", "", func(ctx context.Context) (Response, error) {
-		<-ctx.Done()
-		return Response{}, ctx.Err()
-	}, WithLease(100*time.Millisecond))
-	if !errors.Is(err, ErrLeaseLost) || !errors.Is(err, context.Canceled) {
-		t.Fatalf("Do = %v, want an error matching ErrLeaseLost and context.Canceled", err)
-	}
-	if got := f.count("release"); got != 1 {
-		t.Errorf("%d releases, want 1", got)
-	}
+	})
+	t.Run("FnGivesUp", func(t *testing.T) {
+		t.Parallel()
+		f, _, err := run(t, false)
+		if !errors.Is(err, ErrLeaseLost) || !errors.Is(err, context.Canceled) {
+			t.Fatalf("Do = %v, want an error matching ErrLeaseLost and context.Canceled", err)
+		}
+		if got := f.count("release"); got != 1 {
+			t.Errorf("%d releases, want 1", got)
+		}
+	})
 }
 
 func TestDoContextCancelled(t *testing.T) {
