@@ -19,6 +19,8 @@ import (
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
+
+	"github.com/idemsvc/idemsvc/internal/server"
 )
 
 // defaultGCPercent is the GOGC that idemsvc runs with unless the environment sets one.
@@ -58,7 +60,7 @@ func realMain(args, environ []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "idemsvc: configuration: %v\n", err)
 		return 1
 	}
-	logger, err := newLogger(cfg.LogLevel)
+	logger, logOut, err := newLogger(cfg.LogLevel)
 	if err != nil {
 		fmt.Fprintf(stderr, "idemsvc: logger: %v\n", err)
 		return 1
@@ -85,7 +87,7 @@ func realMain(args, environ []string, stdout, stderr io.Writer) int {
 	// After the first signal, a second one ends the process at once (Go's default), as an
 	// operator who presses Ctrl-C twice expects: every acknowledged write is already on disk.
 	go func() { <-ctx.Done(); stop() }()
-	if err := run(ctx, cfg, logger); err != nil {
+	if err := run(ctx, cfg, logger, logOut); err != nil {
 		logger.Error("idemsvc stopped", zap.Error(err))
 		fmt.Fprintf(stderr, "idemsvc: %v\n", err)
 		return 1
@@ -93,20 +95,18 @@ func realMain(args, environ []string, stdout, stderr io.Writer) int {
 	return 0
 }
 
-// newLogger builds the JSON logger. Its output is buffered (flushed every second, when 256 KiB
-// are waiting, and at exit): one write syscall per access-log line was a measurable part of a
-// request's cost under load.
-func newLogger(level string) (*zap.Logger, error) {
+// newLogger builds the JSON logger, and returns the WriteSyncer of its core too, for the
+// server's access lines (server.Options.AccessLog). Its output is buffered (flushed every
+// second, when 256 KiB are waiting, and at exit): one write syscall per access-log line was a
+// measurable part of a request's cost under load.
+func newLogger(level string) (*zap.Logger, zapcore.WriteSyncer, error) {
 	lvl, err := zapcore.ParseLevel(level)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	ec := zap.NewProductionEncoderConfig()
-	ec.TimeKey = "time"
-	ec.EncodeTime = zapcore.RFC3339NanoTimeEncoder
 	out := &zapcore.BufferedWriteSyncer{WS: zapcore.Lock(os.Stderr), Size: 256 << 10, FlushInterval: time.Second}
-	core := zapcore.NewCore(zapcore.NewJSONEncoder(ec), out, lvl) // every line, no sampling
-	return zap.New(core, zap.AddCaller(), zap.AddStacktrace(zapcore.ErrorLevel)), nil
+	core := zapcore.NewCore(zapcore.NewJSONEncoder(server.LogEncoderConfig()), out, lvl) // every line, no sampling
+	return zap.New(core, zap.AddCaller(), zap.AddStacktrace(zapcore.ErrorLevel)), out, nil
 }
 
 // healthcheck asks the local service's /healthz, for container health checks (the runtime

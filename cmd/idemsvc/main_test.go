@@ -138,7 +138,7 @@ func startRun(t *testing.T, dir string) (string, func() error) {
 	cfg.Ready = func(a string) { addr <- a }
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- run(ctx, cfg, zaptest.NewLogger(t)) }()
+	go func() { done <- run(ctx, cfg, zaptest.NewLogger(t), nil) }()
 	select {
 	case a := <-addr:
 		return "http://" + a, func() error { cancel(); return <-done }
@@ -227,7 +227,7 @@ func TestRunEndToEnd(t *testing.T) {
 		cfg, _ := loadConfig(nil)
 		cfg.Addr, cfg.DataDir = "127.0.0.1:0", dir
 		start := time.Now()
-		err := run(context.Background(), cfg, zaptest.NewLogger(t))
+		err := run(context.Background(), cfg, zaptest.NewLogger(t), nil)
 		if err == nil || !strings.Contains(err.Error(), "locked") {
 			t.Errorf("second run on the same dir: %v, want an error saying the file is locked", err)
 		}

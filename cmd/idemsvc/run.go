@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/idemsvc/idemsvc/internal/keys"
@@ -20,7 +21,7 @@ import (
 // run serves until ctx ends, then shuts down gracefully: it stops accepting, lets in-flight
 // requests finish within cfg.ShutdownTimeout, stops the sweeper and closes the store. It
 // returns nil after a clean shutdown.
-func run(ctx context.Context, cfg Config, logger *zap.Logger) error {
+func run(ctx context.Context, cfg Config, logger *zap.Logger, accessLog zapcore.WriteSyncer) error {
 	tokens, err := cfg.tokens()
 	if err != nil {
 		return err
@@ -47,9 +48,10 @@ func run(ctx context.Context, cfg Config, logger *zap.Logger) error {
 	}()
 
 	srv := server.New(store, server.Options{
-		Limits: cfg.limits(),
-		Tokens: tokens,
-		Logger: logger,
+		Limits:    cfg.limits(),
+		Tokens:    tokens,
+		Logger:    logger,
+		AccessLog: accessLog,
 	})
 	httpServer := &http.Server{
 		Handler:           srv,

@@ -115,7 +115,8 @@ func (s *Server) observe(next http.Handler) http.Handler {
 					s.writeError(sw, r, fmt.Errorf("panic: %v", v))
 				}
 			}
-			elapsed := time.Since(start)
+			end := time.Now()
+			elapsed := end.Sub(start)
 			route := chi.RouteContext(r.Context()).RoutePattern()
 			if route == "" {
 				route = "unmatched"
@@ -125,7 +126,12 @@ func (s *Server) observe(next http.Handler) http.Handler {
 				status = http.StatusOK
 			}
 			s.metrics.observeRequest(r.Method, route, status, elapsed)
-			if ce := s.accessLog.Check(zap.InfoLevel, "request"); ce != nil {
+			if s.accessOut != nil {
+				s.writeAccessLine(end, &accessEntry{
+					method: r.Method, route: route, status: status, duration: elapsed,
+					tenant: ri.tenant, key: ri.key, requestID: ri.id, problem: ri.problem, outcome: ri.outcome,
+				})
+			} else if ce := s.accessLog.Check(zap.InfoLevel, "request"); ce != nil {
 				ce.Write(
 					zap.String("method", r.Method),
 					zap.String("route", route),

@@ -14,6 +14,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 
 	"github.com/idemsvc/idemsvc/api"
 	"github.com/idemsvc/idemsvc/internal/keys"
@@ -32,6 +33,11 @@ type Options struct {
 	Now func() time.Time
 	// Logger receives the access log and errors; nil logs nothing.
 	Logger *zap.Logger
+	// AccessLog, when set, is the WriteSyncer of Logger's core, and access lines are written to
+	// it directly, encoded as Logger's JSON encoder would with LogEncoderConfig (see
+	// appendAccessLine), when Logger logs at info level. zap's field encoding was about a
+	// tenth of a replay's CPU. When nil, access lines go through Logger.
+	AccessLog zapcore.WriteSyncer
 	// Registry receives the server's metrics; nil makes a new one (see Server.Registry).
 	Registry *prometheus.Registry
 }
@@ -48,6 +54,8 @@ type Server struct {
 	// accessLog is logger without the caller: every access line would name the same line of
 	// observe, and finding it costs a stack walk per request (about 2% of a replay's CPU).
 	accessLog *zap.Logger
+	// accessOut, when set, takes the access lines instead of accessLog (Options.AccessLog).
+	accessOut zapcore.WriteSyncer
 	auth      *authenticator
 	metrics   *metrics
 	registry  *prometheus.Registry
@@ -84,6 +92,9 @@ func New(store keys.Store, opts Options) *Server {
 		metrics:         newMetrics(opts.Registry),
 		registry:        opts.Registry,
 		maxRequestBytes: maxRequestBytes(opts.Limits),
+	}
+	if opts.AccessLog != nil && opts.Logger.Core().Enabled(zapcore.InfoLevel) {
+		s.accessOut = opts.AccessLog
 	}
 	s.store = instrument(store, s.metrics)
 	s.draining, s.drain = context.WithCancel(context.Background())

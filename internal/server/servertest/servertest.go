@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest"
 
 	"github.com/idemsvc/idemsvc/internal/keys"
@@ -32,6 +33,8 @@ type Options struct {
 	Now func() time.Time
 	// Logger; nil logs to t at warn level and above.
 	Logger *zap.Logger
+	// AccessLog is server.Options.AccessLog.
+	AccessLog zapcore.WriteSyncer
 }
 
 // Server is a running test server.
@@ -64,7 +67,7 @@ func Start(t testing.TB, opts Options) *Server {
 		store = s
 	}
 	h := server.New(store, server.Options{
-		Limits: opts.Limits, Tokens: opts.Tokens, Now: opts.Now, Logger: opts.Logger,
+		Limits: opts.Limits, Tokens: opts.Tokens, Now: opts.Now, Logger: opts.Logger, AccessLog: opts.AccessLog,
 	})
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
