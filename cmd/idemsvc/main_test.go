@@ -10,6 +10,8 @@ import (
 	"net/http"
 	"net/url"
 	"reflect"
+	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -210,6 +212,27 @@ func TestRunEndToEnd(t *testing.T) {
 	if st, _, _ := call(t, "DELETE", base+"/v1/keys/never", ``); st != 204 {
 		t.Errorf("delete = %d, want 204", st)
 	}
+	// The bbolt store's commits are on /metrics.
+	mresp, err := http.Get(base + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	metricsText, _ := io.ReadAll(mresp.Body)
+	mresp.Body.Close()
+	for name, least := range map[string]float64{
+		"idemsvc_bolt_commits_total": 1, "idemsvc_bolt_commit_calls_total": 5, "idemsvc_bolt_pages_written_total": 5,
+		"idemsvc_bolt_commit_seconds_total": 1e-9, "idemsvc_bolt_write_seconds_total": 1e-9,
+	} {
+		m := regexp.MustCompile(`(?m)^` + name + ` (\S+)$`).FindSubmatch(metricsText)
+		if m == nil {
+			t.Errorf("/metrics has no %s", name)
+			continue
+		}
+		if v, err := strconv.ParseFloat(string(m[1]), 64); err != nil || v < least {
+			t.Errorf("%s = %s, want at least %g", name, m[1], least)
+		}
+	}
+
 	// OPTIONS * is answered by the API, like any other request: problem+json, X-Request-Id.
 	u, _ := url.Parse(base)
 	u.Opaque = "*"

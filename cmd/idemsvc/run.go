@@ -53,6 +53,9 @@ func run(ctx context.Context, cfg Config, logger *zap.Logger, accessLog zapcore.
 		Logger:    logger,
 		AccessLog: accessLog,
 	})
+	if b, ok := store.(*bolt.Store); ok {
+		srv.Registry().MustRegister(boltCollector{b})
+	}
 	httpServer := &http.Server{
 		Handler:           srv,
 		ReadHeaderTimeout: 5 * time.Second,

@@ -182,6 +182,31 @@ func OpenDir(dir string, opts Options) (*Store, error) {
 	return Open(filepath.Join(dir, FileName), opts)
 }
 
+// CommitStats are cumulative counts since Open, for metrics: together they tell how many writes
+// share a commit, what a commit costs, and how much of that is the disk.
+type CommitStats struct {
+	// Commits is how many transactions the group commit committed, and Calls how many calls
+	// (writes and sweep chunks) they carried. Zero with DB.Batch (Options.MaxBatchDelay).
+	Commits, Calls uint64
+	// CommitTime is the wall time of those transactions, from their start to their commit's end.
+	CommitTime time.Duration
+	// Pages is how many pages bbolt wrote (dirty pages, freelist and meta), and WriteTime how
+	// long it spent writing them and in fdatasync, over every read-write transaction.
+	Pages     int64
+	WriteTime time.Duration
+}
+
+// CommitStats returns the store's commit counts so far.
+func (s *Store) CommitStats() CommitStats {
+	tx := s.db.Stats().TxStats
+	st := CommitStats{Pages: tx.GetWrite(), WriteTime: tx.GetWriteTime()}
+	if s.comm != nil {
+		st.Commits, st.Calls = s.comm.commits.Load(), s.comm.calls.Load()
+		st.CommitTime = time.Duration(s.comm.commitNanos.Load())
+	}
+	return st
+}
+
 // Path returns the data file's path.
 func (s *Store) Path() string { return s.path }
 

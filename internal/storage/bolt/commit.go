@@ -2,6 +2,7 @@ package bolt
 
 import (
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.etcd.io/bbolt"
@@ -33,6 +34,10 @@ type committer struct {
 	foreground int
 	// lastForeground is when the committer last started a transaction with writers' calls.
 	lastForeground time.Time
+
+	// Cumulative counts of committed transactions, for CommitStats.
+	commits, calls atomic.Uint64
+	commitNanos    atomic.Int64
 }
 
 // quietAfter is how long after the last writer a transaction counts as idle for background
@@ -103,6 +108,7 @@ func (c *committer) commit(batch []*call) {
 			c.lastForeground = time.Now()
 		}
 		failed, current, ranAll := -1, -1, false
+		start := time.Now()
 		err := updateSafely(c.db, c.damage, func(tx *bbolt.Tx) error {
 			for i, cl := range batch {
 				current = i
@@ -118,6 +124,9 @@ func (c *committer) commit(batch []*call) {
 			failed = current // it panicked: like a failure, it runs alone and the others again
 		}
 		if failed < 0 { // committed, or the commit itself failed for everyone
+			if err == nil {
+				c.count(len(batch), start)
+			}
 			for _, cl := range batch {
 				cl.done <- err
 			}
@@ -128,7 +137,19 @@ func (c *committer) commit(batch []*call) {
 		if !bad.background {
 			c.foreground = 1
 		}
-		bad.done <- updateSafely(c.db, c.damage, bad.fn)
+		start = time.Now()
+		err = updateSafely(c.db, c.damage, bad.fn)
+		if err == nil {
+			c.count(1, start) // a background call that gave up partway commits what it did
+		}
+		bad.done <- err
 		batch = append(batch[:failed:failed], batch[failed+1:]...)
 	}
+}
+
+// count notes a committed transaction of n calls that started at start.
+func (c *committer) count(n int, start time.Time) {
+	c.commits.Add(1)
+	c.calls.Add(uint64(n))
+	c.commitNanos.Add(int64(time.Since(start)))
 }

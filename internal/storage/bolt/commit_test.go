@@ -3,10 +3,14 @@ package bolt
 import (
 	"errors"
 	"path/filepath"
+	"strconv"
+	"sync"
 	"testing"
 	"time"
 
 	"go.etcd.io/bbolt"
+
+	"github.com/idemsvc/idemsvc/internal/keys"
 )
 
 // TestSweepShareBesideWriters: a sweep's transaction counts the writers' calls it shares, takes
@@ -87,4 +91,33 @@ func TestPanicInABatchIsIsolated(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// TestCommitStats: every committed write is counted once, in as many commits as the group
+// commit made, and bbolt's page writes and their time are reported.
+func TestCommitStats(t *testing.T) {
+	t.Parallel()
+	s, err := Open(filepath.Join(t.TempDir(), FileName), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	const n = 40
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() {
+			res, err := s.Begin(t.Context(), "t", "stats-"+strconv.Itoa(i), keys.BeginRequest{Lease: time.Minute, TTL: time.Hour})
+			if err != nil || res.Outcome != keys.Acquired {
+				t.Errorf("begin %d: %v, %v", i, res.Outcome, err)
+			}
+		})
+	}
+	wg.Wait()
+	st := s.CommitStats()
+	if st.Calls != n || st.Commits < 1 || st.Commits > n {
+		t.Errorf("%d calls in %d commits after %d begins", st.Calls, st.Commits, n)
+	}
+	if st.CommitTime <= 0 || st.Pages < int64(st.Commits) || st.WriteTime <= 0 {
+		t.Errorf("commit time %v, %d pages written in %v", st.CommitTime, st.Pages, st.WriteTime)
+	}
 }
