@@ -38,6 +38,6 @@ for ((r = 1; r <= ${AB_ROUNDS:-3}; r++)); do
 			-c "${AB_CONNS:-64}" -d "${AB_DURATION:-4s}" -warmup 1s -key-prefix "ab$$r" -server-pid "$pid" 2>&1) || true
 		kill -TERM "$pid" 2>/dev/null || true
 		wait "$pid" 2>/dev/null || true
-		printf 'round %d %s: %s\n' "$r" "$bin" "$(grep -E '^(requests|pairs|cpu|latency)' <<<"$out" | tr -s ' ' | tr '\n' '|')"
+		printf 'round %d %s: %s\n' "$r" "$bin" "$(grep -E '^(requests|pairs|cpu|commits|latency)' <<<"$out" | tr -s ' ' | tr '\n' '|')"
 	done
 done

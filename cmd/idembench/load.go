@@ -383,6 +383,7 @@ type result struct {
 	PerOp       map[string]latency `json:"per_op"`
 	Statuses    map[string]uint64  `json:"statuses"` // "begin 201": count, warmup included
 	CPU         cpuUse             `json:"cpu"`
+	Commits     *commitUse         `json:"commits,omitempty"` // idemsvc on bbolt: its group commit
 	Errors      uint64             `json:"errors"`
 	Failed      bool               `json:"failed"`
 	Failure     string             `json:"failure,omitempty"`
@@ -448,8 +449,10 @@ func load(cfg config) (*result, error) {
 	}
 	var wg sync.WaitGroup
 	var cpu0 cpuSnap
+	var commits0 commitSnap
 	var measureStart time.Time
 	startMeasuring := func() {
+		commits0 = takeCommits(cfg.url)
 		cpu0 = takeCPU(cfg.serverPID, cfg.redisAddr)
 		measureStart = time.Now()
 		r.recording.Store(true)
@@ -474,6 +477,7 @@ func load(cfg config) (*result, error) {
 	r.recording.Store(false)
 	elapsed := time.Since(measureStart)
 	cpu1 := takeCPU(cfg.serverPID, cfg.redisAddr)
+	commits1 := takeCommits(cfg.url)
 	r.stop.Store(true)
 	wg.Wait()
 
@@ -500,6 +504,7 @@ func load(cfg config) (*result, error) {
 		}
 	}
 	res.CPU = cpuBetween(cpu0, cpu1, res.Requests)
+	res.Commits = commitsBetween(commits0, commits1, elapsed.Seconds())
 	res.Latency = latencyOf(&all)
 	for op := range numOps {
 		if perOp[op].n > 0 {

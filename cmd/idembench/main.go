@@ -178,6 +178,10 @@ func printResult(w io.Writer, r *result) {
 		}
 		fmt.Fprintln(w)
 	}
+	if c := r.Commits; c != nil {
+		fmt.Fprintf(w, "commits   %.0f: %.1f writes, %.1f pages, %.2f ms each (%.2f ms writing and syncing); committing %.0f%% of the time\n",
+			c.Commits, c.CallsPerCommit, c.PagesPerCommit, c.CommitMS, c.WriteMS, c.CommitsBusyFrac*100)
+	}
 	l := r.Latency
 	fmt.Fprintf(w, "latency   p50 %s  p90 %s  p99 %s  p99.9 %s  max %s  mean %s\n",
 		ms(l.P50US), ms(l.P90US), ms(l.P99US), ms(l.P999US), ms(l.MaxUS), ms(l.MeanUS))

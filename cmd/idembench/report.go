@@ -180,6 +180,27 @@ func renderReport(rs []result, meta, commands, chart string, labels []string, hc
 			fms(s.p50), fms(s.p99), fms(s.p999), r)
 	}
 
+	var commitRows []string
+	for _, sc := range []string{"pair", "mixed"} {
+		for _, l := range labels {
+			if s := get(l, sc, hc); s != nil && s.commitRuns > 0 {
+				commitRows = append(commitRows, fmt.Sprintf("| %s | %s | %.1f | %.1f | %.1f | %.2f ms | %.2f ms (%.0f%%) | %.0f%% |\n",
+					sc, l, s.callsPerCommit, s.pagesPerCommit, s.pagesPerCommit/max(s.callsPerCommit, 1e-9),
+					s.commitMS, s.writeMS, 100*s.writeMS/max(s.commitMS, 1e-9), 100*s.commitsBusy))
+			}
+		}
+	}
+	if len(commitRows) > 0 {
+		p("\n### bbolt's group commit, %d connections\n\n", hc)
+		p("From idemsvc's `/metrics` (`idemsvc_bolt_*_total`) before and after each measured window. Commits run one " +
+			"at a time; \"committing\" is the share of the window in which one was running, so near 100%% the commits are " +
+			"the bottleneck, and the disk's share of a commit (writing its pages and `fdatasync`) says what bounds them.\n\n")
+		p("| scenario | server | writes per commit | pages per commit | pages per write | commit | of it writing and syncing | committing |\n|---|---|---:|---:|---:|---:|---:|---:|\n")
+		for _, row := range commitRows {
+			p("%s", row)
+		}
+	}
+
 	p("\n### Where the CPU went, %d connections\n\n", hc)
 	p("On a shared machine throughput depends on what else runs; CPU time per request much less. " +
 		"\"cores used\" is the server's CPU seconds per second (1.00 = all of its pinned core); " +

@@ -44,6 +44,10 @@ type summary struct {
 	serverShare         float64           // CPU seconds of the server per second: the cores it got
 	coreBusy            []float64         // per core, every process
 	statuses            map[string]uint64 // summed over the runs
+	// idemsvc on bbolt: medians of its group commit's figures (commitRuns > 0)
+	commitRuns                     int
+	callsPerCommit, pagesPerCommit float64
+	commitMS, writeMS, commitsBusy float64
 }
 
 type groupKey struct {
@@ -58,6 +62,8 @@ func summarize(rs []result) map[groupKey]*summary {
 		rps, pairs, replays, p50, p99, p999 []float64
 		serverUS, redisUS, genUS, share     []float64
 		busy                                [][]float64
+		calls, pages, commitMS, writeMS     []float64
+		commitsBusy                         []float64
 		runs, failed                        int
 		statuses                            map[string]uint64
 	}
@@ -93,6 +99,13 @@ func summarize(rs []result) map[groupKey]*summary {
 		if r.CPU.GenUSPerReq > 0 {
 			a.genUS = append(a.genUS, r.CPU.GenUSPerReq)
 		}
+		if c := r.Commits; c != nil {
+			a.calls = append(a.calls, c.CallsPerCommit)
+			a.pages = append(a.pages, c.PagesPerCommit)
+			a.commitMS = append(a.commitMS, c.CommitMS)
+			a.writeMS = append(a.writeMS, c.WriteMS)
+			a.commitsBusy = append(a.commitsBusy, c.CommitsBusyFrac)
+		}
 		for i, b := range r.CPU.CoreBusy {
 			if i >= len(a.busy) {
 				a.busy = append(a.busy, nil)
@@ -112,6 +125,10 @@ func summarize(rs []result) map[groupKey]*summary {
 			s.serverShare = median(a.share)
 			for _, b := range a.busy {
 				s.coreBusy = append(s.coreBusy, median(b))
+			}
+			if s.commitRuns = len(a.calls); s.commitRuns > 0 {
+				s.callsPerCommit, s.pagesPerCommit = median(a.calls), median(a.pages)
+				s.commitMS, s.writeMS, s.commitsBusy = median(a.commitMS), median(a.writeMS), median(a.commitsBusy)
 			}
 		}
 		out[k] = s

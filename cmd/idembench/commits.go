@@ -1,0 +1,93 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Commit accounting around the measured window, for idemsvc on bbolt: its /metrics has the
+// group commit's counters (idemsvc_bolt_*_total), and their differences say how many writes
+// shared a commit, how long a commit took, and how much of that was the disk.
+
+// commitSnap is one reading of the counters; ok is false when the server has none (the
+// baseline, idemsvc on Redis).
+type commitSnap struct {
+	ok                                         bool
+	commits, calls, commitSec, pages, writeSec float64
+}
+
+// commitUse is what the measured window's commits did.
+type commitUse struct {
+	Commits         float64 `json:"commits"`
+	CallsPerCommit  float64 `json:"calls_per_commit"`
+	PagesPerCommit  float64 `json:"pages_per_commit"`
+	CommitMS        float64 `json:"commit_ms"`         // wall time of a commit, from its start
+	WriteMS         float64 `json:"write_ms"`          // of which writing pages and fdatasync
+	CommitsBusyFrac float64 `json:"commits_busy_frac"` // commit time per second: 1 = always committing
+}
+
+var commitMetrics = map[string]func(*commitSnap) *float64{
+	"idemsvc_bolt_commits_total":        func(s *commitSnap) *float64 { return &s.commits },
+	"idemsvc_bolt_commit_calls_total":   func(s *commitSnap) *float64 { return &s.calls },
+	"idemsvc_bolt_commit_seconds_total": func(s *commitSnap) *float64 { return &s.commitSec },
+	"idemsvc_bolt_pages_written_total":  func(s *commitSnap) *float64 { return &s.pages },
+	"idemsvc_bolt_write_seconds_total":  func(s *commitSnap) *float64 { return &s.writeSec },
+}
+
+// takeCommits reads base's /metrics; a server without the counters gives a snapshot with ok
+// false.
+func takeCommits(base *url.URL) commitSnap {
+	var s commitSnap
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, base.JoinPath("/metrics").String(), nil)
+	if err != nil {
+		return s
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return s
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return s
+	}
+	found := 0
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		name, value, ok := strings.Cut(sc.Text(), " ")
+		field := commitMetrics[name]
+		if !ok || field == nil {
+			continue
+		}
+		if v, err := strconv.ParseFloat(value, 64); err == nil {
+			*field(&s) = v
+			found++
+		}
+	}
+	s.ok = found == len(commitMetrics)
+	return s
+}
+
+// commitsBetween returns the window's commits, or nil when either reading lacks them or no
+// commit happened.
+func commitsBetween(a, b commitSnap, seconds float64) *commitUse {
+	n := b.commits - a.commits
+	if !a.ok || !b.ok || n <= 0 {
+		return nil
+	}
+	return &commitUse{
+		Commits:         n,
+		CallsPerCommit:  (b.calls - a.calls) / n,
+		PagesPerCommit:  (b.pages - a.pages) / n,
+		CommitMS:        (b.commitSec - a.commitSec) / n * 1e3,
+		WriteMS:         (b.writeSec - a.writeSec) / n * 1e3,
+		CommitsBusyFrac: (b.commitSec - a.commitSec) / seconds,
+	}
+}
