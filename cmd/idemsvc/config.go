@@ -27,20 +27,22 @@ const maxConfigDuration = 10 * 365 * 24 * time.Hour
 // reads the bare name (ADDR, TOKENS, DATA_DIR, ...) when the prefixed one is unset, so that a
 // stray TOKENS in the environment would have turned authentication on.
 type Config struct {
-	Addr            string        `split_words:"true" default:":8080" desc:"listen address"`
-	Backend         string        `split_words:"true" default:"bolt" desc:"store: bolt (embedded file) or redis"`
-	DataDir         string        `split_words:"true" default:"./data" desc:"directory of the bolt data file"`
-	RedisURL        string        `split_words:"true" desc:"redis:// or rediss:// URL, for IDEMSVC_BACKEND=redis"`
-	Tokens          string        `split_words:"true" desc:"tenant:token,tenant:token; none runs open as tenant 'default'"`
-	DefaultLease    time.Duration `split_words:"true" default:"30s" desc:"lease when lease_ms is absent"`
-	MaxLease        time.Duration `split_words:"true" default:"1h" desc:"upper bound of lease_ms"`
-	DefaultTTL      time.Duration `split_words:"true" default:"24h" desc:"retention when ttl_ms is absent"`
-	MaxTTL          time.Duration `split_words:"true" default:"720h" desc:"upper bound of ttl_ms"`
-	MaxWait         time.Duration `split_words:"true" default:"30s" desc:"upper bound of wait_ms"`
-	MaxBodyBytes    int           `split_words:"true" default:"1048576" desc:"largest stored response body, in bytes"`
-	SweepInterval   time.Duration `split_words:"true" default:"1m" desc:"how often expired records are removed"`
-	LogLevel        string        `split_words:"true" default:"info" desc:"zap level: debug, info, warn, error"`
-	ShutdownTimeout time.Duration `split_words:"true" default:"15s" desc:"how long in-flight requests may take to finish at shutdown"`
+	Addr     string `split_words:"true" default:":8080" desc:"listen address"`
+	Backend  string `split_words:"true" default:"bolt" desc:"store: bolt (embedded file) or redis"`
+	DataDir  string `split_words:"true" default:"./data" desc:"directory of the bolt data file"`
+	RedisURL string `split_words:"true" desc:"redis:// or rediss:// URL, for IDEMSVC_BACKEND=redis"`
+	// RedisAllowEviction serves a Redis whose maxmemory-policy may evict (see redis.Options).
+	RedisAllowEviction bool          `split_words:"true" default:"false" desc:"serve a Redis whose maxmemory-policy is not noeviction (evicted records run again)"`
+	Tokens             string        `split_words:"true" desc:"tenant:token,tenant:token; none runs open as tenant 'default'"`
+	DefaultLease       time.Duration `split_words:"true" default:"30s" desc:"lease when lease_ms is absent"`
+	MaxLease           time.Duration `split_words:"true" default:"1h" desc:"upper bound of lease_ms"`
+	DefaultTTL         time.Duration `split_words:"true" default:"24h" desc:"retention when ttl_ms is absent"`
+	MaxTTL             time.Duration `split_words:"true" default:"720h" desc:"upper bound of ttl_ms"`
+	MaxWait            time.Duration `split_words:"true" default:"30s" desc:"upper bound of wait_ms"`
+	MaxBodyBytes       int           `split_words:"true" default:"1048576" desc:"largest stored response body, in bytes"`
+	SweepInterval      time.Duration `split_words:"true" default:"1m" desc:"how often expired records are removed"`
+	LogLevel           string        `split_words:"true" default:"info" desc:"zap level: debug, info, warn, error"`
+	ShutdownTimeout    time.Duration `split_words:"true" default:"15s" desc:"how long in-flight requests may take to finish at shutdown"`
 
 	// Ready, when set, is called with the listening address once the service accepts
 	// connections (tests listen on 127.0.0.1:0 and need the port).
@@ -67,7 +69,7 @@ func loadConfig(environ []string) (Config, error) {
 // knownVars lists every IDEMSVC_* variable that Config reads.
 func knownVars() []string {
 	return []string{
-		"IDEMSVC_ADDR", "IDEMSVC_BACKEND", "IDEMSVC_DATA_DIR", "IDEMSVC_REDIS_URL", "IDEMSVC_TOKENS",
+		"IDEMSVC_ADDR", "IDEMSVC_BACKEND", "IDEMSVC_DATA_DIR", "IDEMSVC_REDIS_URL", "IDEMSVC_REDIS_ALLOW_EVICTION", "IDEMSVC_TOKENS",
 		"IDEMSVC_DEFAULT_LEASE", "IDEMSVC_MAX_LEASE", "IDEMSVC_DEFAULT_TTL", "IDEMSVC_MAX_TTL",
 		"IDEMSVC_MAX_WAIT", "IDEMSVC_MAX_BODY_BYTES", "IDEMSVC_SWEEP_INTERVAL", "IDEMSVC_LOG_LEVEL",
 		"IDEMSVC_SHUTDOWN_TIMEOUT",

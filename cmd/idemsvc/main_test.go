@@ -11,6 +11,7 @@ import (
 	"net/url"
 	"reflect"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -67,7 +68,7 @@ func TestConfigReadsOnlyPrefixedNames(t *testing.T) {
 		"ADDR": "127.0.0.1:1", "BACKEND": "redis", "DATA_DIR": "/elsewhere", "REDIS_URL": "redis://x:1",
 		"TOKENS": "a:0123456789abcdef", "DEFAULT_LEASE": "2s", "MAX_LEASE": "3s", "DEFAULT_TTL": "2h",
 		"MAX_TTL": "3h", "MAX_WAIT": "1s", "MAX_BODY_BYTES": "7", "SWEEP_INTERVAL": "9s",
-		"LOG_LEVEL": "error", "SHUTDOWN_TIMEOUT": "1s",
+		"LOG_LEVEL": "error", "SHUTDOWN_TIMEOUT": "1s", "REDIS_ALLOW_EVICTION": "true",
 	}
 	if len(bare) != len(knownVars()) {
 		t.Fatalf("%d bare names for %d variables", len(bare), len(knownVars()))
@@ -107,6 +108,27 @@ func defaultConfig(t *testing.T) Config {
 		t.Fatal(err)
 	}
 	return cfg
+}
+
+// TestKnownVarsMatchConfig: the list of known variables (which loadConfig uses to refuse an
+// unknown one) names exactly the Config fields envconfig reads.
+func TestKnownVarsMatchConfig(t *testing.T) {
+	var fromFields []string
+	ct := reflect.TypeFor[Config]()
+	for i := range ct.NumField() {
+		f := ct.Field(i)
+		if f.Tag.Get("ignored") == "true" {
+			continue
+		}
+		name := regexp.MustCompile(`([a-z0-9])([A-Z])`).ReplaceAllString(f.Name, "${1}_${2}")
+		fromFields = append(fromFields, envPrefix+"_"+strings.ToUpper(name))
+	}
+	known := knownVars()
+	slices.Sort(fromFields)
+	slices.Sort(known)
+	if !slices.Equal(fromFields, known) {
+		t.Errorf("Config's variables %v, knownVars %v", fromFields, known)
+	}
 }
 
 func TestUsageListsEveryVariable(t *testing.T) {

@@ -112,7 +112,17 @@ func run(ctx context.Context, cfg Config, logger *zap.Logger, accessLog zapcore.
 func openStore(ctx context.Context, cfg Config, logger *zap.Logger) (keys.Store, error) {
 	switch cfg.Backend {
 	case "redis":
-		s, err := redis.Open(ctx, cfg.RedisURL, redis.Options{})
+		s, err := redis.Open(ctx, cfg.RedisURL, redis.Options{
+			AllowEviction: cfg.RedisAllowEviction,
+			// Without AllowEviction an evicting policy fails Open, or Ping (/readyz, which logs why).
+			OnEvictionPolicy: func(policy string) {
+				if cfg.RedisAllowEviction && policy != "" && policy != "noeviction" {
+					logger.Warn("Redis may evict idemsvc's records (IDEMSVC_REDIS_ALLOW_EVICTION is set): "+
+						"a retry of an evicted key runs the operation again; set maxmemory-policy noeviction",
+						zap.String("maxmemory_policy", policy))
+				}
+			},
+		})
 		if err != nil {
 			return nil, fmt.Errorf("open redis store: %w", err)
 		}

@@ -216,6 +216,14 @@ func (d *rueidisDriver) ping(ctx context.Context) error {
 	return c.Do(ctx, c.B().Ping().Build()).Error()
 }
 
+func (d *rueidisDriver) info(ctx context.Context, section string) (string, error) {
+	c, err := d.client(ctx)
+	if err != nil {
+		return "", err
+	}
+	return c.Do(ctx, c.B().Info().Section(section).Build()).ToString()
+}
+
 // unavailable: every error that is not a Redis error reply is the connection's (dial, I/O,
 // closed, timeout); of the replies, those that say the server cannot serve now.
 func (d *rueidisDriver) unavailable(err error) bool {

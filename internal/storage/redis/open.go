@@ -6,18 +6,22 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
-	"time"
-
-	"github.com/redis/rueidis"
 )
 
 // Open returns a Store on the Redis at url: redis://[user:password@]host:port[/db] or
 // rediss:// for TLS (the db may also be given as ?db=N).
 //
-// Open connects at once, so that a misconfiguration stops the start: it returns an error when
-// the URL or options are invalid, when Redis refuses the credentials or the database, or when
-// Redis is older than 7.0. A Redis that cannot be reached is not an error: the Store then
-// answers keys.ErrUnavailable (and Ping fails) until Redis is back, and connects by itself.
+// Open connects at once and checks the server (see check.go), so that a misconfiguration stops
+// the start: it returns an error when the URL or options are invalid, when Redis refuses the
+// credentials or the database, and, wrapping ErrMisconfigured, when Redis is older than 7.0, when
+// its maxmemory-policy is not noeviction (unless Options.AllowEviction), or when the ACL denies a
+// command, key or channel the Store needs (the error names it; see ACL and the package doc).
+//
+// A Redis that cannot be reached is not an error: the Store then answers keys.ErrUnavailable (and
+// Ping fails) until Redis is back, and connects by itself. The checks then run at the first
+// contact, and until they pass every operation and Ping fails: with an error that wraps
+// ErrMisconfigured too when Redis answers but fails them (they are tried again at most once a
+// second, so that fixing Redis's configuration needs no restart).
 func Open(ctx context.Context, url string, opts Options) (*Store, error) {
 	if opts.Timeout <= 0 {
 		opts.Timeout = defaultTimeout
@@ -30,56 +34,44 @@ func Open(ctx context.Context, url string, opts Options) (*Store, error) {
 	if err != nil {
 		return nil, err
 	}
+	s.rd = d
 	s.hub = newHub(d.client)
-	if err := s.checkServer(ctx, d); err != nil {
+	if err := s.checkServer(ctx); err != nil {
 		s.Close()
 		return nil, err
 	}
 	return s, nil
 }
 
-// checkServer connects and checks the server's version, then reads its clock once, so that the
-// first begin can already decide ahead (see clock.go). An unreachable server passes.
-func (s *Store) checkServer(ctx context.Context, d *rueidisDriver) error {
+// checkServer runs the checks (check.go) within the Store's timeout. It returns their error when
+// Redis answered and failed them; when Redis cannot be reached it returns nil, and the first
+// operation or Ping that reaches Redis runs them.
+func (s *Store) checkServer(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
-	c, err := d.client(ctx)
-	if err == nil {
-		var info string
-		info, err = c.Do(ctx, c.B().Info().Section("server").Build()).ToString()
-		if err == nil {
-			if err := checkVersion(info); err != nil {
-				return err
-			}
-			sent := time.Now()
-			if sec, usec, err := d.time(ctx); err == nil { // else the first reply teaches it
-				s.clock.observe(sent, time.Now(), time.Unix(sec, usec*1000))
-			}
-			return nil
-		}
-	}
-	if _, isReply := rueidis.IsRedisErr(err); isReply {
-		return fmt.Errorf("redis: %w", err) // credentials, database, ACL: configuration
-	}
-	if errors.Is(err, errClosed) {
+	s.checkMu.Lock()
+	defer s.checkMu.Unlock()
+	err := s.check(ctx)
+	switch {
+	case err == nil:
+		s.checked.Store(true)
+		return nil
+	case errors.Is(err, ErrMisconfigured), errors.Is(err, errClosed):
 		return err
 	}
-	return nil // unreachable for now: keys.ErrUnavailable until it answers
+	return nil // unreachable for now: keys.ErrUnavailable until it answers and passes
 }
 
 // checkVersion returns an error unless INFO's redis_version is 7.0 or later (the scripts use
-// PEXPIRETIME; Valkey reports a compatible redis_version too).
+// PEXPIRETIME, and EVAL_RO; Valkey reports a compatible redis_version too).
 func checkVersion(info string) error {
-	for line := range strings.Lines(info) {
-		v, ok := strings.CutPrefix(strings.TrimSpace(line), "redis_version:")
-		if !ok {
-			continue
-		}
-		major, _, _ := strings.Cut(v, ".")
-		if n, err := strconv.Atoi(major); err != nil || n < 7 {
-			return fmt.Errorf("redis: version %s is older than 7.0, which idemsvc needs", v)
-		}
-		return nil
+	v := infoField(info, "redis_version")
+	if v == "" {
+		return nil // not told: let the scripts speak
 	}
-	return nil // not told: let the scripts speak
+	major, _, _ := strings.Cut(v, ".")
+	if n, err := strconv.Atoi(major); err != nil || n < 7 {
+		return fmt.Errorf("%w: Redis version %s is older than 7.0, which idemsvc needs", ErrMisconfigured, v)
+	}
+	return nil
 }

@@ -91,10 +91,38 @@
 //
 // Fences keep growing even then, since they are floored by the Redis clock (unless the new
 // primary's clock is behind the old one's). Eviction loses records the same way: run Redis with
-// maxmemory-policy noeviction (a full Redis then answers OOM, which is keys.ErrUnavailable).
+// maxmemory-policy noeviction (a full Redis then answers OOM, which is keys.ErrUnavailable); the
+// Store refuses any other policy (see below) unless Options.AllowEviction.
 // min-replicas-to-write and AOF (appendfsync everysec or always) narrow the window; nothing in
 // Redis closes it. Callers that cannot afford a second execution must make the operation itself
 // reject it (a unique constraint downstream, or a check of the fence).
+//
+// # Redis configuration
+//
+// The Store checks Redis at the first contact (at Open, or, when Redis cannot be reached then,
+// when it first answers; see check.go): version 7.0 or later; maxmemory-policy noeviction (any
+// other policy, volatile-* included since every key of the Store expires, lets Redis evict
+// stored responses and held leases, and the next begin executes again), unless
+// Options.AllowEviction; and every permission below, by a probe on a key and channel under the
+// prefix. Open fails when Redis answers and a check fails (an error wrapping ErrMisconfigured
+// that names the policy, or the command, key or channel denied); until the checks pass,
+// operations and Ping fail. Ping reads the policy again at most once a second, and fails while
+// it evicts (unless AllowEviction): /readyz follows a CONFIG SET.
+//
+// The ACL the Store needs, for the default prefix "idem" (ACL(prefix) returns it for another):
+//
+//	ACL SETUSER idemsvc on >PASSWORD +hello +info +ping +time +evalsha +eval +evalsha_ro +eval_ro
+//	    +subscribe +unsubscribe +get +set +del +pexpiretime +pexpireat +publish ~idem* &idem*
+//
+// That is: on the connection HELLO (without it the client falls back to RESP2 and AUTH, which
+// works too), INFO (the checks and Ping's policy read), PING, TIME; the scripts through EVALSHA,
+// and EVAL after a SCRIPT FLUSH or a restart, and the read script through EVALSHA_RO and EVAL_RO;
+// SUBSCRIBE and UNSUBSCRIBE for watchers; inside the scripts GET, SET, DEL, TIME, PEXPIRETIME,
+// PEXPIREAT and PUBLISH; the keys ~PREFIX* and the channels &PREFIX* (Redis 7 grants no
+// channel by default: acl-pubsub-default resetchannels). Add +select when the URL names a
+// database other than 0. The client also tries CLUSTER SLOTS when it connects; a NOPERM there
+// is fine on a single node (it then treats Redis as one). On Redis Cluster the client must be
+// allowed to learn the slots (CLUSTER SLOTS or SHARDS): not covered by the tests here.
 package redis
 
 import (
@@ -104,6 +132,7 @@ import (
 	"math/rand/v2"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 	"unsafe"
@@ -123,6 +152,18 @@ type Options struct {
 	// Timeout bounds each operation, all its round trips included, within the caller's context.
 	// Default 2s.
 	Timeout time.Duration
+	// AllowEviction lets the Store serve a Redis whose maxmemory-policy may evict keys (any but
+	// noeviction). Redis then drops stored responses and held leases when memory runs short,
+	// and the next begin on such a key acquires it again: the operation runs twice. Without it,
+	// Open fails on such a Redis, and Ping (readiness) fails while Redis's policy is one. A
+	// caller that sets it should warn: see Store.EvictionPolicy and OnEvictionPolicy.
+	AllowEviction bool
+	// OnEvictionPolicy, when set, is called with Redis's maxmemory-policy when the Store first
+	// reads it (at the first contact with Redis, at Open or later) and whenever a later read
+	// (by Ping, at most once a second) finds another one; "" when INFO does not tell. It is
+	// called whether or not the policy evicts (see Store.EvictionPolicy), synchronously, from
+	// Open, an operation or Ping: it must not block or call the Store.
+	OnEvictionPolicy func(policy string)
 }
 
 // DefaultPrefix is the Prefix when Options.Prefix is empty.
@@ -142,6 +183,7 @@ var _ keys.Store = (*Store)(nil)
 // Store is a keys.Store on Redis. It is safe for concurrent use.
 type Store struct {
 	d       driver
+	rd      *rueidisDriver // the driver under d; nil in tests that make their own
 	prefix  string
 	now     func() time.Time
 	timeout time.Duration
@@ -159,6 +201,25 @@ type Store struct {
 	// beginScript carries the record it would write, which a replay sends for nothing, and a
 	// read first costs an acquire a second round trip.
 	fresh atomic.Int32
+
+	// The checks of the server (check.go). checked is set once they have passed; until then
+	// checking is the run in flight, and checkErr the last run's error, at checkAt.
+	checked  atomic.Bool
+	checkMu  sync.Mutex
+	checking *checkRun
+	checkErr error
+	checkAt  time.Time
+	checkWG  sync.WaitGroup
+	// life ends when the Store closes: it bounds the checks' runs.
+	life          context.Context
+	lifeEnd       context.CancelFunc
+	allowEviction bool
+	onPolicy      func(string)
+	// policy is Redis's maxmemory-policy as last read (nil before); policyAt when it was last
+	// read or claimed by a Ping, on clock.mono's scale.
+	policy   atomic.Pointer[string]
+	policyAt atomic.Int64
+	policyMu sync.Mutex
 }
 
 const (
@@ -195,6 +256,8 @@ type driver interface {
 	// time runs TIME.
 	time(ctx context.Context) (sec, usec int64, err error)
 	ping(ctx context.Context) error
+	// info runs INFO section.
+	info(ctx context.Context, section string) (string, error)
 	// unavailable reports whether a failure means Redis cannot serve now (network, timeout,
 	// LOADING, READONLY, ...), as opposed to a bug (a script error, a wrong type).
 	unavailable(err error) bool
@@ -225,9 +288,11 @@ func newStore(d driver, opts Options) (*Store, error) {
 	if opts.Timeout <= 0 {
 		opts.Timeout = defaultTimeout
 	}
+	life, end := context.WithCancel(context.Background())
 	return &Store{
 		d: d, prefix: opts.Prefix, now: opts.Now, timeout: opts.Timeout,
 		clock: newRedisClock(), cache: newValueCache(), decoded: newDecodedCache(),
+		life: life, lifeEnd: end, allowEviction: opts.AllowEviction, onPolicy: opts.OnEvictionPolicy,
 	}, nil
 }
 
@@ -508,6 +573,11 @@ func (s *Store) cas(ctx context.Context, n names, snap snapshot, w casWrite) (ca
 func (s *Store) op(ctx context.Context, name, key string, attempt func(ctx context.Context) (done bool, err error)) error {
 	opCtx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
+	if !s.checked.Load() {
+		if err := s.ready(opCtx); err != nil {
+			return s.wrap(ctx, name, key, err)
+		}
+	}
 	for i := 0; ; i++ {
 		done, err := attempt(opCtx)
 		if err != nil {
@@ -786,15 +856,37 @@ func (s *Store) Sweep(ctx context.Context, max int) (int, error) {
 	return 0, nil
 }
 
-// Ping returns nil when Redis answers, else an error wrapping keys.ErrUnavailable.
+// Ping returns nil when Redis answers and the Store can serve, else an error wrapping
+// keys.ErrUnavailable: Redis cannot be reached, or the checks of the server have not passed yet
+// (see Open; the error then wraps ErrMisconfigured too when Redis answered and failed them), or
+// Redis's maxmemory-policy evicts and Options.AllowEviction is not set (wrapping
+// ErrMisconfigured). Ping reads the policy again at most once a second (INFO memory in place of
+// PING), so that a policy changed at runtime shows within about a second.
 func (s *Store) Ping(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
-	if err := s.d.ping(ctx); err != nil {
+	if !s.checked.Load() {
+		if err := s.ready(ctx); err != nil {
+			return fmt.Errorf("ping: %w", err)
+		}
+	}
+	var err error
+	if s.policyDue() {
+		var info string
+		if info, err = s.d.info(ctx, "memory"); err == nil {
+			s.setPolicy(infoField(info, "maxmemory_policy"))
+		}
+	} else {
+		err = s.d.ping(ctx)
+	}
+	if err != nil {
 		if errors.Is(err, keys.ErrUnavailable) {
 			return fmt.Errorf("ping: %w", err)
 		}
 		return fmt.Errorf("ping: %w: %v", keys.ErrUnavailable, err)
+	}
+	if err := s.policyError(); err != nil {
+		return fmt.Errorf("ping: %w: %w", keys.ErrUnavailable, err)
 	}
 	return nil
 }
@@ -805,7 +897,11 @@ func (s *Store) Close() error {
 	if s.closed.Swap(true) {
 		return nil
 	}
+	s.lifeEnd()
 	s.hub.close()
 	s.d.close()
+	s.checkMu.Lock() // ready starts no run once it sees closed
+	s.checkMu.Unlock()
+	s.checkWG.Wait()
 	return nil
 }

@@ -10,6 +10,15 @@ package redis
 // They need Redis 7.0 or later (PEXPIRETIME; SET PXAT and KEEPTTL are 6.0/6.2; TIME before a
 // write needs effects replication, the only kind since 7.0).
 //
+// Redis does not undo what a script wrote when a later command in it fails (one that the ACL
+// denies, say: a script error reaches the caller as a 500 while the write stands). So each
+// writing script runs the commands that can fail for a reason other than a bug before its first
+// write: the reads, PEXPIRETIME included, and PUBLISH, which needs the channel's permission. A
+// failing script then leaves nothing written. Publishing before the write announces nothing
+// early: no other client runs while a script does, and a watcher woken by the message reads
+// (begins again) after the script has ended, so it sees the write (see watch.go). Open checks
+// every permission the scripts need once, at the first contact (check.go).
+//
 // Every writing script answers with TIME, so that every reply also tells the Store where Redis's
 // clock is (see clock.go):
 //
@@ -55,6 +64,7 @@ return {v, t[1], t[2]}
 const scriptLib = `
 local function put(fence, rec, pxat, floor, fexp)
   local c = tonumber(redis.call('GET', KEYS[2]) or '0')
+  local exp = redis.call('PEXPIRETIME', KEYS[2])
   if fence == 'new' then
     local f = c + 1
     if floor > f then f = floor end
@@ -63,7 +73,7 @@ local function put(fence, rec, pxat, floor, fexp)
   if tonumber(fence) > c then
     redis.call('SET', KEYS[2], fence, 'KEEPTTL')
   end
-  if redis.call('PEXPIRETIME', KEYS[2]) < fexp then
+  if exp < fexp then
     redis.call('PEXPIREAT', KEYS[2], fexp)
   end
   redis.call('SET', KEYS[1], fence .. ':' .. rec, 'PXAT', pxat)
@@ -120,13 +130,13 @@ if ARGV[1] == '1' then
 elseif cur then
   return {0, cur, t[1], t[2]}
 end
+if ARGV[9] ~= '' then redis.call('PUBLISH', ARGV[9], '') end
 local fence = ARGV[5]
 if ARGV[3] == 'del' then
   redis.call('DEL', KEYS[1])
 else
   fence = put(fence, ARGV[4], ARGV[6], floor, tonumber(ARGV[8]))
 end
-if ARGV[9] ~= '' then redis.call('PUBLISH', ARGV[9], '') end
 return {1, fence, t[1], t[2]}
 `
 
@@ -157,7 +167,7 @@ return {1, fence, t[1], t[2]}
 // delScript: KEYS[1] the record; ARGV[1] the channel. Deletes whatever is there and wakes the
 // watchers. The fence counter stays.
 const delScript = `
-redis.call('DEL', KEYS[1])
 redis.call('PUBLISH', ARGV[1], '')
+redis.call('DEL', KEYS[1])
 return 1
 `

@@ -183,6 +183,29 @@ func (s *Server) Stop() {
 	s.cmd = nil
 }
 
+// UserURL is the server's redis:// URL for an ACL user.
+func (s *Server) UserURL(user, password string) string {
+	return fmt.Sprintf("redis://%s:%s@127.0.0.1:%d/0", user, password, s.port)
+}
+
+// Do runs a command on the server as its default user (CONFIG SET, ACL SETUSER, SCRIPT FLUSH,
+// ...) and fails the test when Redis refuses it.
+func (s *Server) Do(args ...string) {
+	s.t.Helper()
+	c, err := rueidis.NewClient(rueidis.ClientOption{
+		InitAddress: []string{fmt.Sprintf("127.0.0.1:%d", s.port)}, DisableCache: true,
+	})
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := c.Do(ctx, c.B().Arbitrary(args...).Build()).Error(); err != nil {
+		s.t.Fatalf("%v: %v", args, err)
+	}
+}
+
 // Signal sends sig to the server (SIGSTOP freezes it, SIGCONT thaws it).
 func (s *Server) Signal(sig syscall.Signal) {
 	s.t.Helper()

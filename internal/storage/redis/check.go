@@ -1,0 +1,322 @@
+package redis
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/redis/rueidis"
+
+	"github.com/idemsvc/idemsvc/internal/keys"
+)
+
+// The checks of the server, run once at the first contact: at Open when Redis answers, else by
+// the first operation or Ping that reaches it. Until they pass, every operation and Ping fails:
+// with keys.ErrUnavailable while Redis cannot be reached, and with ErrMisconfigured too when
+// Redis answers but cannot serve idemsvc safely (older than 7.0, an evicting maxmemory-policy, a
+// permission missing). Open returns the latter as its error. The checks:
+//
+//   - INFO server: redis_version 7.0 or later;
+//   - INFO memory: maxmemory_policy noeviction, unless Options.AllowEviction;
+//   - a probe of every command and channel the Store uses, under the Store's prefix, through
+//     the paths the Store uses: PING, TIME, EVAL of a probe script that runs each command the
+//     scripts run (pcall, so that it names every one the ACL denies) on a probe key and
+//     channel, EVAL_RO and EVALSHA_RO of the read script, EVAL of the write script (a delete
+//     of the absent probe record, which publishes), EVALSHA of the begin script (it stores a
+//     probe record, with a 10s expiry) and of the delete script (it deletes it), and
+//     SUBSCRIBE and UNSUBSCRIBE of the probe channel on a dedicated connection, as the hub's. The
+//     probe key is <prefix>:{%probe-<token>}:r (and :f, whose counter expires within 10s;
+//     :c the channel), which no key of a record can be: escapeID writes '%' only before two
+//     hex digits.
+//
+// Afterwards the maxmemory-policy is read again by Ping, at most once per policyRecheck (Ping
+// backs /readyz, which load balancers may call often); the Pings in between send PING. No
+// operation pays for any of it but one atomic load.
+
+// ErrMisconfigured is wrapped by the errors of a Redis that answers but cannot serve idemsvc
+// safely: a version older than 7.0, a maxmemory-policy that evicts (without
+// Options.AllowEviction), or an ACL that denies a command, key or channel the Store needs. Open
+// returns such an error when it finds it; found later (Redis was unreachable at Open, or its
+// policy changed), operations and Ping return it wrapped together with keys.ErrUnavailable.
+var ErrMisconfigured = errors.New("redis: misconfigured")
+
+const (
+	// policyRecheck is how often Ping reads the maxmemory-policy again.
+	policyRecheck = time.Second
+	// checkPause is how long a failed check is reported again before the next attempt, so that
+	// a misconfigured Redis costs one probe a second, not one per request.
+	checkPause = time.Second
+	// probeTTL bounds how long the probe's keys live if it is interrupted.
+	probeTTL = 10 * time.Second
+)
+
+// ACL returns the Redis ACL rules the Store needs for prefix (DefaultPrefix when empty), as for
+// ACL SETUSER; a URL that selects a database other than 0 needs +select as well.
+func ACL(prefix string) string {
+	if prefix == "" {
+		prefix = DefaultPrefix
+	}
+	return "+hello +info +ping +time +evalsha +eval +evalsha_ro +eval_ro +subscribe +unsubscribe " +
+		"+get +set +del +pexpiretime +pexpireat +publish ~" + prefix + "* &" + prefix + "*"
+}
+
+// probeScript runs every command the scripts run, on a probe key and channel, and returns the
+// ones that failed with Redis's reasons. KEYS[1] the probe key; ARGV[1] the probe channel;
+// ARGV[2] an expiry, Unix ms, a few seconds away.
+const probeScript = `
+local failed = {}
+local function try(...)
+  local r = redis.pcall(...)
+  if type(r) == 'table' and r.err then
+    failed[#failed + 1] = select(1, ...) .. ' (' .. r.err .. ')'
+  end
+end
+try('TIME')
+try('GET', KEYS[1])
+try('PEXPIRETIME', KEYS[1])
+try('PUBLISH', ARGV[1], '')
+try('SET', KEYS[1], 'probe', 'PXAT', ARGV[2])
+try('SET', KEYS[1], 'probe', 'KEEPTTL')
+try('PEXPIREAT', KEYS[1], ARGV[2])
+try('DEL', KEYS[1])
+return failed
+`
+
+// checkRun is a run of the checks in flight.
+type checkRun struct {
+	done chan struct{}
+	err  error
+}
+
+// ready returns nil once the checks have passed; until then it runs them (one run at a time,
+// shared by the callers, and at most once per checkPause after a failure) and returns their
+// error, which wraps keys.ErrUnavailable.
+func (s *Store) ready(ctx context.Context) error {
+	if s.checked.Load() {
+		return nil
+	}
+	s.checkMu.Lock()
+	switch {
+	case s.closed.Load():
+		s.checkMu.Unlock()
+		return errClosed
+	case s.checked.Load():
+		s.checkMu.Unlock()
+		return nil
+	case s.checking == nil && s.checkErr != nil && time.Since(s.checkAt) < checkPause:
+		err := s.checkErr
+		s.checkMu.Unlock()
+		return err
+	}
+	run := s.checking
+	if run == nil {
+		run = &checkRun{done: make(chan struct{})}
+		s.checking = run
+		s.checkWG.Add(1)
+		go func() {
+			defer s.checkWG.Done()
+			ctx, cancel := context.WithTimeout(s.life, s.timeout)
+			err := s.check(ctx)
+			cancel()
+			if err != nil && !errors.Is(err, keys.ErrUnavailable) && !errors.Is(err, errClosed) {
+				err = fmt.Errorf("%w: %w", keys.ErrUnavailable, err) // ErrMisconfigured
+			}
+			s.checkMu.Lock()
+			s.checking, s.checkErr, s.checkAt = nil, err, time.Now()
+			if err == nil {
+				s.checked.Store(true)
+			}
+			s.checkMu.Unlock()
+			run.err = err
+			close(run.done)
+		}()
+	}
+	s.checkMu.Unlock()
+	select {
+	case <-run.done:
+		return run.err
+	case <-ctx.Done():
+		return fmt.Errorf("%w: %w", keys.ErrUnavailable, ctx.Err())
+	}
+}
+
+// check runs the checks once. Its error wraps ErrMisconfigured when Redis answered and failed
+// one, keys.ErrUnavailable when Redis could not be reached or could not serve for now
+// (LOADING, OOM, ...), or is errClosed. Without a rueidis driver (tests) it passes.
+func (s *Store) check(ctx context.Context) error {
+	d := s.rd
+	if d == nil {
+		return nil
+	}
+	c, err := d.client(ctx)
+	if err != nil {
+		return s.checkErrorf("connecting (HELLO, AUTH, SELECT)", err)
+	}
+	info, err := c.Do(ctx, c.B().Info().Section("server").Build()).ToString()
+	if err != nil {
+		return s.checkErrorf("INFO server", err)
+	}
+	if err := checkVersion(info); err != nil {
+		return err
+	}
+	if info, err = c.Do(ctx, c.B().Info().Section("memory").Build()).ToString(); err != nil {
+		return s.checkErrorf("INFO memory", err)
+	}
+	s.policyAt.Store(time.Since(s.clock.epoch).Nanoseconds())
+	s.setPolicy(infoField(info, "maxmemory_policy"))
+	if err := s.policyError(); err != nil {
+		return err
+	}
+	if err := c.Do(ctx, c.B().Ping().Build()).Error(); err != nil {
+		return s.checkErrorf("PING", err)
+	}
+	sent := time.Now()
+	sec, usec, err := d.time(ctx)
+	if err != nil {
+		return s.checkErrorf("TIME", err)
+	}
+	s.clock.observe(sent, time.Now(), time.Unix(sec, usec*1000))
+	return s.probe(ctx, c, sec*1000+usec/1000)
+}
+
+// probe exercises every command, key pattern and channel pattern the Store uses (see above);
+// nowMs is Redis's clock.
+func (s *Store) probe(ctx context.Context, c rueidis.Client, nowMs int64) error {
+	d := s.rd
+	base := s.prefix + ":{%probe-" + keys.NewToken() + "}:"
+	rec, fence, channel := base+"r", base+"f", base+"c"
+	expires := strconv.FormatInt(nowMs+probeTTL.Milliseconds(), 10)
+
+	failed, err := c.Do(ctx, c.B().Eval().Script(probeScript).Numkeys(1).Key(rec).Arg(channel, expires).Build()).AsStrSlice()
+	if err != nil {
+		return s.checkErrorf("EVAL", err)
+	}
+	if len(failed) > 0 {
+		return fmt.Errorf("%w: the Redis user may not run, inside a script on %s and channel %s: %s; it needs the ACL %q",
+			ErrMisconfigured, rec, channel, strings.Join(failed, ", "), ACL(s.prefix))
+	}
+	if err := c.Do(ctx, c.B().EvalRo().Script(readScript).Numkeys(1).Key(rec).Build()).Error(); err != nil {
+		return s.checkErrorf("EVAL_RO (the read script)", err)
+	}
+	if _, err := d.read(ctx, rec); err != nil {
+		return s.checkErrorf("EVALSHA_RO (the read script)", err)
+	}
+	// casScript deleting the absent record, as a release would a present one: DEL, PUBLISH.
+	cas := c.B().Eval().Script(casScript).Numkeys(2).Key(rec, fence).
+		Arg("0", "", "del", "", "", "0", "0", "0", channel, "", "", "", "").Build()
+	if err := c.Do(ctx, cas).Error(); err != nil {
+		return s.checkErrorf("EVAL (the write script)", err)
+	}
+	now := strconv.FormatInt(nowMs*1000, 10)
+	wide := strconv.FormatInt(time.Minute.Microseconds(), 10) // whatever the estimate, it holds
+	if _, err := d.begin(ctx, [2]string{rec, fence}, []string{"probe", expires, now, expires, now, wide, wide}); err != nil {
+		return s.checkErrorf("EVALSHA (the begin script)", err)
+	}
+	if err := d.del(ctx, rec, channel); err != nil {
+		return s.checkErrorf("EVALSHA (the delete script)", err)
+	}
+	if err := probeSubscribe(ctx, c, channel); err != nil {
+		return s.checkErrorf("SUBSCRIBE and UNSUBSCRIBE of "+channel, err)
+	}
+	return nil
+}
+
+// probeSubscribe SUBSCRIBEs channel and UNSUBSCRIBEs it on a dedicated connection, as the hub
+// does (watch.go), and closes that connection. It does not use the hub's own connection: rueidis
+// panics (a "protocol bug") when Redis answers its keepalive PING on a connection that has been
+// in pub/sub mode with an error other than LOADING, BUSY or NOPERM (MISCONF, say), and a
+// connection kept for the probe would expose every process to that, watchers or not.
+func probeSubscribe(ctx context.Context, c rueidis.Client, channel string) error {
+	dc, release := c.Dedicate()
+	defer release()
+	defer dc.Close()
+	dc.SetPubSubHooks(rueidis.PubSubHooks{OnMessage: func(rueidis.PubSubMessage) {}})
+	if err := dc.Do(ctx, dc.B().Subscribe().Channel(channel).Build()).Error(); err != nil {
+		return err
+	}
+	return dc.Do(ctx, dc.B().Unsubscribe().Channel(channel).Build()).Error()
+}
+
+// checkErrorf classifies a check's failure: Redis's refusals of the credentials, the database
+// or a permission, and its other error replies but those that mean it cannot serve for now,
+// are configuration (ErrMisconfigured); the rest is unavailability.
+func (s *Store) checkErrorf(step string, err error) error {
+	if errors.Is(err, errClosed) {
+		return err
+	}
+	re, isReply := rueidis.IsRedisErr(err)
+	if !isReply {
+		return s.edge(err) // keys.ErrUnavailable: network, timeout
+	}
+	code, _, _ := strings.Cut(re.Error(), " ")
+	switch {
+	case code == "NOPERM" || strings.Contains(re.Error(), "user executing the script"):
+		return fmt.Errorf("%w: %s: the Redis user lacks a permission: %w; it needs the ACL %q",
+			ErrMisconfigured, step, err, ACL(s.prefix))
+	case code == "NOAUTH" || code == "WRONGPASS" || !transientReply(re.Error()):
+		return fmt.Errorf("%w: %s: %w", ErrMisconfigured, step, err)
+	}
+	return fmt.Errorf("%w: %s: %w", keys.ErrUnavailable, step, err)
+}
+
+// infoField returns a field of INFO's reply, "" when absent.
+func infoField(info, name string) string {
+	for line := range strings.Lines(info) {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(line), name+":"); ok {
+			return v
+		}
+	}
+	return ""
+}
+
+// setPolicy records the maxmemory-policy just read ("" when INFO did not tell) and tells
+// Options.OnEvictionPolicy when it differs from the one known.
+func (s *Store) setPolicy(p string) {
+	s.policyMu.Lock()
+	defer s.policyMu.Unlock()
+	old := s.policy.Load()
+	s.policy.Store(&p)
+	if s.onPolicy != nil && (old == nil || *old != p) {
+		s.onPolicy(p)
+	}
+}
+
+// EvictionPolicy returns Redis's maxmemory-policy as last read (at the first contact, then by
+// Ping at most once a second), and whether it lets Redis evict the Store's records and leases:
+// every policy but noeviction does (the volatile ones too: every key of the Store expires). It
+// returns "", false until Redis has answered, or when its INFO does not tell. A Store opened
+// with Options.AllowEviction keeps serving under an evicting policy: its caller should warn
+// (see also Options.OnEvictionPolicy).
+func (s *Store) EvictionPolicy() (policy string, evicts bool) {
+	p := s.policy.Load()
+	if p == nil {
+		return "", false
+	}
+	return *p, mayEvict(*p)
+}
+
+func mayEvict(policy string) bool { return policy != "" && policy != "noeviction" }
+
+// policyError returns the error for an evicting policy, nil when the policy is noeviction,
+// unknown, or allowed.
+func (s *Store) policyError() error {
+	p, ev := s.EvictionPolicy()
+	if !ev || s.allowEviction {
+		return nil
+	}
+	return fmt.Errorf("%w: Redis's maxmemory-policy is %s, which lets Redis evict stored "+
+		"responses and held leases when memory runs short (a retry would then execute the "+
+		"operation again): set maxmemory-policy noeviction, or accept the risk with "+
+		"Options.AllowEviction (IDEMSVC_REDIS_ALLOW_EVICTION=true)", ErrMisconfigured, p)
+}
+
+// policyDue reports whether it is this Ping's turn to read the policy again (at most once per
+// policyRecheck, by one caller).
+func (s *Store) policyDue() bool {
+	now := time.Since(s.clock.epoch).Nanoseconds()
+	last := s.policyAt.Load()
+	return now-last >= int64(policyRecheck) && s.policyAt.CompareAndSwap(last, now)
+}
