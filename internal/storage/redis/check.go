@@ -27,7 +27,7 @@ import (
 //     channel, EVAL_RO and EVALSHA_RO of the read script, EVAL of the write script (a delete
 //     of the absent probe record, which publishes), EVALSHA of the begin script (it stores a
 //     probe record, with a 10s expiry) and of the delete script (it deletes it), and
-//     SUBSCRIBE and UNSUBSCRIBE of the probe channel on a dedicated connection, as the hub's. The
+//     SUBSCRIBE of the probe channel on a dedicated connection, as the hub's. The
 //     probe key is <prefix>:{%probe-<token>}:r (and :f, whose counter expires within 10s;
 //     :c the channel), which no key of a record can be: escapeID writes '%' only before two
 //     hex digits.
@@ -59,7 +59,7 @@ func ACL(prefix string) string {
 	if prefix == "" {
 		prefix = DefaultPrefix
 	}
-	return "+hello +info +ping +time +evalsha +eval +evalsha_ro +eval_ro +subscribe +unsubscribe " +
+	return "+hello +info +ping +time +evalsha +eval +evalsha_ro +eval_ro +subscribe " +
 		"+get +set +del +pexpiretime +pexpireat +publish ~" + prefix + "* &" + prefix + "*"
 }
 
@@ -218,26 +218,23 @@ func (s *Store) probe(ctx context.Context, c rueidis.Client, nowMs int64) error 
 	if err := d.del(ctx, rec, channel); err != nil {
 		return s.checkErrorf("EVALSHA (the delete script)", err)
 	}
-	if err := probeSubscribe(ctx, c, channel); err != nil {
-		return s.checkErrorf("SUBSCRIBE and UNSUBSCRIBE of "+channel, err)
+	sc, err := d.subClient(ctx)
+	if err != nil {
+		return s.checkErrorf("connecting for pub/sub", err)
+	}
+	if err := probeSubscribe(ctx, sc, channel); err != nil {
+		return s.checkErrorf("SUBSCRIBE of "+channel, err)
 	}
 	return nil
 }
 
-// probeSubscribe SUBSCRIBEs channel and UNSUBSCRIBEs it on a dedicated connection, as the hub
-// does (watch.go), and closes that connection. It does not use the hub's own connection: rueidis
-// panics (a "protocol bug") when Redis answers its keepalive PING on a connection that has been
-// in pub/sub mode with an error other than LOADING, BUSY or NOPERM (MISCONF, say), and a
-// connection kept for the probe would expose every process to that, watchers or not.
+// probeSubscribe SUBSCRIBEs channel on a dedicated connection of the pub/sub client, as the hub
+// does (watch.go), and closes that connection: like the hub, it never UNSUBSCRIBEs (see watch.go).
 func probeSubscribe(ctx context.Context, c rueidis.Client, channel string) error {
-	dc, release := c.Dedicate()
-	defer release()
+	dc, _ := c.Dedicate()
 	defer dc.Close()
 	dc.SetPubSubHooks(rueidis.PubSubHooks{OnMessage: func(rueidis.PubSubMessage) {}})
-	if err := dc.Do(ctx, dc.B().Subscribe().Channel(channel).Build()).Error(); err != nil {
-		return err
-	}
-	return dc.Do(ctx, dc.B().Unsubscribe().Channel(channel).Build()).Error()
+	return dc.Do(ctx, dc.B().Subscribe().Channel(channel).Build()).Error()
 }
 
 // checkErrorf classifies a check's failure: Redis's refusals of the credentials, the database

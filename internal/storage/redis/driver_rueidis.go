@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	neturl "net/url"
 	"strings"
 	"sync"
@@ -15,9 +16,20 @@ import (
 // rueidisDriver runs the scripts through rueidis, whose automatic pipelining lets many
 // goroutines share a few connections: it was chosen over go-redis by measurement (twice the
 // begin+complete pairs/s with 64 goroutines; see BenchmarkBeginComplete and the package doc).
+//
+// Pub/sub (the hub's watchers, watch.go) has a client of its own, sub, whose connections send no
+// keepalive PING: rueidis panics, and the process ends, when a PING on a connection in pub/sub
+// mode is answered with an error it does not expect there, and Redis answers PING with MISCONF
+// while it refuses writes after a failed save (TestMisconfWithWatchers). The kernel's TCP
+// keepalive watches those connections instead, and a watcher polls anyway (keys.BeginWait).
 type rueidisDriver struct {
-	opt                               rueidis.ClientOption
 	readLua, casLua, beginLua, delLua *rueidis.Lua
+	main, sub                         lazyClient
+}
+
+// lazyClient connects a rueidis client on first use.
+type lazyClient struct {
+	opt rueidis.ClientOption
 
 	mu      sync.Mutex
 	c       rueidis.Client // nil until the first successful connection
@@ -37,6 +49,9 @@ type dialRun struct {
 // so that an outage makes operations fail at once instead of each waiting for a dial.
 const redialPause = 100 * time.Millisecond
 
+// subKeepAlive is the TCP keepalive of the pub/sub connections, which send no PING.
+var subKeepAlive = net.KeepAliveConfig{Enable: true, Idle: 5 * time.Second, Interval: 5 * time.Second, Count: 3}
+
 var errClosed = errors.New("redis: store closed")
 
 func newRueidisDriver(url string, timeout time.Duration) (*rueidisDriver, error) {
@@ -50,40 +65,53 @@ func newRueidisDriver(url string, timeout time.Duration) (*rueidisDriver, error)
 	// The store fails fast and the caller retries; a retry here would only hide an outage.
 	opt.DisableRetry = true
 	opt.DisableCache = true
+	sub := opt
+	// A negative KeepAlive turns rueidis's keepalive PING off (and Go's default TCP keepalive,
+	// which KeepAliveConfig turns back on).
+	sub.Dialer.KeepAlive, sub.Dialer.KeepAliveConfig = -1, subKeepAlive
 	return &rueidisDriver{
-		opt:      opt,
 		readLua:  rueidis.NewLuaScriptReadOnly(readScript),
 		casLua:   rueidis.NewLuaScript(casScript),
 		beginLua: rueidis.NewLuaScript(beginScript),
 		delLua:   rueidis.NewLuaScript(delScript),
+		main:     lazyClient{opt: opt},
+		sub:      lazyClient{opt: sub},
 	}, nil
 }
 
-// client returns the connected client. Until the first connection succeeds it starts one
-// attempt at a time in the background and waits for it as long as ctx allows. Once connected,
-// rueidis reconnects by itself.
-func (d *rueidisDriver) client(ctx context.Context) (rueidis.Client, error) {
-	d.mu.Lock()
+// client returns the connected client for commands and scripts.
+func (d *rueidisDriver) client(ctx context.Context) (rueidis.Client, error) { return d.main.get(ctx) }
+
+// subClient returns the connected client for pub/sub, whose connections send no PING.
+func (d *rueidisDriver) subClient(ctx context.Context) (rueidis.Client, error) {
+	return d.sub.get(ctx)
+}
+
+// get returns the connected client. Until the first connection succeeds it starts one attempt
+// at a time in the background and waits for it as long as ctx allows. Once connected, rueidis
+// reconnects by itself.
+func (l *lazyClient) get(ctx context.Context) (rueidis.Client, error) {
+	l.mu.Lock()
 	switch {
-	case d.closed:
-		d.mu.Unlock()
+	case l.closed:
+		l.mu.Unlock()
 		return nil, errClosed
-	case d.c != nil:
-		c := d.c
-		d.mu.Unlock()
+	case l.c != nil:
+		c := l.c
+		l.mu.Unlock()
 		return c, nil
-	case d.dialing == nil && d.dialErr != nil && time.Since(d.dialAt) < redialPause:
-		err := d.dialErr
-		d.mu.Unlock()
+	case l.dialing == nil && l.dialErr != nil && time.Since(l.dialAt) < redialPause:
+		err := l.dialErr
+		l.mu.Unlock()
 		return nil, err
 	}
-	run := d.dialing
+	run := l.dialing
 	if run == nil {
 		run = &dialRun{done: make(chan struct{})}
-		d.dialing = run
-		go d.dial(run)
+		l.dialing = run
+		go l.dial(run)
 	}
-	d.mu.Unlock()
+	l.mu.Unlock()
 	select {
 	case <-run.done:
 		return run.c, run.err
@@ -92,22 +120,39 @@ func (d *rueidisDriver) client(ctx context.Context) (rueidis.Client, error) {
 	}
 }
 
-func (d *rueidisDriver) dial(run *dialRun) {
+func (l *lazyClient) dial(run *dialRun) {
 	defer close(run.done)
-	c, err := rueidis.NewClient(d.opt)
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	d.dialing = nil
+	c, err := rueidis.NewClient(l.opt)
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.dialing = nil
 	switch {
 	case err != nil:
-		d.dialErr, d.dialAt = err, time.Now()
+		l.dialErr, l.dialAt = err, time.Now()
 		run.err = err
-	case d.closed:
+	case l.closed:
 		c.Close()
 		run.err = errClosed
 	default:
-		d.c, d.dialErr = c, nil
+		l.c, l.dialErr = c, nil
 		run.c = c
+	}
+}
+
+func (l *lazyClient) close() {
+	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		return
+	}
+	l.closed = true
+	c, run := l.c, l.dialing
+	l.mu.Unlock()
+	if run != nil {
+		<-run.done // it sees closed and closes what it connected
+	}
+	if c != nil {
+		c.Close()
 	}
 }
 
@@ -235,20 +280,8 @@ func (d *rueidisDriver) unavailable(err error) bool {
 }
 
 func (d *rueidisDriver) close() {
-	d.mu.Lock()
-	if d.closed {
-		d.mu.Unlock()
-		return
-	}
-	d.closed = true
-	c, run := d.c, d.dialing
-	d.mu.Unlock()
-	if run != nil {
-		<-run.done // it sees closed and closes what it connected
-	}
-	if c != nil {
-		c.Close()
-	}
+	d.main.close()
+	d.sub.close()
 }
 
 // transientReply reports whether a Redis error reply means the server cannot serve now

@@ -35,7 +35,7 @@ func Open(ctx context.Context, url string, opts Options) (*Store, error) {
 		return nil, err
 	}
 	s.rd = d
-	s.hub = newHub(d.client)
+	s.hub = newHub(d.subClient)
 	if err := s.checkServer(ctx); err != nil {
 		s.Close()
 		return nil, err

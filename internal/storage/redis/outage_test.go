@@ -408,3 +408,111 @@ func TestWaitWithoutPubSub(t *testing.T) {
 		t.Errorf("%d connections refused in a %v wait: the waiter dials in a loop (want a few: one per %v)", dials, took, subRedialPause)
 	}
 }
+
+// TestMisconfWithWatchers: Redis refusing writes after a failed save (MISCONF) also refuses PING,
+// and rueidis panicked, ending the process, when its keepalive PING got that answer on a
+// connection in pub/sub mode: any replica with a waiting begin died. Now the pub/sub connection
+// sends no keepalive PING (the kernel's TCP keepalive watches it), and the Store goes on
+// answering 503 while watchers stay watched.
+func TestMisconfWithWatchers(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	srv := redistest.StartServer(t, "--dir", dir, "--save", "3600 1")
+	s, err := Open(t.Context(), srv.URL(), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if _, err := s.Begin(t.Context(), "t", "held", keys.BeginRequest{Lease: time.Minute, TTL: time.Hour}); err != nil {
+		t.Fatal(err)
+	}
+	_, stop := s.Watch("t", "held")
+	defer stop()
+	if err := os.RemoveAll(dir); err != nil {
+		t.Fatal(err)
+	}
+	c, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{fmt.Sprintf("127.0.0.1:%d", srv.Port())}, DisableCache: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_ = c.Do(t.Context(), c.B().Bgsave().Build()).Error()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		if err := c.Do(t.Context(), c.B().Ping().Build()).Error(); err != nil && strings.HasPrefix(err.Error(), "MISCONF") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("Redis did not start refusing PING after a failed save")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	// Several keepalive periods (rueidis's default is one second), then the last watcher leaves
+	// and the channel lingers out (UNSUBSCRIBE was sent then, with a PING).
+	time.Sleep(3 * time.Second)
+	stop()
+	time.Sleep(linger + 1500*time.Millisecond)
+	_, err = s.Begin(t.Context(), "t", "after", testReq)
+	wantUnavailable(t, "begin while Redis refuses writes", err, 0, 5*time.Second)
+	_, stop2 := s.Watch("t", "other")
+	stop2()
+}
+
+// TestIdleChannelsDropped: a channel without watchers for linger is dropped by closing the
+// pub/sub connection (never by UNSUBSCRIBE; see watch.go) when no channel has a watcher, so that
+// Redis forgets it; the next watcher gets a new connection and is woken by a change.
+func TestIdleChannelsDropped(t *testing.T) {
+	t.Parallel()
+	srv := redistest.StartServer(t)
+	s, err := Open(t.Context(), srv.URL(), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	c, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{fmt.Sprintf("127.0.0.1:%d", srv.Port())}, DisableCache: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	numsub := func(channel string) int64 {
+		t.Helper()
+		arr, err := c.Do(t.Context(), c.B().PubsubNumsub().Channel(channel).Build()).ToArray()
+		if err != nil || len(arr) != 2 {
+			t.Fatalf("PUBSUB NUMSUB: %v, %v", arr, err)
+		}
+		n, err := arr[1].AsInt64()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	first := s.names("t", "first").channel
+	_, stop := s.Watch("t", "first")
+	if n := numsub(first); n != 1 {
+		t.Fatalf("%d subscribers of a watched channel", n)
+	}
+	stop()
+	s.hub.sweep(time.Now()) // as the janitor does once linger has passed
+	deadline := time.Now().Add(5 * time.Second)
+	for numsub(first) != 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("Redis still has the idle channel's subscriber")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+
+	res, err := s.Begin(t.Context(), "t", "second", keys.BeginRequest{Lease: time.Minute, TTL: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	woken, stop2 := s.Watch("t", "second")
+	defer stop2()
+	if err := s.Release(t.Context(), "t", "second", res.Record.Lease.Token); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-woken:
+	case <-time.After(200 * time.Millisecond): // keys.BeginWait's poll is 250ms: this is pub/sub
+		t.Fatal("a watcher on the new connection was not woken by a release")
+	}
+}

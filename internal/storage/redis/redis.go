@@ -112,12 +112,12 @@
 // The ACL the Store needs, for the default prefix "idem" (ACL(prefix) returns it for another):
 //
 //	ACL SETUSER idemsvc on >PASSWORD +hello +info +ping +time +evalsha +eval +evalsha_ro +eval_ro
-//	    +subscribe +unsubscribe +get +set +del +pexpiretime +pexpireat +publish ~idem* &idem*
+//	    +subscribe +get +set +del +pexpiretime +pexpireat +publish ~idem* &idem*
 //
 // That is: on the connection HELLO (without it the client falls back to RESP2 and AUTH, which
 // works too), INFO (the checks and Ping's policy read), PING, TIME; the scripts through EVALSHA,
 // and EVAL after a SCRIPT FLUSH or a restart, and the read script through EVALSHA_RO and EVAL_RO;
-// SUBSCRIBE and UNSUBSCRIBE for watchers; inside the scripts GET, SET, DEL, TIME, PEXPIRETIME,
+// SUBSCRIBE for watchers (never UNSUBSCRIBE: see watch.go); inside the scripts GET, SET, DEL, TIME, PEXPIRETIME,
 // PEXPIREAT and PUBLISH; the keys ~PREFIX* and the channels &PREFIX* (Redis 7 grants no
 // channel by default: acl-pubsub-default resetchannels). Add +select when the URL names a
 // database other than 0. The client also tries CLUSTER SLOTS when it connects; a NOPERM there

@@ -15,6 +15,14 @@ import (
 // and stays subscribed for a short while after its last watcher leaves, so that BeginWait's loop
 // (watch, begin, wait, stop, watch again) costs no subscription round trips after the first.
 //
+// The hub never sends UNSUBSCRIBE, and never hands a pub/sub connection back to rueidis's pool
+// (which would UNSUBSCRIBE to reuse it): rueidis panics, ending the process, when Redis answers
+// the PING it sends after an UNSUBSCRIBE with an error it does not expect (MISCONF, which Redis
+// answers to PING while it refuses writes after a failed save: TestMisconfWithWatchers). A
+// channel without watchers for linger stays subscribed, its messages ignored, until the
+// connection is closed and a new one opened: at once when no channel has a watcher, or, past
+// maxIdleChannels, even if some do (they are woken, as when a connection breaks).
+//
 // Delivery is best effort, and that is enough: keys.BeginWait polls at least every 250ms, so a
 // lost message costs at most that much latency. When the pub/sub connection breaks, every watcher
 // is woken (messages may have been lost meanwhile) and the next Watch connects again; but after
@@ -34,6 +42,9 @@ const (
 	// subRedialPause is how long after a failed or broken pub/sub connection Watch does not
 	// try another: its watchers poll meanwhile.
 	subRedialPause = 250 * time.Millisecond
+	// maxIdleChannels is how many channels without watchers may stay subscribed before the
+	// connection is replaced even though some channels have watchers.
+	maxIdleChannels = 1024
 )
 
 // errSubPaused: the pub/sub connection failed less than subRedialPause ago.
@@ -58,8 +69,8 @@ type topic struct {
 	watchers map[chan struct{}]struct{}
 	// on is the connection where SUBSCRIBE was confirmed; nil when not subscribed.
 	on *subConn
-	// busy is closed when the SUBSCRIBE or UNSUBSCRIBE in flight ends; nil when none. One at a
-	// time per channel, so that they reach Redis in the order they were decided.
+	// busy is closed when the SUBSCRIBE in flight ends; nil when none. One at a time per
+	// channel.
 	busy chan struct{}
 	idle time.Time // when the last watcher left
 }
@@ -190,8 +201,8 @@ func (h *hub) dial(run *subDial) {
 	var conn *subConn
 	var lost <-chan error
 	if err == nil {
-		dc, release := c.Dedicate()
-		conn = &subConn{dc: dc, cancel: release, opened: time.Now()}
+		dc, _ := c.Dedicate() // closed, never released: see above
+		conn = &subConn{dc: dc, cancel: dc.Close, opened: time.Now()}
 		lost = dc.SetPubSubHooks(rueidis.PubSubHooks{OnMessage: h.message})
 	}
 	h.mu.Lock()
@@ -257,7 +268,7 @@ func (h *hub) lost(conn *subConn) {
 	}
 }
 
-// janitor unsubscribes the channels that have had no watcher for linger.
+// janitor drops the channels that have had no watcher for linger (see above).
 func (h *hub) janitor() {
 	defer h.wg.Done()
 	tick := time.NewTicker(time.Second)
@@ -272,43 +283,39 @@ func (h *hub) janitor() {
 	}
 }
 
+// sweep forgets the channels idle since before idleBefore that are not subscribed, and closes
+// the connection, so that Redis forgets those that are, when no channel has a watcher or more
+// than maxIdleChannels are idle.
 func (h *hub) sweep(idleBefore time.Time) {
 	h.mu.Lock()
 	conn := h.conn
-	var chans []string
-	var ts []*topic
-	busy := make(chan struct{})
+	idle, watched := 0, false
 	for name, t := range h.topics {
-		if len(t.watchers) > 0 || t.busy != nil || t.idle.After(idleBefore) {
-			continue
-		}
-		if t.on == nil || t.on != conn {
+		switch {
+		case len(t.watchers) > 0 || t.busy != nil:
+			watched = true
+		case t.idle.After(idleBefore):
+		case t.on == nil || t.on != conn:
 			delete(h.topics, name)
-			continue
+		default:
+			idle++
 		}
-		t.busy = busy
-		chans = append(chans, name)
-		ts = append(ts, t)
 	}
-	h.mu.Unlock()
-	if len(chans) == 0 {
+	if conn == nil || idle == 0 || (watched && idle <= maxIdleChannels) {
+		h.mu.Unlock()
 		return
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-	err := conn.dc.Do(ctx, conn.dc.B().Unsubscribe().Channel(chans...).Build()).Error()
-	cancel()
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	for i, t := range ts {
-		t.busy = nil
-		if err == nil {
+	h.conn = nil
+	for name, t := range h.topics {
+		if t.on == conn {
 			t.on = nil
 		}
-		if len(t.watchers) == 0 && h.topics[chans[i]] == t {
-			delete(h.topics, chans[i])
+		if len(t.watchers) == 0 && t.busy == nil {
+			delete(h.topics, name)
 		}
 	}
-	close(busy)
+	h.mu.Unlock()
+	conn.cancel() // its lost channel then wakes the watchers, if any
 }
 
 // close wakes every watcher, drops the connection and waits for the hub's goroutines.
