@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/kelseyhightower/envconfig"
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap/zaptest"
 )
 
@@ -337,7 +338,7 @@ func TestRedisPasswordNeverLogged(t *testing.T) {
 			t.Errorf("masked config shows the password of %s: %s", raw, shown)
 		}
 	}
-	_, err := openStore(context.Background(), Config{Backend: "redis", RedisURL: "redis://:s3cretpassw0rd@127.0.0.1:port/0"}, zaptest.NewLogger(t))
+	_, err := openStore(context.Background(), Config{Backend: "redis", RedisURL: "redis://:s3cretpassw0rd@127.0.0.1:port/0"}, zaptest.NewLogger(t), prometheus.NewCounter(prometheus.CounterOpts{Name: "x"}))
 	if err == nil || strings.Contains(err.Error(), "ssw0rd") {
 		t.Errorf("opening a URL with an invalid port: %v, want an error without the password", err)
 	}

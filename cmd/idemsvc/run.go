@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 	"golang.org/x/sync/errgroup"
@@ -36,7 +37,11 @@ func run(ctx context.Context, cfg Config, logger *zap.Logger, accessLog zapcore.
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", cfg.Addr, err)
 	}
-	store, err := openStore(ctx, cfg, logger)
+	dataLoss := prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "idemsvc_redis_data_loss_total",
+		Help: "Times this replica found that Redis lost idemsvc's data (its data marker gone or replaced).",
+	})
+	store, err := openStore(ctx, cfg, logger, dataLoss)
 	if err != nil {
 		_ = ln.Close()
 		return err
@@ -53,8 +58,11 @@ func run(ctx context.Context, cfg Config, logger *zap.Logger, accessLog zapcore.
 		Logger:    logger,
 		AccessLog: accessLog,
 	})
-	if b, ok := store.(*bolt.Store); ok {
-		srv.Registry().MustRegister(boltCollector{b})
+	switch st := store.(type) {
+	case *bolt.Store:
+		srv.Registry().MustRegister(boltCollector{st})
+	case *redis.Store:
+		srv.Registry().MustRegister(dataLoss)
 	}
 	httpServer := &http.Server{
 		Handler:           srv,
@@ -109,11 +117,15 @@ func run(ctx context.Context, cfg Config, logger *zap.Logger, accessLog zapcore.
 }
 
 // openStore opens the configured backend.
-func openStore(ctx context.Context, cfg Config, logger *zap.Logger) (keys.Store, error) {
+func openStore(ctx context.Context, cfg Config, logger *zap.Logger, dataLoss prometheus.Counter) (keys.Store, error) {
 	switch cfg.Backend {
 	case "redis":
 		s, err := redis.Open(ctx, cfg.RedisURL, redis.Options{
 			AllowEviction: cfg.RedisAllowEviction,
+			OnDataLoss: func(found string) {
+				dataLoss.Inc()
+				logger.WithOptions(zap.AddStacktrace(zapcore.FatalLevel)).Error("Redis lost data", zap.String("found", found))
+			},
 			// Without AllowEviction an evicting policy fails Open, or Ping (/readyz, which logs why).
 			OnEvictionPolicy: func(policy string) {
 				if cfg.RedisAllowEviction && policy != "" && policy != "noeviction" {

@@ -179,7 +179,53 @@ func (s *Store) check(ctx context.Context) error {
 		return s.checkErrorf("TIME", err)
 	}
 	s.clock.observe(sent, time.Now(), time.Unix(sec, usec*1000))
-	return s.probe(ctx, c, sec*1000+usec/1000)
+	if err := s.probe(ctx, c, sec*1000+usec/1000); err != nil {
+		return err
+	}
+	marker, _, err := d.marker(ctx, s.markerKey(), keys.NewToken())
+	if err != nil {
+		return s.checkErrorf("SET NX GET (the data marker)", err)
+	}
+	s.markerMu.Lock()
+	s.marker = marker // whether it was there before cannot tell a loss from a new Redis
+	s.markerMu.Unlock()
+	return nil
+}
+
+// markerKey is the data marker's key: <prefix>:{%marker}, which no record's key can be (see the
+// probe key above).
+func (s *Store) markerKey() string { return s.prefix + ":{%marker}" }
+
+// checkMarker compares the data marker with what this Store last saw, and calls OnDataLoss when
+// it is gone (this Store puts a new one) or another one (another replica put it after finding
+// it gone). Ping calls it when it reads the policy, at most once a second.
+func (s *Store) checkMarker(ctx context.Context) error {
+	s.markerMu.Lock()
+	defer s.markerMu.Unlock()
+	if s.marker == "" {
+		return nil // no contact yet: the checks set it
+	}
+	current, created, err := s.d.marker(ctx, s.markerKey(), keys.NewToken())
+	if err != nil {
+		return err
+	}
+	var found string
+	switch {
+	case created:
+		found = "the data marker that idemsvc keeps in Redis was gone"
+	case current != s.marker:
+		found = "the data marker that idemsvc keeps in Redis was replaced (another replica found it gone)"
+	default:
+		return nil
+	}
+	s.marker = current
+	if s.onDataLoss != nil {
+		s.onDataLoss(found + ": Redis lost data since it was last checked (a restart without " +
+			"persistence, a failover to a replica without it, FLUSHDB or FLUSHALL, eviction, or a " +
+			"restore from a backup), so completed records and held leases may be gone and their " +
+			"keys may run again")
+	}
+	return nil
 }
 
 // probe exercises every command, key pattern and channel pattern the Store uses (see above);

@@ -358,3 +358,61 @@ func TestDocsGiveTheACL(t *testing.T) {
 		t.Errorf("the package doc does not give the ACL %q", want)
 	}
 }
+
+// TestDataLossNoticed: a Redis that lost its data (FLUSHDB here; a restart without persistence
+// looks the same) is noticed by the next Ping that reads the policy, on every replica: the first
+// finds the data marker gone, the others find another one. Nothing is reported while the data
+// stays.
+func TestDataLossNoticed(t *testing.T) {
+	t.Parallel()
+	srv := redistest.StartServer(t)
+	var mu sync.Mutex
+	found := map[string][]string{}
+	open := func(name string) *Store {
+		s, err := Open(t.Context(), srv.URL(), Options{OnDataLoss: func(f string) {
+			mu.Lock()
+			defer mu.Unlock()
+			found[name] = append(found[name], f)
+		}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = s.Close() })
+		return s
+	}
+	a, b := open("a"), open("b")
+	ping := func(s *Store) { // as a Ping a second after the last one that read the policy
+		t.Helper()
+		s.policyAt.Store(time.Since(s.clock.epoch).Nanoseconds() - int64(policyRecheck))
+		if err := s.Ping(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	reports := func(name string) []string {
+		mu.Lock()
+		defer mu.Unlock()
+		return slices.Clone(found[name])
+	}
+	if _, err := a.Begin(t.Context(), "t", "k", testReq); err != nil {
+		t.Fatal(err)
+	}
+	ping(a)
+	ping(b)
+	if len(reports("a"))+len(reports("b")) != 0 {
+		t.Fatalf("data loss reported while Redis kept its data: %v", found)
+	}
+	srv.Do("FLUSHDB")
+	ping(a)
+	if r := reports("a"); len(r) != 1 || !strings.Contains(r[0], "was gone") {
+		t.Fatalf("after FLUSHDB, replica a reported %q", r)
+	}
+	ping(b)
+	if r := reports("b"); len(r) != 1 || !strings.Contains(r[0], "was replaced") {
+		t.Fatalf("after FLUSHDB, replica b reported %q", r)
+	}
+	ping(a)
+	ping(b)
+	if len(reports("a")) != 1 || len(reports("b")) != 1 {
+		t.Errorf("one loss reported more than once: %v", found)
+	}
+}

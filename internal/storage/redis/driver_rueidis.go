@@ -269,6 +269,20 @@ func (d *rueidisDriver) info(ctx context.Context, section string) (string, error
 	return c.Do(ctx, c.B().Info().Section(section).Build()).ToString()
 }
 
+// marker runs SET key candidate NX GET: it stores candidate when key is absent (created) and
+// returns the value key holds afterwards.
+func (d *rueidisDriver) marker(ctx context.Context, key, candidate string) (current string, created bool, err error) {
+	c, err := d.client(ctx)
+	if err != nil {
+		return "", false, err
+	}
+	old, err := c.Do(ctx, c.B().Set().Key(key).Value(candidate).Nx().Get().Build()).ToString()
+	if rueidis.IsRedisNil(err) {
+		return candidate, true, nil
+	}
+	return old, false, err
+}
+
 // unavailable: every error that is not a Redis error reply is the connection's (dial, I/O,
 // closed, timeout); of the replies, those that say the server cannot serve now.
 func (d *rueidisDriver) unavailable(err error) bool {

@@ -97,6 +97,16 @@
 // Redis closes it. Callers that cannot afford a second execution must make the operation itself
 // reject it (a unique constraint downstream, or a check of the fence).
 //
+// # Lost data
+//
+// The Store keeps a data marker in Redis (<prefix>:{%marker}, a random value without expiry), set
+// at the first contact. Ping, when it reads the policy (at most once a second), reads it too:
+// when it is gone (a restart without persistence, a failover to a replica without it, FLUSHDB,
+// FLUSHALL, eviction) the Store puts a new one and calls Options.OnDataLoss; a replica that then
+// finds another value than the one it saw learns of the same loss. It cannot tell a loss that
+// happened while no replica ran from a new Redis, nor a partial loss (a restart from an older
+// snapshot that still holds the marker). It only tells: the records are gone either way.
+//
 // # Redis configuration
 //
 // The Store checks Redis at the first contact (at Open, or, when Redis cannot be reached then,
@@ -164,6 +174,10 @@ type Options struct {
 	// called whether or not the policy evicts (see Store.EvictionPolicy), synchronously, from
 	// Open, an operation or Ping: it must not block or call the Store.
 	OnEvictionPolicy func(policy string)
+	// OnDataLoss, when set, is called when the Store finds that Redis lost its data since it
+	// last looked (see "Lost data" in the package doc), with what it found. It is called
+	// synchronously from Ping: it must not block or call the Store.
+	OnDataLoss func(found string)
 }
 
 // DefaultPrefix is the Prefix when Options.Prefix is empty.
@@ -220,6 +234,11 @@ type Store struct {
 	policy   atomic.Pointer[string]
 	policyAt atomic.Int64
 	policyMu sync.Mutex
+	// marker is the value of the data marker (markerKey) as this Store last saw it; "" before
+	// the first contact.
+	markerMu   sync.Mutex
+	marker     string
+	onDataLoss func(string)
 }
 
 const (
@@ -258,6 +277,9 @@ type driver interface {
 	ping(ctx context.Context) error
 	// info runs INFO section.
 	info(ctx context.Context, section string) (string, error)
+	// marker stores candidate at key unless key exists, and returns key's value afterwards and
+	// whether it stored it.
+	marker(ctx context.Context, key, candidate string) (current string, created bool, err error)
 	// unavailable reports whether a failure means Redis cannot serve now (network, timeout,
 	// LOADING, READONLY, ...), as opposed to a bug (a script error, a wrong type).
 	unavailable(err error) bool
@@ -293,6 +315,7 @@ func newStore(d driver, opts Options) (*Store, error) {
 		d: d, prefix: opts.Prefix, now: opts.Now, timeout: opts.Timeout,
 		clock: newRedisClock(), cache: newValueCache(), decoded: newDecodedCache(),
 		life: life, lifeEnd: end, allowEviction: opts.AllowEviction, onPolicy: opts.OnEvictionPolicy,
+		onDataLoss: opts.OnDataLoss,
 	}, nil
 }
 
@@ -875,6 +898,7 @@ func (s *Store) Ping(ctx context.Context) error {
 		var info string
 		if info, err = s.d.info(ctx, "memory"); err == nil {
 			s.setPolicy(infoField(info, "maxmemory_policy"))
+			err = s.checkMarker(ctx)
 		}
 	} else {
 		err = s.d.ping(ctx)
