@@ -325,26 +325,7 @@ func TestMisconf(t *testing.T) {
 	if _, err := s.Begin(t.Context(), "t", "before", testReq); err != nil {
 		t.Fatal(err)
 	}
-	// The save fails: its directory is gone.
-	if err := os.RemoveAll(dir); err != nil {
-		t.Fatal(err)
-	}
-	c, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{fmt.Sprintf("127.0.0.1:%d", srv.Port())}, DisableCache: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	_ = c.Do(t.Context(), c.B().Bgsave().Build()).Error()
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		if err := c.Do(t.Context(), c.B().Set().Key("probe").Value("1").Build()).Error(); err != nil && strings.HasPrefix(err.Error(), "MISCONF") {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("Redis did not start refusing writes after a failed save")
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	failSave(t, srv, dir)
 	_, err = s.Begin(t.Context(), "t", "after", testReq)
 	wantUnavailable(t, "begin while Redis refuses writes", err, 0, 5*time.Second)
 	wantUnavailable(t, "delete while Redis refuses writes", s.Delete(t.Context(), "t", "before"), 0, 5*time.Second)
@@ -409,6 +390,31 @@ func TestWaitWithoutPubSub(t *testing.T) {
 	}
 }
 
+// failSave makes srv's save fail (its directory dir is gone) and waits until Redis refuses
+// writes, and PING, with MISCONF.
+func failSave(t *testing.T, srv *redistest.Server, dir string) {
+	t.Helper()
+	if err := os.RemoveAll(dir); err != nil {
+		t.Fatal(err)
+	}
+	c, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{fmt.Sprintf("127.0.0.1:%d", srv.Port())}, DisableCache: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_ = c.Do(t.Context(), c.B().Bgsave().Build()).Error()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		if err := c.Do(t.Context(), c.B().Ping().Build()).Error(); err != nil && strings.HasPrefix(err.Error(), "MISCONF") {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("Redis did not start refusing writes (and PING) after a failed save")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
 // TestMisconfWithWatchers: Redis refusing writes after a failed save (MISCONF) also refuses PING,
 // and rueidis panicked, ending the process, when its keepalive PING got that answer on a
 // connection in pub/sub mode: any replica with a waiting begin died. Now the pub/sub connection
@@ -428,25 +434,7 @@ func TestMisconfWithWatchers(t *testing.T) {
 	}
 	_, stop := s.Watch("t", "held")
 	defer stop()
-	if err := os.RemoveAll(dir); err != nil {
-		t.Fatal(err)
-	}
-	c, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{fmt.Sprintf("127.0.0.1:%d", srv.Port())}, DisableCache: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	_ = c.Do(t.Context(), c.B().Bgsave().Build()).Error()
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		if err := c.Do(t.Context(), c.B().Ping().Build()).Error(); err != nil && strings.HasPrefix(err.Error(), "MISCONF") {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("Redis did not start refusing PING after a failed save")
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	failSave(t, srv, dir)
 	// Several keepalive periods (rueidis's default is one second), then the last watcher leaves
 	// and the channel lingers out (UNSUBSCRIBE was sent then, with a PING).
 	time.Sleep(3 * time.Second)
