@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/json"
+	"strings"
 	"sync"
 	"testing"
 
@@ -96,4 +97,25 @@ func TestAccessLogDirect(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestAccessLogLongMethod: a made-up method (any token is one to net/http) is cut in the access
+// line, so that a request cannot make the log grow by more than a bounded line.
+func TestAccessLogLongMethod(t *testing.T) {
+	t.Parallel()
+	out := &syncBuffer{}
+	logger := zap.New(zapcore.NewCore(zapcore.NewJSONEncoder(server.LogEncoderConfig()), out, zapcore.InfoLevel))
+	e := newEnv(t, servertest.Options{Logger: logger, AccessLog: out})
+	long := strings.Repeat("A", 60<<10)
+	e.do(long, "/healthz", nil)
+	for _, l := range out.lines(t) {
+		if l["msg"] != "request" {
+			continue
+		}
+		if m, _ := l["method"].(string); m != strings.Repeat("A", 32)+"..." {
+			t.Errorf("access line method = %.40q (%d bytes), want it cut to 32 bytes", m, len(m))
+		}
+		return
+	}
+	t.Fatal("no access line")
 }

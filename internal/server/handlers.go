@@ -34,7 +34,11 @@ func pathKey(r *http.Request) (string, error) {
 func (s *Server) keyAndBody(w http.ResponseWriter, r *http.Request, v any, optional bool) (string, bool) {
 	key, err := pathKey(r)
 	if err == nil {
-		err = decode(r, s.maxRequestBytes, v, optional)
+		var release func()
+		if release, err = s.bodies.take(r); err == nil {
+			err = decode(r, s.maxRequestBytes, v, optional)
+			release()
+		}
 	}
 	if err != nil {
 		s.writeError(w, r, err)
@@ -55,6 +59,14 @@ func (s *Server) handleBegin(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	ctx := r.Context()
+	if wait > 0 {
+		if s.waiters.enter(tenant(ctx)) {
+			defer s.waiters.leave(tenant(ctx))
+		} else {
+			wait = 0
+			s.metrics.waitsShed.Inc()
+		}
+	}
 	// A drain (shutdown) ends a wait early with 409; it never cuts a store call short.
 	res, err := keys.BeginWaitUntil(ctx, s.store, s.now, tenant(ctx), key, req, wait, s.draining.Done())
 	ri := info(r.Context())

@@ -23,6 +23,10 @@ type metrics struct {
 	begins   *prometheus.CounterVec
 	storeOps *prometheus.HistogramVec
 	swept    prometheus.Counter
+	// waiting is how many begins wait for a holder now; waitsShed counts those that asked to
+	// but found no room (Options.MaxWaiters).
+	waiting   prometheus.Gauge
+	waitsShed prometheus.Counter
 
 	// The children that requests use, resolved once instead of hashing their labels on every
 	// request. A child is made on its first use, as WithLabelValues makes it, so /metrics
@@ -111,8 +115,16 @@ func newMetrics(reg *prometheus.Registry) *metrics {
 			Name: "idemsvc_swept_records_total",
 			Help: "Expired records removed by the sweeper.",
 		}),
+		waiting: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "idemsvc_begin_waiting",
+			Help: "Begins with wait_ms in progress now (IDEMSVC_MAX_WAITERS bounds them).",
+		}),
+		waitsShed: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "idemsvc_begin_waits_shed_total",
+			Help: "Begins that asked to wait (wait_ms) while as many were waiting as allowed, in all or for their tenant: they did not wait.",
+		}),
 	}
-	reg.MustRegister(m.requests, m.latency, m.begins, m.storeOps, m.swept,
+	reg.MustRegister(m.requests, m.latency, m.begins, m.storeOps, m.swept, m.waiting, m.waitsShed,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	m.beginOutcomes = map[string]prometheus.Counter{}
 	for _, o := range []string{"acquired", "takeover", "replayed", "in_progress", "mismatch"} {

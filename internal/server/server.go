@@ -40,6 +40,14 @@ type Options struct {
 	AccessLog zapcore.WriteSyncer
 	// Registry receives the server's metrics; nil makes a new one (see Server.Registry).
 	Registry *prometheus.Registry
+	// MaxWaiters bounds the begins that wait for a holder at once (wait_ms), in all, and with
+	// several tenants to half of it per tenant; a begin beyond either bound answers at once, as
+	// with wait_ms 0. Zero means DefaultMaxWaiters.
+	MaxWaiters int
+	// BodyBuffer bounds the bytes of request bodies of 4 KiB or more that are read at once (at
+	// least four of the largest requests); a request that finds no room within 5 s is answered
+	// 503. Zero means DefaultBodyBuffer.
+	BodyBuffer int64
 }
 
 // DefaultTenant is the tenant of every request when no tokens are configured.
@@ -62,6 +70,8 @@ type Server struct {
 	handler   http.Handler
 	// maxRequestBytes bounds a request body: a complete carries the stored body in base64.
 	maxRequestBytes int64
+	waiters         *waiters
+	bodies          *bodyBudget
 	// draining is cancelled when the server starts shutting down, so begins that wait for a
 	// holder answer 409 at once instead of holding shutdown up.
 	draining context.Context
@@ -93,6 +103,11 @@ func New(store keys.Store, opts Options) *Server {
 		registry:        opts.Registry,
 		maxRequestBytes: maxRequestBytes(opts.Limits),
 	}
+	s.waiters = newWaiters(opts.MaxWaiters, len(opts.Tokens), s.metrics.waiting)
+	if opts.BodyBuffer <= 0 {
+		opts.BodyBuffer = DefaultBodyBuffer
+	}
+	s.bodies = newBodyBudget(opts.BodyBuffer, s.maxRequestBytes)
 	if opts.AccessLog != nil && opts.Logger.Core().Enabled(zapcore.InfoLevel) {
 		s.accessOut = opts.AccessLog
 	}

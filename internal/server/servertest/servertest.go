@@ -35,6 +35,9 @@ type Options struct {
 	Logger *zap.Logger
 	// AccessLog is server.Options.AccessLog.
 	AccessLog zapcore.WriteSyncer
+	// MaxWaiters and BodyBuffer are server.Options'.
+	MaxWaiters int
+	BodyBuffer int64
 }
 
 // Server is a running test server.
@@ -68,6 +71,7 @@ func Start(t testing.TB, opts Options) *Server {
 	}
 	h := server.New(store, server.Options{
 		Limits: opts.Limits, Tokens: opts.Tokens, Now: opts.Now, Logger: opts.Logger, AccessLog: opts.AccessLog,
+		MaxWaiters: opts.MaxWaiters, BodyBuffer: opts.BodyBuffer,
 	})
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

@@ -1,0 +1,153 @@
+package server_test
+
+import (
+	"fmt"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/idemsvc/idemsvc/internal/keys"
+	"github.com/idemsvc/idemsvc/internal/server/servertest"
+)
+
+// gauge returns the value of the server's metric name (a gauge or a counter without labels).
+func gauge(t *testing.T, reg *prometheus.Registry, name string) float64 {
+	t.Helper()
+	families, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range families {
+		if f.GetName() == name && len(f.Metric) == 1 {
+			if g := f.Metric[0].GetGauge(); g != nil {
+				return g.GetValue()
+			}
+			return f.Metric[0].GetCounter().GetValue()
+		}
+	}
+	t.Fatalf("no metric %s", name)
+	return 0
+}
+
+// eventually waits up to 10s for cond.
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("not within 10s: %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// TestWaitersBounded: begins that wait for a holder are bounded in all (Options.MaxWaiters) and,
+// with several tenants, to half of that per tenant; a begin beyond a bound answers 409 at once
+// instead of waiting, and the waiting ones still get the replay when the holder completes.
+func TestWaitersBounded(t *testing.T) {
+	t.Parallel()
+	toks := map[string]string{"a": "token-a-0123456789abcdef", "b": "token-b-0123456789abcdef"}
+	e := newEnv(t, servertest.Options{Tokens: toks, MaxWaiters: 4})
+	reg := e.srv.Handler.Registry()
+	held := map[string]leased{}
+	for tenant, tok := range toks {
+		e.token = tok
+		held[tenant] = e.begin("k", nil)
+	}
+	wait := func(tenant string) <-chan int { // a begin of k with wait_ms, as tenant
+		ch := make(chan int, 1)
+		go func() {
+			req, _ := http.NewRequest("POST", e.srv.URL+"/v1/keys/k/begin", strings.NewReader(`{"wait_ms":20000}`))
+			req.Header.Set("Content-Type", "application/json")
+			req.Header.Set("Authorization", "Bearer "+toks[tenant])
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				ch <- -1
+				return
+			}
+			resp.Body.Close()
+			ch <- resp.StatusCode
+		}()
+		return ch
+	}
+	waiting := func(n float64) {
+		t.Helper()
+		eventually(t, fmt.Sprintf("%v begins waiting", n), func() bool { return gauge(t, reg, "idemsvc_begin_waiting") == n })
+	}
+	shedNow := func(tenant string) { // a waiting begin that finds no room answers at once
+		t.Helper()
+		select {
+		case st := <-wait(tenant):
+			if st != http.StatusConflict {
+				t.Fatalf("a begin of tenant %s beyond the bound: %d, want 409", tenant, st)
+			}
+		case <-time.After(10 * time.Second): // it would wait until the complete below
+			t.Fatalf("a begin of tenant %s beyond the bound waited", tenant)
+		}
+	}
+
+	var answers []<-chan int
+	answers = append(answers, wait("a"), wait("a"))
+	waiting(2)
+	shedNow("a") // tenant a has its half
+	answers = append(answers, wait("b"))
+	waiting(3)
+	answers = append(answers, wait("b"))
+	waiting(4)
+	shedNow("b") // all four places are taken
+	if n := gauge(t, reg, "idemsvc_begin_waits_shed_total"); n != 2 {
+		t.Errorf("%v waits shed, want 2", n)
+	}
+	for tenant, l := range held {
+		e.token = toks[tenant]
+		wantStatus(t, e.do("POST", "/v1/keys/k/complete", completeBody(l.token, 200, "done")), 200, "")
+	}
+	for i, ch := range answers {
+		select {
+		case st := <-ch:
+			if st != http.StatusOK {
+				t.Errorf("waiter %d: %d, want the replay (200)", i, st)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("waiter %d was not answered after the complete", i)
+		}
+	}
+	waiting(0)
+}
+
+// TestBodyBudget: request bodies of 4 KiB or more are read under a budget (Options.BodyBuffer,
+// at least four of the largest requests): while clients that stalled mid-body hold all of it, a
+// further large request is answered 503 after a few seconds instead of being buffered, small
+// requests go on, and the budget is back once the stalled ones are gone.
+func TestBodyBudget(t *testing.T) {
+	t.Parallel()
+	limits := keys.DefaultLimits()
+	limits.MaxBodyBytes = 64 << 10
+	e := newEnv(t, servertest.Options{Limits: limits, BodyBuffer: 1})
+	host := strings.TrimPrefix(e.srv.URL, "http://")
+	var stalled []net.Conn
+	for range 8 { // each takes the largest request's room (its length is beyond it): 4 fill the budget
+		c, err := net.Dial("tcp", host)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		fmt.Fprintf(c, "POST /v1/keys/stalled/complete HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n{\"token\":\"", 100<<20)
+		stalled = append(stalled, c)
+	}
+	time.Sleep(200 * time.Millisecond) // let the server take them in
+	body := `{"token":"t","response":{"status":200,"body":"` + strings.Repeat("QUJD", 16<<10) + `"}}` // 64 KiB
+	r := e.do("POST", "/v1/keys/other/complete", body)
+	wantStatus(t, r, http.StatusServiceUnavailable, "unavailable")
+	wantStatus(t, e.do("POST", "/v1/keys/small/begin", nil), http.StatusCreated, "")
+	for _, c := range stalled {
+		c.Close()
+	}
+	eventually(t, "the budget back once the stalled clients are gone", func() bool {
+		return e.do("POST", "/v1/keys/other/complete", body).status == http.StatusNotFound // read: no record
+	})
+}
