@@ -139,7 +139,7 @@ func TestBodyBudget(t *testing.T) {
 		fmt.Fprintf(c, "POST /v1/keys/stalled/complete HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n{\"token\":\"", 100<<20)
 		stalled = append(stalled, c)
 	}
-	time.Sleep(200 * time.Millisecond) // let the server take them in
+	time.Sleep(200 * time.Millisecond)                                                                // let the server take them in
 	body := `{"token":"t","response":{"status":200,"body":"` + strings.Repeat("QUJD", 16<<10) + `"}}` // 64 KiB
 	r := e.do("POST", "/v1/keys/other/complete", body)
 	wantStatus(t, r, http.StatusServiceUnavailable, "unavailable")
