@@ -81,11 +81,12 @@ type bodyBudget struct {
 	sem      *semaphore.Weighted
 	size     int64
 	maxBytes int64
+	held     prometheus.Gauge
 }
 
-func newBodyBudget(size, maxRequestBytes int64) *bodyBudget {
+func newBodyBudget(size, maxRequestBytes int64, held prometheus.Gauge) *bodyBudget {
 	size = max(size, 4*maxRequestBytes)
-	return &bodyBudget{sem: semaphore.NewWeighted(size), size: size, maxBytes: maxRequestBytes}
+	return &bodyBudget{sem: semaphore.NewWeighted(size), size: size, maxBytes: maxRequestBytes, held: held}
 }
 
 // take reserves room for r's body; release gives it back. It fails with keys.ErrUnavailable
@@ -105,5 +106,6 @@ func (b *bodyBudget) take(r *http.Request) (release func(), err error) {
 			return nil, keys.ErrUnavailable
 		}
 	}
-	return func() { b.sem.Release(n) }, nil
+	b.held.Add(float64(n))
+	return func() { b.held.Sub(float64(n)); b.sem.Release(n) }, nil
 }

@@ -139,8 +139,13 @@ func TestBodyBudget(t *testing.T) {
 		fmt.Fprintf(c, "POST /v1/keys/stalled/complete HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n{\"token\":\"", 100<<20)
 		stalled = append(stalled, c)
 	}
-	time.Sleep(200 * time.Millisecond)                                                                // let the server take them in
-	body := `{"token":"t","response":{"status":200,"body":"` + strings.Repeat("QUJD", 16<<10) + `"}}` // 64 KiB
+	reg := e.srv.Handler.Registry()
+	largest := (limits.MaxBodyBytes+2)/3*4 + 6*limits.MaxHeaderBytes + 64<<10 // as the server counts
+	eventually(t, "the stalled clients holding the whole budget", func() bool {
+		return gauge(t, reg, "idemsvc_request_body_bytes_held") == float64(4*largest)
+	})
+	// 64 KiB of base64: read under the budget.
+	body := `{"token":"t","response":{"status":200,"body":"` + strings.Repeat("QUJD", 16<<10) + `"}}`
 	r := e.do("POST", "/v1/keys/other/complete", body)
 	wantStatus(t, r, http.StatusServiceUnavailable, "unavailable")
 	wantStatus(t, e.do("POST", "/v1/keys/small/begin", nil), http.StatusCreated, "")

@@ -107,7 +107,7 @@ func New(store keys.Store, opts Options) *Server {
 	if opts.BodyBuffer <= 0 {
 		opts.BodyBuffer = DefaultBodyBuffer
 	}
-	s.bodies = newBodyBudget(opts.BodyBuffer, s.maxRequestBytes)
+	s.bodies = newBodyBudget(opts.BodyBuffer, s.maxRequestBytes, s.metrics.bodyBytes)
 	if opts.AccessLog != nil && opts.Logger.Core().Enabled(zapcore.InfoLevel) {
 		s.accessOut = opts.AccessLog
 	}
