@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net/url"
+	"os"
 	"slices"
 	"strings"
 	"text/tabwriter"
@@ -33,7 +34,7 @@ type Config struct {
 	RedisURL string `split_words:"true" desc:"redis:// or rediss:// URL, for IDEMSVC_BACKEND=redis"`
 	// RedisAllowEviction serves a Redis whose maxmemory-policy may evict (see redis.Options).
 	RedisAllowEviction bool          `split_words:"true" default:"false" desc:"serve a Redis whose maxmemory-policy is not noeviction (evicted records run again)"`
-	Tokens             string        `split_words:"true" desc:"tenant:token,tenant:token; none runs open as tenant 'default'"`
+	Tokens             string        `split_words:"true" desc:"tenant:token,tenant:token; unset runs open as tenant 'default'; set but empty refuses to start"`
 	DefaultLease       time.Duration `split_words:"true" default:"30s" desc:"lease when lease_ms is absent"`
 	MaxLease           time.Duration `split_words:"true" default:"1h" desc:"upper bound of lease_ms"`
 	DefaultTTL         time.Duration `split_words:"true" default:"24h" desc:"retention when ttl_ms is absent"`
@@ -43,6 +44,13 @@ type Config struct {
 	SweepInterval      time.Duration `split_words:"true" default:"1m" desc:"how often expired records are removed"`
 	LogLevel           string        `split_words:"true" default:"info" desc:"zap level: debug, info, warn, error"`
 	ShutdownTimeout    time.Duration `split_words:"true" default:"15s" desc:"how long in-flight requests may take to finish at shutdown"`
+	MaxConns           int           `split_words:"true" default:"0" desc:"most connections open at once; 0: min(10000, RLIMIT_NOFILE - 256)"`
+	MaxWaiters         int           `split_words:"true" default:"1000" desc:"most begins waiting for a holder (wait_ms) at once; half per tenant with several"`
+
+	// tokensSet says whether IDEMSVC_TOKENS is in the environment at all: set but naming no
+	// token (a templating slip such as IDEMSVC_TOKENS=" ") refuses to start, where unset runs
+	// open.
+	tokensSet bool `ignored:"true"`
 
 	// Ready, when set, is called with the listening address once the service accepts
 	// connections (tests listen on 127.0.0.1:0 and need the port).
@@ -63,6 +71,8 @@ func loadConfig(environ []string) (Config, error) {
 	if err := envconfig.Process(envPrefix, &cfg); err != nil {
 		return cfg, err
 	}
+	// envconfig reads the process environment, and so does this.
+	_, cfg.tokensSet = os.LookupEnv(envPrefix + "_TOKENS")
 	return cfg, cfg.validate()
 }
 
@@ -72,7 +82,7 @@ func knownVars() []string {
 		"IDEMSVC_ADDR", "IDEMSVC_BACKEND", "IDEMSVC_DATA_DIR", "IDEMSVC_REDIS_URL", "IDEMSVC_REDIS_ALLOW_EVICTION", "IDEMSVC_TOKENS",
 		"IDEMSVC_DEFAULT_LEASE", "IDEMSVC_MAX_LEASE", "IDEMSVC_DEFAULT_TTL", "IDEMSVC_MAX_TTL",
 		"IDEMSVC_MAX_WAIT", "IDEMSVC_MAX_BODY_BYTES", "IDEMSVC_SWEEP_INTERVAL", "IDEMSVC_LOG_LEVEL",
-		"IDEMSVC_SHUTDOWN_TIMEOUT",
+		"IDEMSVC_SHUTDOWN_TIMEOUT", "IDEMSVC_MAX_CONNS", "IDEMSVC_MAX_WAITERS",
 	}
 }
 
@@ -130,24 +140,41 @@ func (c Config) validate() error {
 	if c.MaxBodyBytes < 1 || c.MaxBodyBytes > 64<<20 {
 		bad("MAX_BODY_BYTES", "must be between 1 and %d", 64<<20)
 	}
+	if c.MaxWaiters < 1 {
+		bad("MAX_WAITERS", "must be at least 1")
+	}
+	if c.MaxConns < 0 {
+		bad("MAX_CONNS", "must not be negative (0 picks the default)")
+	}
 	if _, err := zapcore.ParseLevel(c.LogLevel); err != nil {
 		bad("LOG_LEVEL", "%q is not a zap level (debug, info, warn, error)", c.LogLevel)
 	}
 	return errors.Join(errs...)
 }
 
-// tokens parses IDEMSVC_TOKENS into tenant → token.
+// tokens parses IDEMSVC_TOKENS into tenant → token. Spaces around a tenant or a token are
+// not part of it ("acme: secret" is tenant acme, token secret), as a request's token is
+// trimmed too. Unset (or empty in a Config not read from the environment) is open mode; set
+// but naming no token is an error, so that a templating slip does not turn authentication off.
 func (c Config) tokens() (map[string]string, error) {
 	out := map[string]string{}
 	if strings.TrimSpace(c.Tokens) == "" {
+		if c.tokensSet {
+			return nil, errors.New("is set but names no tenant:token (it is empty or only spaces); " +
+				"list tenant:token pairs, or unset it to run open (every caller is tenant \"default\")")
+		}
 		return out, nil
 	}
 	seen := map[string]bool{}
 	for i, pair := range strings.Split(c.Tokens, ",") {
-		tenant, token, ok := strings.Cut(strings.TrimSpace(pair), ":")
+		tenant, token, ok := strings.Cut(pair, ":")
+		tenant, token = strings.TrimSpace(tenant), strings.TrimSpace(token)
 		switch {
 		case !ok || tenant == "" || token == "":
 			return nil, fmt.Errorf("entry %d is not tenant:token", i+1)
+		case strings.ContainsFunc(token, func(r rune) bool { return r < 0x20 || r == 0x7f }):
+			// No request could send it: a header value holds no control character.
+			return nil, fmt.Errorf("entry %d: the token of tenant %q holds a control character", i+1, tenant)
 		case keys.ValidateKey(tenant) != nil:
 			return nil, fmt.Errorf("entry %d: tenant %q must be visible ASCII", i+1, tenant)
 		case out[tenant] != "":
@@ -196,7 +223,7 @@ func (c Config) masked() map[string]any {
 		"tokens": tenants, "default_lease": c.DefaultLease.String(), "max_lease": c.MaxLease.String(),
 		"default_ttl": c.DefaultTTL.String(), "max_ttl": c.MaxTTL.String(), "max_wait": c.MaxWait.String(),
 		"max_body_bytes": c.MaxBodyBytes, "sweep_interval": c.SweepInterval.String(),
-		"log_level": c.LogLevel, "shutdown_timeout": c.ShutdownTimeout.String(),
+		"log_level": c.LogLevel, "shutdown_timeout": c.ShutdownTimeout.String(), "max_conns": c.MaxConns, "max_waiters": c.MaxWaiters,
 	}
 }
 

@@ -1,14 +1,18 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"maps"
+	"net"
 	"net/http"
 	"net/url"
+	"os"
 	"reflect"
 	"regexp"
 	"slices"
@@ -45,6 +49,22 @@ func TestConfig(t *testing.T) {
 		{"TTLPast2262", []string{"IDEMSVC_MAX_TTL=2500000h"}, "IDEMSVC_MAX_TTL"},
 		{"LeaseTooLong", []string{"IDEMSVC_MAX_LEASE=87601h"}, "IDEMSVC_MAX_LEASE"},
 		{"WaitTooLong", []string{"IDEMSVC_MAX_WAIT=87601h"}, "IDEMSVC_MAX_WAIT"},
+		// Set but naming no token is a slip (a template's empty value), not open mode.
+		{"TokensOnlySpaces", []string{"IDEMSVC_TOKENS= "}, "IDEMSVC_TOKENS"},
+		{"TokensSetEmpty", []string{"IDEMSVC_TOKENS="}, "IDEMSVC_TOKENS"},
+		{"TokensOnlyWhitespace", []string{"IDEMSVC_TOKENS= \t\n "}, "IDEMSVC_TOKENS"},
+		{"TokensOnlyComma", []string{"IDEMSVC_TOKENS= , "}, "IDEMSVC_TOKENS"},
+		{"SpacedTokens", []string{"IDEMSVC_TOKENS= a : 0123456789abcdef , b:\tfedcba9876543210\n"}, ""},
+		{"ShortTokenAfterTrim", []string{"IDEMSVC_TOKENS=a:  short          "}, "IDEMSVC_TOKENS"},
+		{"EmptyTokenAfterTrim", []string{"IDEMSVC_TOKENS=a:   "}, "IDEMSVC_TOKENS"},
+		{"SameTenantAfterTrim", []string{"IDEMSVC_TOKENS=a:0123456789abcdef, a :fedcba9876543210"}, "IDEMSVC_TOKENS"},
+		{"SharedTokenAfterTrim", []string{"IDEMSVC_TOKENS=a:0123456789abcdef,b: 0123456789abcdef"}, "IDEMSVC_TOKENS"},
+		{"TokenWithControl", []string{"IDEMSVC_TOKENS=a:01234567\x0189abcdef"}, "IDEMSVC_TOKENS"},
+		{"MaxConns", []string{"IDEMSVC_MAX_CONNS=8"}, ""},
+		{"NegativeMaxConns", []string{"IDEMSVC_MAX_CONNS=-1"}, "IDEMSVC_MAX_CONNS"},
+		{"BadMaxConns", []string{"IDEMSVC_MAX_CONNS=many"}, "MAX_CONNS"},
+		{"MaxWaiters", []string{"IDEMSVC_MAX_WAITERS=10"}, ""},
+		{"NoWaiters", []string{"IDEMSVC_MAX_WAITERS=0"}, "IDEMSVC_MAX_WAITERS"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			for _, kv := range c.env {
@@ -69,7 +89,8 @@ func TestConfigReadsOnlyPrefixedNames(t *testing.T) {
 		"ADDR": "127.0.0.1:1", "BACKEND": "redis", "DATA_DIR": "/elsewhere", "REDIS_URL": "redis://x:1",
 		"TOKENS": "a:0123456789abcdef", "DEFAULT_LEASE": "2s", "MAX_LEASE": "3s", "DEFAULT_TTL": "2h",
 		"MAX_TTL": "3h", "MAX_WAIT": "1s", "MAX_BODY_BYTES": "7", "SWEEP_INTERVAL": "9s",
-		"LOG_LEVEL": "error", "SHUTDOWN_TIMEOUT": "1s", "REDIS_ALLOW_EVICTION": "true",
+		"LOG_LEVEL": "error", "SHUTDOWN_TIMEOUT": "1s", "REDIS_ALLOW_EVICTION": "true", "MAX_CONNS": "5",
+		"MAX_WAITERS": "3",
 	}
 	if len(bare) != len(knownVars()) {
 		t.Fatalf("%d bare names for %d variables", len(bare), len(knownVars()))
@@ -96,7 +117,7 @@ func TestConfigReadsOnlyPrefixedNames(t *testing.T) {
 		cfg.Tokens != "a:0123456789abcdef" || cfg.DefaultLease != 2*time.Second || cfg.MaxLease != 3*time.Second ||
 		cfg.DefaultTTL != 2*time.Hour || cfg.MaxTTL != 3*time.Hour || cfg.MaxWait != time.Second ||
 		cfg.MaxBodyBytes != 7 || cfg.SweepInterval != 9*time.Second || cfg.LogLevel != "error" ||
-		cfg.ShutdownTimeout != time.Second || cfg.Backend != "redis" {
+		cfg.ShutdownTimeout != time.Second || cfg.Backend != "redis" || cfg.MaxConns != 5 || cfg.MaxWaiters != 3 {
 		t.Errorf("prefixed names not all read: %+v", cfg)
 	}
 }
@@ -341,5 +362,194 @@ func TestRedisPasswordNeverLogged(t *testing.T) {
 	_, err := openStore(context.Background(), Config{Backend: "redis", RedisURL: "redis://:s3cretpassw0rd@127.0.0.1:port/0"}, zaptest.NewLogger(t), prometheus.NewCounter(prometheus.CounterOpts{Name: "x"}))
 	if err == nil || strings.Contains(err.Error(), "ssw0rd") {
 		t.Errorf("opening a URL with an invalid port: %v, want an error without the password", err)
+	}
+}
+
+// TestTokensTrimmed: spaces around a tenant or a token are not part of it, so that
+// "acme: <token>" lets acme in with <token> (its token used to keep the space, and acme got 401
+// whatever it sent); unset IDEMSVC_TOKENS is still open mode.
+func TestTokensTrimmed(t *testing.T) {
+	const acme, beta = "acme-token-0123456789", "beta-token-0123456789"
+	t.Setenv("IDEMSVC_TOKENS", "acme: "+acme+" , beta:\t"+beta+"\n")
+	base, stop := startRun(t, t.TempDir())
+	defer func() {
+		if err := stop(); err != nil {
+			t.Error(err)
+		}
+	}()
+	for _, c := range []struct {
+		auth string
+		want int
+	}{
+		{"Bearer " + acme, 404}, {"Bearer " + beta, 404},
+		{"Bearer  " + acme + " ", 404}, // the server trims the request's token too
+		{"", 401}, {"Bearer  " + acme[1:], 401}, {"Bearer wrong-token-0123456789", 401},
+	} {
+		req, _ := http.NewRequest("GET", base+"/v1/keys/k", nil)
+		if c.auth != "" {
+			req.Header.Set("Authorization", c.auth)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != c.want {
+			t.Errorf("GET with Authorization %q = %d, want %d", c.auth, resp.StatusCode, c.want)
+		}
+	}
+
+	cfg, err := loadConfig(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	toks, err := cfg.tokens()
+	if want := map[string]string{"acme": acme, "beta": beta}; err != nil || !maps.Equal(toks, want) {
+		t.Errorf("tokens() = %q, %v; want %q", toks, err, want)
+	}
+
+	// Unset: open mode (with a warning at start), as documented.
+	os.Unsetenv("IDEMSVC_TOKENS") // t.Setenv above restores it at the end
+	cfg, err = loadConfig(nil)
+	if err != nil {
+		t.Fatalf("IDEMSVC_TOKENS unset: %v", err)
+	}
+	if toks, err := cfg.tokens(); err != nil || len(toks) != 0 {
+		t.Errorf("IDEMSVC_TOKENS unset: tokens() = %q, %v; want open mode", toks, err)
+	}
+}
+
+func TestConnLimitFor(t *testing.T) {
+	for _, c := range []struct {
+		maxConns int
+		nofile   uint64
+		want     int    // when wantErr is ""
+		wantErr  string // a part of the error
+	}{
+		{0, 0, 10000, ""},          // RLIMIT_NOFILE unknown
+		{0, 1024, 768, ""},         // a common soft limit: 256 left
+		{0, 1 << 20, 10000, ""},    // a common container limit: capped
+		{0, ^uint64(0), 10000, ""}, // RLIM_INFINITY
+		{0, 10256, 10000, ""},
+		{0, 512, 256, ""}, // small limits: half
+		{0, 100, 50, ""},
+		{8, 1024, 8, ""},
+		{768, 1024, 768, ""},
+		{769, 1024, 0, "at most 768"}, // fewer than 256 left
+		{60, 100, 0, "IDEMSVC_MAX_CONNS 60"},
+		{50000, 1 << 20, 50000, ""},
+		{50000, 0, 50000, ""}, // unknown: as set
+	} {
+		got, err := connLimitFor(c.maxConns, c.nofile)
+		switch {
+		case c.wantErr == "" && (err != nil || got != c.want):
+			t.Errorf("connLimitFor(%d, %d) = %d, %v; want %d", c.maxConns, c.nofile, got, err, c.want)
+		case c.wantErr != "" && (err == nil || !strings.Contains(err.Error(), c.wantErr)):
+			t.Errorf("connLimitFor(%d, %d) = %d, %v; want an error saying %q", c.maxConns, c.nofile, got, err, c.wantErr)
+		}
+	}
+	// This process's own limit.
+	limit, nofile, err := connLimit(0)
+	if err != nil || limit < 1 || (nofile > 0 && uint64(limit) >= nofile) || limit > 10000 {
+		t.Errorf("connLimit(0) = %d, %d, %v", limit, nofile, err)
+	}
+}
+
+// TestConnectionLimit: with IDEMSVC_MAX_CONNS=8, eight idle keep-alive connections take every
+// slot: a ninth is not served while they stay open, and is as soon as one closes; afterwards the
+// service serves new connections as before. (Without the limit, a client holding enough idle
+// connections took every file descriptor of the process.)
+func TestConnectionLimit(t *testing.T) {
+	const limit = 8
+	t.Setenv("IDEMSVC_MAX_CONNS", strconv.Itoa(limit))
+	base, stop := startRun(t, t.TempDir())
+	defer func() {
+		if err := stop(); err != nil {
+			t.Error(err)
+		}
+	}()
+	addr := strings.TrimPrefix(base, "http://")
+	get := func(conn net.Conn, br *bufio.Reader) (int, error) {
+		if _, err := io.WriteString(conn, "GET /healthz HTTP/1.1\r\nHost: idemsvc\r\n\r\n"); err != nil {
+			return 0, err
+		}
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			return 0, err
+		}
+		_, err = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		return resp.StatusCode, err
+	}
+
+	// Fill every slot with a connection that was served once and is now idle (keep-alive).
+	var conns []net.Conn
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	for i := range limit {
+		conn, err := net.DialTimeout("tcp", addr, 10*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		conns = append(conns, conn)
+		_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
+		if st, err := get(conn, bufio.NewReader(conn)); err != nil || st != 200 {
+			t.Fatalf("connection %d: %d, %v", i+1, st, err)
+		}
+		_ = conn.SetDeadline(time.Time{})
+	}
+
+	// A ninth connection: the kernel completes the handshake (it waits in the accept queue),
+	// but nothing reads its request while the eight are open.
+	extra, err := net.DialTimeout("tcp", addr, 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer extra.Close()
+	if _, err := io.WriteString(extra, "GET /healthz HTTP/1.1\r\nHost: idemsvc\r\n\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	_ = extra.SetReadDeadline(time.Now().Add(time.Second))
+	var b [1]byte
+	if n, err := extra.Read(b[:]); n != 0 || err == nil || !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("connection %d was answered (%d bytes, %v) while %d were open, want no answer", limit+1, n, err, limit)
+	}
+
+	// One of the eight closes: the ninth is served.
+	conns[0].Close()
+	conns = conns[1:]
+	_ = extra.SetDeadline(time.Now().Add(10 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(extra), nil)
+	if err != nil {
+		t.Fatalf("connection %d after one closed: %v", limit+1, err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Fatalf("connection %d after one closed: %d", limit+1, resp.StatusCode)
+	}
+
+	// All closed: the service serves new connections, more of them than the limit one after
+	// the other (each slot is given back), and is healthy.
+	for _, c := range conns {
+		c.Close()
+	}
+	conns = nil
+	extra.Close()
+	client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	for i := range 3 * limit {
+		resp, err := client.Get(base + "/healthz")
+		if err != nil {
+			t.Fatalf("request %d after the connections closed: %v", i+1, err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			t.Fatalf("request %d after the connections closed: %d", i+1, resp.StatusCode)
+		}
+	}
+	if st, _, _ := call(t, "POST", base+"/v1/keys/after-limit/begin", `{}`); st != 201 {
+		t.Errorf("begin after the connections closed = %d, want 201", st)
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
+	"golang.org/x/net/netutil"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/idemsvc/idemsvc/internal/keys"
@@ -32,11 +33,23 @@ func run(ctx context.Context, cfg Config, logger *zap.Logger, accessLog zapcore.
 		logger.Warn("no IDEMSVC_TOKENS configured: the service runs OPEN, every caller is tenant \"default\"")
 	}
 
+	maxConns, nofile, err := connLimit(cfg.MaxConns)
+	if err != nil {
+		return err
+	}
+
 	// Listen first, so that a taken port fails at once.
 	ln, err := net.Listen("tcp", cfg.Addr)
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", cfg.Addr, err)
 	}
+	// At most maxConns connections at once, below RLIMIT_NOFILE: a client holding thousands of
+	// idle connections used to take every descriptor, and then no one was served and the store
+	// could open nothing. Past the limit a connection waits in the kernel's accept queue until
+	// one closes. (Per-client limits belong in a proxy in front.)
+	ln = netutil.LimitListener(ln, maxConns)
+	logger.Info("connection limit", zap.Int("max_conns", maxConns), zap.Uint64("rlimit_nofile", nofile),
+		zap.Bool("default", cfg.MaxConns == 0))
 	dataLoss := prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "idemsvc_redis_data_loss_total",
 		Help: "Times this replica found that Redis lost idemsvc's data (its data marker gone or replaced).",
@@ -53,10 +66,11 @@ func run(ctx context.Context, cfg Config, logger *zap.Logger, accessLog zapcore.
 	}()
 
 	srv := server.New(store, server.Options{
-		Limits:    cfg.limits(),
-		Tokens:    tokens,
-		Logger:    logger,
-		AccessLog: accessLog,
+		Limits:     cfg.limits(),
+		Tokens:     tokens,
+		Logger:     logger,
+		AccessLog:  accessLog,
+		MaxWaiters: cfg.MaxWaiters,
 	})
 	switch st := store.(type) {
 	case *bolt.Store:
@@ -69,8 +83,12 @@ func run(ctx context.Context, cfg Config, logger *zap.Logger, accessLog zapcore.
 		ReadHeaderTimeout: 5 * time.Second,
 		ReadTimeout:       30 * time.Second,
 		WriteTimeout:      cfg.MaxWait + 30*time.Second, // a begin may wait up to MaxWait
-		IdleTimeout:       2 * time.Minute,
-		MaxHeaderBytes:    64 << 10,
+		// An idle keep-alive connection holds a descriptor and one of the maxConns slots: 60s
+		// frees an abandoned one twice as soon as 2 min did, is far above the gap between the
+		// calls of any client that reuses its connections, and is below Go's clients' own 90s
+		// (a request sent as the server closes an idle connection is retried by net/http).
+		IdleTimeout:    60 * time.Second,
+		MaxHeaderBytes: 64 << 10,
 		// OPTIONS * goes to the handler too (a problem+json 404 with X-Request-Id), not to
 		// net/http's own answer without either.
 		DisableGeneralOptionsHandler: true,
