@@ -11,7 +11,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
-	"golang.org/x/net/netutil"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/idemsvc/idemsvc/internal/keys"
@@ -47,7 +46,8 @@ func run(ctx context.Context, cfg Config, logger *zap.Logger, accessLog zapcore.
 	// idle connections used to take every descriptor, and then no one was served and the store
 	// could open nothing. Past the limit a connection waits in the kernel's accept queue until
 	// one closes. (Per-client limits belong in a proxy in front.)
-	ln = netutil.LimitListener(ln, maxConns)
+	capped := newConnCap(ln, maxConns)
+	ln = capped
 	logger.Info("connection limit", zap.Int("max_conns", maxConns), zap.Uint64("rlimit_nofile", nofile),
 		zap.Bool("default", cfg.MaxConns == 0))
 	dataLoss := prometheus.NewCounter(prometheus.CounterOpts{
@@ -92,6 +92,7 @@ func run(ctx context.Context, cfg Config, logger *zap.Logger, accessLog zapcore.
 		// OPTIONS * goes to the handler too (a problem+json 404 with X-Request-Id), not to
 		// net/http's own answer without either.
 		DisableGeneralOptionsHandler: true,
+		ConnState:                    capped.connState,
 		ErrorLog:                     zap.NewStdLog(logger.With(zap.String("component", "net/http"))),
 	}
 
