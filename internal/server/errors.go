@@ -40,6 +40,7 @@ var problems = []struct {
 	{keys.ErrFingerprintMismatch, problemType{"fingerprint-mismatch", http.StatusUnprocessableEntity, "Fingerprint mismatch", false}},
 	{keys.ErrInvalidResponse, problemType{"invalid-response", http.StatusUnprocessableEntity, "Invalid response", true}},
 	{keys.ErrUnavailable, problemType{"unavailable", http.StatusServiceUnavailable, "Store unavailable", false}},
+	{errBusy, problemType{"unavailable", http.StatusServiceUnavailable, "Server busy", false}},
 	{context.DeadlineExceeded, problemType{"unavailable", http.StatusServiceUnavailable, "Store unavailable", false}},
 	{context.Canceled, problemType{"unavailable", http.StatusServiceUnavailable, "Request cancelled", false}},
 }
@@ -57,7 +58,7 @@ var details = map[string]string{
 	"payload-too-large":      "The request body is larger than this server accepts.",
 	"unsupported-media-type": "Send the body as application/json.",
 	"fingerprint-mismatch":   "This key was used with a different request.",
-	"unavailable":            "The store cannot be reached; retry later.",
+	"unavailable":            "The service cannot serve this request now; retry later.",
 	"internal":               "An internal error occurred; it has been logged.",
 }
 

@@ -34,17 +34,23 @@ func pathKey(r *http.Request) (string, error) {
 func (s *Server) keyAndBody(w http.ResponseWriter, r *http.Request, v any, optional bool) (string, bool) {
 	key, err := pathKey(r)
 	if err == nil {
-		var release func()
-		if release, err = s.bodies.take(r); err == nil {
-			err = decode(r, s.maxRequestBytes, v, optional)
-			release()
-		}
+		err = s.decodeBudgeted(r, v, optional)
 	}
 	if err != nil {
 		s.writeError(w, r, err)
 		return "", false
 	}
 	return key, true
+}
+
+// decodeBudgeted decodes r's body into v under the body budget (limits.go).
+func (s *Server) decodeBudgeted(r *http.Request, v any, optional bool) error {
+	release, err := s.bodies.take(r)
+	if err != nil {
+		return err
+	}
+	defer release()
+	return decode(r, s.maxRequestBytes, v, optional)
 }
 
 func (s *Server) handleBegin(w http.ResponseWriter, r *http.Request) {

@@ -2,19 +2,21 @@ package server
 
 import (
 	"context"
+	"errors"
 	"net/http"
 	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/semaphore"
-
-	"github.com/idemsvc/idemsvc/internal/keys"
 )
 
 // Bounds on what clients can make the server hold at once (a security audit's finds: 800
 // stalled completes of 1.5 MB held 1.4 GB; 5,000 waiting begins 550 MB and a begin each per
 // 250 ms each).
+
+// errBusy: the body budget had no room for a request's body in time (503, "Server busy").
+var errBusy = errors.New("server busy: too many request bodies being read")
 
 // DefaultMaxWaiters is Options.MaxWaiters when zero.
 const DefaultMaxWaiters = 1000
@@ -27,7 +29,7 @@ const DefaultBodyBuffer = 128 << 20
 const budgetedBody = 4 << 10
 
 // bodyBudgetWait is how long a request waits for room in the body budget before it is answered
-// 503 unavailable.
+// 503 unavailable (errBusy).
 const bodyBudgetWait = 5 * time.Second
 
 // waiters bounds the begins that wait for a holder (wait_ms): in all, and, with several
@@ -89,23 +91,31 @@ func newBodyBudget(size, maxRequestBytes int64, held prometheus.Gauge) *bodyBudg
 	return &bodyBudget{sem: semaphore.NewWeighted(size), size: size, maxBytes: maxRequestBytes, held: held}
 }
 
-// take reserves room for r's body; release gives it back. It fails with keys.ErrUnavailable
-// when there is no room within bodyBudgetWait (or r's context ends first).
+// take reserves room for r's body; release gives it back. Only JSON bodies are read into memory
+// (decode reads any other body 512 bytes at a time, to answer 415). A JSON body longer than the
+// largest request is errPayloadTooLarge at once, as decode would answer after reading it. With
+// no room within bodyBudgetWait (or r's context ending first) take fails with errBusy.
 func (b *bodyBudget) take(r *http.Request) (release func(), err error) {
 	n := r.ContentLength
 	switch {
 	case r.Body == nil || r.Body == http.NoBody || (n >= 0 && n < budgetedBody):
-		return func() {}, nil
-	case n < 0 || n > b.maxBytes:
+		return noRelease, nil
+	case !jsonMediaType(r.Header["Content-Type"]): // Header.Get, without canonicalizing
+		return noRelease, nil
+	case n > b.maxBytes:
+		return nil, errPayloadTooLarge
+	case n < 0:
 		n = b.maxBytes // the reader stops there
 	}
 	if !b.sem.TryAcquire(n) {
 		ctx, cancel := context.WithTimeout(r.Context(), bodyBudgetWait)
 		defer cancel()
 		if err := b.sem.Acquire(ctx, n); err != nil {
-			return nil, keys.ErrUnavailable
+			return nil, errBusy
 		}
 	}
 	b.held.Add(float64(n))
 	return func() { b.held.Sub(float64(n)); b.sem.Release(n) }, nil
 }
+
+func noRelease() {}

@@ -1,6 +1,7 @@
 package server_test
 
 import (
+	"bufio"
 	"fmt"
 	"net"
 	"net/http"
@@ -128,19 +129,19 @@ func TestBodyBudget(t *testing.T) {
 	limits := keys.DefaultLimits()
 	limits.MaxBodyBytes = 64 << 10
 	e := newEnv(t, servertest.Options{Limits: limits, BodyBuffer: 1})
+	largest := (limits.MaxBodyBytes+2)/3*4 + 6*limits.MaxHeaderBytes + 64<<10 // as the server counts
 	host := strings.TrimPrefix(e.srv.URL, "http://")
 	var stalled []net.Conn
-	for range 8 { // each takes the largest request's room (its length is beyond it): 4 fill the budget
+	for range 8 { // each takes the largest request's room: 4 fill the budget
 		c, err := net.Dial("tcp", host)
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer c.Close()
-		fmt.Fprintf(c, "POST /v1/keys/stalled/complete HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n{\"token\":\"", 100<<20)
+		fmt.Fprintf(c, "POST /v1/keys/stalled/complete HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n{\"token\":\"", largest)
 		stalled = append(stalled, c)
 	}
 	reg := e.srv.Handler.Registry()
-	largest := (limits.MaxBodyBytes+2)/3*4 + 6*limits.MaxHeaderBytes + 64<<10 // as the server counts
 	eventually(t, "the stalled clients holding the whole budget", func() bool {
 		return gauge(t, reg, "idemsvc_request_body_bytes_held") == float64(4*largest)
 	})
@@ -148,6 +149,18 @@ func TestBodyBudget(t *testing.T) {
 	body := `{"token":"t","response":{"status":200,"body":"` + strings.Repeat("QUJD", 16<<10) + `"}}`
 	r := e.do("POST", "/v1/keys/other/complete", body)
 	wantStatus(t, r, http.StatusServiceUnavailable, "unavailable")
+	// A body longer than the largest request is refused at once, as reading it would end (by
+	// more than the 256 KiB net/http would wait to drain before answering).
+	c, err := net.Dial("tcp", host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	fmt.Fprintf(c, "POST /v1/keys/big/complete HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n{", largest+1<<20)
+	_ = c.SetReadDeadline(time.Now().Add(3 * time.Second)) // less than the budget's wait
+	if status, err := bufio.NewReader(c).ReadString('\n'); err != nil || !strings.Contains(status, " 413 ") {
+		t.Errorf("a body longer than the largest request while the budget is full: %q, %v; want 413 at once", status, err)
+	}
 	wantStatus(t, e.do("POST", "/v1/keys/small/begin", nil), http.StatusCreated, "")
 	for _, c := range stalled {
 		c.Close()
