@@ -70,7 +70,8 @@ const probeScript = `
 local failed = {}
 local function try(...)
   local r = redis.pcall(...)
-  if type(r) == 'table' and r.err then
+  if type(r) == 'table' and r.err and (string.find(r.err, 'NOPERM', 1, true) or
+      string.find(r.err, 'user executing the script', 1, true)) then
     failed[#failed + 1] = select(1, ...) .. ' (' .. r.err .. ')'
   end
 end
@@ -182,43 +183,79 @@ func (s *Store) check(ctx context.Context) error {
 	if err := s.probe(ctx, c, sec*1000+usec/1000); err != nil {
 		return err
 	}
-	marker, _, err := d.marker(ctx, s.markerKey(), keys.NewToken())
-	if err != nil {
+	s.markerMu.Lock()
+	defer s.markerMu.Unlock()
+	if err := s.initMarker(ctx); !permitted(err) {
 		return s.checkErrorf("SET NX GET (the data marker)", err)
 	}
-	s.markerMu.Lock()
-	s.marker = marker // whether it was there before cannot tell a loss from a new Redis
-	s.markerMu.Unlock()
 	return nil
+}
+
+// permitted reports whether a probe's step passed as far as the checks care: it succeeded, or
+// Redis refused it for a reason that passes (out of memory under noeviction, writes refused after
+// a failed save, loading, busy), which it checks only after the ACL has let the command through.
+// A full Redis must not stop the start: it answers what it can, and the writes fail with 503.
+func permitted(err error) bool {
+	if err == nil {
+		return true
+	}
+	re, isReply := rueidis.IsRedisErr(err)
+	if !isReply {
+		return false
+	}
+	switch code, _, _ := strings.Cut(re.Error(), " "); code {
+	case "NOPERM", "NOAUTH", "WRONGPASS":
+		return false
+	}
+	return transientReply(re.Error()) && !strings.Contains(re.Error(), "user executing the script")
 }
 
 // markerKey is the data marker's key: <prefix>:{%marker}, which no record's key can be (see the
 // probe key above).
 func (s *Store) markerKey() string { return s.prefix + ":{%marker}" }
 
+// initMarker reads the data marker, and puts one when there is none, without reporting anything:
+// at the first contact, or after a loss whose new marker could not be put. It leaves marker ""
+// when Redis refuses the write (out of memory, say); the next check tries again. markerMu held.
+func (s *Store) initMarker(ctx context.Context) error {
+	current, ok, err := s.d.get(ctx, s.markerKey())
+	if err == nil && !ok {
+		current, _, err = s.d.marker(ctx, s.markerKey(), keys.NewToken())
+	}
+	if err != nil {
+		return err
+	}
+	s.marker = current
+	return nil
+}
+
 // checkMarker compares the data marker with what this Store last saw, and calls OnDataLoss when
 // it is gone (this Store puts a new one) or another one (another replica put it after finding
-// it gone). Ping calls it when it reads the policy, at most once a second.
+// it gone). Ping calls it when it reads the policy, at most once a second; its errors are
+// Ping's business only as far as the policy's read already is: it reads first, and writes only
+// when the marker is gone, so a Redis that refuses writes (out of memory) keeps passing.
 func (s *Store) checkMarker(ctx context.Context) error {
 	s.markerMu.Lock()
 	defer s.markerMu.Unlock()
 	if s.marker == "" {
-		return nil // no contact yet: the checks set it
+		return s.initMarker(ctx) // no marker seen yet (or since a loss): nothing to compare
 	}
-	current, created, err := s.d.marker(ctx, s.markerKey(), keys.NewToken())
+	current, ok, err := s.d.get(ctx, s.markerKey())
 	if err != nil {
 		return err
 	}
 	var found string
 	switch {
-	case created:
+	case !ok:
 		found = "the data marker that idemsvc keeps in Redis was gone"
+		s.marker = ""
+		_ = s.initMarker(ctx) // put a new one; if Redis refuses now, the next check does
 	case current != s.marker:
 		found = "the data marker that idemsvc keeps in Redis was replaced (another replica found it gone)"
+		s.marker = current
 	default:
 		return nil
 	}
-	s.marker = current
 	if s.onDataLoss != nil {
 		s.onDataLoss(found + ": Redis lost data since it was last checked (a restart without " +
 			"persistence, a failover to a replica without it, FLUSHDB or FLUSHALL, eviction, or a " +
@@ -258,10 +295,10 @@ func (s *Store) probe(ctx context.Context, c rueidis.Client, nowMs int64) error 
 	}
 	now := strconv.FormatInt(nowMs*1000, 10)
 	wide := strconv.FormatInt(time.Minute.Microseconds(), 10) // whatever the estimate, it holds
-	if _, err := d.begin(ctx, [2]string{rec, fence}, []string{"probe", expires, now, expires, now, wide, wide}); err != nil {
+	if _, err := d.begin(ctx, [2]string{rec, fence}, []string{"probe", expires, now, expires, now, wide, wide}); !permitted(err) {
 		return s.checkErrorf("EVALSHA (the begin script)", err)
 	}
-	if err := d.del(ctx, rec, channel); err != nil {
+	if err := d.del(ctx, rec, channel); !permitted(err) {
 		return s.checkErrorf("EVALSHA (the delete script)", err)
 	}
 	sc, err := d.subClient(ctx)

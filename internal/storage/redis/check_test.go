@@ -416,3 +416,43 @@ func TestDataLossNoticed(t *testing.T) {
 		t.Errorf("one loss reported more than once: %v", found)
 	}
 }
+
+// TestFullRedis: a Redis out of memory under noeviction is not a misconfiguration. The service
+// starts (the probe counts a command refused for memory as permitted: Redis checks the ACL
+// first), reads are served, writes fail with keys.ErrUnavailable (503), and Ping passes, the
+// data marker's check included (it only reads while the marker is there).
+func TestFullRedis(t *testing.T) {
+	t.Parallel()
+	srv := redistest.StartServer(t)
+	s, err := Open(t.Context(), srv.URL(), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	res, err := s.Begin(t.Context(), "t", "before", testReq)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Complete(t.Context(), "t", "before", keys.CompleteRequest{Token: res.Record.Lease.Token, Response: keys.Response{Status: 200}}); err != nil {
+		t.Fatal(err)
+	}
+	srv.Do("CONFIG", "SET", "maxmemory", "1") // everything beyond now is out of memory
+
+	s2, err := Open(t.Context(), srv.URL(), Options{})
+	if err != nil {
+		t.Fatalf("Open on a full Redis: %v", err)
+	}
+	defer s2.Close()
+	for _, st := range []*Store{s, s2} {
+		st.policyAt.Store(time.Since(st.clock.epoch).Nanoseconds() - int64(policyRecheck)) // the check's turn
+		if err := st.Ping(t.Context()); err != nil {
+			t.Errorf("Ping on a full Redis: %v", err)
+		}
+		if rec, err := st.Get(t.Context(), "t", "before"); err != nil || rec.State != keys.StateCompleted {
+			t.Errorf("Get on a full Redis: %v, %v", rec.State, err)
+		}
+		if _, err := st.Begin(t.Context(), "t", "after", testReq); !errors.Is(err, keys.ErrUnavailable) || errors.Is(err, ErrMisconfigured) {
+			t.Errorf("Begin on a full Redis: %v, want keys.ErrUnavailable", err)
+		}
+	}
+}

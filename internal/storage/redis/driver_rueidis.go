@@ -283,6 +283,18 @@ func (d *rueidisDriver) marker(ctx context.Context, key, candidate string) (curr
 	return old, false, err
 }
 
+func (d *rueidisDriver) get(ctx context.Context, key string) (string, bool, error) {
+	c, err := d.client(ctx)
+	if err != nil {
+		return "", false, err
+	}
+	v, err := c.Do(ctx, c.B().Get().Key(key).Build()).ToString()
+	if rueidis.IsRedisNil(err) {
+		return "", false, nil
+	}
+	return v, err == nil, err
+}
+
 // unavailable: every error that is not a Redis error reply is the connection's (dial, I/O,
 // closed, timeout); of the replies, those that say the server cannot serve now.
 func (d *rueidisDriver) unavailable(err error) bool {

@@ -280,6 +280,8 @@ type driver interface {
 	// marker stores candidate at key unless key exists, and returns key's value afterwards and
 	// whether it stored it.
 	marker(ctx context.Context, key, candidate string) (current string, created bool, err error)
+	// get runs GET key: its value, and whether it exists.
+	get(ctx context.Context, key string) (string, bool, error)
 	// unavailable reports whether a failure means Redis cannot serve now (network, timeout,
 	// LOADING, READONLY, ...), as opposed to a bug (a script error, a wrong type).
 	unavailable(err error) bool
@@ -898,7 +900,7 @@ func (s *Store) Ping(ctx context.Context) error {
 		var info string
 		if info, err = s.d.info(ctx, "memory"); err == nil {
 			s.setPolicy(infoField(info, "maxmemory_policy"))
-			err = s.checkMarker(ctx)
+			_ = s.checkMarker(ctx) // monitoring: it reports a loss, it does not fail readiness
 		}
 	} else {
 		err = s.d.ping(ctx)
