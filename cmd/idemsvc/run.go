@@ -48,8 +48,11 @@ func run(ctx context.Context, cfg Config, logger *zap.Logger, accessLog zapcore.
 	// one closes. (Per-client limits belong in a proxy in front.)
 	capped := newConnCap(ln, maxConns)
 	ln = capped
+	// A waiting begin holds its connection: at most half of them may wait, so that the holder's
+	// complete (and everyone else) still gets one.
+	maxWaiters := min(cfg.MaxWaiters, max(1, maxConns/2))
 	logger.Info("connection limit", zap.Int("max_conns", maxConns), zap.Uint64("rlimit_nofile", nofile),
-		zap.Bool("default", cfg.MaxConns == 0))
+		zap.Bool("default", cfg.MaxConns == 0), zap.Int("max_waiters", maxWaiters))
 	dataLoss := prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "idemsvc_redis_data_loss_total",
 		Help: "Times this replica found that Redis lost idemsvc's data (its data marker gone or replaced).",
@@ -70,7 +73,7 @@ func run(ctx context.Context, cfg Config, logger *zap.Logger, accessLog zapcore.
 		Tokens:     tokens,
 		Logger:     logger,
 		AccessLog:  accessLog,
-		MaxWaiters: cfg.MaxWaiters,
+		MaxWaiters: maxWaiters,
 	})
 	switch st := store.(type) {
 	case *bolt.Store:

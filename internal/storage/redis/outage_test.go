@@ -495,6 +495,12 @@ func TestIdleChannelsDropped(t *testing.T) {
 	}
 	woken, stop2 := s.Watch("t", "second")
 	defer stop2()
+	time.Sleep(50 * time.Millisecond) // the closed connection's watchers are woken by then
+	select {
+	case <-woken:
+		t.Fatal("the new watcher was woken before any change (by the old connection's close?)")
+	default:
+	}
 	if err := s.Release(t.Context(), "t", "second", res.Record.Lease.Token); err != nil {
 		t.Fatal(err)
 	}
