@@ -119,9 +119,10 @@ func WithMaxResponseBody(n int) MiddlewareOption {
 	})
 }
 
-// WithLogger makes the middleware log what it cannot tell the client: a response it could not
-// record, a failure of idemsvc it answered with 503 or ran the handler through (default: no
-// logging).
+// WithLogger sets where the middleware logs what it cannot tell the client: a response it could
+// not record, headers it left out of the stored copy, a refused begin (a misconfiguration), a
+// failure of idemsvc it answered with 503 or ran the handler through. The default is
+// slog.Default(); slog.New(slog.DiscardHandler) silences it.
 func WithLogger(l *slog.Logger) MiddlewareOption {
 	return middlewareOption(func(c *middlewareConfig) {
 		if l != nil {
@@ -206,7 +207,7 @@ func Middleware(c *Client, opts ...MiddlewareOption) func(http.Handler) http.Han
 		storeIf:         func(status int) bool { return status >= 200 && status < 500 },
 		maxRequestBody:  DefaultMaxBody,
 		maxResponseBody: DefaultMaxBody,
-		logger:          slog.New(slog.DiscardHandler),
+		logger:          slog.Default(),
 	}
 	for _, o := range opts {
 		o.applyMiddleware(&cfg)

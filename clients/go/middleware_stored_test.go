@@ -465,3 +465,24 @@ func TestMiddlewareInvalidUTF8SizeAgainstIdemsvc(t *testing.T) {
 		t.Errorf("handler ran %d times, want 1", got)
 	}
 }
+
+// TestMiddlewareLogsToDefault: without WithLogger the middleware logs to slog.Default(), so that a
+// misconfiguration (here WithWait above the server's maximum) is not silent. Not parallel: it
+// replaces the default logger.
+func TestMiddlewareLogsToDefault(t *testing.T) {
+	log := &syncLog{}
+	old := slog.Default()
+	slog.SetDefault(slog.New(slog.NewTextHandler(log, nil)))
+	defer slog.SetDefault(old)
+	c := newTestClient(t, startIdemsvc(t)) // IDEMSVC_MAX_WAIT: 30s
+	srv := httptest.NewServer(Middleware(c, WithWait(time.Minute))(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(http.StatusCreated)
+	})))
+	defer srv.Close()
+	if a := send(t, "POST", srv.URL, `"wait"`, `{}`); a.status != 500 {
+		t.Fatalf("got %d %s, want 500", a.status, a.body)
+	}
+	if !strings.Contains(log.String(), "level=ERROR") {
+		t.Errorf("default log:\n%s\nwant the misconfiguration as an error", log)
+	}
+}
