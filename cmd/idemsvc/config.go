@@ -40,11 +40,11 @@ type Config struct {
 	DefaultTTL         time.Duration `split_words:"true" default:"24h" desc:"retention when ttl_ms is absent"`
 	MaxTTL             time.Duration `split_words:"true" default:"720h" desc:"upper bound of ttl_ms"`
 	MaxWait            time.Duration `split_words:"true" default:"30s" desc:"upper bound of wait_ms"`
-	MaxBodyBytes       int           `split_words:"true" default:"1048576" desc:"largest stored response body, in bytes"`
+	MaxBodyBytes       int           `split_words:"true" default:"1048576" desc:"largest stored response body, in bytes (at most 64 MiB)"`
 	SweepInterval      time.Duration `split_words:"true" default:"1m" desc:"how often expired records are removed"`
 	LogLevel           string        `split_words:"true" default:"info" desc:"zap level: debug, info, warn, error"`
 	ShutdownTimeout    time.Duration `split_words:"true" default:"15s" desc:"how long in-flight requests may take to finish at shutdown"`
-	MaxConns           int           `split_words:"true" default:"0" desc:"most connections open at once; 0: min(10000, RLIMIT_NOFILE - 256)"`
+	MaxConns           int           `split_words:"true" default:"0" desc:"most connections open at once (0, or at least 4); 0: min(10000, RLIMIT_NOFILE - 256), or half of RLIMIT_NOFILE when that is 512 or less"`
 	MaxWaiters         int           `split_words:"true" default:"1000" desc:"most begins waiting for a holder (wait_ms) at once; half per tenant with several"`
 
 	// tokensSet says whether IDEMSVC_TOKENS is in the environment at all: set but naming no
@@ -143,8 +143,8 @@ func (c Config) validate() error {
 	if c.MaxWaiters < 1 {
 		bad("MAX_WAITERS", "must be at least 1")
 	}
-	if c.MaxConns < 0 {
-		bad("MAX_CONNS", "must not be negative (0 picks the default)")
+	if c.MaxConns < 0 || (c.MaxConns > 0 && c.MaxConns < 4) {
+		bad("MAX_CONNS", "must be 0 (the default) or at least 4: a waiting begin holds a connection, and the holder's complete needs another")
 	}
 	if _, err := zapcore.ParseLevel(c.LogLevel); err != nil {
 		bad("LOG_LEVEL", "%q is not a zap level (debug, info, warn, error)", c.LogLevel)
@@ -224,6 +224,7 @@ func (c Config) masked() map[string]any {
 		"default_ttl": c.DefaultTTL.String(), "max_ttl": c.MaxTTL.String(), "max_wait": c.MaxWait.String(),
 		"max_body_bytes": c.MaxBodyBytes, "sweep_interval": c.SweepInterval.String(),
 		"log_level": c.LogLevel, "shutdown_timeout": c.ShutdownTimeout.String(), "max_conns": c.MaxConns, "max_waiters": c.MaxWaiters,
+		"redis_allow_eviction": c.RedisAllowEviction,
 	}
 }
 

@@ -63,6 +63,7 @@ func TestConfig(t *testing.T) {
 		{"MaxConns", []string{"IDEMSVC_MAX_CONNS=8"}, ""},
 		{"NegativeMaxConns", []string{"IDEMSVC_MAX_CONNS=-1"}, "IDEMSVC_MAX_CONNS"},
 		{"BadMaxConns", []string{"IDEMSVC_MAX_CONNS=many"}, "MAX_CONNS"},
+		{"TinyMaxConns", []string{"IDEMSVC_MAX_CONNS=2"}, "IDEMSVC_MAX_CONNS"},
 		{"MaxWaiters", []string{"IDEMSVC_MAX_WAITERS=10"}, ""},
 		{"NoWaiters", []string{"IDEMSVC_MAX_WAITERS=0"}, "IDEMSVC_MAX_WAITERS"},
 	} {

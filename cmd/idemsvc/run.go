@@ -28,6 +28,9 @@ func run(ctx context.Context, cfg Config, logger *zap.Logger, accessLog zapcore.
 		return err
 	}
 	logger.Info("starting idemsvc", zap.String("version", version), zap.Any("config", cfg.masked()))
+	if cfg.Backend != "redis" && (cfg.RedisURL != "" || cfg.RedisAllowEviction) {
+		logger.Warn("IDEMSVC_REDIS_URL and IDEMSVC_REDIS_ALLOW_EVICTION are ignored unless IDEMSVC_BACKEND=redis")
+	}
 	if len(tokens) == 0 {
 		logger.Warn("no IDEMSVC_TOKENS configured: the service runs OPEN, every caller is tenant \"default\"")
 	}
@@ -40,7 +43,7 @@ func run(ctx context.Context, cfg Config, logger *zap.Logger, accessLog zapcore.
 	// Listen first, so that a taken port fails at once.
 	ln, err := net.Listen("tcp", cfg.Addr)
 	if err != nil {
-		return fmt.Errorf("listen on %s: %w", cfg.Addr, err)
+		return fmt.Errorf("IDEMSVC_ADDR %s: listen: %w", cfg.Addr, err)
 	}
 	// At most maxConns connections at once, below RLIMIT_NOFILE: a client holding thousands of
 	// idle connections used to take every descriptor, and then no one was served and the store
@@ -51,6 +54,10 @@ func run(ctx context.Context, cfg Config, logger *zap.Logger, accessLog zapcore.
 	// A waiting begin holds its connection: at most half of them may wait, so that the holder's
 	// complete (and everyone else) still gets one.
 	maxWaiters := min(cfg.MaxWaiters, max(1, maxConns/2))
+	if maxWaiters < cfg.MaxWaiters {
+		logger.Warn("IDEMSVC_MAX_WAITERS lowered to half of the connection limit: each waiting begin holds a connection",
+			zap.Int("max_waiters", cfg.MaxWaiters), zap.Int("effective", maxWaiters), zap.Int("max_conns", maxConns))
+	}
 	logger.Info("connection limit", zap.Int("max_conns", maxConns), zap.Uint64("rlimit_nofile", nofile),
 		zap.Bool("default", cfg.MaxConns == 0), zap.Int("max_waiters", maxWaiters))
 	dataLoss := prometheus.NewCounter(prometheus.CounterOpts{
@@ -158,7 +165,7 @@ func openStore(ctx context.Context, cfg Config, logger *zap.Logger, dataLoss pro
 			},
 		})
 		if err != nil {
-			return nil, fmt.Errorf("open redis store: %w", err)
+			return nil, fmt.Errorf("IDEMSVC_REDIS_URL: open redis store: %w", err)
 		}
 		pingCtx, cancel := context.WithTimeout(ctx, 2*time.Second)
 		defer cancel()
@@ -172,7 +179,7 @@ func openStore(ctx context.Context, cfg Config, logger *zap.Logger, dataLoss pro
 	default:
 		s, err := bolt.OpenDir(cfg.DataDir, bolt.Options{Timeout: 2 * time.Second})
 		if err != nil {
-			return nil, fmt.Errorf("open bolt store in %s: %w", cfg.DataDir, err)
+			return nil, fmt.Errorf("IDEMSVC_DATA_DIR %s: open bolt store: %w", cfg.DataDir, err)
 		}
 		logger.Info("opened bolt store", zap.String("data_dir", cfg.DataDir))
 		return s, nil

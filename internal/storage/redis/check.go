@@ -63,6 +63,15 @@ func ACL(prefix string) string {
 		"+get +set +del +pexpiretime +pexpireat +publish ~" + prefix + "* &" + prefix + "*"
 }
 
+// aclHint is the ACL an error message suggests: ACL's, with +select when the URL names a
+// database other than 0.
+func (s *Store) aclHint() string {
+	if s.rd != nil && s.rd.main.opt.SelectDB != 0 {
+		return ACL(s.prefix) + " +select"
+	}
+	return ACL(s.prefix)
+}
+
 // probeScript runs every command the scripts run, on a probe key and channel, and returns the
 // ones that failed with Redis's reasons. KEYS[1] the probe key; ARGV[1] the probe channel;
 // ARGV[2] an expiry, Unix ms, a few seconds away.
@@ -279,7 +288,7 @@ func (s *Store) probe(ctx context.Context, c rueidis.Client, nowMs int64) error 
 	}
 	if len(failed) > 0 {
 		return fmt.Errorf("%w: the Redis user may not run, inside a script on %s and channel %s: %s; it needs the ACL %q",
-			ErrMisconfigured, rec, channel, strings.Join(failed, ", "), ACL(s.prefix))
+			ErrMisconfigured, rec, channel, strings.Join(failed, ", "), s.aclHint())
 	}
 	if err := c.Do(ctx, c.B().EvalRo().Script(readScript).Numkeys(1).Key(rec).Build()).Error(); err != nil {
 		return s.checkErrorf("EVAL_RO (the read script)", err)
@@ -335,7 +344,7 @@ func (s *Store) checkErrorf(step string, err error) error {
 	switch {
 	case code == "NOPERM" || strings.Contains(re.Error(), "user executing the script"):
 		return fmt.Errorf("%w: %s: the Redis user lacks a permission: %w; it needs the ACL %q",
-			ErrMisconfigured, step, err, ACL(s.prefix))
+			ErrMisconfigured, step, err, s.aclHint())
 	case code == "NOAUTH" || code == "WRONGPASS" || !transientReply(re.Error()):
 		return fmt.Errorf("%w: %s: %w", ErrMisconfigured, step, err)
 	}
@@ -389,8 +398,8 @@ func (s *Store) policyError() error {
 	}
 	return fmt.Errorf("%w: Redis's maxmemory-policy is %s, which lets Redis evict stored "+
 		"responses and held leases when memory runs short (a retry would then execute the "+
-		"operation again): set maxmemory-policy noeviction, or accept the risk with "+
-		"Options.AllowEviction (IDEMSVC_REDIS_ALLOW_EVICTION=true)", ErrMisconfigured, p)
+		"operation again): set maxmemory-policy noeviction, or set IDEMSVC_REDIS_ALLOW_EVICTION=true "+
+		"(Options.AllowEviction) to accept the risk", ErrMisconfigured, p)
 }
 
 // policyDue reports whether it is this Ping's turn to read the policy again (at most once per

@@ -237,8 +237,8 @@ func TestACL(t *testing.T) {
 			s.Close()
 			t.Fatal("Open on database 1 without +select succeeded")
 		}
-		if !strings.Contains(err.Error(), "select") {
-			t.Errorf("Open on database 1 without +select: %v, want it to name select", err)
+		if !strings.Contains(err.Error(), "select") || !strings.Contains(err.Error(), ` +select"`) {
+			t.Errorf("Open on database 1 without +select: %v, want it to name select, and +select in the ACL it gives", err)
 		}
 		srv.Do("ACL", "SETUSER", "idem", "+select")
 		defer srv.Do("ACL", "SETUSER", "idem", "-select")
