@@ -81,14 +81,16 @@ func (ws *waiters) leave(tenant string) {
 // on takes its length (or the largest request, when the length is not told) before it is read.
 type bodyBudget struct {
 	sem      *semaphore.Weighted
-	size     int64
 	maxBytes int64
 	held     prometheus.Gauge
 }
 
 func newBodyBudget(size, maxRequestBytes int64, held prometheus.Gauge) *bodyBudget {
+	if size <= 0 {
+		size = DefaultBodyBuffer
+	}
 	size = max(size, 4*maxRequestBytes)
-	return &bodyBudget{sem: semaphore.NewWeighted(size), size: size, maxBytes: maxRequestBytes, held: held}
+	return &bodyBudget{sem: semaphore.NewWeighted(size), maxBytes: maxRequestBytes, held: held}
 }
 
 // take reserves room for r's body; release gives it back. Only JSON bodies are read into memory

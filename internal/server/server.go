@@ -104,9 +104,6 @@ func New(store keys.Store, opts Options) *Server {
 		maxRequestBytes: maxRequestBytes(opts.Limits),
 	}
 	s.waiters = newWaiters(opts.MaxWaiters, len(opts.Tokens), s.metrics.waiting)
-	if opts.BodyBuffer <= 0 {
-		opts.BodyBuffer = DefaultBodyBuffer
-	}
 	s.bodies = newBodyBudget(opts.BodyBuffer, s.maxRequestBytes, s.metrics.bodyBytes)
 	if opts.AccessLog != nil && opts.Logger.Core().Enabled(zapcore.InfoLevel) {
 		s.accessOut = opts.AccessLog

@@ -254,9 +254,22 @@ func (s *strictScanner) str() []byte {
 	return s.b[start:]
 }
 
-// maxSeenSlice is how many members of an object the strict check compares by a linear search
-// before it switches to a set.
-const maxSeenSlice = 16
+// next moves to an object's next member or an array's next element, past the comma; done is
+// true, and the closing byte passed, when there is none.
+func (s *strictScanner) next(closing byte) (done bool, err error) {
+	s.space()
+	switch {
+	case s.i >= len(s.b):
+		return false, fmt.Errorf("%w: truncated JSON", keys.ErrInvalidRequest)
+	case s.b[s.i] == closing:
+		s.i++
+		return true, nil
+	case s.b[s.i] == ',':
+		s.i++
+		s.space()
+	}
+	return false, nil
+}
 
 // value checks the value at s.i, which encoding/json decoded into type t, and moves past it.
 func (s *strictScanner) value(t reflect.Type, path string) error {
@@ -277,23 +290,12 @@ func (s *strictScanner) value(t reflect.Type, path string) error {
 			return fmt.Errorf("%w: %s must not be an object", keys.ErrInvalidRequest, path)
 		}
 		s.i++
-		// The members seen: a slice for the handful that every request idemsvc expects has, and a
-		// set beyond that (a map with many members, headers say), so that the check stays linear:
-		// a slice alone made a complete with 142,719 headers take 23 s of CPU before its header
-		// count was refused (an audit's find).
-		var seen []string
-		var seenSet map[string]struct{}
+		// A set, so that the check stays linear: a linear search made a complete with 142,719
+		// headers take 23 s of CPU before its header count was refused (an audit's find).
+		seen := make(map[string]struct{})
 		for {
-			s.space()
-			switch {
-			case s.i >= len(s.b):
-				return fmt.Errorf("%w: truncated JSON", keys.ErrInvalidRequest)
-			case s.b[s.i] == '}':
-				s.i++
-				return nil
-			case s.b[s.i] == ',':
-				s.i++
-				s.space()
+			if done, err := s.next('}'); done || err != nil {
+				return err
 			}
 			raw := s.str()
 			name := string(raw[1 : len(raw)-1])
@@ -304,27 +306,10 @@ func (s *strictScanner) value(t reflect.Type, path string) error {
 			if path != "" {
 				member = path + "." + name
 			}
-			dup := false
-			if seenSet != nil {
-				_, dup = seenSet[name]
-			} else {
-				dup = slices.Contains(seen, name)
-			}
-			if dup {
+			if _, dup := seen[name]; dup {
 				return fmt.Errorf("%w: %s is given twice", keys.ErrInvalidRequest, member)
 			}
-			switch {
-			case seenSet != nil:
-				seenSet[name] = struct{}{}
-			case len(seen) < maxSeenSlice:
-				seen = append(seen, name)
-			default:
-				seenSet = make(map[string]struct{}, 4*maxSeenSlice)
-				for _, n := range seen {
-					seenSet[n] = struct{}{}
-				}
-				seenSet[name] = struct{}{}
-			}
+			seen[name] = struct{}{}
 			var ft reflect.Type
 			if t.Kind() == reflect.Map {
 				ft = t.Elem()
@@ -344,16 +329,8 @@ func (s *strictScanner) value(t reflect.Type, path string) error {
 		}
 		s.i++
 		for n := 0; ; n++ {
-			s.space()
-			switch {
-			case s.i >= len(s.b):
-				return fmt.Errorf("%w: truncated JSON", keys.ErrInvalidRequest)
-			case s.b[s.i] == ']':
-				s.i++
-				return nil
-			case s.b[s.i] == ',':
-				s.i++
-				s.space()
+			if done, err := s.next(']'); done || err != nil {
+				return err
 			}
 			if err := s.value(t.Elem(), path+"["+strconv.Itoa(n)+"]"); err != nil {
 				return err
