@@ -16,6 +16,23 @@ import (
 // The checks of the server (check.go), and the scripts' behaviour under a denied PUBLISH. Each
 // test runs its own redis-server: they change its policy and ACL users.
 
+// openOn opens a Store on url, closed when the test ends.
+func openOn(t *testing.T, url string, opts Options) *Store {
+	t.Helper()
+	s, err := Open(t.Context(), url, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.Close() })
+	return s
+}
+
+// makeDue makes the next Ping read the policy and the data marker, as one a second after the
+// last that did.
+func makeDue(s *Store) {
+	s.policyAt.Store(time.Since(s.clock.epoch).Nanoseconds() - int64(policyRecheck))
+}
+
 // wantMisconfigured checks that err wraps ErrMisconfigured and says every one of words.
 func wantMisconfigured(t *testing.T, what string, err error, words ...string) {
 	t.Helper()
@@ -80,11 +97,7 @@ func TestEvictionPolicyAtOpen(t *testing.T) {
 func TestEvictionPolicyAtRuntime(t *testing.T) {
 	t.Parallel()
 	srv := redistest.StartServer(t)
-	s, err := Open(t.Context(), srv.URL(), Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	s := openOn(t, srv.URL(), Options{})
 	if p, ev := s.EvictionPolicy(); p != "noeviction" || ev {
 		t.Errorf("EvictionPolicy() = %q, %v; want noeviction, false", p, ev)
 	}
@@ -383,7 +396,7 @@ func TestDataLossNoticed(t *testing.T) {
 	a, b := open("a"), open("b")
 	ping := func(s *Store) { // as a Ping a second after the last one that read the policy
 		t.Helper()
-		s.policyAt.Store(time.Since(s.clock.epoch).Nanoseconds() - int64(policyRecheck))
+		makeDue(s)
 		if err := s.Ping(t.Context()); err != nil {
 			t.Fatal(err)
 		}
@@ -424,11 +437,7 @@ func TestDataLossNoticed(t *testing.T) {
 func TestFullRedis(t *testing.T) {
 	t.Parallel()
 	srv := redistest.StartServer(t)
-	s, err := Open(t.Context(), srv.URL(), Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	s := openOn(t, srv.URL(), Options{})
 	res, err := s.Begin(t.Context(), "t", "before", testReq)
 	if err != nil {
 		t.Fatal(err)
@@ -444,7 +453,7 @@ func TestFullRedis(t *testing.T) {
 	}
 	defer s2.Close()
 	for _, st := range []*Store{s, s2} {
-		st.policyAt.Store(time.Since(st.clock.epoch).Nanoseconds() - int64(policyRecheck)) // the check's turn
+		makeDue(st)
 		if err := st.Ping(t.Context()); err != nil {
 			t.Errorf("Ping on a full Redis: %v", err)
 		}

@@ -89,11 +89,7 @@ func TestDeadPort(t *testing.T) {
 func TestStopAndRestart(t *testing.T) {
 	t.Parallel()
 	srv := redistest.StartServer(t)
-	s, err := Open(t.Context(), srv.URL(), Options{Prefix: "restart", Timeout: 500 * time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	s := openOn(t, srv.URL(), Options{Prefix: "restart", Timeout: 500 * time.Millisecond})
 	ctx := t.Context()
 	held, err := s.Begin(ctx, "t", "key", testReq)
 	if err != nil {
@@ -151,18 +147,14 @@ func TestFrozen(t *testing.T) {
 	t.Parallel()
 	srv := redistest.StartServer(t)
 	const timeout = 300 * time.Millisecond
-	s, err := Open(t.Context(), srv.URL(), Options{Prefix: "frozen", Timeout: timeout})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	s := openOn(t, srv.URL(), Options{Prefix: "frozen", Timeout: timeout})
 	ctx := t.Context()
 	if err := s.Ping(ctx); err != nil {
 		t.Fatal(err)
 	}
 	srv.Signal(syscall.SIGSTOP)
 	start := time.Now()
-	_, err = s.Begin(ctx, "t", "key", testReq)
+	_, err := s.Begin(ctx, "t", "key", testReq)
 	wantUnavailable(t, "Begin while frozen", err, time.Since(start), timeout+500*time.Millisecond)
 	// A caller's shorter deadline wins, and its error shows through too.
 	short, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
@@ -317,16 +309,12 @@ func TestMisconf(t *testing.T) {
 	t.Parallel()
 	dir := t.TempDir()
 	srv := redistest.StartServer(t, "--dir", dir, "--save", "3600 1")
-	s, err := Open(t.Context(), srv.URL(), Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	s := openOn(t, srv.URL(), Options{})
 	if _, err := s.Begin(t.Context(), "t", "before", testReq); err != nil {
 		t.Fatal(err)
 	}
 	failSave(t, srv, dir)
-	_, err = s.Begin(t.Context(), "t", "after", testReq)
+	_, err := s.Begin(t.Context(), "t", "after", testReq)
 	wantUnavailable(t, "begin while Redis refuses writes", err, 0, 5*time.Second)
 	wantUnavailable(t, "delete while Redis refuses writes", s.Delete(t.Context(), "t", "before"), 0, 5*time.Second)
 }
@@ -337,16 +325,8 @@ func TestMisconf(t *testing.T) {
 func TestWaitWithoutPubSub(t *testing.T) {
 	t.Parallel()
 	srv := redistest.StartServer(t)
-	holder, err := Open(t.Context(), srv.URL(), Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer holder.Close()
-	waiter, err := Open(t.Context(), srv.URL(), Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer waiter.Close()
+	holder := openOn(t, srv.URL(), Options{})
+	waiter := openOn(t, srv.URL(), Options{})
 	if _, err := holder.Begin(t.Context(), "t", "held", keys.BeginRequest{Lease: time.Minute, TTL: time.Hour}); err != nil {
 		t.Fatal(err)
 	}
@@ -424,11 +404,7 @@ func TestMisconfWithWatchers(t *testing.T) {
 	t.Parallel()
 	dir := t.TempDir()
 	srv := redistest.StartServer(t, "--dir", dir, "--save", "3600 1")
-	s, err := Open(t.Context(), srv.URL(), Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	s := openOn(t, srv.URL(), Options{})
 	if _, err := s.Begin(t.Context(), "t", "held", keys.BeginRequest{Lease: time.Minute, TTL: time.Hour}); err != nil {
 		t.Fatal(err)
 	}
@@ -440,7 +416,7 @@ func TestMisconfWithWatchers(t *testing.T) {
 	time.Sleep(3 * time.Second)
 	stop()
 	time.Sleep(linger + 1500*time.Millisecond)
-	_, err = s.Begin(t.Context(), "t", "after", testReq)
+	_, err := s.Begin(t.Context(), "t", "after", testReq)
 	wantUnavailable(t, "begin while Redis refuses writes", err, 0, 5*time.Second)
 	_, stop2 := s.Watch("t", "other")
 	stop2()
@@ -452,11 +428,7 @@ func TestMisconfWithWatchers(t *testing.T) {
 func TestIdleChannelsDropped(t *testing.T) {
 	t.Parallel()
 	srv := redistest.StartServer(t)
-	s, err := Open(t.Context(), srv.URL(), Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	s := openOn(t, srv.URL(), Options{})
 	c, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{fmt.Sprintf("127.0.0.1:%d", srv.Port())}, DisableCache: true})
 	if err != nil {
 		t.Fatal(err)
