@@ -13,6 +13,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/base64"
+	"sync/atomic"
 	"time"
 )
 
@@ -60,6 +61,34 @@ type Record struct {
 	ExpiresAt   time.Time
 	// TTL is the retention asked for at begin; a complete without its own TTL uses it.
 	TTL time.Duration
+	// Memo, when set, is shared by this record and its copies and by no record with other
+	// contents: a store sets it only on a record it keeps and never modifies (an entry of its
+	// replay cache), and the rules clear it on every record they derive from another. A server
+	// keeps there what it derives from the record (its encoding), so that each replay of a
+	// cached record does not derive it again. It is not part of the record's contents.
+	Memo *Memo
+}
+
+// Memo holds one value derived from a record that does not change; see Record.Memo. It is safe
+// for concurrent use; a nil Memo holds nothing and drops what it is given.
+type Memo struct{ v atomic.Pointer[any] }
+
+// Load returns the value stored, or nil.
+func (m *Memo) Load() any {
+	if m == nil {
+		return nil
+	}
+	if p := m.v.Load(); p != nil {
+		return *p
+	}
+	return nil
+}
+
+// Store replaces the value held.
+func (m *Memo) Store(v any) {
+	if m != nil {
+		m.v.Store(&v)
+	}
 }
 
 // Live reports whether the record exists at now, that is, has not expired.

@@ -85,6 +85,7 @@ func DecideComplete(cur *Record, now time.Time, req CompleteRequest) (Record, Wr
 		ttl = cur.TTL
 	}
 	next := *cur
+	next.Memo = nil // a new record (see Record.Memo)
 	resp := req.Response
 	next.State = StateCompleted
 	next.Response = &resp
@@ -104,6 +105,7 @@ func DecideRenew(cur *Record, now time.Time, req RenewRequest) (Record, Write, e
 		return Record{}, WriteNone, ErrLeaseLost
 	}
 	next := *cur
+	next.Memo = nil // a new record (see Record.Memo)
 	next.Lease.ExpiresAt = now.Add(req.Lease)
 	next.ExpiresAt = later(next.ExpiresAt, next.Lease.ExpiresAt)
 	return next, WritePut, nil

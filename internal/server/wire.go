@@ -549,8 +549,19 @@ func appendJSONStringContent(b []byte, s string) []byte {
 	return append(b, s[start:]...)
 }
 
-// encodeRecord writes r as the JSON body of a response with status.
+// encodeRecord writes r as the JSON body of a response with status. A completed record that a
+// store keeps in its replay cache carries a Memo (see keys.Record.Memo): its encoding is kept
+// there the first time, and every later replay of it writes those bytes.
 func encodeRecord(w http.ResponseWriter, status int, r keys.Record, withToken bool) {
+	if !withToken && r.Memo != nil && r.State == keys.StateCompleted {
+		e := memoEncoding(r)
+		h := w.Header()
+		h["Content-Type"] = jsonContentType
+		h["Content-Length"] = e.length
+		w.WriteHeader(status)
+		_, _ = w.Write(e.body)
+		return
+	}
 	bp := bufPool.Get().(*[]byte)
 	buf := append(appendRecord((*bp)[:0], r, withToken), '\n')
 	h := w.Header()
@@ -562,6 +573,29 @@ func encodeRecord(w http.ResponseWriter, status int, r keys.Record, withToken bo
 		*bp = buf
 		bufPool.Put(bp)
 	}
+}
+
+// encoded is a completed record's body as encodeRecord writes it without the token, kept in the
+// record's Memo. It names the record it encodes by its Response (never shared by two stored
+// records) and expiry, which is checked on every use: a memo copied into a record with other
+// contents by mistake is encoded again, never served.
+type encoded struct {
+	resp    *keys.Response
+	expires time.Time
+	body    []byte   // with the newline
+	length  []string // the Content-Length header's value, shared like jsonContentType
+}
+
+// memoEncoding returns r's encoding from its Memo, encoding it and keeping it there first when
+// the Memo holds none for r.
+func memoEncoding(r keys.Record) *encoded {
+	if e, ok := r.Memo.Load().(*encoded); ok && e.resp == r.Response && e.expires.Equal(r.ExpiresAt) {
+		return e
+	}
+	body := append(appendRecord(nil, r, false), '\n')
+	e := &encoded{resp: r.Response, expires: r.ExpiresAt, body: body, length: []string{strconv.Itoa(len(body))}}
+	r.Memo.Store(e)
+	return e
 }
 
 // Header values that never change, assigned to a header map instead of Header.Set, which

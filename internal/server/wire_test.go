@@ -2,6 +2,8 @@ package server
 
 import (
 	"encoding/json"
+	"net/http/httptest"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -100,6 +102,60 @@ func TestAppendRecordMatchesEncodingJSON(t *testing.T) {
 				t.Errorf("%s (token %v):\n got %s\nwant %s", name, withToken, got, want)
 			}
 		}
+	}
+}
+
+// TestEncodeRecordMemo: a cached completed record's encoding is kept in its Memo and written
+// again on the next replay; a Memo that reaches a record with other contents, or a response with
+// the token, is never served from.
+func TestEncodeRecordMemo(t *testing.T) {
+	t0 := time.Date(2026, 11, 27, 4, 5, 6, 0, time.UTC)
+	rec := keys.Record{Key: "k", State: keys.StateCompleted, Fingerprint: "fp",
+		Lease:     keys.Lease{Token: "secret", Fence: 3},
+		Response:  &keys.Response{Status: 201, Headers: map[string][]string{"A": {"b"}}, Body: []byte("first")},
+		CreatedAt: t0, CompletedAt: t0, ExpiresAt: t0.Add(time.Hour), Memo: new(keys.Memo)}
+	encode := func(r keys.Record, withToken bool) (string, string) {
+		w := httptest.NewRecorder()
+		encodeRecord(w, 200, r, withToken)
+		return w.Body.String(), w.Header().Get("Content-Length")
+	}
+	want := func(r keys.Record, withToken bool) string {
+		return string(appendRecord(nil, r, withToken)) + "\n"
+	}
+
+	got, _ := encode(rec, false)
+	if got != want(rec, false) {
+		t.Fatalf("first replay: %s, want %s", got, want(rec, false))
+	}
+	e, ok := rec.Memo.Load().(*encoded)
+	if !ok {
+		t.Fatal("the first replay kept no encoding in the Memo")
+	}
+	e.body = []byte("from the memo\n") // so that a second encoding from it shows
+	e.length = []string{"14"}
+	if got, n := encode(rec.Public(), false); got != "from the memo\n" || n != "14" {
+		t.Errorf("a replay of a copy: %q (Content-Length %s), want the memo's bytes", got, n)
+	}
+
+	// Records with other contents that carry the same Memo are encoded for themselves.
+	other := rec
+	other.Response = &keys.Response{Status: 200, Body: []byte("second")}
+	later := rec
+	later.ExpiresAt = later.ExpiresAt.Add(time.Minute)
+	inProgress := rec
+	inProgress.State, inProgress.Response = keys.StateInProgress, nil
+	for name, r := range map[string]keys.Record{"other response": other, "other expiry": later, "in progress": inProgress} {
+		if got, n := encode(r, false); got != want(r, false) || n != strconv.Itoa(len(got)) {
+			t.Errorf("%s: %s (Content-Length %s), want %s", name, got, n, want(r, false))
+		}
+	}
+	// A response with the token (begin's 201, renew's 200) neither uses nor fills the Memo.
+	rec.Memo = new(keys.Memo)
+	if got, _ := encode(rec, true); got != want(rec, true) {
+		t.Errorf("with token: %s, want %s", got, want(rec, true))
+	}
+	if rec.Memo.Load() != nil {
+		t.Error("an encoding with the token was kept in the Memo")
 	}
 }
 

@@ -248,17 +248,18 @@ func (s *Store) begin(ctx context.Context, tenant, key string, req keys.BeginReq
 	}
 	defer s.mu.RUnlock()
 	id := keys.StorageID(tenant, key)
+	if cached := s.cache.get(id); cached != nil {
+		// Variables of its own: those below live on the heap, since transactions capture them.
+		if res, w, rerr := keys.DecideBegin(cached, s.now(), key, req); w == keys.WriteNone {
+			return res, rerr
+		}
+	}
 
 	var (
 		res  keys.BeginResult
 		w    keys.Write
 		rerr error // the rule's outcome, never returned from a transaction function
 	)
-	if cached := s.cache.get(id); cached != nil {
-		if res, w, rerr = keys.DecideBegin(cached, s.now(), key, req); w == keys.WriteNone {
-			return res, rerr
-		}
-	}
 	gen := s.cache.generation()
 	err := s.view(func(tx *bbolt.Tx) error {
 		cur, err := getRecord(tx, id)

@@ -10,7 +10,7 @@ import (
 )
 
 // DefaultCacheBytes bounds the replay cache by default; see Options.CacheBytes.
-const DefaultCacheBytes = 8 << 20
+const DefaultCacheBytes = 16 << 20
 
 // replayCache keeps completed records that were read, so that a replay (a begin or get of a
 // completed key, the common retry) is decided without a bbolt read transaction or a decoding.
@@ -122,6 +122,9 @@ func (c *replayCache) add(id []byte, rec *keys.Record, gen uint64) {
 		sh.head = 0
 	}
 	k := string(id)
+	if rec.Memo == nil {
+		rec.Memo = new(keys.Memo) // for the server's encoding of it: see keys.Record.Memo
+	}
 	sh.m[k] = rec
 	sh.fifo = append(sh.fifo, k)
 	sh.bytes += size
@@ -186,15 +189,16 @@ func (sh *cacheShard) dropLocked(id string) {
 	}
 }
 
-// recordSize is about what an entry holds on the heap.
+// recordSize is about what an entry holds on the heap: the record and, in its Memo, the
+// server's encoding of it (JSON with the body in base64).
 func recordSize(id []byte, r *keys.Record) int {
-	n := 2*len(id) + len(r.Key) + len(r.Fingerprint) + len(r.Lease.Token) + 256
+	n := 2*len(id) + 2*(len(r.Key)+len(r.Fingerprint)) + len(r.Lease.Token) + 512
 	if r.Response != nil {
-		n += len(r.Response.Body)
+		n += len(r.Response.Body) + (len(r.Response.Body)+2)/3*4
 		for k, vs := range r.Response.Headers {
-			n += len(k) + 16
+			n += 2*len(k) + 24
 			for _, v := range vs {
-				n += len(v) + 16
+				n += 2*len(v) + 24
 			}
 		}
 	}

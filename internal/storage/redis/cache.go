@@ -94,7 +94,8 @@ func (c *valueCache) len() int {
 // Entries are shared and never modified (the rules return copies). Each shard holds at most
 // decodedShardBytes of keys and values, so the cache holds at most cacheShards×decodedShardBytes
 // of them whatever the bodies' sizes, plus their decodings (about as large again) and a few
-// hundred bytes of bookkeeping per entry; to make room it drops arbitrary entries.
+// hundred bytes of bookkeeping per entry, and the server's encodings of those replayed (in
+// keys.Record.Memo, about a third larger than a value); to make room it drops arbitrary entries.
 type decodedCache struct {
 	seed   maphash.Seed
 	shards [cacheShards]decodedShard
@@ -152,6 +153,9 @@ func (c *decodedCache) put(key, raw string, rec *keys.Record) {
 		}
 		sh.bytes -= len(k) + len(e.raw)
 		delete(sh.m, k)
+	}
+	if rec.Memo == nil {
+		rec.Memo = new(keys.Memo) // for the server's encoding of it: see keys.Record.Memo
 	}
 	sh.m[key] = decodedValue{raw: raw, rec: rec}
 	sh.bytes += size
