@@ -16,8 +16,24 @@ const codecVersion = 1
 
 var errCorrupt = errors.New("keys: corrupt record encoding")
 
-// AppendRecord appends the encoding of r to b and returns the extended slice.
+// AppendRecord appends the encoding of r to b and returns the extended slice. It grows b once,
+// to about the encoding's size, before it writes.
 func AppendRecord(b []byte, r *Record) []byte {
+	var few [8]string
+	names := few[:0]
+	// At most 10 bytes for each of the 11 varints and 3 single bytes; a varint per string.
+	size := 11*binary.MaxVarintLen64 + 3 + len(r.Key) + len(r.Fingerprint) + len(r.Lease.Token) + 3*binary.MaxVarintLen64
+	if r.Response != nil {
+		size += len(r.Response.Body) + binary.MaxVarintLen64
+		for name, values := range r.Response.Headers {
+			names = append(names, name)
+			size += len(name) + 2*binary.MaxVarintLen64
+			for _, v := range values {
+				size += len(v) + binary.MaxVarintLen64
+			}
+		}
+	}
+	b = slices.Grow(b, size)
 	b = append(b, codecVersion)
 	b = appendString(b, r.Key)
 	state := byte(1)
@@ -38,10 +54,6 @@ func AppendRecord(b []byte, r *Record) []byte {
 	}
 	b = append(b, 1)
 	b = binary.AppendUvarint(b, uint64(r.Response.Status))
-	names := make([]string, 0, len(r.Response.Headers))
-	for name := range r.Response.Headers {
-		names = append(names, name)
-	}
 	slices.Sort(names)
 	b = binary.AppendUvarint(b, uint64(len(names)))
 	for _, name := range names {
@@ -293,7 +305,11 @@ func (d *decoder) time() time.Time {
 // uvarint, the tenant, then the key. Tenant "a" with key "bc" and tenant "ab" with key "c" can
 // never collide.
 func StorageID(tenant, key string) []byte {
-	b := make([]byte, 0, 2+len(tenant)+len(key))
+	return AppendStorageID(make([]byte, 0, 2+len(tenant)+len(key)), tenant, key)
+}
+
+// AppendStorageID appends StorageID(tenant, key) to b.
+func AppendStorageID(b []byte, tenant, key string) []byte {
 	b = appendString(b, tenant)
 	return append(b, key...)
 }

@@ -29,7 +29,7 @@ import (
 //     probe record, with a 10s expiry) and of the delete script (it deletes it), and
 //     SUBSCRIBE of the probe channel on a dedicated connection, as the hub's. The
 //     probe key is <prefix>:{%probe-<token>}:r (and :f, whose counter expires within 10s;
-//     :c the channel), which no key of a record can be: escapeID writes '%' only before two
+//     :c the channel), which no key of a record can be: appendEscapedID writes '%' only before two
 //     hex digits.
 //
 // Afterwards the maxmemory-policy is read again by Ping, at most once per policyRecheck (Ping

@@ -321,33 +321,48 @@ func newStore(d driver, opts Options) (*Store, error) {
 	}, nil
 }
 
+// encodeValue returns keys' encoding of rec as a string, without copying it: the bytes are
+// written once, into a slice that nothing else holds, and never written again.
+func encodeValue(rec *keys.Record) string {
+	b := keys.AppendRecord(nil, rec)
+	return unsafe.String(unsafe.SliceData(b), len(b))
+}
+
 // names are the Redis names of one (tenant, key).
 type names struct {
 	rec, fence, channel string
 }
 
 func (s *Store) names(tenant, key string) names {
-	id := escapeID(keys.StorageID(tenant, key))
-	base := s.prefix + ":{" + id + "}:"
-	return names{rec: base + "r", fence: base + "f", channel: base + "c"}
+	var scratch [256]byte
+	base := append(scratch[:0], s.prefix...)
+	base = append(base, ":{"...)
+	base = appendEscapedID(base, keys.AppendStorageID(make([]byte, 0, 128), tenant, key))
+	base = append(base, "}:"...)
+	// Three strings, one allocation each: the names are kept apart (in caches and in the pub/sub
+	// hub), so one backing string for all three would keep all three alive.
+	name := func(suffix byte) string {
+		var b strings.Builder
+		b.Grow(len(base) + 1)
+		b.Write(base)
+		b.WriteByte(suffix)
+		return b.String()
+	}
+	return names{rec: name('r'), fence: name('f'), channel: name('c')}
 }
 
-// escapeID keeps the storage id readable in redis-cli and free of the braces that would break the
-// hash tag: bytes outside '!'..'~', and '%', '{', '}', become %XX.
-func escapeID(id []byte) string {
+// appendEscapedID appends the storage id id to b, readable in redis-cli and free of the braces
+// that would break the hash tag: bytes outside '!'..'~', and '%', '{', '}', become %XX.
+func appendEscapedID(b, id []byte) []byte {
 	const hex = "0123456789ABCDEF"
-	var b strings.Builder
-	b.Grow(len(id) + 8)
 	for _, c := range id {
 		if c < '!' || c > '~' || c == '%' || c == '{' || c == '}' {
-			b.WriteByte('%')
-			b.WriteByte(hex[c>>4])
-			b.WriteByte(hex[c&15])
+			b = append(b, '%', hex[c>>4], hex[c&15])
 			continue
 		}
-		b.WriteByte(c)
+		b = append(b, c)
 	}
-	return b.String()
+	return b
 }
 
 // snapshot is what a decision is made on: the stored record, verbatim, and the clocks. It comes
@@ -559,7 +574,7 @@ func (s *Store) cas(ctx context.Context, n names, snap snapshot, w casWrite) (ca
 			fence = strconv.FormatUint(rec.Lease.Fence, 10)
 		}
 		rec.Lease.Fence = 0 // the value's prefix is the fence
-		args[3] = string(keys.AppendRecord(nil, &rec))
+		args[3] = encodeValue(&rec)
 		args[4] = fence
 		expires := snap.redisMillis(rec.ExpiresAt)
 		args[5] = strconv.FormatInt(expires, 10)
@@ -721,7 +736,7 @@ func (s *Store) beginAhead(ctx context.Context, n names, key string, req keys.Be
 	}
 	rec := r.Record
 	rec.Lease.Fence = 0 // the value's prefix is the fence
-	body := string(keys.AppendRecord(nil, &rec))
+	body := encodeValue(&rec)
 	expires := snap.redisMillis(rec.ExpiresAt)
 	args := []string{
 		body,

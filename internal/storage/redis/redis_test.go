@@ -201,6 +201,8 @@ func TestNames(t *testing.T) {
 		{"Plain", "default", "order-1", "idem:{%07defaultorder-1}:r"},
 		{"Braces", "t", "a{b}c", "idem:{%01ta%7Bb%7Dc}:r"},
 		{"Percent", "t", "100%", "idem:{%01t100%25}:r"},
+		{"Bytes", "acme", "c d\xff", "idem:{%04acmec%20d%FF}:r"},
+		{"Long", "t", strings.Repeat("k", 300), "idem:{%01t" + strings.Repeat("k", 300) + "}:r"}, // past names' scratch
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			n := s.names(tc.tenant, tc.key)
