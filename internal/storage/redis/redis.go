@@ -328,6 +328,25 @@ func encodeValue(rec *keys.Record) string {
 	return unsafe.String(unsafe.SliceData(b), len(b))
 }
 
+// The scripts' arguments for clockAhead and clockBehind, which never change.
+var clockAheadArg, clockBehindArg = strconv.FormatInt(clockAhead.Microseconds(), 10), strconv.FormatInt(clockBehind.Microseconds(), 10)
+
+// decimals sets dst[i] to the decimal form of vs[i], all in one allocation (a script call's
+// numbers: timestamps, each its own allocation with strconv).
+func decimals(dst []string, vs ...int64) {
+	b := make([]byte, 0, 20*len(vs)) // room for any int64: b never moves
+	var ends [8]int
+	for i, v := range vs {
+		b = strconv.AppendInt(b, v, 10)
+		ends[i] = len(b)
+	}
+	all := unsafe.String(unsafe.SliceData(b), len(b))
+	start := 0
+	for i := range vs {
+		dst[i], start = all[start:ends[i]], ends[i]
+	}
+}
+
 // names are the Redis names of one (tenant, key).
 type names struct {
 	rec, fence, channel string
@@ -577,14 +596,11 @@ func (s *Store) cas(ctx context.Context, n names, snap snapshot, w casWrite) (ca
 		args[3] = encodeValue(&rec)
 		args[4] = fence
 		expires := snap.redisMillis(rec.ExpiresAt)
-		args[5] = strconv.FormatInt(expires, 10)
-		args[6] = strconv.FormatInt(snap.now.UnixMicro(), 10)
-		args[7] = strconv.FormatInt(expires+fenceMargin.Milliseconds(), 10)
+		decimals(args[5:8], expires, snap.now.UnixMicro(), expires+fenceMargin.Milliseconds())
 	}
 	if !snap.est.IsZero() {
 		args[9] = strconv.FormatInt(snap.est.UnixMicro(), 10)
-		args[10] = strconv.FormatInt(clockAhead.Microseconds(), 10)
-		args[11] = strconv.FormatInt(clockBehind.Microseconds(), 10)
+		args[10], args[11] = clockAheadArg, clockBehindArg
 	}
 	r, err := s.call(func() (reply, error) { return s.d.cas(ctx, [2]string{n.rec, n.fence}, args) })
 	if err != nil || !r.wrote || w.del || w.rec.State != keys.StateInProgress {
@@ -738,15 +754,8 @@ func (s *Store) beginAhead(ctx context.Context, n names, key string, req keys.Be
 	rec.Lease.Fence = 0 // the value's prefix is the fence
 	body := encodeValue(&rec)
 	expires := snap.redisMillis(rec.ExpiresAt)
-	args := []string{
-		body,
-		strconv.FormatInt(expires, 10),
-		strconv.FormatInt(snap.now.UnixMicro(), 10),
-		strconv.FormatInt(expires+fenceMargin.Milliseconds(), 10),
-		strconv.FormatInt(snap.est.UnixMicro(), 10),
-		strconv.FormatInt(clockAhead.Microseconds(), 10),
-		strconv.FormatInt(clockBehind.Microseconds(), 10),
-	}
+	args := []string{body, "", "", "", "", clockAheadArg, clockBehindArg}
+	decimals(args[1:5], expires, snap.now.UnixMicro(), expires+fenceMargin.Milliseconds(), snap.est.UnixMicro())
 	rep, err := s.call(func() (reply, error) { return s.d.begin(ctx, [2]string{n.rec, n.fence}, args) })
 	if err != nil {
 		return false, snapshot{}, s.edge(err) // as in cas: a lost reply is never an acquire

@@ -3,6 +3,8 @@ package redis
 import (
 	"context"
 	"errors"
+	"math"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -264,5 +266,16 @@ func TestRedisExpiry(t *testing.T) {
 	next, err := s.Begin(t.Context(), "t", "key", testReq)
 	if err != nil || next.Record.Lease.Fence <= res.Record.Lease.Fence {
 		t.Fatalf("Begin after delete: fence %d, %v; want above %d", next.Record.Lease.Fence, err, res.Record.Lease.Fence)
+	}
+}
+
+func TestDecimals(t *testing.T) {
+	vs := []int64{0, -1, 1764244800123456, math.MaxInt64, math.MinInt64, 42}
+	got := make([]string, len(vs))
+	decimals(got, vs...)
+	for i, v := range vs {
+		if want := strconv.FormatInt(v, 10); got[i] != want {
+			t.Errorf("decimals[%d] = %q, want %q", i, got[i], want)
+		}
 	}
 }
