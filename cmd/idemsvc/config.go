@@ -214,8 +214,10 @@ func (c Config) masked() map[string]any {
 	redisURL := ""
 	if c.RedisURL != "" {
 		redisURL = "(does not parse)"
-		if u, err := url.Parse(c.RedisURL); err == nil {
+		if u, err := url.Parse(c.RedisURL); err == nil && u.Opaque == "" {
 			redisURL = u.Redacted()
+		} else if err == nil {
+			redisURL = "(names no server)" // "redis:pw@host": Redacted would show pw
 		}
 	}
 	return map[string]any{

@@ -355,9 +355,19 @@ func TestRedisPasswordNeverLogged(t *testing.T) {
 		"redis://:p@ssw0rd-secret@127.0.0.1:6379/0",
 		"redis://user:s3cretpassw0rd@127.0.0.1:6379/0",
 		"redis://:s3cretpassw0rd@127.0.0.1:port/0",
+		"redis:s3cretpassw0rd@127.0.0.1:6379", // no "//": url.Parse reads it as opaque
+		"redis:user:s3cretpassw0rd@127.0.0.1:6379/0",
 	} {
 		if shown := fmt.Sprint(Config{RedisURL: raw}.masked()); strings.Contains(shown, "ssw0rd") {
 			t.Errorf("masked config shows the password of %s: %s", raw, shown)
+		}
+	}
+	// A URL that names no server is refused, without its password: rueidis would take it for
+	// localhost:6379, database 0 (some other Redis), and connect.
+	for _, raw := range []string{"redis:s3cretpassw0rd@127.0.0.1:6379", "redis:///0", "unix://"} {
+		_, err := openStore(context.Background(), Config{Backend: "redis", RedisURL: raw}, zaptest.NewLogger(t), prometheus.NewCounter(prometheus.CounterOpts{Name: "x"}))
+		if err == nil || strings.Contains(err.Error(), "ssw0rd") || !strings.Contains(err.Error(), "IDEMSVC_REDIS_URL") {
+			t.Errorf("opening %s: %v, want an error naming IDEMSVC_REDIS_URL, without the password", raw, err)
 		}
 	}
 	_, err := openStore(context.Background(), Config{Backend: "redis", RedisURL: "redis://:s3cretpassw0rd@127.0.0.1:port/0"}, zaptest.NewLogger(t), prometheus.NewCounter(prometheus.CounterOpts{Name: "x"}))

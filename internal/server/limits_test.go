@@ -3,15 +3,18 @@ package server_test
 import (
 	"bufio"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/idemsvc/idemsvc/internal/keys"
+	"github.com/idemsvc/idemsvc/internal/server"
 	"github.com/idemsvc/idemsvc/internal/server/servertest"
 )
 
@@ -168,4 +171,36 @@ func TestBodyBudget(t *testing.T) {
 	eventually(t, "the budget back once the stalled clients are gone", func() bool {
 		return e.do("POST", "/v1/keys/other/complete", body).status == http.StatusNotFound // read: no record
 	})
+}
+
+// TestSlowBodyDetail: a body that stops arriving is a 400 whose detail says so without quoting
+// the read's error, which names the server's own address ("read tcp 10.0.3.7:8080->...: i/o
+// timeout"); a body cut off by its client says that.
+func TestSlowBodyDetail(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, servertest.Options{ReadTimeout: 300 * time.Millisecond})
+	host := strings.TrimPrefix(e.srv.URL, "http://")
+	c, err := net.Dial("tcp", host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	fmt.Fprintf(c, "POST /v1/keys/slow/complete HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 20000\r\n\r\n{\"token\":\"%s", strings.Repeat("a", 9000))
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusBadRequest || !strings.Contains(string(body), "did not arrive in time") ||
+		strings.Contains(string(body), "127.0.0.1") || strings.Contains(string(body), "tcp") {
+		t.Errorf("a stalled body: %d %s, want 400 saying it did not arrive in time, without the address", resp.StatusCode, body)
+	}
+
+	for _, err := range []error{io.ErrUnexpectedEOF, &net.OpError{Op: "read", Net: "tcp", Err: syscall.ECONNRESET}} {
+		if got := server.ReadErrorForTest(err); !strings.Contains(got.Error(), "cut off") || strings.Contains(got.Error(), "tcp") {
+			t.Errorf("read error %v: %v, want one saying the body was cut off", err, got)
+		}
+	}
 }

@@ -9,6 +9,7 @@ import (
 	"io"
 	"mime"
 	"net/http"
+	"os"
 	"reflect"
 	"slices"
 	"strconv"
@@ -158,12 +159,17 @@ func emptyOrUnsupported(body io.Reader, maxBytes int64, optional bool) error {
 }
 
 // readError is the error of a request body that failed to read: 413 past the limit, else 400.
+// Its detail never quotes the read's error, which names the server's own address and port
+// ("read tcp 10.0.3.7:8080->...: i/o timeout").
 func readError(err error) error {
 	var tooLarge *http.MaxBytesError
 	if errors.As(err, &tooLarge) {
 		return errPayloadTooLarge
 	}
-	return fmt.Errorf("%w: %s", keys.ErrInvalidRequest, err)
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		return fmt.Errorf("%w: the body did not arrive in time", keys.ErrInvalidRequest)
+	}
+	return fmt.Errorf("%w: the body was cut off before its end", keys.ErrInvalidRequest)
 }
 
 // decodeJSON is decode by encoding/json, from body, and then held to what encoding/json lets

@@ -38,6 +38,8 @@ type Options struct {
 	// MaxWaiters and BodyBuffer are server.Options'.
 	MaxWaiters int
 	BodyBuffer int64
+	// ReadTimeout is the http.Server's (cmd/idemsvc sets 30s); zero is none.
+	ReadTimeout time.Duration
 }
 
 // Server is a running test server.
@@ -77,7 +79,7 @@ func Start(t testing.TB, opts Options) *Server {
 	if err != nil {
 		t.Fatalf("servertest: listen: %v", err)
 	}
-	hs := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second}
+	hs := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second, ReadTimeout: opts.ReadTimeout}
 	go func() {
 		if err := hs.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			t.Errorf("servertest: serve: %v", err)

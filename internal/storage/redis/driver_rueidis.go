@@ -55,6 +55,9 @@ var subKeepAlive = net.KeepAliveConfig{Enable: true, Idle: 5 * time.Second, Inte
 var errClosed = errors.New("redis: store closed")
 
 func newRueidisDriver(url string, timeout time.Duration) (*rueidisDriver, error) {
+	if err := checkURLShape(url); err != nil {
+		return nil, err
+	}
 	opt, err := rueidis.ParseURL(url)
 	if err != nil {
 		return nil, redactURLError(err, url)
@@ -325,6 +328,26 @@ func transientReply(msg string) bool {
 
 // redactURLError is err without the URL it may quote (url.Parse's errors quote it whole, password
 // included) and without the password anywhere: what it says ends up in logs.
+// checkURLShape refuses a URL that names no server: rueidis.ParseURL reads "redis:pw@host:6379"
+// (no "//") as localhost:6379, database 0, without a password, which would connect to some other
+// Redis instead of failing. Its error never quotes the URL, which may hold a password.
+func checkURLShape(raw string) error {
+	u, err := neturl.Parse(raw)
+	if err != nil {
+		return nil // ParseURL's error says why, redacted
+	}
+	if u.Scheme == "unix" {
+		if u.Path == "" {
+			return errors.New("invalid URL: a unix URL needs the socket's path (unix:///path/to/redis.sock)")
+		}
+		return nil
+	}
+	if u.Opaque != "" || u.Host == "" {
+		return errors.New("invalid URL: it names no server; the form is redis://[user:password@]host:port[/db], or rediss:// for TLS")
+	}
+	return nil
+}
+
 func redactURLError(err error, raw string) error {
 	var ue *neturl.Error
 	if errors.As(err, &ue) {

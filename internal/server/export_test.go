@@ -1,0 +1,4 @@
+package server
+
+// ReadErrorForTest is readError, for the tests of package server_test.
+var ReadErrorForTest = readError
