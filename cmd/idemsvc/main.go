@@ -5,6 +5,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -60,7 +61,7 @@ func realMain(args, environ []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "idemsvc: configuration: %v\n", err)
 		return 1
 	}
-	logger, logOut, err := newLogger(cfg.LogLevel)
+	logger, logOut, err := newLogger(cfg.LogLevel, zapcore.Lock(os.Stderr))
 	if err != nil {
 		fmt.Fprintf(stderr, "idemsvc: logger: %v\n", err)
 		return 1
@@ -98,15 +99,44 @@ func realMain(args, environ []string, stdout, stderr io.Writer) int {
 // newLogger builds the JSON logger, and returns the WriteSyncer of its core too, for the
 // server's access lines (server.Options.AccessLog). Its output is buffered (flushed every
 // second, when 256 KiB are waiting, and at exit): one write syscall per access-log line was a
-// measurable part of a request's cost under load.
-func newLogger(level string) (*zap.Logger, zapcore.WriteSyncer, error) {
+// measurable part of a request's cost under load. A line at warn level or above flushes it at
+// once (flushingCore).
+func newLogger(level string, w zapcore.WriteSyncer) (*zap.Logger, zapcore.WriteSyncer, error) {
 	lvl, err := zapcore.ParseLevel(level)
 	if err != nil {
 		return nil, nil, err
 	}
-	out := &zapcore.BufferedWriteSyncer{WS: zapcore.Lock(os.Stderr), Size: 256 << 10, FlushInterval: time.Second}
+	out := &zapcore.BufferedWriteSyncer{WS: w, Size: 256 << 10, FlushInterval: time.Second}
 	core := zapcore.NewCore(zapcore.NewJSONEncoder(server.LogEncoderConfig()), out, lvl) // every line, no sampling
-	return zap.New(core, zap.AddCaller(), zap.AddStacktrace(zapcore.ErrorLevel)), out, nil
+	return zap.New(flushingCore{core, out}, zap.AddCaller(), zap.AddStacktrace(zapcore.ErrorLevel)), out, nil
+}
+
+// flushingCore flushes the log's buffer after every line at warn level or above, so that a
+// process killed right after a problem (kill -9, the OOM killer) does not lose the line that
+// says what went wrong, nor the access lines written before it. Info lines (an access line per
+// request) stay buffered, for at most a second.
+type flushingCore struct {
+	zapcore.Core
+	out zapcore.WriteSyncer
+}
+
+func (c flushingCore) With(fields []zapcore.Field) zapcore.Core {
+	return flushingCore{c.Core.With(fields), c.out}
+}
+
+func (c flushingCore) Check(ent zapcore.Entry, ce *zapcore.CheckedEntry) *zapcore.CheckedEntry {
+	if c.Enabled(ent.Level) {
+		return ce.AddCore(ent, c)
+	}
+	return ce
+}
+
+func (c flushingCore) Write(ent zapcore.Entry, fields []zapcore.Field) error {
+	err := c.Core.Write(ent, fields)
+	if ent.Level >= zapcore.WarnLevel {
+		err = errors.Join(err, c.out.Sync())
+	}
+	return err
 }
 
 // healthcheck asks the local service's /healthz, for container health checks (the runtime

@@ -86,6 +86,8 @@ func (s *Server) writeError(w http.ResponseWriter, r *http.Request, err error) {
 	case errors.Is(err, context.Canceled) && r.Context().Err() != nil:
 		// The client went away; nobody reads this answer.
 		s.logger.Debug("request cancelled by the client", zap.String("request_id", requestID(r.Context())))
+	case errors.Is(err, keys.ErrUnavailable):
+		s.health.failure(err, requestID(r.Context())) // logs the outage, not every request
 	case p.status >= 500:
 		s.logger.Warn("request failed", zap.String("request_id", requestID(r.Context())),
 			zap.String("problem", p.name), zap.Error(err))

@@ -176,22 +176,27 @@ func (m *metrics) begin(outcome string) {
 type instrumented struct {
 	keys.Store
 	m *metrics
+	h *storeHealth
 }
 
 var _ keys.Store = instrumented{}
 
-func instrument(s keys.Store, m *metrics) keys.Store { return instrumented{Store: s, m: m} }
+func instrument(s keys.Store, m *metrics, h *storeHealth) keys.Store {
+	return instrumented{Store: s, m: m, h: h}
+}
 
 func (s instrumented) observe(op string, start time.Time, err error) {
 	result := "ok"
 	switch {
 	case err == nil:
+		s.h.success()
 	case errors.Is(err, keys.ErrUnavailable):
 		result = "unavailable"
 	case errors.Is(err, keys.ErrNotFound), errors.Is(err, keys.ErrInProgress),
 		errors.Is(err, keys.ErrFingerprintMismatch), errors.Is(err, keys.ErrLeaseLost),
 		errors.Is(err, keys.ErrAlreadyCompleted):
 		result = "rejected"
+		s.h.success() // the store answered
 	default:
 		result = "error"
 	}

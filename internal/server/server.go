@@ -72,6 +72,7 @@ type Server struct {
 	maxRequestBytes int64
 	waiters         *waiters
 	bodies          *bodyBudget
+	health          *storeHealth
 	// draining is cancelled when the server starts shutting down, so begins that wait for a
 	// holder answer 409 at once instead of holding shutdown up.
 	draining context.Context
@@ -108,7 +109,8 @@ func New(store keys.Store, opts Options) *Server {
 	if opts.AccessLog != nil && opts.Logger.Core().Enabled(zapcore.InfoLevel) {
 		s.accessOut = opts.AccessLog
 	}
-	s.store = instrument(store, s.metrics)
+	s.health = &storeHealth{logger: s.logger}
+	s.store = instrument(store, s.metrics, s.health)
 	s.draining, s.drain = context.WithCancel(context.Background())
 	s.handler = s.routes()
 	return s
@@ -198,9 +200,10 @@ func (s *Server) handleReadyz(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 	defer cancel()
 	if err := s.store.Ping(ctx); err != nil {
-		s.writeError(w, r, fmt.Errorf("not ready: %w: %w", keys.ErrUnavailable, err)) // logs it, once
+		s.writeError(w, r, fmt.Errorf("not ready: %w: %w", keys.ErrUnavailable, err)) // see storeHealth
 		return
 	}
+	s.health.success()
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	_, _ = w.Write([]byte("ok\n")) // api/openapi.yaml
 }

@@ -5,16 +5,19 @@ import (
 	"context"
 	"encoding/base64"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/idemsvc/idemsvc/internal/apitest"
 	"github.com/idemsvc/idemsvc/internal/keys"
+	"github.com/idemsvc/idemsvc/internal/server"
 	"github.com/idemsvc/idemsvc/internal/server/servertest"
 	"github.com/idemsvc/idemsvc/internal/storage/bolt"
 	"github.com/idemsvc/idemsvc/internal/storage/storagetest"
@@ -829,5 +832,83 @@ func TestStoreCancellationIsNotInProgress(t *testing.T) {
 	e := newEnv(t, servertest.Options{Store: cancelledStore{s}})
 	for _, body := range []any{nil, map[string]any{"wait_ms": 50}} {
 		wantStatus(t, e.do("POST", "/v1/keys/k/begin", body), http.StatusServiceUnavailable, "unavailable")
+	}
+}
+
+// switchStore fails every operation and Ping while down is set, as a store that lost its disk or
+// its Redis does.
+type switchStore struct {
+	keys.Store
+	down *atomic.Bool
+}
+
+func (s switchStore) Begin(ctx context.Context, tenant, key string, req keys.BeginRequest) (keys.BeginResult, error) {
+	if s.down.Load() {
+		return keys.BeginResult{}, fmt.Errorf("begin: %w: dial tcp: connection refused", keys.ErrUnavailable)
+	}
+	return s.Store.Begin(ctx, tenant, key, req)
+}
+
+func (s switchStore) Ping(ctx context.Context) error {
+	if s.down.Load() {
+		return fmt.Errorf("ping: %w: dial tcp: connection refused", keys.ErrUnavailable)
+	}
+	return s.Store.Ping(ctx)
+}
+
+// TestStoreOutageLogged: an outage is one warning when it starts and one line when it ends,
+// however many requests and probes fail meanwhile (an audit saw a warning per request and per
+// /readyz, and nothing when the store came back).
+func TestStoreOutageLogged(t *testing.T) {
+	t.Parallel()
+	core, logs := observer.New(zapcore.InfoLevel)
+	base := newEnv(t, servertest.Options{})
+	var down atomic.Bool
+	e := newEnv(t, servertest.Options{Store: switchStore{base.srv.Store, &down}, Logger: zap.New(core)})
+	health := func() []observer.LoggedEntry {
+		return logs.Filter(func(le observer.LoggedEntry) bool { return strings.HasPrefix(le.Message, "store ") }).All()
+	}
+	down.Store(true)
+	for i := range 20 {
+		wantStatus(t, e.do("POST", "/v1/keys/k"+strconv.Itoa(i)+"/begin", nil), 503, "unavailable")
+		wantStatus(t, e.do("GET", "/readyz", nil), 503, "unavailable")
+	}
+	if got := health(); len(got) != 1 || got[0].Level != zapcore.WarnLevel || !strings.Contains(got[0].ContextMap()["error"].(string), "connection refused") {
+		t.Fatalf("40 failed requests logged %v, want one warning with the cause", got)
+	}
+	if n := logs.FilterMessage("request failed").Len(); n != 0 {
+		t.Errorf("%d 'request failed' lines for the store's 503s, want none", n)
+	}
+	down.Store(false)
+	wantStatus(t, e.do("POST", "/v1/keys/up/begin", nil), 201, "")
+	wantStatus(t, e.do("POST", "/v1/keys/up2/begin", nil), 201, "")
+	got := health()
+	if len(got) != 2 || got[1].Message != "store available again" || got[1].ContextMap()["failed_requests"] != int64(40) {
+		t.Errorf("after the store answered again: %v, want one 'store available again' with failed_requests 40", got)
+	}
+}
+
+// TestStoreHealthFlapping: a store that fails every other request logs one outage per
+// healthQuiet, not a pair of lines per request, and the next logged start counts the rest.
+func TestStoreHealthFlapping(t *testing.T) {
+	core, logs := observer.New(zapcore.InfoLevel)
+	h := server.NewStoreHealthForTest(zap.New(core))
+	for range 50 {
+		h.Failure(errors.New("timeout"), "r")
+		h.Success()
+	}
+	if n := logs.Len(); n != 2 {
+		t.Fatalf("50 brief outages logged %d lines, want 2 (the first's start and end): %v", n, logs.All())
+	}
+	h.Age(11 * time.Second) // healthQuiet later
+	h.Failure(errors.New("timeout"), "r")
+	last := logs.All()[logs.Len()-1]
+	if last.Message != "store unavailable: requests get 503 until it answers again" || last.ContextMap()["brief_outages_before"] != int64(49) {
+		t.Errorf("the next start: %s %v, want one counting the 49 unlogged outages", last.Message, last.ContextMap())
+	}
+	h.Age(61 * time.Second) // healthReminder later, still down
+	h.Failure(errors.New("timeout"), "r")
+	if last := logs.All()[logs.Len()-1]; last.Message != "store still unavailable" {
+		t.Errorf("a minute into an outage: %q, want a reminder", last.Message)
 	}
 }

@@ -1,0 +1,58 @@
+package main
+
+import (
+	"bytes"
+	"strings"
+	"sync"
+	"testing"
+
+	"go.uber.org/zap/zapcore"
+)
+
+// lockedBuffer is what the logger's output reached, as a process killed at once would leave it.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) Sync() error { return nil }
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// TestWarningsReachTheOutputAtOnce: a warning or an error is written out when it is logged,
+// with the buffered lines before it (access lines, info), so that a process killed right after a
+// problem keeps the line that says what it was; info lines alone stay buffered (about a second).
+func TestWarningsReachTheOutputAtOnce(t *testing.T) {
+	var out lockedBuffer
+	logger, logOut, err := newLogger("info", zapcore.AddSync(&out))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer logger.Sync()
+	_, _ = logOut.Write([]byte(`{"msg":"an access line"}` + "\n"))
+	logger.Info("an info line")
+	if got := out.String(); got != "" {
+		t.Errorf("info lines were written at once (no buffer): %q", got)
+	}
+	logger.With(zapcore.Field{Key: "k", Type: zapcore.StringType, String: "v"}).Warn("a warning")
+	got := out.String()
+	for _, want := range []string{"an access line", "an info line", "a warning"} {
+		if !strings.Contains(got, want) {
+			t.Errorf("after a warning, the output lacks %q: %q", want, got)
+		}
+	}
+	logger.Error("an error")
+	if !strings.Contains(out.String(), "an error") {
+		t.Errorf("an error was not written at once: %q", out.String())
+	}
+}
