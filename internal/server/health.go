@@ -19,7 +19,8 @@ import (
 //     an outage at most once per healthQuiet; the outages in between are counted in the next
 //     start line, and an outage whose start was not logged ends silently.
 //
-// Each failed request keeps its access line (its request id, its 503 and the problem).
+// Each failed request keeps its access line (its request id, its 503 and the problem). A nil
+// storeHealth logs nothing.
 type storeHealth struct {
 	logger *zap.Logger
 	down   atomic.Bool // read by every successful operation: its only cost while all is well
@@ -40,6 +41,9 @@ const (
 
 // failure records a request answered 503 because the store is unavailable (err says why).
 func (h *storeHealth) failure(err error, requestID string) {
+	if h == nil {
+		return
+	}
 	now := time.Now()
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -66,7 +70,7 @@ func (h *storeHealth) failure(err error, requestID string) {
 
 // success records an operation the store answered: the end of an outage, if one was going on.
 func (h *storeHealth) success() {
-	if !h.down.Load() {
+	if h == nil || !h.down.Load() {
 		return
 	}
 	h.mu.Lock()
