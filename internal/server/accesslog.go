@@ -26,6 +26,7 @@ type accessEntry struct {
 	status                                   int
 	duration                                 time.Duration
 	tenant, key, requestID, problem, outcome string
+	remote                                   string // the peer's address (a proxy's, behind one)
 }
 
 // appendAccessLine appends the access-log line of e at t, byte for byte what
@@ -55,6 +56,8 @@ func appendAccessLine(b []byte, t time.Time, e *accessEntry) []byte {
 	b = appendZapString(b, e.problem)
 	b = append(b, `","outcome":"`...)
 	b = appendZapString(b, e.outcome)
+	b = append(b, `","remote":"`...)
+	b = appendZapString(b, e.remote)
 	return append(b, "\"}\n"...)
 }
 

@@ -89,6 +89,9 @@ func TestAccessLogDirect(t *testing.T) {
 			if got := access[1]["problem"]; got != "in-progress" {
 				t.Errorf("second access line problem = %v, want in-progress", got)
 			}
+			if remote, _ := access[0]["remote"].(string); !strings.HasPrefix(remote, "127.0.0.1:") {
+				t.Errorf("remote = %q, want the client's address", remote)
+			}
 			if d, ok := access[0]["duration"].(float64); !ok || d <= 0 {
 				t.Errorf("duration = %v", access[0]["duration"])
 			}

@@ -130,6 +130,7 @@ func (s *Server) observe(next http.Handler) http.Handler {
 				s.writeAccessLine(end, &accessEntry{
 					method: logMethod(r.Method), route: route, status: status, duration: elapsed,
 					tenant: ri.tenant, key: ri.key, requestID: ri.id, problem: ri.problem, outcome: ri.outcome,
+					remote: r.RemoteAddr,
 				})
 			} else if ce := s.accessLog.Check(zap.InfoLevel, "request"); ce != nil {
 				ce.Write(
@@ -142,6 +143,7 @@ func (s *Server) observe(next http.Handler) http.Handler {
 					zap.String("request_id", ri.id),
 					zap.String("problem", ri.problem),
 					zap.String("outcome", ri.outcome),
+					zap.String("remote", r.RemoteAddr),
 				)
 			}
 		}()
