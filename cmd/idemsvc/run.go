@@ -47,9 +47,10 @@ func run(ctx context.Context, cfg Config, logger *zap.Logger, accessLog zapcore.
 	}
 	// At most maxConns connections at once, below RLIMIT_NOFILE: a client holding thousands of
 	// idle connections used to take every descriptor, and then no one was served and the store
-	// could open nothing. Past the limit a connection waits in the kernel's accept queue until
-	// one closes. (Per-client limits belong in a proxy in front.)
-	capped := newConnCap(ln, maxConns)
+	// could open nothing. At the limit, the connection idle the longest is closed to make room;
+	// while none is idle, a new connection waits until one is, or closes. (Per-client limits
+	// belong in a proxy in front.)
+	capped := newConnCap(ln, maxConns, logger)
 	ln = capped
 	// A waiting begin holds its connection: at most half of them may wait, so that the holder's
 	// complete (and everyone else) still gets one.
@@ -88,6 +89,7 @@ func run(ctx context.Context, cfg Config, logger *zap.Logger, accessLog zapcore.
 	case *redis.Store:
 		srv.Registry().MustRegister(dataLoss)
 	}
+	srv.Registry().MustRegister(capped.collectors()...)
 	httpServer := &http.Server{
 		Handler:           srv,
 		ReadHeaderTimeout: 5 * time.Second,
