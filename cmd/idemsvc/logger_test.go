@@ -1,7 +1,9 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
+	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -34,7 +36,7 @@ func (l *lockedBuffer) String() string {
 // problem keeps the line that says what it was; info lines alone stay buffered (about a second).
 func TestWarningsReachTheOutputAtOnce(t *testing.T) {
 	var out lockedBuffer
-	logger, logOut, err := newLogger("info", zapcore.AddSync(&out))
+	logger, logOut, err := newLogger("info", &out)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -54,5 +56,28 @@ func TestWarningsReachTheOutputAtOnce(t *testing.T) {
 	logger.Error("an error")
 	if !strings.Contains(out.String(), "an error") {
 		t.Errorf("an error was not written at once: %q", out.String())
+	}
+}
+
+// TestLogToPipe: a warning to a pipe (stderr under a container runtime or systemd) is written
+// without error. Flushing it used to fsync the pipe, which fails with EINVAL, and zap printed
+// "write error: sync /dev/stderr: invalid argument", a line that is not JSON, after every warning.
+func TestLogToPipe(t *testing.T) {
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	defer w.Close()
+	logger, _, err := newLogger("info", w)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := logger.Core().Write(zapcore.Entry{Level: zapcore.WarnLevel, Message: "to a pipe"}, nil); err != nil {
+		t.Errorf("a warning to a pipe: %v", err)
+	}
+	line, err := bufio.NewReader(r).ReadString('\n')
+	if err != nil || !strings.Contains(line, `"msg":"to a pipe"`) {
+		t.Errorf("the pipe got %q, %v; want the warning's JSON line", line, err)
 	}
 }

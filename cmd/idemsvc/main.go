@@ -61,7 +61,7 @@ func realMain(args, environ []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "idemsvc: configuration: %v\n", err)
 		return 1
 	}
-	logger, logOut, err := newLogger(cfg.LogLevel, zapcore.Lock(os.Stderr))
+	logger, logOut, err := newLogger(cfg.LogLevel, os.Stderr)
 	if err != nil {
 		fmt.Fprintf(stderr, "idemsvc: logger: %v\n", err)
 		return 1
@@ -89,7 +89,9 @@ func realMain(args, environ []string, stdout, stderr io.Writer) int {
 	// operator who presses Ctrl-C twice expects: every acknowledged write is already on disk.
 	go func() { <-ctx.Done(); stop() }()
 	if err := run(ctx, cfg, logger, logOut); err != nil {
-		logger.Error("idemsvc stopped", zap.Error(err))
+		// Without a stack trace: it would name only realMain, and be the last line of the log
+		// where the plain message below should be.
+		logger.WithOptions(zap.AddStacktrace(zapcore.FatalLevel)).Error("idemsvc stopped", zap.Error(err))
 		fmt.Fprintf(stderr, "idemsvc: %v\n", err)
 		return 1
 	}
@@ -101,15 +103,23 @@ func realMain(args, environ []string, stdout, stderr io.Writer) int {
 // second, when 256 KiB are waiting, and at exit): one write syscall per access-log line was a
 // measurable part of a request's cost under load. A line at warn level or above flushes it at
 // once (flushingCore).
-func newLogger(level string, w zapcore.WriteSyncer) (*zap.Logger, zapcore.WriteSyncer, error) {
+func newLogger(level string, w io.Writer) (*zap.Logger, zapcore.WriteSyncer, error) {
 	lvl, err := zapcore.ParseLevel(level)
 	if err != nil {
 		return nil, nil, err
 	}
-	out := &zapcore.BufferedWriteSyncer{WS: w, Size: 256 << 10, FlushInterval: time.Second}
+	out := &zapcore.BufferedWriteSyncer{WS: zapcore.Lock(flushOnly{w}), Size: 256 << 10, FlushInterval: time.Second}
 	core := zapcore.NewCore(zapcore.NewJSONEncoder(server.LogEncoderConfig()), out, lvl) // every line, no sampling
 	return zap.New(flushingCore{core, out}, zap.AddCaller(), zap.AddStacktrace(zapcore.ErrorLevel)), out, nil
 }
+
+// flushOnly is the log's destination: syncing the buffer writes it out, and asks nothing more of
+// the destination. An *os.File's Sync is fsync, which a pipe or a socket (stderr under a container
+// runtime or systemd) refuses with EINVAL: zap then printed "write error: sync /dev/stderr:
+// invalid argument", a line that is not JSON, after every warning.
+type flushOnly struct{ io.Writer }
+
+func (flushOnly) Sync() error { return nil }
 
 // flushingCore flushes the log's buffer after every line at warn level or above, so that a
 // process killed right after a problem (kill -9, the OOM killer) does not lose the line that
