@@ -19,6 +19,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"slices"
@@ -140,6 +141,9 @@ func Open(path string, opts Options) (*Store, error) {
 	if opts.CacheBytes == 0 {
 		opts.CacheBytes = DefaultCacheBytes
 	}
+	if err := create(path, opts.Timeout); err != nil {
+		return nil, fmt.Errorf("open %s: %w", path, err)
+	}
 	db, err := openDB(path, &bbolt.Options{Timeout: opts.Timeout})
 	if errors.Is(err, berrors.ErrTimeout) {
 		return nil, fmt.Errorf("open %s: %w (gave up after %s)", path, ErrLocked, opts.Timeout)
@@ -172,6 +176,60 @@ func Open(path string, opts Options) (*Store, error) {
 		st.batch = st.comm.do
 	}
 	return st, nil
+}
+
+// create makes the data file at path when there is none, atomically: bbolt writes the new file's
+// first pages, and the store its buckets, in a file of their own, which takes the name path only
+// once complete and synced (a hard link, which never replaces a file another process made
+// meanwhile). A process killed, or a disk filled, during bbolt's first write used to leave an
+// empty file at path, which Open refuses as damaged (an empty data file may be one that lost its
+// records): the service then never started again until someone removed it.
+func create(path string, timeout time.Duration) error {
+	if _, err := os.Lstat(path); !errors.Is(err, fs.ErrNotExist) {
+		return nil // there is a file (or an error that opening it will report)
+	}
+	// Files of earlier attempts that did not finish; one of a process starting right now on the
+	// same directory may go too, and that process then fails to start, as it would on the lock.
+	if old, err := filepath.Glob(path + ".new-*"); err == nil {
+		for _, f := range old {
+			_ = os.Remove(f)
+		}
+	}
+	tmp := fmt.Sprintf("%s.new-%d", path, os.Getpid())
+	err := func() error {
+		db, err := bbolt.Open(tmp, 0o600, &bbolt.Options{Timeout: timeout})
+		if err != nil {
+			return err
+		}
+		err = db.Update(func(tx *bbolt.Tx) error {
+			for _, name := range [][]byte{bucketRecords, bucketExpiry, bucketFences} {
+				if _, err := tx.CreateBucketIfNotExists(name); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		return errors.Join(err, db.Close())
+	}()
+	if err == nil {
+		if err = os.Link(tmp, path); errors.Is(err, fs.ErrExist) {
+			err = nil // another process made it first: open that one
+		}
+	}
+	_ = os.Remove(tmp)
+	if err != nil {
+		return fmt.Errorf("creating the data file: %w", err)
+	}
+	return syncDir(filepath.Dir(path)) // the new name, durably
+}
+
+// syncDir fsyncs the directory dir, so that a name made in it survives a crash.
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	return errors.Join(d.Sync(), d.Close())
 }
 
 // OpenDir creates dir if needed and opens FileName in it; see Open.

@@ -1,0 +1,68 @@
+package bolt
+
+import (
+	"context"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/idemsvc/idemsvc/internal/keys"
+)
+
+// TestCreateLeftovers: what a first start killed during bbolt's first write leaves (a partial
+// file of its own, never the data file's name) does not stop the next start, and is removed.
+func TestCreateLeftovers(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, FileName)
+	leftover := path + ".new-999999"
+	if err := os.WriteFile(leftover, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s, err := Open(path, Options{})
+	if err != nil {
+		t.Fatalf("open after an interrupted first start: %v", err)
+	}
+	defer s.Close()
+	if _, err := s.Begin(context.Background(), "t", "k", keys.BeginRequest{Lease: time.Minute, TTL: time.Hour}); err != nil {
+		t.Fatal(err)
+	}
+	if left, _ := filepath.Glob(path + ".new-*"); len(left) != 0 {
+		t.Errorf("files left: %v", left)
+	}
+}
+
+// TestCreateOnFullDisk: a first start on a full disk fails, and leaves no data file; once there
+// is room the next start makes one. It used to leave an empty data file, which every later start
+// refused as damaged. It needs a small tmpfs, so root; it is skipped otherwise.
+func TestCreateOnFullDisk(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("mounting a small tmpfs needs root")
+	}
+	dir := t.TempDir()
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", dir).CombinedOutput(); err != nil {
+		t.Skipf("mount tmpfs: %v: %s", err, out)
+	}
+	t.Cleanup(func() { _ = exec.Command("umount", dir).Run() })
+	path := filepath.Join(dir, FileName)
+	if s, err := Open(path, Options{}); err == nil {
+		s.Close()
+		t.Fatal("a data file was made in 8 KiB")
+	}
+	if _, err := os.Lstat(path); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("after the failed first start, the data file: %v; want none", err)
+	}
+	if left, _ := filepath.Glob(path + ".new-*"); len(left) != 0 {
+		t.Errorf("files left: %v", left)
+	}
+	if out, err := exec.Command("mount", "-o", "remount,size=4m", dir).CombinedOutput(); err != nil {
+		t.Fatalf("remount: %v: %s", err, out)
+	}
+	s, err := Open(path, Options{})
+	if err != nil {
+		t.Fatalf("the start once there is room: %v", err)
+	}
+	s.Close()
+}
