@@ -44,6 +44,7 @@ type Config struct {
 	SweepInterval      time.Duration `split_words:"true" default:"1m" desc:"how often expired records are removed"`
 	LogLevel           string        `split_words:"true" default:"info" desc:"zap level: debug, info, warn, error"`
 	ShutdownTimeout    time.Duration `split_words:"true" default:"15s" desc:"how long in-flight requests may take to finish at shutdown"`
+	DrainDelay         time.Duration `split_words:"true" default:"0s" desc:"at SIGTERM, how long /readyz answers 503 while requests are still served, before shutdown begins"`
 	MaxConns           int           `split_words:"true" default:"0" desc:"most connections open at once (0, or at least 4); 0: min(10000, RLIMIT_NOFILE - 256), or half of RLIMIT_NOFILE when that is 512 or less"`
 	MaxWaiters         int           `split_words:"true" default:"1000" desc:"most begins waiting for a holder (wait_ms) at once; half per tenant with several"`
 
@@ -82,7 +83,7 @@ func knownVars() []string {
 		"IDEMSVC_ADDR", "IDEMSVC_BACKEND", "IDEMSVC_DATA_DIR", "IDEMSVC_REDIS_URL", "IDEMSVC_REDIS_ALLOW_EVICTION", "IDEMSVC_TOKENS",
 		"IDEMSVC_DEFAULT_LEASE", "IDEMSVC_MAX_LEASE", "IDEMSVC_DEFAULT_TTL", "IDEMSVC_MAX_TTL",
 		"IDEMSVC_MAX_WAIT", "IDEMSVC_MAX_BODY_BYTES", "IDEMSVC_SWEEP_INTERVAL", "IDEMSVC_LOG_LEVEL",
-		"IDEMSVC_SHUTDOWN_TIMEOUT", "IDEMSVC_MAX_CONNS", "IDEMSVC_MAX_WAITERS",
+		"IDEMSVC_SHUTDOWN_TIMEOUT", "IDEMSVC_DRAIN_DELAY", "IDEMSVC_MAX_CONNS", "IDEMSVC_MAX_WAITERS",
 	}
 }
 
@@ -120,6 +121,9 @@ func (c Config) validate() error {
 	}
 	if c.MaxWait < 0 {
 		bad("MAX_WAIT", "must not be negative")
+	}
+	if c.DrainDelay < 0 || c.DrainDelay > 10*time.Minute {
+		bad("DRAIN_DELAY", "must be between 0 and 10m, not %s", c.DrainDelay)
 	}
 	// Records keep their times in Unix nanoseconds, which end in 2262: a bound far beyond any
 	// retention or lease a key needs keeps every time a request can ask for well inside.
@@ -225,7 +229,7 @@ func (c Config) masked() map[string]any {
 		"tokens": tenants, "default_lease": c.DefaultLease.String(), "max_lease": c.MaxLease.String(),
 		"default_ttl": c.DefaultTTL.String(), "max_ttl": c.MaxTTL.String(), "max_wait": c.MaxWait.String(),
 		"max_body_bytes": c.MaxBodyBytes, "sweep_interval": c.SweepInterval.String(),
-		"log_level": c.LogLevel, "shutdown_timeout": c.ShutdownTimeout.String(), "max_conns": c.MaxConns, "max_waiters": c.MaxWaiters,
+		"log_level": c.LogLevel, "shutdown_timeout": c.ShutdownTimeout.String(), "drain_delay": c.DrainDelay.String(), "max_conns": c.MaxConns, "max_waiters": c.MaxWaiters,
 		"redis_allow_eviction": c.RedisAllowEviction,
 	}
 }

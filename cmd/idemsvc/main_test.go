@@ -91,7 +91,7 @@ func TestConfigReadsOnlyPrefixedNames(t *testing.T) {
 		"TOKENS": "a:0123456789abcdef", "DEFAULT_LEASE": "2s", "MAX_LEASE": "3s", "DEFAULT_TTL": "2h",
 		"MAX_TTL": "3h", "MAX_WAIT": "1s", "MAX_BODY_BYTES": "7", "SWEEP_INTERVAL": "9s",
 		"LOG_LEVEL": "error", "SHUTDOWN_TIMEOUT": "1s", "REDIS_ALLOW_EVICTION": "true", "MAX_CONNS": "5",
-		"MAX_WAITERS": "3",
+		"MAX_WAITERS": "3", "DRAIN_DELAY": "4s",
 	}
 	if len(bare) != len(knownVars()) {
 		t.Fatalf("%d bare names for %d variables", len(bare), len(knownVars()))
@@ -557,5 +557,55 @@ func TestConnectionLimit(t *testing.T) {
 	}
 	if st, _, _ := call(t, "POST", base+"/v1/keys/after-limit/begin", `{}`); st != 201 {
 		t.Errorf("begin after the connections closed = %d, want 201", st)
+	}
+}
+
+// TestDrainDelay: with IDEMSVC_DRAIN_DELAY, a stop first turns /readyz to 503 for that long while
+// every other request is served (a load balancer stops sending here before the listener
+// closes), then shuts down as before. Without it /readyz answered 200 until the listener closed.
+func TestDrainDelay(t *testing.T) {
+	dir := t.TempDir()
+	env := []string{"IDEMSVC_ADDR=127.0.0.1:0", "IDEMSVC_DATA_DIR=" + dir, "IDEMSVC_DRAIN_DELAY=1500ms", "IDEMSVC_SHUTDOWN_TIMEOUT=5s"}
+	for _, kv := range env {
+		k, v, _ := strings.Cut(kv, "=")
+		t.Setenv(k, v)
+	}
+	cfg, err := loadConfig(env)
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := make(chan string, 1)
+	cfg.Ready = func(a string) { addr <- a }
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- run(ctx, cfg, zaptest.NewLogger(t), nil) }()
+	var base string
+	select {
+	case a := <-addr:
+		base = "http://" + a
+	case err := <-done:
+		t.Fatalf("run: %v", err)
+	}
+	if st, _, _ := call(t, "GET", base+"/readyz", ""); st != 200 {
+		t.Fatalf("/readyz before the stop: %d", st)
+	}
+	stopped := time.Now()
+	cancel()
+	time.Sleep(200 * time.Millisecond)
+	st, body, _ := call(t, "GET", base+"/readyz", "")
+	if st != 503 || body["title"] != "Shutting down" {
+		t.Errorf("/readyz while draining: %d %v, want 503 Shutting down", st, body)
+	}
+	if st, _, _ := call(t, "GET", base+"/healthz", ""); st != 200 {
+		t.Errorf("/healthz while draining: %d, want 200", st)
+	}
+	if st, _, _ := call(t, "POST", base+"/v1/keys/drain/begin", "{}"); st != 201 {
+		t.Errorf("a begin while draining: %d, want 201", st)
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("run after the drain: %v", err)
+	}
+	if d := time.Since(stopped); d < 1500*time.Millisecond || d > 5*time.Second {
+		t.Errorf("run ended %v after the stop, want after the 1.5s drain and soon after", d)
 	}
 }

@@ -111,7 +111,9 @@ func run(ctx context.Context, cfg Config, logger *zap.Logger, accessLog zapcore.
 	sweepCtx, stopSweeper := context.WithCancel(context.Background())
 	defer stopSweeper()
 	g, gctx := errgroup.WithContext(ctx)
+	serveDone := make(chan struct{})
 	g.Go(func() error {
+		defer close(serveDone)
 		if err := httpServer.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
 			return fmt.Errorf("serve: %w", err)
 		}
@@ -122,6 +124,18 @@ func run(ctx context.Context, cfg Config, logger *zap.Logger, accessLog zapcore.
 	})
 	g.Go(func() error {
 		<-gctx.Done() // a signal, or Serve failed
+		if ctx.Err() != nil && cfg.DrainDelay > 0 {
+			// A load balancer learns from /readyz that this replica is going, while the
+			// requests it still sends here are served (a second signal ends the process).
+			srv.Unready()
+			logger.Info("draining: /readyz answers 503, requests are still served", zap.Duration("for", cfg.DrainDelay))
+			t := time.NewTimer(cfg.DrainDelay)
+			select {
+			case <-t.C:
+			case <-serveDone:
+				t.Stop()
+			}
+		}
 		logger.Info("shutting down", zap.Duration("timeout", cfg.ShutdownTimeout))
 		srv.Drain()
 		shutdownCtx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)

@@ -41,6 +41,7 @@ var problems = []struct {
 	{keys.ErrInvalidResponse, problemType{"invalid-response", http.StatusUnprocessableEntity, "Invalid response", true}},
 	{keys.ErrUnavailable, problemType{"unavailable", http.StatusServiceUnavailable, "Store unavailable", false}},
 	{errBusy, problemType{"unavailable", http.StatusServiceUnavailable, "Server busy", false}},
+	{errShuttingDown, problemType{"unavailable", http.StatusServiceUnavailable, "Shutting down", false}},
 	{context.DeadlineExceeded, problemType{"unavailable", http.StatusServiceUnavailable, "Store unavailable", false}},
 	{context.Canceled, problemType{"unavailable", http.StatusServiceUnavailable, "Request cancelled", false}},
 }
@@ -88,6 +89,8 @@ func (s *Server) writeError(w http.ResponseWriter, r *http.Request, err error) {
 		s.logger.Debug("request cancelled by the client", zap.String("request_id", requestID(r.Context())))
 	case errors.Is(err, keys.ErrUnavailable):
 		s.health.failure(err, requestID(r.Context())) // logs the outage, not every request
+	case errors.Is(err, errShuttingDown):
+		// /readyz while draining: the drain is logged once, where it starts.
 	case p.status >= 500:
 		s.logger.Warn("request failed", zap.String("request_id", requestID(r.Context())),
 			zap.String("problem", p.name), zap.Error(err))

@@ -18,6 +18,9 @@ import (
 // errBusy: the body budget had no room for a request's body in time (503, "Server busy").
 var errBusy = errors.New("server busy: too many request bodies being read")
 
+// errShuttingDown: /readyz after Unready (503, "Shutting down").
+var errShuttingDown = errors.New("shutting down")
+
 // DefaultMaxWaiters is Options.MaxWaiters when zero.
 const DefaultMaxWaiters = 1000
 

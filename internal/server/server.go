@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net/http"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/go-chi/chi/v5"
@@ -73,6 +74,7 @@ type Server struct {
 	waiters         *waiters
 	bodies          *bodyBudget
 	health          *storeHealth
+	unready         atomic.Bool // see Unready
 	// draining is cancelled when the server starts shutting down, so begins that wait for a
 	// holder answer 409 at once instead of holding shutdown up.
 	draining context.Context
@@ -125,6 +127,11 @@ func (s *Server) Registry() *prometheus.Registry { return s.registry }
 // Drain makes begins that are waiting for a holder answer 409 in-progress at once. Call it when
 // shutdown starts, before http.Server.Shutdown, so waits do not hold shutdown up.
 func (s *Server) Drain() { s.drain() }
+
+// Unready makes /readyz answer 503 ("Shutting down") from now on, while every other request is
+// served as before: the start of a graceful stop, for load balancers to stop sending requests
+// here before the listener closes.
+func (s *Server) Unready() { s.unready.Store(true) }
 
 // ObserveSweep records one sweeper pass in the metrics and the log.
 func (s *Server) ObserveSweep(removed int, err error) {
@@ -197,6 +204,10 @@ func (s *Server) handleHealthz(w http.ResponseWriter, _ *http.Request) {
 }
 
 func (s *Server) handleReadyz(w http.ResponseWriter, r *http.Request) {
+	if s.unready.Load() {
+		s.writeError(w, r, errShuttingDown)
+		return
+	}
 	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 	defer cancel()
 	if err := s.store.Ping(ctx); err != nil {
