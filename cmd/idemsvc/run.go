@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -70,11 +71,12 @@ func run(ctx context.Context, cfg Config, logger *zap.Logger, accessLog zapcore.
 		_ = ln.Close()
 		return err
 	}
-	defer func() {
+	closeStore := sync.OnceFunc(func() {
 		if err := store.Close(); err != nil {
 			logger.Error("closing the store", zap.Error(err))
 		}
-	}()
+	})
+	defer closeStore()
 
 	srv := server.New(store, server.Options{
 		Limits:     cfg.limits(),
@@ -156,6 +158,7 @@ func run(ctx context.Context, cfg Config, logger *zap.Logger, accessLog zapcore.
 	if err := g.Wait(); err != nil {
 		return err
 	}
+	closeStore() // before the last line: closing a store whose Redis hangs takes seconds
 	logger.Info("stopped cleanly")
 	_ = logger.Sync()
 	return nil
