@@ -65,7 +65,7 @@ func loadConfig(environ []string) (Config, error) {
 	known := knownVars()
 	for _, kv := range environ {
 		name, _, _ := strings.Cut(kv, "=")
-		if strings.HasPrefix(name, envPrefix+"_") && !slices.Contains(known, name) {
+		if strings.HasPrefix(name, envPrefix+"_") && !slices.Contains(known, name) && !testVar(name) {
 			return cfg, fmt.Errorf("unknown variable %s (known: %s)", name, strings.Join(known, ", "))
 		}
 	}
@@ -75,6 +75,15 @@ func loadConfig(environ []string) (Config, error) {
 	// envconfig reads the process environment, and so does this.
 	_, cfg.tokensSet = os.LookupEnv(envPrefix + "_TOKENS")
 	return cfg, cfg.validate()
+}
+
+// testVar reports whether name is one of the variables of the project's tests and benchmarks
+// (IDEMSVC_TEST_*, IDEMSVC_PROOFS, IDEMSVC_SOAK_*, IDEMSVC_SCALE*), which the README names and
+// the service does not read: a developer who exported one could not start the service.
+func testVar(name string) bool {
+	rest := strings.TrimPrefix(name, envPrefix+"_")
+	return strings.HasPrefix(rest, "TEST_") || rest == "PROOFS" || strings.HasPrefix(rest, "SOAK_") ||
+		rest == "SCALE" || strings.HasPrefix(rest, "SCALE_")
 }
 
 // knownVars lists every IDEMSVC_* variable that Config reads.

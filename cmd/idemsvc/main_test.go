@@ -168,6 +168,19 @@ func TestUsageListsEveryVariable(t *testing.T) {
 	if code := realMain(nil, []string{"IDEMSVC_NOPE=1"}, io.Discard, &stderr); code != 1 || !strings.Contains(stderr.String(), "IDEMSVC_NOPE") {
 		t.Errorf("an unknown variable: exit %d, stderr %q", code, stderr.String())
 	}
+	// The project's own test variables, which the README names, do not stop the service; a
+	// near miss of one does.
+	for _, env := range [][]string{
+		{"IDEMSVC_PROOFS=long"}, {"IDEMSVC_TEST_REQUIRE_BACKENDS=1"}, {"IDEMSVC_TEST_REDIS_URL=redis://x:1/9"},
+		{"IDEMSVC_SOAK_DURATION=5m"}, {"IDEMSVC_SCALE=1"}, {"IDEMSVC_SCALE_RECORDS=1000"},
+	} {
+		if _, err := loadConfig(env); err != nil {
+			t.Errorf("%s: %v, want it ignored", env[0], err)
+		}
+	}
+	if _, err := loadConfig([]string{"IDEMSVC_PROOF=long"}); err == nil {
+		t.Error("IDEMSVC_PROOF (not a test variable) was accepted")
+	}
 }
 
 // startRun runs the service as main does, on 127.0.0.1:0 in dir, and returns its base URL and
