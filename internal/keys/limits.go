@@ -120,10 +120,31 @@ func (l Limits) CheckResponse(resp Response) error {
 	if n > l.MaxHeaders {
 		return fmt.Errorf("%w: more than %d header values", ErrInvalidResponse, l.MaxHeaders)
 	}
+	if name := sameNameTwice(resp.Headers); name != "" {
+		return fmt.Errorf("%w: header %s is given twice, in different case", ErrInvalidResponse, http.CanonicalHeaderKey(name))
+	}
 	if size > l.MaxHeaderBytes {
 		return fmt.Errorf("%w: headers are larger than %d bytes", ErrInvalidResponse, l.MaxHeaderBytes)
 	}
 	return nil
+}
+
+// sameNameTwice returns a header name that h holds twice in different case ("x-a" and "X-A"),
+// or "". HTTP names are case-insensitive: both would be replayed as one header, in an order the
+// map does not keep, and a retried complete could not be recognised as the same response.
+func sameNameTwice(h map[string][]string) string {
+	if len(h) < 2 {
+		return ""
+	}
+	seen := make(map[string]bool, len(h))
+	for name := range h {
+		c := http.CanonicalHeaderKey(name)
+		if seen[c] {
+			return name
+		}
+		seen[c] = true
+	}
+	return ""
 }
 
 // validHeaderName reports whether s is an RFC 9110 token.

@@ -2,8 +2,8 @@ package keys
 
 import (
 	"bytes"
-	"maps"
 	"slices"
+	"strings"
 	"time"
 )
 
@@ -139,8 +139,32 @@ func SameResponse(a, b *Response) bool {
 	if a == nil || b == nil {
 		return a == b
 	}
-	return a.Status == b.Status && bytes.Equal(a.Body, b.Body) &&
-		maps.EqualFunc(a.Headers, b.Headers, slices.Equal[[]string])
+	return a.Status == b.Status && bytes.Equal(a.Body, b.Body) && sameHeaders(a.Headers, b.Headers)
+}
+
+// sameHeaders reports whether a and b hold the same values under the same names, the names
+// compared without regard to case, as HTTP compares them: a retried complete that spells
+// "content-type" as "Content-Type" is the same response (CheckResponse refuses a name given
+// twice in different case, so each name matches at most one).
+func sameHeaders(a, b map[string][]string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for name, av := range a {
+		bv, ok := b[name]
+		if !ok {
+			for other, v := range b {
+				if strings.EqualFold(other, name) {
+					bv, ok = v, true
+					break
+				}
+			}
+		}
+		if !ok || !slices.Equal(av, bv) {
+			return false
+		}
+	}
+	return true
 }
 
 func later(a, b time.Time) time.Time {

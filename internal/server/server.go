@@ -169,6 +169,10 @@ func (s *Server) routes() http.Handler {
 		r.Post("/v1/keys/{key}/release", s.handleRelease)
 		r.Get("/v1/keys/{key}", s.handleGet)
 		r.Delete("/v1/keys/{key}", s.handleDelete)
+		// The empty key, which {key} does not match: 400 invalid-key, as on the actions
+		// (/v1/keys//begin), not 404 for an unknown path.
+		r.Get("/v1/keys/", s.handleGet)
+		r.Delete("/v1/keys/", s.handleDelete)
 	})
 
 	r.Get("/healthz", s.handleHealthz)

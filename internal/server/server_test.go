@@ -727,6 +727,8 @@ func TestMalformed(t *testing.T) {
 		{"DEL", "GET", "/v1/keys/a%7F", nil, nil, 400, "invalid-key"},
 		{"too long", "POST", "/v1/keys/" + strings.Repeat("k", 256) + "/begin", "{}", nil, 400, "invalid-key"},
 		{"empty key", "POST", "/v1/keys//begin", "{}", nil, 400, "invalid-key"},
+		{"empty key, get", "GET", "/v1/keys/", nil, nil, 400, "invalid-key"},
+		{"empty key, delete", "DELETE", "/v1/keys/", nil, nil, 400, "invalid-key"},
 		// JSON.
 		{"not json", "POST", "/v1/keys/k/begin", "not json", nil, 400, "invalid-request"},
 		{"truncated", "POST", "/v1/keys/k/begin", `{"lease_ms":`, nil, 400, "invalid-request"},
@@ -753,6 +755,7 @@ func TestMalformed(t *testing.T) {
 		{"member twice", "POST", "/v1/keys/k/begin", `{"fingerprint":"a","fingerprint":"b"}`, nil, 400, "invalid-request"},
 		{"member twice in other case", "POST", "/v1/keys/k/begin", `{"fingerprint":"a","FINGERPRINT":"b"}`, nil, 400, "invalid-request"},
 		{"header given twice", "POST", "/v1/keys/held/complete", `{"token":"` + tok + `","response":{"status":200,"headers":{"A":["1"],"A":["2"]}}}`, nil, 400, "invalid-request"},
+		{"header given twice in other case", "POST", "/v1/keys/held/complete", `{"token":"` + tok + `","response":{"status":200,"headers":{"x-a":["1"],"X-A":["2"]}}}`, nil, 422, "invalid-response"},
 		{"base64 with a line break", "POST", "/v1/keys/held/complete", `{"token":"` + tok + `","response":{"status":200,"body":"YWJj\nZA=="}}`, nil, 400, "invalid-request"},
 		{"base64 with CR LF", "POST", "/v1/keys/held/complete", `{"token":"` + tok + `","response":{"status":200,"body":"YWJj\r\nZA=="}}`, nil, 400, "invalid-request"},
 		{"invalid UTF-8", "POST", "/v1/keys/k/begin", "{\"fingerprint\":\"\xff\"}", nil, 400, "invalid-request"},
@@ -911,4 +914,22 @@ func TestStoreHealthFlapping(t *testing.T) {
 	if last := logs.All()[logs.Len()-1]; last.Message != "store still unavailable" {
 		t.Errorf("a minute into an outage: %q, want a reminder", last.Message)
 	}
+}
+
+// TestCompleteAgainInOtherCase: the same complete again, its header names spelled in another
+// case, is the same response (HTTP names are case-insensitive): 200, not 409 already-completed
+// (a contract audit's find).
+func TestCompleteAgainInOtherCase(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, servertest.Options{})
+	r := e.do("POST", "/v1/keys/case/begin", nil)
+	wantStatus(t, r, 201, "")
+	tok := r.json(t)["lease"].(map[string]any)["token"].(string)
+	complete := func(name string) reply {
+		return e.do("POST", "/v1/keys/case/complete", `{"token":"`+tok+`","response":{"status":201,"headers":{"`+name+`":["application/json"]},"body":"e30="}}`)
+	}
+	wantStatus(t, complete("content-type"), 200, "")
+	wantStatus(t, complete("Content-Type"), 200, "")
+	wantStatus(t, complete("CONTENT-TYPE"), 200, "")
+	wantStatus(t, complete("Content-Length"), 409, "already-completed") // another header
 }
