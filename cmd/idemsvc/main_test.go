@@ -187,6 +187,14 @@ func TestUsageListsEveryVariable(t *testing.T) {
 // a stop function that cancels it and returns run's error.
 func startRun(t *testing.T, dir string) (string, func() error) {
 	t.Helper()
+	base, cancel, done := startRunSignal(t, dir)
+	return base, func() error { cancel(); return <-done }
+}
+
+// startRunSignal is startRun with the stop in two parts: cancel (the signal) returns at once,
+// and done yields run's error when it has returned.
+func startRunSignal(t *testing.T, dir string) (string, context.CancelFunc, <-chan error) {
+	t.Helper()
 	t.Setenv("IDEMSVC_ADDR", "127.0.0.1:0")
 	t.Setenv("IDEMSVC_DATA_DIR", dir)
 	t.Setenv("IDEMSVC_SHUTDOWN_TIMEOUT", "5s")
@@ -201,14 +209,14 @@ func startRun(t *testing.T, dir string) (string, func() error) {
 	go func() { done <- run(ctx, cfg, zaptest.NewLogger(t), nil) }()
 	select {
 	case a := <-addr:
-		return "http://" + a, func() error { cancel(); return <-done }
+		return "http://" + a, cancel, done
 	case err := <-done:
 		cancel()
 		t.Fatalf("run: %v", err)
 	case <-time.After(10 * time.Second):
 		t.Fatal("run did not become ready")
 	}
-	return "", nil
+	return "", nil, nil
 }
 
 func call(t *testing.T, method, url string, body string) (int, map[string]any, http.Header) {
@@ -577,28 +585,8 @@ func TestConnectionLimit(t *testing.T) {
 // every other request is served (a load balancer stops sending here before the listener
 // closes), then shuts down as before. Without it /readyz answered 200 until the listener closed.
 func TestDrainDelay(t *testing.T) {
-	dir := t.TempDir()
-	env := []string{"IDEMSVC_ADDR=127.0.0.1:0", "IDEMSVC_DATA_DIR=" + dir, "IDEMSVC_DRAIN_DELAY=1500ms", "IDEMSVC_SHUTDOWN_TIMEOUT=5s"}
-	for _, kv := range env {
-		k, v, _ := strings.Cut(kv, "=")
-		t.Setenv(k, v)
-	}
-	cfg, err := loadConfig(env)
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := make(chan string, 1)
-	cfg.Ready = func(a string) { addr <- a }
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- run(ctx, cfg, zaptest.NewLogger(t), nil) }()
-	var base string
-	select {
-	case a := <-addr:
-		base = "http://" + a
-	case err := <-done:
-		t.Fatalf("run: %v", err)
-	}
+	t.Setenv("IDEMSVC_DRAIN_DELAY", "1500ms")
+	base, cancel, done := startRunSignal(t, t.TempDir())
 	if st, _, _ := call(t, "GET", base+"/readyz", ""); st != 200 {
 		t.Fatalf("/readyz before the stop: %d", st)
 	}

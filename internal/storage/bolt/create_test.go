@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"testing"
 	"time"
@@ -38,14 +37,7 @@ func TestCreateLeftovers(t *testing.T) {
 // is room the next start makes one. It used to leave an empty data file, which every later start
 // refused as damaged. It needs a small tmpfs, so root; it is skipped otherwise.
 func TestCreateOnFullDisk(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("mounting a small tmpfs needs root")
-	}
-	dir := t.TempDir()
-	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", dir).CombinedOutput(); err != nil {
-		t.Skipf("mount tmpfs: %v: %s", err, out)
-	}
-	t.Cleanup(func() { _ = exec.Command("umount", dir).Run() })
+	dir := smallTmpfs(t, "8k")
 	path := filepath.Join(dir, FileName)
 	if s, err := Open(path, Options{}); err == nil {
 		s.Close()
@@ -57,9 +49,7 @@ func TestCreateOnFullDisk(t *testing.T) {
 	if left, _ := filepath.Glob(path + ".new-*"); len(left) != 0 {
 		t.Errorf("files left: %v", left)
 	}
-	if out, err := exec.Command("mount", "-o", "remount,size=4m", dir).CombinedOutput(); err != nil {
-		t.Fatalf("remount: %v: %s", err, out)
-	}
+	remount(t, dir, "4m")
 	s, err := Open(path, Options{})
 	if err != nil {
 		t.Fatalf("the start once there is room: %v", err)

@@ -17,14 +17,7 @@ import (
 // internal error, and the store takes writes again once there is room. It needs a small tmpfs,
 // so root; it is skipped otherwise.
 func TestDiskFull(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("mounting a small tmpfs needs root")
-	}
-	dir := t.TempDir()
-	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", dir).CombinedOutput(); err != nil {
-		t.Skipf("mount tmpfs: %v: %s", err, out)
-	}
-	t.Cleanup(func() { _ = exec.Command("umount", dir).Run() })
+	dir := smallTmpfs(t, "400k")
 	s, err := Open(filepath.Join(dir, FileName), Options{})
 	if err != nil {
 		t.Fatal(err)
@@ -51,13 +44,34 @@ func TestDiskFull(t *testing.T) {
 		t.Fatalf("the write on a full disk: %v, want keys.ErrUnavailable", full)
 	}
 	// Make room (grow the file system) and write again.
-	if out, err := exec.Command("mount", "-o", "remount,size=4m", dir).CombinedOutput(); err != nil {
-		t.Fatalf("remount: %v: %s", err, out)
-	}
+	remount(t, dir, "4m")
 	if _, err := s.Begin(ctx, "t", "after", keys.BeginRequest{Lease: time.Minute, TTL: time.Hour}); err != nil {
 		t.Errorf("a write once there is room: %v", err)
 	}
 	if _, err := s.Get(ctx, "t", "k0"); err != nil {
 		t.Errorf("a record stored before the disk filled: %v", err)
+	}
+}
+
+// smallTmpfs mounts a tmpfs of size (mount's -o size=) on a directory of the test's and returns
+// it; it needs root, and skips the test otherwise. Grow it with remount.
+func smallTmpfs(t *testing.T, size string) string {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("mounting a small tmpfs needs root")
+	}
+	dir := t.TempDir()
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size="+size, "tmpfs", dir).CombinedOutput(); err != nil {
+		t.Skipf("mount tmpfs: %v: %s", err, out)
+	}
+	t.Cleanup(func() { _ = exec.Command("umount", dir).Run() })
+	return dir
+}
+
+// remount grows (or shrinks) the tmpfs at dir to size.
+func remount(t *testing.T, dir, size string) {
+	t.Helper()
+	if out, err := exec.Command("mount", "-o", "remount,size="+size, dir).CombinedOutput(); err != nil {
+		t.Fatalf("remount: %v: %s", err, out)
 	}
 }
