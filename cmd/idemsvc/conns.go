@@ -61,27 +61,23 @@ func connLimitFor(maxConns int, nofile uint64) (int, error) {
 //
 // When every slot is taken, Accept still takes the next connection from the kernel's queue (it
 // holds one descriptor beyond the limit while it waits, out of the fdReserve), then makes room
-// for it by closing the connection that has been idle longest: a keep-alive connection that has
-// finished its last request (http.StateIdle). Before, a few clients holding idle keep-alive
-// connections took every slot for up to the server's IdleTimeout, and then nothing was served,
-// not even /healthz. A connection that is reading a request's headers (StateNew) or serving one
-// (StateActive) is never closed: while all are, the new connection waits for one to close or to
-// go idle. HTTP lets a server close an idle connection at any time (RFC 9112, section 9.6); its
-// client opens another.
+// for it by ending the connection that has been idle longest, if it has been idle for at least
+// minIdleToEvict: a keep-alive connection waiting for its client's next request. Before, a few
+// clients holding idle keep-alive connections took every slot for up to the server's
+// IdleTimeout, and then nothing was served, not even /healthz. A connection that is reading or
+// serving a request is never ended, nor one that went idle a moment ago (a busy client about to
+// send its next request): while no connection qualifies, the new one waits.
 //
-// A connection may turn active between our choice and our Close. net/http's Server.Shutdown
-// (closeIdleConns) has the same race and closes idle connections anyway, under its lock, if
-// their state still reads idle. So do we, a little more strictly: connState takes mu for every
-// transition, and we close under mu only the connection at the head of the idle list, so that
-// none is closed after StateActive was reported for it; a closed one is marked (evicted) and
-// never listed as idle again. What remains is a request whose first bytes are on the way, or
-// read but not yet reported (net/http reports StateActive once it has read the headers): the
-// window every server that closes idle keep-alive connections has, and that clients handle
-// (net/http's Transport resends on a new connection a request it wrote to a connection the
-// server closed, if it is idempotent or carries an Idempotency-Key header). Closing the oldest
-// idle first makes it least likely. Close waits until concurrent reads of the connection
-// return (internal/poll), which it wakes at once, and nothing calls connState while reading, so
-// closing under mu cannot deadlock; it happens only when the limit is reached.
+// The connection is ended as net/http's own IdleTimeout ends it: with a read deadline in the
+// past, not with Close. net/http waits for the next request in a read; the deadline makes that
+// read fail, and net/http closes the connection without running anything. If the next request's
+// bytes had already arrived, net/http sets its own deadlines to read it (ReadHeaderTimeout,
+// then ReadTimeout, which differ in run), and serves and answers it as usual. So a request is
+// either not run at all, and its client sees a closed keep-alive connection, which HTTP allows
+// (RFC 9112, section 9.6) and clients retry; or run and answered. Closing the connection
+// instead could close it under a request that net/http had read but not yet reported active:
+// the handler ran (a begin took its lease) and its answer was lost (a review's find: thousands
+// of such requests in 8 s with busy keep-alive clients at the limit).
 type connCap struct {
 	net.Listener
 	slots     chan struct{} // one per open connection
@@ -89,16 +85,17 @@ type connCap struct {
 	closeOnce sync.Once
 	logger    *zap.Logger
 	now       func() time.Time
-	idleNote  chan struct{} // a connection went idle (or an evicted one went active) while Accept waits
+	idleNote  chan struct{} // a connection went idle (or the one being ended went active) while Accept waits
 
 	mu       sync.Mutex
 	conns    map[net.Conn]*trackedConn // every connection net/http reported and did not close
 	idle     trackedConn               // sentinel of the idle list, ordered from the oldest idle
 	waiters  int                       // Accepts waiting for room
-	pending  int                       // evicted connections whose close net/http has not reported
-	reached  uint64                    // times a new connection found every slot taken
-	evicted  uint64                    // idle connections closed to make room
-	lastWarn time.Time                 // of the last warning that the limit was reached
+	ending   *trackedConn              // the connection given a past deadline, until it closes or turns active
+	endingAt time.Time
+	reached  uint64    // times a new connection found every slot taken
+	evicted  uint64    // idle connections ended to make room
+	lastWarn time.Time // of the last warning that the limit was reached
 	warned   bool
 }
 
@@ -106,10 +103,21 @@ type connCap struct {
 type trackedConn struct {
 	conn       net.Conn
 	state      http.ConnState
-	prev, next *trackedConn // in connCap.idle while state is StateIdle and not evicted
-	evicted    bool         // closed by makeRoom
-	pending    bool         // evicted, and counted in connCap.pending
+	idleSince  time.Time    // when it last went idle
+	prev, next *trackedConn // in connCap.idle (prev is nil when it is not)
 }
+
+const (
+	// minIdleToEvict is how long a connection must have been idle to be ended to make room: a
+	// busy client sends its next request well within it.
+	minIdleToEvict = 250 * time.Millisecond
+	// endWait is how long a connection given a past deadline may take to close before another
+	// is tried (net/http sets its idle deadline just after reporting StateIdle, so a deadline
+	// set in between would be lost; minIdleToEvict makes that all but impossible).
+	endWait = 100 * time.Millisecond
+	// roomPoll is how often a waiting Accept looks again for a connection idle long enough.
+	roomPoll = 25 * time.Millisecond
+)
 
 // capWarnEvery is how often, at most, connCap warns again that the limit was reached.
 const capWarnEvery = time.Minute
@@ -162,8 +170,8 @@ func (l *connCap) Accept() (net.Conn, error) {
 	return c, nil
 }
 
-// makeRoom takes a slot for a connection accepted while every slot was taken, closing the
-// oldest idle connection to free one, and waits until it is free.
+// makeRoom takes a slot for a connection accepted while every slot was taken, ending an idle
+// connection to free one, and waits until it is free.
 func (l *connCap) makeRoom() error {
 	l.mu.Lock()
 	l.reached++
@@ -175,35 +183,45 @@ func (l *connCap) makeRoom() error {
 		l.waiters--
 		l.mu.Unlock()
 	}()
+	poll := time.NewTicker(roomPoll)
+	defer poll.Stop()
 	for {
-		// Close one idle connection at a time: its slot comes back as soon as net/http sees
-		// the close (it was waiting for the next request), unless it raced to active.
 		l.mu.Lock()
-		if l.pending == 0 {
-			l.closeOldestIdle()
-		}
+		l.endOldestIdle(time.Now())
 		l.mu.Unlock()
 		select {
 		case l.slots <- struct{}{}:
 			return nil
 		case <-l.idleNote:
+		case <-poll.C:
 		case <-l.done:
 			return net.ErrClosed
 		}
 	}
 }
 
-// closeOldestIdle closes the connection that has been idle longest, if any. l.mu is held.
-func (l *connCap) closeOldestIdle() {
+// endOldestIdle gives the connection idle the longest a read deadline in the past, if it has
+// been idle for minIdleToEvict and no other is being ended: its slot comes back when net/http
+// closes it. l.mu is held.
+func (l *connCap) endOldestIdle(now time.Time) {
+	if e := l.ending; e != nil {
+		if now.Sub(l.endingAt) < endWait {
+			return
+		}
+		// It neither closed nor turned active: leave it to its idle timeout, idle again.
+		l.ending = nil
+		if e.state == http.StateIdle {
+			l.linkIdle(e, now)
+		}
+	}
 	e := l.idle.next
-	if e == &l.idle {
+	if e == &l.idle || now.Sub(e.idleSince) < minIdleToEvict {
 		return
 	}
 	unlinkIdle(e)
-	e.evicted, e.pending = true, true
-	l.pending++
+	l.ending, l.endingAt = e, now
 	l.evicted++
-	_ = e.conn.Close()
+	_ = e.conn.SetReadDeadline(now)
 }
 
 // warnReached logs that the limit was reached, the first time and then at most every
@@ -228,32 +246,33 @@ func (l *connCap) Close() error {
 // connState tracks a connection's state and frees its slot when it ends; it is the http.Server's
 // ConnState, which net/http calls with StateNew for every connection it accepted (before the
 // connection's other states), StateActive and StateIdle around each request, and StateClosed
-// (or StateHijacked) once at the end. Active and Idle are the hot path: a map lookup and a few
-// pointer moves under mu, without allocating.
+// (or StateHijacked) once at the end. Active and Idle are the hot path: a map lookup, a clock
+// read and a few pointer moves under mu, without allocating.
 func (l *connCap) connState(c net.Conn, s http.ConnState) {
 	switch s {
 	case http.StateActive:
 		l.mu.Lock()
 		if e := l.conns[c]; e != nil {
-			if e.state == http.StateIdle && !e.evicted {
+			if e.prev != nil {
 				unlinkIdle(e)
 			}
 			e.state = s
-			if e.pending { // raced: it read a request before the close; it holds its slot a while
-				l.settle(e)
+			if l.ending == e { // its next request had arrived: it is served, and holds its slot
+				l.ending = nil
+				if l.waiters > 0 {
+					l.note()
+				}
 			}
 		}
 		l.mu.Unlock()
 	case http.StateIdle:
+		now := time.Now()
 		l.mu.Lock()
 		if e := l.conns[c]; e != nil && e.state != http.StateIdle {
 			e.state = s
-			if !e.evicted {
-				e.prev, e.next = l.idle.prev, &l.idle // at the tail: the most recently idle
-				e.prev.next, l.idle.prev = e, e
-				if l.waiters > 0 {
-					l.note()
-				}
+			l.linkIdle(e, now)
+			if l.waiters > 0 {
+				l.note()
 			}
 		}
 		l.mu.Unlock()
@@ -265,11 +284,11 @@ func (l *connCap) connState(c net.Conn, s http.ConnState) {
 	case http.StateClosed, http.StateHijacked:
 		l.mu.Lock()
 		if e := l.conns[c]; e != nil {
-			if e.state == http.StateIdle && !e.evicted {
+			if e.prev != nil {
 				unlinkIdle(e)
 			}
-			if e.pending {
-				l.settle(e)
+			if l.ending == e {
+				l.ending = nil
 			}
 			delete(l.conns, c)
 		}
@@ -278,14 +297,12 @@ func (l *connCap) connState(c net.Conn, s http.ConnState) {
 	}
 }
 
-// settle ends an evicted connection's wait for its close, and lets a waiting Accept close
-// another if it raced to active. l.mu is held.
-func (l *connCap) settle(e *trackedConn) {
-	e.pending = false
-	l.pending--
-	if e.state == http.StateActive && l.waiters > 0 {
-		l.note()
-	}
+// linkIdle puts e at the tail of the idle list (the most recently idle), idle since now. l.mu is
+// held.
+func (l *connCap) linkIdle(e *trackedConn, now time.Time) {
+	e.idleSince = now
+	e.prev, e.next = l.idle.prev, &l.idle
+	e.prev.next, l.idle.prev = e, e
 }
 
 // note wakes a waiting Accept. l.mu is held.
