@@ -582,24 +582,32 @@ func encodeRecord(w http.ResponseWriter, status int, r keys.Record, withToken bo
 }
 
 // encoded is a completed record's body as encodeRecord writes it without the token, kept in the
-// record's Memo. It names the record it encodes by its Response (never shared by two stored
-// records) and expiry, which is checked on every use: a memo copied into a record with other
-// contents by mistake is encoded again, never served.
+// record's Memo. It keeps the fields it was encoded from, and is used only for a record whose
+// fields are the same: a memo copied by mistake into a record with other contents is encoded
+// again, never served (the rules clear Memo on every record they derive, so this is a guard).
 type encoded struct {
-	resp    *keys.Response
-	expires time.Time
-	body    []byte   // with the newline
-	length  []string // the Content-Length header's value, shared like jsonContentType
+	of     keys.Record // Lease, TTL and Memo zeroed: not in the encoding without the token
+	body   []byte      // with the newline
+	length []string    // the Content-Length header's value, shared like jsonContentType
+}
+
+// encodes reports whether e is the encoding of the completed record r.
+func (e *encoded) encodes(r *keys.Record) bool {
+	o := &e.of
+	return o.Response == r.Response && o.State == r.State && o.Key == r.Key && o.Fingerprint == r.Fingerprint &&
+		o.CreatedAt.Equal(r.CreatedAt) && o.CompletedAt.Equal(r.CompletedAt) && o.ExpiresAt.Equal(r.ExpiresAt)
 }
 
 // memoEncoding returns r's encoding from its Memo, encoding it and keeping it there first when
 // the Memo holds none for r.
 func memoEncoding(r keys.Record) *encoded {
-	if e, ok := r.Memo.Load().(*encoded); ok && e.resp == r.Response && e.expires.Equal(r.ExpiresAt) {
+	if e, ok := r.Memo.Load().(*encoded); ok && e.encodes(&r) {
 		return e
 	}
 	body := append(appendRecord(nil, r, false), '\n')
-	e := &encoded{resp: r.Response, expires: r.ExpiresAt, body: body, length: []string{strconv.Itoa(len(body))}}
+	of := r
+	of.Lease, of.TTL, of.Memo = keys.Lease{}, 0, nil
+	e := &encoded{of: of, body: body, length: []string{strconv.Itoa(len(body))}}
 	r.Memo.Store(e)
 	return e
 }

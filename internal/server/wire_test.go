@@ -144,7 +144,14 @@ func TestEncodeRecordMemo(t *testing.T) {
 	later.ExpiresAt = later.ExpiresAt.Add(time.Minute)
 	inProgress := rec
 	inProgress.State, inProgress.Response = keys.StateInProgress, nil
-	for name, r := range map[string]keys.Record{"other response": other, "other expiry": later, "in progress": inProgress} {
+	otherKey := rec
+	otherKey.Key = "k2"
+	otherFingerprint := rec
+	otherFingerprint.Fingerprint = "fp-new"
+	otherTimes := rec
+	otherTimes.CreatedAt, otherTimes.CompletedAt = t0.Add(time.Second), t0.Add(2*time.Second)
+	for name, r := range map[string]keys.Record{"other response": other, "other expiry": later, "in progress": inProgress,
+		"other key": otherKey, "other fingerprint": otherFingerprint, "other times": otherTimes} {
 		if got, n := encode(r, false); got != want(r, false) || n != strconv.Itoa(len(got)) {
 			t.Errorf("%s: %s (Content-Length %s), want %s", name, got, n, want(r, false))
 		}
