@@ -16,6 +16,7 @@ package bolt
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -23,6 +24,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -181,21 +183,24 @@ func Open(path string, opts Options) (*Store, error) {
 // create makes the data file at path when there is none, atomically: bbolt writes the new file's
 // first pages, and the store its buckets, in a file of their own, which takes the name path only
 // once complete and synced (a hard link, which never replaces a file another process made
-// meanwhile). A process killed, or a disk filled, during bbolt's first write used to leave an
-// empty file at path, which Open refuses as damaged (an empty data file may be one that lost its
-// records): the service then never started again until someone removed it.
+// meanwhile; a rename where the file system has no hard links). A process killed, or a disk
+// filled, during bbolt's first write used to leave an empty file at path, which Open refuses as
+// damaged (an empty data file may be one that lost its records): the service then never started
+// again until someone removed it. Files of earlier attempts that did not finish are removed
+// first, even when path exists (one killed between the link and the removal is a second name of
+// the data file).
 func create(path string, timeout time.Duration) error {
+	dir, base := filepath.Split(path)
+	if dir == "" {
+		dir = "."
+	}
+	removeLeftovers(dir, base+".new-")
 	if _, err := os.Lstat(path); !errors.Is(err, fs.ErrNotExist) {
 		return nil // there is a file (or an error that opening it will report)
 	}
-	// Files of earlier attempts that did not finish; one of a process starting right now on the
-	// same directory may go too, and that process then fails to start, as it would on the lock.
-	if old, err := filepath.Glob(path + ".new-*"); err == nil {
-		for _, f := range old {
-			_ = os.Remove(f)
-		}
-	}
-	tmp := fmt.Sprintf("%s.new-%d", path, os.Getpid())
+	var nonce [4]byte
+	_, _ = rand.Read(nonce[:])
+	tmp := fmt.Sprintf("%s.new-%d-%x", path, os.Getpid(), nonce) // pid 1 in every container
 	err := func() error {
 		db, err := bbolt.Open(tmp, 0o600, &bbolt.Options{Timeout: timeout})
 		if err != nil {
@@ -212,24 +217,50 @@ func create(path string, timeout time.Duration) error {
 		return errors.Join(err, db.Close())
 	}()
 	if err == nil {
-		if err = os.Link(tmp, path); errors.Is(err, fs.ErrExist) {
+		err = os.Link(tmp, path)
+		switch {
+		case errors.Is(err, fs.ErrExist):
 			err = nil // another process made it first: open that one
+		case err != nil:
+			// No hard links here (vfat, some network and FUSE file systems): rename, which
+			// replaces a file made meanwhile, so only when there still is none.
+			if _, lerr := os.Lstat(path); errors.Is(lerr, fs.ErrNotExist) {
+				err = os.Rename(tmp, path)
+			}
 		}
 	}
 	_ = os.Remove(tmp)
 	if err != nil {
 		return fmt.Errorf("creating the data file: %w", err)
 	}
-	return syncDir(filepath.Dir(path)) // the new name, durably
+	return syncDir(dir) // the new name, durably
 }
 
-// syncDir fsyncs the directory dir, so that a name made in it survives a crash.
+// removeLeftovers removes the files in dir whose names start with prefix.
+func removeLeftovers(dir, prefix string) {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return
+	}
+	for _, e := range entries {
+		if strings.HasPrefix(e.Name(), prefix) {
+			_ = os.Remove(filepath.Join(dir, e.Name()))
+		}
+	}
+}
+
+// syncDir fsyncs the directory dir, so that a name made in it survives a crash. A file system
+// that cannot sync a directory (EINVAL) is not an error: there is nothing more to do there.
 func syncDir(dir string) error {
 	d, err := os.Open(dir)
 	if err != nil {
 		return err
 	}
-	return errors.Join(d.Sync(), d.Close())
+	err = d.Sync()
+	if errors.Is(err, syscall.EINVAL) || errors.Is(err, syscall.ENOTSUP) {
+		err = nil
+	}
+	return errors.Join(err, d.Close())
 }
 
 // OpenDir creates dir if needed and opens FileName in it; see Open.

@@ -56,3 +56,36 @@ func TestCreateOnFullDisk(t *testing.T) {
 	}
 	s.Close()
 }
+
+// TestCreateLeftoverLink: a start killed between linking the new file to its name and removing
+// the temporary name leaves a second name of the data file; the next start removes it and keeps
+// the records. The data directory's name may hold glob characters.
+func TestCreateLeftoverLink(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "data[1]*")
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(dir, FileName)
+	s, err := Open(path, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Begin(context.Background(), "t", "kept", keys.BeginRequest{Lease: time.Minute, TTL: time.Hour}); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	if err := os.Link(path, path+".new-1-0badf00d"); err != nil {
+		t.Fatal(err)
+	}
+	s, err = Open(path, Options{})
+	if err != nil {
+		t.Fatalf("open with a leftover link: %v", err)
+	}
+	defer s.Close()
+	if _, err := s.Get(context.Background(), "t", "kept"); err != nil {
+		t.Errorf("the record before: %v", err)
+	}
+	if left, _ := os.ReadDir(dir); len(left) != 1 {
+		t.Errorf("files in the data directory: %v, want the data file alone", left)
+	}
+}
