@@ -39,14 +39,17 @@ const (
 	healthQuiet    = 10 * time.Second // the least time between two logged starts
 )
 
-// failure records a request answered 503 because the store is unavailable (err says why).
+// failure records a request answered 503 because the store is unavailable (err says why). The
+// line, if any, is written after the lock is released: a log output that blocks must not hold
+// every other failing request too.
 func (h *storeHealth) failure(err error, requestID string) {
 	if h == nil {
 		return
 	}
 	now := time.Now()
+	var msg string
+	var fields []zap.Field
 	h.mu.Lock()
-	defer h.mu.Unlock()
 	if !h.down.Load() {
 		h.down.Store(true)
 		h.since, h.failed, h.logged = now, 0, false
@@ -55,16 +58,21 @@ func (h *storeHealth) failure(err error, requestID string) {
 	switch {
 	case !h.logged && (h.lastLine.IsZero() || now.Sub(h.lastLine) >= healthQuiet):
 		h.logged, h.lastLine = true, now
-		fields := []zap.Field{zap.String("request_id", requestID), zap.Error(err)}
+		msg = "store unavailable: requests get 503 until it answers again"
+		fields = []zap.Field{zap.String("request_id", requestID), zap.Error(err)}
 		if h.unlogged > 0 {
 			fields = append(fields, zap.Int("brief_outages_before", h.unlogged), zap.Int("their_failed_requests", h.unfailed))
 			h.unlogged, h.unfailed = 0, 0
 		}
-		h.logger.Warn("store unavailable: requests get 503 until it answers again", fields...)
 	case h.logged && now.Sub(h.lastLine) >= healthReminder:
 		h.lastLine = now
-		h.logger.Warn("store still unavailable", zap.Duration("for", now.Sub(h.since)),
-			zap.Int("failed_requests", h.failed), zap.String("request_id", requestID), zap.Error(err))
+		msg = "store still unavailable"
+		fields = []zap.Field{zap.Duration("for", now.Sub(h.since)), zap.Int("failed_requests", h.failed),
+			zap.String("request_id", requestID), zap.Error(err)}
+	}
+	h.mu.Unlock()
+	if msg != "" {
+		h.logger.Warn(msg, fields...)
 	}
 }
 
@@ -74,16 +82,18 @@ func (h *storeHealth) success() {
 		return
 	}
 	h.mu.Lock()
-	defer h.mu.Unlock()
 	if !h.down.Load() {
+		h.mu.Unlock()
 		return
 	}
 	h.down.Store(false)
-	if !h.logged {
+	logged, since, failed := h.logged, h.since, h.failed
+	if !logged {
 		h.unlogged++
 		h.unfailed += h.failed
-		return
 	}
-	h.logger.Info("store available again", zap.Duration("after", time.Since(h.since)),
-		zap.Int("failed_requests", h.failed))
+	h.mu.Unlock()
+	if logged {
+		h.logger.Info("store available again", zap.Duration("after", time.Since(since)), zap.Int("failed_requests", failed))
+	}
 }
