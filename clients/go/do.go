@@ -217,7 +217,10 @@ func (c *Client) keepAlive(ctx context.Context, key, token string, lease time.Du
 	go func() {
 		defer close(k.done)
 		expiry := start.Add(lease)
-		wait := lease / 3
+		// The lease ends, at the earliest, lease after the begin was sent. A begin that waited
+		// (WithWait, or a takeover after RetryInProgress) may have acquired it long after: then
+		// the estimate is near or past already, and the first renew goes out at once.
+		wait := min(lease/3, max(time.Until(expiry)/2, 0))
 		for {
 			t := time.NewTimer(wait)
 			select {
@@ -227,7 +230,14 @@ func (c *Client) keepAlive(ctx context.Context, key, token string, lease time.Du
 			case <-t.C:
 			}
 			sent := time.Now()
-			actx, acancel := context.WithDeadline(rctx, expiry)
+			// A renew is always sent before the lease is given up: when the estimate of its end
+			// is past, the renew still gets renewTime (the lease holds on the server until
+			// another caller takes the key over, and the renew then says so).
+			deadline := expiry
+			if floor := sent.Add(renewTime(lease)); deadline.Before(floor) {
+				deadline = floor
+			}
+			actx, acancel := context.WithDeadline(rctx, deadline)
 			_, err := c.Renew(actx, key, token, lease)
 			acancel()
 			if rctx.Err() != nil {
@@ -257,6 +267,9 @@ func (c *Client) keepAlive(ctx context.Context, key, token string, lease time.Du
 	}()
 	return k
 }
+
+// renewTime is the least time a renew is given, however close the estimate of the lease's end.
+func renewTime(lease time.Duration) time.Duration { return max(lease/3, 250*time.Millisecond) }
 
 // stop ends the renewals, waits for the renewing goroutine to finish and reports whether the
 // lease was lost.

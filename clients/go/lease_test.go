@@ -187,3 +187,35 @@ func TestDoNilHeaderAgainstIdemsvc(t *testing.T) {
 		t.Errorf("fn ran %d times; stored %+v", runs, rec.Response)
 	}
 }
+
+// TestDoAfterWaitingRenewsAgainstIdemsvc: a Do whose begin waited for a crashed holder's lease to
+// run out (WithWait) acquires the key long after it sent the begin, so its estimate of its own
+// lease's end (sent + lease) is near or past when fn starts. It must renew at once rather than
+// give the lease up unasked: the first renew used to be due lease/3 after fn started, past the
+// estimate, and went out with a deadline already passed; fn was cancelled with ErrLeaseLost while
+// the server still held the lease for it (a client audit's find; a payment handler that saved
+// under its context charged twice).
+func TestDoAfterWaitingRenewsAgainstIdemsvc(t *testing.T) {
+	t.Parallel()
+	url := startIdemsvc(t)
+	c := newTestClient(t, url)
+	ctx := context.Background()
+	const lease = 1500 * time.Millisecond
+	// The crashed holder: it began with a 1s lease and never completes.
+	if _, err := c.Begin(ctx, "waited", BeginOptions{Lease: time.Second}); err != nil {
+		t.Fatal(err)
+	}
+	ran := false
+	res, err := c.Do(ctx, "waited", "", func(fctx context.Context) (Response, error) {
+		ran = true
+		select { // longer than the lease: it needs renews
+		case <-time.After(2 * lease):
+		case <-fctx.Done():
+			return Response{}, context.Cause(fctx)
+		}
+		return Response{Status: 201, Body: []byte("done")}, nil
+	}, WithLease(lease), WithWait(3*time.Second))
+	if err != nil || !ran || string(res.Response.Body) != "done" {
+		t.Fatalf("Do after waiting out a crashed holder: %+v, ran %v, %v; want fn's response", res, ran, err)
+	}
+}
