@@ -301,6 +301,10 @@ func (c *Client) call(ctx context.Context, cl call) (int, error) {
 				retryable = true
 			case cl.retryInProgress && errors.Is(apiErr, ErrInProgress):
 				retryable = true
+			case cl.op == "complete" && errors.Is(apiErr, ErrInternal):
+				// Complete is safe to repeat, and a response not recorded makes the work run
+				// again once the lease runs out.
+				retryable = true
 			}
 		}
 		if !retryable || cl.noRetry || attempt >= p.MaxAttempts {

@@ -143,6 +143,8 @@ func TestErrorDecoding(t *testing.T) {
 		{"Unavailable", 503, "application/problem+json", `{"type":"urn:idemsvc:problem:unavailable","status":503}`, nil, ErrUnavailable, "unavailable", 0},
 		{"Internal", 500, "application/problem+json", `{"type":"urn:idemsvc:problem:internal","status":500}`, nil, ErrInternal, "internal", 0},
 		{"ProxyBadGateway", 502, "text/html", `<html>bad gateway</html>`, nil, ErrUnavailable, "", 0},
+		{"ProxyInternal", 500, "text/html", `<html>oops</html>`, nil, ErrInternal, "", 0},
+		{"TooManyRequests", 429, "text/plain", `slow down`, nil, ErrUnavailable, "", 0},
 		{"ProxyNotFoundIsNotErrNotFound", 404, "text/plain", `404 page not found`, nil, nil, "", 0},
 		{"HTTPDateRetryAfter", 409, "application/problem+json", `{"type":"urn:idemsvc:problem:in-progress","status":409}`,
 			map[string]string{"Retry-After": "in 90s"}, ErrInProgress, "in-progress", 90 * time.Second},
@@ -241,6 +243,26 @@ func TestRetry(t *testing.T) {
 		}
 		if got, want := n.Load(), int32(4); got != want {
 			t.Errorf("attempts = %d, want %d", got, want)
+		}
+	})
+	t.Run("CompleteRetriedOnInternal", func(t *testing.T) {
+		t.Parallel()
+		html500 := func(w http.ResponseWriter) {
+			w.Header().Set("Content-Type", "text/html")
+			w.WriteHeader(500)
+			_, _ = io.WriteString(w, "<html>oops</html>")
+		}
+		ok := func(w http.ResponseWriter) {
+			w.Header().Set("Content-Type", "application/json")
+			_, _ = io.WriteString(w, `{"key":"k","state":"completed","fingerprint":"","response":{"status":200,"headers":{},"body":""},"created_at":"2026-11-27T00:00:00Z","completed_at":"2026-11-27T00:00:00Z","expires_at":"2026-11-28T00:00:00Z"}`)
+		}
+		srv, n := scripted(t, html500, problemAnswer(500, "internal"), ok)
+		c := newTestClient(t, srv.URL, WithRetry(fast))
+		if _, err := c.Complete(context.Background(), "k", CompleteRequest{Token: "tok", Response: Response{Status: 200}}); err != nil {
+			t.Fatalf("complete after two 500s: %v", err)
+		}
+		if got := n.Load(); got != 3 {
+			t.Errorf("attempts = %d, want 3", got)
 		}
 	})
 	t.Run("NoRetryOfFinal4xx", func(t *testing.T) {

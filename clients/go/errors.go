@@ -44,10 +44,11 @@ var (
 	// credential header, too many or too large headers, a body over the limit).
 	ErrInvalidResponse = errors.New("idemclient: invalid response")
 	// ErrUnavailable: idemsvc could not be reached or cannot reach its store: a transport error,
-	// a 503, or a 502 or 504 from a proxy in front of it, after the retries the RetryPolicy
-	// allows.
+	// a 503, or a 502 or 504 from a proxy in front of it, or a 429, after the retries the
+	// RetryPolicy allows.
 	ErrUnavailable = errors.New("idemclient: unavailable")
-	// ErrInternal: idemsvc failed with an internal error (500).
+	// ErrInternal: idemsvc failed with an internal error (500), or a proxy in front of it
+	// answered another 5xx than 502, 503 or 504.
 	ErrInternal = errors.New("idemclient: internal server error")
 	// ErrNotRecorded: Do ran the function and it returned a response, but idemsvc did not
 	// record it (the lease was lost, the response could not be stored, or idemsvc could not be
@@ -134,10 +135,13 @@ func (e *Error) Is(target error) bool {
 		return target == ErrUnauthorized
 	case http.StatusRequestEntityTooLarge:
 		return target == ErrPayloadTooLarge
-	case http.StatusBadGateway, http.StatusServiceUnavailable, http.StatusGatewayTimeout:
+	case http.StatusBadGateway, http.StatusServiceUnavailable, http.StatusGatewayTimeout,
+		http.StatusTooManyRequests: // still refused after the retries: unavailable as far as the caller can tell
 		return target == ErrUnavailable
 	}
-	return false
+	// Any other 5xx, from idemsvc without its problem type or from a proxy in front of it, is a
+	// failure of the service (WithFailOpen and the middleware's 503 depend on it matching).
+	return e.Status >= 500 && e.Status <= 599 && target == ErrInternal
 }
 
 // transportError is a request that got no HTTP response. It matches ErrUnavailable and

@@ -11,6 +11,8 @@ import (
 //
 //   - on a transport error (no response: connection refused or reset, a timed-out attempt);
 //   - on 502, 503 and 504 (idemsvc or its store unreachable), and 429;
+//   - on 500 (ErrInternal) from Complete only: a response not recorded makes the work run again
+//     once the lease runs out, and the same complete again is safe;
 //   - on 409 in-progress from Begin, only when RetryInProgress is set.
 //
 // Every other 4xx is final: the same request would get the same answer.
