@@ -33,7 +33,12 @@ import (
 //
 // A body that is not valid UTF-8 JSON, or that has duplicate object keys, lone surrogate escapes
 // or nesting deeper than 1000, is hashed as it is. An empty body is hashed as empty.
-func Fingerprint(method, path string, body []byte) string {
+func Fingerprint(method, path string, body []byte) string { return fingerprint(method, path, body, "") }
+
+// fingerprint is Fingerprint, and also of credential when it is not empty (the middleware's
+// caller's Authorization, hashed first), framed 'a' after the body: without one, the result is
+// Fingerprint's.
+func fingerprint(method, path string, body []byte, credential string) string {
 	h := sha256.New()
 	frame := func(kind byte, b []byte) {
 		var n [9]byte
@@ -49,6 +54,10 @@ func Fingerprint(method, path string, body []byte) string {
 		frame('j', c)
 	} else {
 		frame('r', body)
+	}
+	if credential != "" {
+		c := sha256.Sum256([]byte(credential))
+		frame('a', c[:])
 	}
 	return hex.EncodeToString(h.Sum(nil))
 }

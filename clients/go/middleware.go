@@ -26,6 +26,7 @@ type MiddlewareOption interface {
 type middlewareConfig struct {
 	methods         map[string]bool
 	scope           func(*http.Request) string
+	caller          func(*http.Request) string // WithCaller; nil: callers told apart by credentials
 	requireKey      bool
 	failOpen        bool
 	storeIf         func(status int) bool
@@ -70,6 +71,23 @@ func WithScope(scope func(r *http.Request) string) MiddlewareOption {
 			c.scope = scope
 		}
 	})
+}
+
+// WithCaller names the caller a request comes from: the authenticated user or account, as the
+// authentication middleware that runs before this one established it (from r.Context(), say).
+// Keys are then scoped by caller as well as by method and route, so that two callers who send
+// the same Idempotency-Key (by chance, or an attacker who guesses or squats keys) name two
+// records, and each gets its own response. Use it in any service with more than one caller.
+//
+// Without it, an Idempotency-Key is shared by every caller on the route, and the middleware
+// keeps callers apart by their credentials only: the Authorization header is part of the
+// fingerprint, so the same key with another Authorization gets 422 fingerprint-mismatch, never
+// another caller's stored response. A caller whose token changes between a request and its retry
+// (an OAuth token refreshed meanwhile) then gets 422 too; WithCaller avoids that, as the caller's
+// name does not change with the token. The caller's name must not be empty for a request that
+// has one: an empty name is the same as no caller.
+func WithCaller(caller func(r *http.Request) string) MiddlewareOption {
+	return middlewareOption(func(c *middlewareConfig) { c.caller = caller })
 }
 
 // WithRequireKey makes a protected request without an Idempotency-Key header fail with 400
@@ -152,8 +170,12 @@ func WithLogger(l *slog.Logger) MiddlewareOption {
 //     urn:idemsvc:problem:in-progress) with Retry-After: 1, or, with WithWait, waits for the
 //     first to finish. (Not the holder's lease time: the lease is renewed while the handler
 //     runs, so it says nothing about when the handler finishes.)
+//   - Callers: without WithCaller, a key is shared by every caller on the route, and the
+//     Authorization header is part of the fingerprint: another caller's request with the same key
+//     gets 422 (below), never the first caller's stored response. With WithCaller, each caller's
+//     keys are its own. Set WithCaller in any service with more than one caller.
 //   - The same key with the same method and scope (see WithScope; by default the path) but a
-//     different request (path, query or body) gets 422
+//     different request (path, query, body or, without WithCaller, Authorization) gets 422
 //     (urn:idemsvc:problem:fingerprint-mismatch). With the default scope only the query or the
 //     body can differ: the same key with another method or in another scope (by default, on
 //     another path) names another record, and the handler runs for it.
@@ -269,8 +291,16 @@ func (m *middleware) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	r = r.WithContext(r.Context()) // a shallow copy, so that the caller's request is not modified
 	setBody(r, body)
 
-	scoped := ScopedKey(r.Method, m.cfg.scope(r), key)
-	fp := Fingerprint(r.Method, r.URL.RequestURI(), body)
+	scope, credential := m.cfg.scope(r), ""
+	if m.cfg.caller != nil {
+		if who := m.cfg.caller(r); who != "" {
+			scope = "caller:" + strconv.Itoa(len(who)) + ":" + who + ":" + scope
+		}
+	} else {
+		credential = strings.Join(r.Header.Values("Authorization"), "\n")
+	}
+	scoped := ScopedKey(r.Method, scope, key)
+	fp := fingerprint(r.Method, r.URL.RequestURI(), body, credential)
 	var cw *captureWriter
 	res, err := m.c.Do(r.Context(), scoped, fp, func(ctx context.Context) (Response, error) {
 		cw = &captureWriter{w: w, header: http.Header{}, limit: m.cfg.maxResponseBody}

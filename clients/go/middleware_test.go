@@ -407,3 +407,75 @@ func TestMiddlewareKeyScopeAgainstIdemsvc(t *testing.T) {
 		})
 	}
 }
+
+// sendAs is send with extra request headers.
+func sendAs(t *testing.T, url, key, body string, hdr map[string]string) answer {
+	t.Helper()
+	req, err := http.NewRequest("POST", url, strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set(KeyHeader, key)
+	for k, v := range hdr {
+		req.Header.Set(k, v)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return answer{resp.StatusCode, resp.Header, b}
+}
+
+// TestMiddlewareCallers: two callers who send the same Idempotency-Key never get each other's
+// response. Without WithCaller their credentials keep them apart (the second gets 422); with it,
+// each has its own record, and a caller's retry with a refreshed token is still a replay. A
+// client audit found Bob replayed Alice's charge (her customer data) when both sent the same key
+// and body.
+func TestMiddlewareCallers(t *testing.T) {
+	t.Parallel()
+	alice := map[string]string{"Authorization": "Bearer alice-token-1", "X-User": "alice"}
+	bob := map[string]string{"Authorization": "Bearer bob-token-1", "X-User": "bob"}
+	aliceRefreshed := map[string]string{"Authorization": "Bearer alice-token-2", "X-User": "alice"}
+
+	t.Run("Default", func(t *testing.T) {
+		t.Parallel()
+		app := &chargeApp{}
+		h := newHarness(t, app)
+		if a := sendAs(t, h.srv.URL+"/charges", `"k"`, `{"amount":1}`, alice); a.status != 201 {
+			t.Fatalf("alice: %d %s", a.status, a.body)
+		}
+		a := sendAs(t, h.srv.URL+"/charges", `"k"`, `{"amount":1}`, bob)
+		if a.status != 422 || problemType(t, a) != "fingerprint-mismatch" || strings.Contains(string(a.body), "run") {
+			t.Errorf("bob with alice's key: %d %s, want 422 fingerprint-mismatch", a.status, a.body)
+		}
+		if a := sendAs(t, h.srv.URL+"/charges", `"k"`, `{"amount":1}`, alice); a.status != 201 || a.header.Get(ReplayedHeader) != "true" {
+			t.Errorf("alice's retry: %d %v, want her replay", a.status, a.header)
+		}
+		if n := app.runs.Load(); n != 1 {
+			t.Errorf("handler ran %d times, want 1", n)
+		}
+	})
+	t.Run("WithCaller", func(t *testing.T) {
+		t.Parallel()
+		app := &chargeApp{}
+		h := newHarness(t, app, WithCaller(func(r *http.Request) string { return r.Header.Get("X-User") }))
+		first := sendAs(t, h.srv.URL+"/charges", `"k"`, `{"amount":1}`, alice)
+		other := sendAs(t, h.srv.URL+"/charges", `"k"`, `{"amount":1}`, bob)
+		if first.status != 201 || other.status != 201 || other.header.Get(ReplayedHeader) != "" || string(other.body) == string(first.body) {
+			t.Errorf("alice %d %s, bob %d %s: want each their own run", first.status, first.body, other.status, other.body)
+		}
+		retry := sendAs(t, h.srv.URL+"/charges", `"k"`, `{"amount":1}`, aliceRefreshed)
+		if retry.status != 201 || retry.header.Get(ReplayedHeader) != "true" || string(retry.body) != string(first.body) {
+			t.Errorf("alice's retry with a refreshed token: %d %s, want her replay", retry.status, retry.body)
+		}
+		if n := app.runs.Load(); n != 2 {
+			t.Errorf("handler ran %d times, want 2 (one per caller)", n)
+		}
+	})
+}
