@@ -64,6 +64,12 @@ type answer struct {
 
 func send(t *testing.T, method, url, key, body string) answer {
 	t.Helper()
+	return sendWith(t, method, url, key, body, nil)
+}
+
+// sendWith is send with extra request headers.
+func sendWith(t *testing.T, method, url, key, body string, hdr map[string]string) answer {
+	t.Helper()
 	req, err := http.NewRequest(method, url, strings.NewReader(body))
 	if err != nil {
 		t.Fatal(err)
@@ -71,6 +77,9 @@ func send(t *testing.T, method, url, key, body string) answer {
 	req.Header.Set("Content-Type", "application/json")
 	if key != "" {
 		req.Header.Set(KeyHeader, key)
+	}
+	for k, v := range hdr {
+		req.Header.Set(k, v)
 	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
@@ -408,28 +417,10 @@ func TestMiddlewareKeyScopeAgainstIdemsvc(t *testing.T) {
 	}
 }
 
-// sendAs is send with extra request headers.
+// sendAs posts as a caller (its headers).
 func sendAs(t *testing.T, url, key, body string, hdr map[string]string) answer {
 	t.Helper()
-	req, err := http.NewRequest("POST", url, strings.NewReader(body))
-	if err != nil {
-		t.Fatal(err)
-	}
-	req.Header.Set("Content-Type", "application/json")
-	req.Header.Set(KeyHeader, key)
-	for k, v := range hdr {
-		req.Header.Set(k, v)
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return answer{resp.StatusCode, resp.Header, b}
+	return sendWith(t, "POST", url, key, body, hdr)
 }
 
 // TestMiddlewareCallers: two callers who send the same Idempotency-Key never get each other's
