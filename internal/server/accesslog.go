@@ -4,7 +4,6 @@ import (
 	"strconv"
 	"sync"
 	"time"
-	"unicode/utf8"
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
@@ -61,47 +60,8 @@ func appendAccessLine(b []byte, t time.Time, e *accessEntry) []byte {
 	return append(b, "\"}\n"...)
 }
 
-// appendZapString escapes s as zap's JSON encoder does: backslash, quote, \n, \r and \t by
-// their escapes, other control bytes as \u00XX, each invalid UTF-8 byte as \ufffd, and every
-// other byte as it is (unlike encoding/json, no escapes for <, >, & or U+2028).
-func appendZapString(b []byte, s string) []byte {
-	last := 0
-	for i := 0; i < len(s); {
-		c := s[i]
-		if c >= utf8.RuneSelf {
-			r, size := utf8.DecodeRuneInString(s[i:])
-			if r != utf8.RuneError || size != 1 {
-				i += size
-				continue
-			}
-			b = append(b, s[last:i]...)
-			b = append(b, `\ufffd`...)
-			i++
-			last = i
-			continue
-		}
-		if c >= 0x20 && c != '\\' && c != '"' {
-			i++
-			continue
-		}
-		b = append(b, s[last:i]...)
-		switch c {
-		case '\\', '"':
-			b = append(b, '\\', c)
-		case '\n':
-			b = append(b, '\\', 'n')
-		case '\r':
-			b = append(b, '\\', 'r')
-		case '\t':
-			b = append(b, '\\', 't')
-		default:
-			b = append(b, '\\', 'u', '0', '0', hexDigits[c>>4], hexDigits[c&0xf])
-		}
-		i++
-		last = i
-	}
-	return append(b, s[last:]...)
-}
+// appendZapString escapes s as zap's JSON encoder does (see appendEscaped).
+func appendZapString(b []byte, s string) []byte { return appendEscaped(b, s, false) }
 
 var accessLineBufs = sync.Pool{New: func() any { b := make([]byte, 0, 512); return &b }}
 

@@ -507,28 +507,35 @@ func appendJSONString(b []byte, s string) []byte {
 }
 
 // appendJSONStringContent is appendJSONString without the quotes.
-func appendJSONStringContent(b []byte, s string) []byte {
+func appendJSONStringContent(b []byte, s string) []byte { return appendEscaped(b, s, true) }
+
+// appendEscaped appends s as the content of a JSON string: as encoding/json writes it when
+// stdlib (HTML-sensitive characters, U+2028 and U+2029 escaped, and \b and \f in short form), as
+// zap's JSON encoder writes it otherwise (none of those: \u0008 and \u000c). Both escape the quote,
+// the backslash, \n, \r, \t and the other control bytes (\u00XX), and write each invalid UTF-8
+// byte as \ufffd. FuzzAppendProblem and FuzzAccessLine hold the two modes to their references.
+func appendEscaped(b []byte, s string, stdlib bool) []byte {
 	start := 0
 	for i := 0; i < len(s); {
 		c := s[i]
 		if c < utf8.RuneSelf {
-			if c >= 0x20 && c != '"' && c != '\\' && c != '<' && c != '>' && c != '&' {
+			if c >= 0x20 && c != '"' && c != '\\' && (!stdlib || c != '<' && c != '>' && c != '&') {
 				i++
 				continue
 			}
 			b = append(b, s[start:i]...)
-			switch c {
-			case '"', '\\':
+			switch {
+			case c == '"' || c == '\\':
 				b = append(b, '\\', c)
-			case '\n':
+			case c == '\n':
 				b = append(b, '\\', 'n')
-			case '\r':
+			case c == '\r':
 				b = append(b, '\\', 'r')
-			case '\t':
+			case c == '\t':
 				b = append(b, '\\', 't')
-			case '\b':
+			case stdlib && c == '\b':
 				b = append(b, '\\', 'b')
-			case '\f':
+			case stdlib && c == '\f':
 				b = append(b, '\\', 'f')
 			default:
 				b = append(b, '\\', 'u', '0', '0', hexDigits[c>>4], hexDigits[c&0xf])
@@ -542,7 +549,7 @@ func appendJSONStringContent(b []byte, s string) []byte {
 		case r == utf8.RuneError && size == 1:
 			b = append(b, s[start:i]...)
 			b = append(b, `\ufffd`...)
-		case r == '\u2028' || r == '\u2029':
+		case stdlib && (r == '\u2028' || r == '\u2029'):
 			b = append(b, s[start:i]...)
 			b = append(b, '\\', 'u', '2', '0', '2', hexDigits[r&0xf])
 		default:
@@ -561,24 +568,25 @@ func appendJSONStringContent(b []byte, s string) []byte {
 func encodeRecord(w http.ResponseWriter, status int, r keys.Record, withToken bool) {
 	if !withToken && r.Memo != nil && r.State == keys.StateCompleted {
 		e := memoEncoding(r)
-		h := w.Header()
-		h["Content-Type"] = jsonContentType
-		h["Content-Length"] = e.length
-		w.WriteHeader(status)
-		_, _ = w.Write(e.body)
+		writeJSON(w, status, e.body, e.length)
 		return
 	}
 	bp := bufPool.Get().(*[]byte)
 	buf := append(appendRecord((*bp)[:0], r, withToken), '\n')
-	h := w.Header()
-	h["Content-Type"] = jsonContentType
-	h["Content-Length"] = []string{strconv.Itoa(len(buf))}
-	w.WriteHeader(status)
-	_, _ = w.Write(buf)
+	writeJSON(w, status, buf, []string{strconv.Itoa(len(buf))})
 	if cap(buf) <= 64<<10 { // keep small buffers only: a 1 MiB body should not stay pinned
 		*bp = buf
 		bufPool.Put(bp)
 	}
+}
+
+// writeJSON writes body, of Content-Length length, as a JSON response with status.
+func writeJSON(w http.ResponseWriter, status int, body []byte, length []string) {
+	h := w.Header()
+	h["Content-Type"] = jsonContentType
+	h["Content-Length"] = length
+	w.WriteHeader(status)
+	_, _ = w.Write(body)
 }
 
 // encoded is a completed record's body as encodeRecord writes it without the token, kept in the
