@@ -96,7 +96,6 @@ type connCap struct {
 	reached  uint64    // times a new connection found every slot taken
 	evicted  uint64    // idle connections ended to make room
 	lastWarn time.Time // of the last warning that the limit was reached
-	warned   bool
 }
 
 // trackedConn is a connection's state as its ConnState hook last reported it.
@@ -228,10 +227,10 @@ func (l *connCap) endOldestIdle(now time.Time) {
 // capWarnEvery. l.mu is held.
 func (l *connCap) warnReached() {
 	now := l.now()
-	if l.warned && now.Sub(l.lastWarn) < capWarnEvery {
+	if now.Sub(l.lastWarn) < capWarnEvery { // the zero lastWarn is long ago
 		return
 	}
-	l.warned, l.lastWarn = true, now
+	l.lastWarn = now
 	l.logger.Warn("connection limit reached: new connections wait for a slot, and idle keep-alive connections "+
 		"are closed to make room; raise "+envPrefix+"_MAX_CONNS if this is normal load",
 		zap.Int("max_conns", cap(l.slots)), zap.String("variable", envPrefix+"_MAX_CONNS"),

@@ -146,12 +146,7 @@ func TestConnCapClosesIdleForNew(t *testing.T) {
 func TestRunHealthzWithIdleConnsAtLimit(t *testing.T) {
 	const limit = 4
 	t.Setenv("IDEMSVC_MAX_CONNS", strconv.Itoa(limit))
-	base, stop := startRun(t, t.TempDir())
-	defer func() {
-		if err := stop(); err != nil {
-			t.Error(err)
-		}
-	}()
+	base := serveRun(t)
 	addr := strings.TrimPrefix(base, "http://")
 	fillIdle(t, addr, "/healthz", limit)
 	for _, path := range []string{"/healthz", "/readyz"} {
@@ -392,8 +387,10 @@ func BenchmarkConnStateActiveIdle(b *testing.B) {
 // reported active.
 //   - busy: clients that send again at once are never cut off at all (the old code left 6,454
 //     of 256,774 requests unanswered, 4,024 of them run);
-//   - pausing: clients that pause about minIdleToEvict between requests are ended just as they
-//     send, and what they sent is then either refused or answered.
+//   - pausing: clients that pause about minIdleToEvict between requests are ended around the
+//     time they send, and what they sent is then either refused or answered. (The microseconds in
+//     which Close, instead of the past read deadline, would still lose a request are more than
+//     this test can hit: it passes with Close too. It holds the ending path to the property.)
 func TestConnCapNeverDropsARequestItRan(t *testing.T) {
 	for _, tc := range []struct {
 		name  string

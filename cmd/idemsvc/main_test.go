@@ -191,6 +191,19 @@ func startRun(t *testing.T, dir string) (string, func() error) {
 	return base, func() error { cancel(); return <-done }
 }
 
+// serveRun is startRun in a fresh data dir, stopped when the test ends (an error of the stop
+// fails it).
+func serveRun(t *testing.T) string {
+	t.Helper()
+	base, stop := startRun(t, t.TempDir())
+	t.Cleanup(func() {
+		if err := stop(); err != nil {
+			t.Error(err)
+		}
+	})
+	return base
+}
+
 // startRunSignal is startRun with the stop in two parts: cancel (the signal) returns at once,
 // and done yields run's error when it has returned.
 func startRunSignal(t *testing.T, dir string) (string, context.CancelFunc, <-chan error) {
@@ -403,12 +416,7 @@ func TestRedisPasswordNeverLogged(t *testing.T) {
 func TestTokensTrimmed(t *testing.T) {
 	const acme, beta = "acme-token-0123456789", "beta-token-0123456789"
 	t.Setenv("IDEMSVC_TOKENS", "acme: "+acme+" , beta:\t"+beta+"\n")
-	base, stop := startRun(t, t.TempDir())
-	defer func() {
-		if err := stop(); err != nil {
-			t.Error(err)
-		}
-	}()
+	base := serveRun(t)
 	for _, c := range []struct {
 		auth string
 		want int
@@ -494,12 +502,7 @@ func TestConnLimitFor(t *testing.T) {
 func TestConnectionLimit(t *testing.T) {
 	const limit = 8
 	t.Setenv("IDEMSVC_MAX_CONNS", strconv.Itoa(limit))
-	base, stop := startRun(t, t.TempDir())
-	defer func() {
-		if err := stop(); err != nil {
-			t.Error(err)
-		}
-	}()
+	base := serveRun(t)
 	addr := strings.TrimPrefix(base, "http://")
 	get := func(conn net.Conn, br *bufio.Reader) (int, error) {
 		if _, err := io.WriteString(conn, "GET /healthz HTTP/1.1\r\nHost: idemsvc\r\n\r\n"); err != nil {
