@@ -207,10 +207,14 @@ func (a *authenticator) tenantOf(r *http.Request) (string, bool) {
 	if len(a.tenants) == 0 {
 		return DefaultTenant, true
 	}
-	var h string
-	if v := r.Header["Authorization"]; len(v) > 0 { // Header.Get, without canonicalizing
-		h = v[0]
+	// Exactly one Authorization header: with two, which one a proxy in front checked or added
+	// and which one the client sent cannot be told apart (a security audit's find: the first
+	// one won).
+	v := r.Header["Authorization"] // Header.Get, without canonicalizing
+	if len(v) != 1 {
+		return "", false
 	}
+	h := v[0]
 	scheme, token, ok := strings.Cut(h, " ")
 	if !ok || !strings.EqualFold(scheme, "Bearer") {
 		return "", false

@@ -470,6 +470,29 @@ func TestAuth(t *testing.T) {
 			}
 		}
 	})
+	t.Run("TwoAuthorizationHeaders", func(t *testing.T) {
+		// Either order, and even the same token twice: a proxy's header and the client's
+		// cannot be told apart, so neither is taken.
+		for _, pair := range [][2]string{
+			{tokens["alpha"], tokens["beta"]}, {tokens["beta"], tokens["alpha"]}, {tokens["alpha"], tokens["alpha"]},
+		} {
+			req, err := http.NewRequest("GET", e.srv.URL+"/v1/keys/k", nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			req.Header.Add("Authorization", "Bearer "+pair[0])
+			req.Header.Add("Authorization", "Bearer "+pair[1])
+			resp, err := e.client.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != 401 || !bytes.Contains(b, []byte("unauthorized")) {
+				t.Errorf("two Authorization headers: %d %s, want 401 unauthorized", resp.StatusCode, b)
+			}
+		}
+	})
 	t.Run("TenantsIsolated", func(t *testing.T) {
 		e.token = tokens["alpha"]
 		l := e.begin("shared", map[string]any{"fingerprint": "fa"})
