@@ -2,12 +2,14 @@ package server
 
 import (
 	"bytes"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net/http"
 	"reflect"
+	"runtime"
 	"strconv"
 	"strings"
 	"testing"
@@ -19,11 +21,11 @@ import (
 // decodeReference is decode without its fast path: the media type checked as decode does, then
 // the whole body through encoding/json and checkStrict (decodeJSON, the code every body took
 // before the fast path). FuzzDecodeFast holds decode to it.
-func decodeReference(r *http.Request, maxBytes int64, v any, optional bool) error {
+func decodeReference(r *http.Request, lim bodyLimit, v any, optional bool) error {
 	if !jsonMediaType(r.Header.Values("Content-Type")) {
-		return emptyOrUnsupported(r.Body, maxBytes, optional)
+		return emptyOrUnsupported(r.Body, lim.bytes, optional)
 	}
-	return decodeJSON(r.Body, maxBytes, v, optional)
+	return decodeJSON(r.Body, lim, v, optional)
 }
 
 // errBroken is a body that fails to read, as a broken chunked encoding does.
@@ -62,6 +64,14 @@ type decodeCase struct {
 	contentLength int64 // the declared length; -1: unknown (chunked)
 	contentType   string
 	expect        bool // Expect: 100-continue
+	values        int  // bodyLimit.values; 0: no bound
+}
+
+// errTestTooMany is the bodyLimit.tooMany of decode cases.
+var errTestTooMany = fmt.Errorf("%w: too many values", keys.ErrInvalidRequest)
+
+func (c decodeCase) limit() bodyLimit {
+	return bodyLimit{bytes: c.maxBytes, values: c.values, tooMany: errTestTooMany}
 }
 
 func newDecodeCase(mode uint16, contentType string, body []byte) decodeCase {
@@ -81,6 +91,9 @@ func newDecodeCase(mode uint16, contentType string, body []byte) decodeCase {
 		c.contentLength = int64(len(body)) / 2 // a length that lies: the reads go on all the same
 	}
 	c.expect = mode&1024 != 0
+	if mode&2048 != 0 {
+		c.values = 8
+	}
 	return c
 }
 
@@ -146,8 +159,8 @@ func exported(v any) any {
 func checkDecode(t *testing.T, c decodeCase, body []byte) {
 	t.Helper()
 	got, want := newBody(c.kind), newBody(c.kind)
-	gotErr := decode(c.request(body), c.maxBytes, got, c.optional)
-	wantErr := decodeReference(c.request(body), c.maxBytes, want, c.optional)
+	gotErr := decode(c.request(body), c.limit(), got, c.optional)
+	wantErr := decodeReference(c.request(body), c.limit(), want, c.optional)
 	switch {
 	case (gotErr == nil) != (wantErr == nil):
 		t.Fatalf("%+v %q:\n got error %v\nwant error %v", c, body, gotErr, wantErr)
@@ -282,7 +295,7 @@ func TestDecodeFastPath(t *testing.T) { // not parallel: AllocsPerRun
 	r.Body = io.NopCloser(br)
 	if allocs := testing.AllocsPerRun(100, func() {
 		br.b = body
-		if err := decode(r, c.maxBytes, new(beginRequest), false); err != nil {
+		if err := decode(r, c.limit(), new(beginRequest), false); err != nil {
 			t.Fatal(err)
 		}
 	}); allocs > 4 { // 2, and the buffer pool's misses (the race detector makes some)
@@ -303,7 +316,7 @@ func BenchmarkDecode(b *testing.B) {
 	for _, bb := range bodies {
 		for _, impl := range []struct {
 			name   string
-			decode func(*http.Request, int64, any, bool) error
+			decode func(*http.Request, bodyLimit, any, bool) error
 		}{{"fast", decode}, {"encoding-json", decodeReference}} {
 			b.Run(bb.name+"/"+impl.name, func(b *testing.B) {
 				c := decodeCase{kind: bb.kind, maxBytes: 1 << 20, contentLength: int64(len(bb.body)), contentType: "application/json"}
@@ -314,7 +327,7 @@ func BenchmarkDecode(b *testing.B) {
 				b.ReportAllocs()
 				for b.Loop() {
 					br.b = body
-					if err := impl.decode(r, c.maxBytes, newBody(bb.kind), false); err != nil {
+					if err := impl.decode(r, c.limit(), newBody(bb.kind), false); err != nil {
 						b.Fatal(err)
 					}
 				}
@@ -450,7 +463,7 @@ func BenchmarkDecodeLarge(b *testing.B) {
 		r, _ := http.NewRequest("POST", "/", bytes.NewReader(body))
 		r.Header.Set("Content-Type", "application/json")
 		var v completeRequest
-		if err := decode(r, 64<<20, &v, false); err != nil {
+		if err := decode(r, bodyLimit{bytes: 64 << 20}, &v, false); err != nil {
 			b.Fatal(err)
 		}
 	}
@@ -478,7 +491,7 @@ func BenchmarkDecodeManyMembers(b *testing.B) {
 				r, _ := http.NewRequest("POST", "/", bytes.NewReader(body.Bytes()))
 				r.Header.Set("Content-Type", "application/json")
 				var v completeRequest
-				if err := decode(r, 64<<20, &v, false); err != nil {
+				if err := decode(r, bodyLimit{bytes: 64 << 20}, &v, false); err != nil {
 					b.Fatal(err)
 				}
 			}
@@ -515,6 +528,77 @@ func TestCheckStrictManyMembers(t *testing.T) {
 		err := checkStrict([]byte(headers(n, dupOf)), typ)
 		if !errors.Is(err, keys.ErrInvalidRequest) || !strings.Contains(err.Error(), fmt.Sprintf("h%d is given twice", dupOf)) {
 			t.Errorf("h%d given twice among %d members: %v", dupOf, n, err)
+		}
+	}
+}
+
+// TestTooManyValues: bodyLimit counts the commas outside strings, so commas, escaped quotes and
+// runs of backslashes inside strings do not count, and a body no longer than countedBody is not
+// scanned.
+func TestTooManyValues(t *testing.T) {
+	pad := `"` + strings.Repeat("x", countedBody) + `"`
+	for _, c := range []struct {
+		body string
+		want bool // over 3 values
+	}{
+		{`{"a":1,"b":2,"c":3,"d":` + pad + `}`, false},
+		{`{"a":1,"b":2,"c":3,"d":4,"e":` + pad + `}`, true},
+		{`{"a":",,,,,,","b":` + pad + `}`, false},
+		{`{"a":"\",,,,,\"","b":` + pad + `}`, false},             // escaped quotes
+		{`{"a":"\\\\","b":1,"c":2,"d":3,"e":` + pad + `}`, true}, // the quote after two backslashes closes
+		{`{"a":"\\\",,,,,,","b":` + pad + `}`, false},            // the one after three does not
+		{`{"a":[1,2,3,4,5,6]}`, false},                           // short: not scanned
+	} {
+		lim := bodyLimit{values: 3}
+		if got := lim.tooManyValues([]byte(c.body)); got != c.want {
+			t.Errorf("%.40q...: tooManyValues = %v, want %v", c.body, got, c.want)
+		}
+	}
+}
+
+// TestDecodeAllocatesAboutItsSize: a complete of the largest size, made of header names or
+// values with nothing in them, is refused before it is decoded, allocating about what reading
+// it does; a valid complete of that size allocates about six times its size. (Before the count,
+// encoding/json turned 1.5 MB of {"0":[],...} into 45 MB of maps and strings.)
+func TestDecodeAllocatesAboutItsSize(t *testing.T) {
+	limits := keys.DefaultLimits()
+	lim := completeBody(limits)
+	fill := func(item func(i int) string) string {
+		var b strings.Builder
+		b.WriteString(`{"token":"t","response":{"status":200,"headers":{`)
+		for i := 0; b.Len() < int(lim.bytes)-64; i++ {
+			if i > 0 {
+				b.WriteByte(',')
+			}
+			b.WriteString(item(i))
+		}
+		b.WriteString(`}}}`)
+		return b.String()
+	}
+	bodies := map[string]string{
+		"names":  fill(func(i int) string { return `"` + strconv.Itoa(i) + `":[]` }),
+		"values": `{"token":"t","response":{"status":200,"headers":{"X":[` + strings.Repeat(`"",`, int(lim.bytes)/3-40) + `""]}}}`,
+		"valid": `{"token":"t","response":{"status":200,"headers":{"Content-Type":["application/json"]},"body":"` +
+			base64.StdEncoding.EncodeToString(make([]byte, limits.MaxBodyBytes)) + `"}}`,
+	}
+	for name, body := range bodies {
+		r := &http.Request{Method: "POST", Header: http.Header{"Content-Type": {"application/json"}},
+			Body: io.NopCloser(strings.NewReader(body)), ContentLength: int64(len(body))}
+		var before, after runtime.MemStats
+		runtime.ReadMemStats(&before)
+		err := decode(r, lim, new(completeRequest), false)
+		runtime.ReadMemStats(&after)
+		if (err == nil) != (name == "valid") || (err != nil && !errors.Is(err, keys.ErrInvalidResponse)) {
+			t.Errorf("%s: %v", name, err)
+		}
+		want := 3.0 // reading it: io.ReadAll's buffer as it grows
+		if name == "valid" {
+			want = 8 // and encoding/json's buffer, the string unquoted, and the bytes decoded
+		}
+		if ratio := float64(after.TotalAlloc-before.TotalAlloc) / float64(len(body)); ratio > want {
+			t.Errorf("%s (%d bytes): allocated %.1f times its size, want at most %.0f", name, len(body), ratio, want)
+		} else {
+			t.Logf("%s (%d bytes): allocated %.1f times its size", name, len(body), ratio)
 		}
 	}
 }

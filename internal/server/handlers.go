@@ -2,6 +2,7 @@ package server
 
 import (
 	"errors"
+	"fmt"
 	"net/http"
 	"net/url"
 	"time"
@@ -45,12 +46,41 @@ func (s *Server) keyAndBody(w http.ResponseWriter, r *http.Request, v any, optio
 
 // decodeBudgeted decodes r's body into v under the body budget (limits.go).
 func (s *Server) decodeBudgeted(r *http.Request, v any, optional bool) error {
-	release, err := s.bodies.take(r)
+	lim := s.bodyLimit(v)
+	release, err := s.bodies.take(r, tenant(r.Context()), lim.bytes)
 	if err != nil {
 		return err
 	}
 	defer release()
-	return decode(r, s.maxRequestBytes, v, optional)
+	return decode(r, lim, v, optional)
+}
+
+// maxSmallRequest bounds the body of a begin, renew or release: every valid one is under 4 KiB
+// (a fingerprint of 512 bytes, each escaped as \u00XX, is 3 KiB). Only a complete carries a
+// stored response, so only a complete may take a request's full size from the body budget.
+const maxSmallRequest = 16 << 10
+
+// maxSmallValues bounds the JSON values of a begin, renew or release body (see bodyLimit): it
+// has at most four members, and no arrays.
+const maxSmallValues = 32
+
+// smallBody is the bodyLimit of a begin, renew or release.
+var smallBody = bodyLimit{bytes: maxSmallRequest, values: maxSmallValues,
+	tooMany: fmt.Errorf("%w: the body holds more JSON values than any valid request", keys.ErrInvalidRequest)}
+
+// completeBody is the bodyLimit of a complete under limits: room for the largest stored
+// response, and for its header values (a comma each, and a few for the other members).
+func completeBody(l keys.Limits) bodyLimit {
+	return bodyLimit{bytes: maxRequestBytes(l), values: l.MaxHeaders + maxSmallValues,
+		tooMany: fmt.Errorf("%w: more than %d header values", keys.ErrInvalidResponse, l.MaxHeaders)}
+}
+
+// bodyLimit is what a body decoded into v may be.
+func (s *Server) bodyLimit(v any) bodyLimit {
+	if _, ok := v.(*completeRequest); ok {
+		return s.completeBody
+	}
+	return smallBody
 }
 
 func (s *Server) handleBegin(w http.ResponseWriter, r *http.Request) {

@@ -173,6 +173,62 @@ func TestBodyBudget(t *testing.T) {
 	})
 }
 
+// TestBodyBudgetShares: with several tenants, one tenant's bodies hold at most half of the body
+// budget, and a tenant over its share waits on its own, so that another tenant's body is read at
+// once while the first one's stalled clients hold all they may.
+func TestBodyBudgetShares(t *testing.T) {
+	t.Parallel()
+	limits := keys.DefaultLimits()
+	limits.MaxBodyBytes = 64 << 10
+	tokens := map[string]string{"bob": "bob-token-0123456789", "alice": "alice-token-0123456789"}
+	e := newEnv(t, servertest.Options{Limits: limits, BodyBuffer: 1, Tokens: tokens})
+	largest := (limits.MaxBodyBytes+2)/3*4 + 6*limits.MaxHeaderBytes + 64<<10 // as the server counts
+	host := strings.TrimPrefix(e.srv.URL, "http://")
+	for range 8 { // the budget is four of the largest; bob's share two
+		c, err := net.Dial("tcp", host)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		fmt.Fprintf(c, "POST /v1/keys/stalled/complete HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"+
+			"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n{\"token\":\"", tokens["bob"], largest)
+	}
+	reg := e.srv.Handler.Registry()
+	eventually(t, "bob's stalled clients holding his share", func() bool {
+		return gauge(t, reg, "idemsvc_request_body_bytes_held") == float64(2*largest)
+	})
+	body := `{"token":"t","response":{"status":200,"body":"` + strings.Repeat("QUJD", 16<<10) + `"}}`
+	e.token = tokens["alice"]
+	start := time.Now()
+	wantStatus(t, e.do("POST", "/v1/keys/other/complete", body), http.StatusNotFound, "not-found") // read: no record
+	if took := time.Since(start); took > 2*time.Second {
+		t.Errorf("alice's complete took %s behind bob's stalled bodies; want it read at once", took)
+	}
+	e.token = tokens["bob"]
+	wantStatus(t, e.do("POST", "/v1/keys/other/complete", body), http.StatusServiceUnavailable, "unavailable")
+	if held := gauge(t, reg, "idemsvc_request_body_bytes_held"); held != float64(2*largest) {
+		t.Errorf("held %v after the requests, want bob's share, %d", held, 2*largest)
+	}
+}
+
+// TestSmallRequestCap: a begin, renew or release body is at most 16 KiB (every valid one is
+// under 4 KiB), so none takes a complete's room in the body budget: a longer one is 413 at
+// once, whether its length is told or not.
+func TestSmallRequestCap(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, servertest.Options{})
+	pad := strings.Repeat(" ", 16<<10)
+	for _, path := range []string{"/v1/keys/k/begin", "/v1/keys/k/renew", "/v1/keys/k/release"} {
+		r := e.bad("POST", path, `{"token":"t"}`+pad)
+		wantStatus(t, r, http.StatusRequestEntityTooLarge, "payload-too-large")
+		// Within the cap, the same padding is only white space.
+		if r := e.bad("POST", path, `{"token":"t"}`+pad[:8<<10]); r.status == http.StatusRequestEntityTooLarge {
+			t.Errorf("%s with 8 KiB of white space: 413, want it read", path)
+		}
+	}
+	wantStatus(t, e.do("POST", "/v1/keys/k2/begin", `{"fingerprint":"`+strings.Repeat("f", 512)+`"}`), http.StatusCreated, "")
+}
+
 // TestSlowBodyDetail: a body that stops arriving is a 400 whose detail says so without quoting
 // the read's error, which names the server's own address ("read tcp 10.0.3.7:8080->...: i/o
 // timeout"); a body cut off by its client says that.
@@ -201,6 +257,27 @@ func TestSlowBodyDetail(t *testing.T) {
 	for _, err := range []error{io.ErrUnexpectedEOF, &net.OpError{Op: "read", Net: "tcp", Err: syscall.ECONNRESET}} {
 		if got := server.ReadErrorForTest(err); !strings.Contains(got.Error(), "cut off") || strings.Contains(got.Error(), "tcp") {
 			t.Errorf("read error %v: %v, want one saying the body was cut off", err, got)
+		}
+	}
+}
+
+// TestManyHeaderValues: a complete with more header values than the limit is 422
+// invalid-response however many it has: counted before decoding when there are far too many
+// (bodyLimit), by the limits after it otherwise.
+func TestManyHeaderValues(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, servertest.Options{})
+	l := e.begin("k", nil)
+	for _, n := range []int{101, 150, 5000} {
+		names := make([]string, n)
+		for i := range names {
+			names[i] = fmt.Sprintf(`"X-%d":[]`, i)
+		}
+		body := `{"token":"` + l.token + `","response":{"status":200,"headers":{` + strings.Join(names, ",") + `}}}`
+		r := e.bad("POST", "/v1/keys/k/complete", body)
+		wantStatus(t, r, http.StatusUnprocessableEntity, "invalid-response")
+		if !strings.Contains(string(r.body), "more than 100 header values") {
+			t.Errorf("%d header names: %s", n, r.body)
 		}
 	}
 }

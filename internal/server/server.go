@@ -71,10 +71,12 @@ type Server struct {
 	handler   http.Handler
 	// maxRequestBytes bounds a request body: a complete carries the stored body in base64.
 	maxRequestBytes int64
-	waiters         *waiters
-	bodies          *bodyBudget
-	health          *storeHealth
-	unready         atomic.Bool // see Unready
+	// completeBody is a complete's bodyLimit (handlers.go).
+	completeBody bodyLimit
+	waiters      *waiters
+	bodies       *bodyBudget
+	health       *storeHealth
+	unready      atomic.Bool // see Unready
 	// draining is cancelled when the server starts shutting down, so begins that wait for a
 	// holder answer 409 at once instead of holding shutdown up.
 	draining context.Context
@@ -105,9 +107,10 @@ func New(store keys.Store, opts Options) *Server {
 		metrics:         newMetrics(opts.Registry),
 		registry:        opts.Registry,
 		maxRequestBytes: maxRequestBytes(opts.Limits),
+		completeBody:    completeBody(opts.Limits),
 	}
 	s.waiters = newWaiters(opts.MaxWaiters, len(opts.Tokens), s.metrics.waiting)
-	s.bodies = newBodyBudget(opts.BodyBuffer, s.maxRequestBytes, s.metrics.bodyBytes)
+	s.bodies = newBodyBudget(opts.BodyBuffer, s.maxRequestBytes, len(opts.Tokens), s.metrics.bodyBytes)
 	if opts.AccessLog != nil && opts.Logger.Core().Enabled(zapcore.InfoLevel) {
 		s.accessOut = opts.AccessLog
 	}

@@ -84,13 +84,14 @@ var (
 // A body of a known length of at most maxFastBody bytes is read whole and, when v has a fast
 // decoder that knows it, decoded without encoding/json; any other body, and every error, goes
 // through decodeJSON as the same stream of bytes.
-func decode(r *http.Request, maxBytes int64, v any, optional bool) error {
+func decode(r *http.Request, lim bodyLimit, v any, optional bool) error {
+	maxBytes := lim.bytes
 	if !jsonMediaType(r.Header["Content-Type"]) { // Header.Get, without canonicalizing
 		return emptyOrUnsupported(r.Body, maxBytes, optional)
 	}
 	fd, ok := v.(fastDecoder)
 	if !ok || r.Body == nil || r.ContentLength < 0 || r.ContentLength > maxFastBody || len(r.Header["Expect"]) > 0 {
-		return decodeJSON(r.Body, maxBytes, v, optional)
+		return decodeJSON(r.Body, lim, v, optional)
 	}
 	bp := bufPool.Get().(*[]byte)
 	defer func() {
@@ -108,11 +109,64 @@ func decode(r *http.Request, maxBytes int64, v any, optional bool) error {
 				return nil
 			}
 			return errBodyRequired
+		case lim.tooManyValues(b):
+			return lim.tooMany
 		case fd.decodeFast(b):
 			return nil
 		}
 	}
-	return decodeJSON(&replayReader{buf: b, err: err, r: r.Body}, maxBytes, v, optional)
+	return decodeJSON(&replayReader{buf: b, err: err, r: r.Body}, lim, v, optional)
+}
+
+// bodyLimit bounds a request body: its bytes, and, so that a body cannot make the server
+// allocate many times its size, the JSON values it holds. A security audit's find: a complete
+// of 1.5 MB holding 220,000 header names with no values ({"0":[],"1":[],...}) took 45 MB while
+// encoding/json built them into a map, before the header limits refused them; 85 at once took
+// 2.9 GB.
+type bodyLimit struct {
+	bytes int64
+	// values, when above zero, bounds the commas outside strings (a JSON value or member follows
+	// each) in a body longer than countedBody; more is tooMany, before anything is decoded.
+	values  int
+	tooMany error
+}
+
+// countedBody is the size from which decode counts a body's values: a shorter body cannot
+// hold enough of them to matter, and a begin's is not scanned twice.
+const countedBody = 1 << 10
+
+// tooManyValues reports whether b, a JSON body, holds more than l.values commas outside its
+// strings (when it is longer than countedBody). It scans strings with IndexByte, so a stored
+// body of megabytes in base64 costs about what copying it does.
+func (l bodyLimit) tooManyValues(b []byte) bool {
+	if l.values <= 0 || len(b) <= countedBody {
+		return false
+	}
+	n := 0
+	for i := 0; i < len(b); i++ {
+		switch b[i] {
+		case ',':
+			if n++; n > l.values {
+				return true
+			}
+		case '"': // to the closing quote: one not escaped by an odd run of backslashes
+			for {
+				j := bytes.IndexByte(b[i+1:], '"')
+				if j < 0 {
+					return false // malformed: encoding/json says so
+				}
+				i += 1 + j
+				k := i - 1
+				for k >= 0 && b[k] == '\\' {
+					k--
+				}
+				if (i-1-k)%2 == 0 {
+					break
+				}
+			}
+		}
+	}
+	return false
 }
 
 // jsonMediaType reports whether a request's Content-Type values name application/json, with
@@ -177,10 +231,13 @@ func readError(err error) error {
 // only in case, members given twice, and text that is not Unicode. (The body is read as it
 // comes, not into a buffer of its declared length: a client's word is not enough to allocate
 // megabytes before the bytes arrive.)
-func decodeJSON(body io.Reader, maxBytes int64, v any, optional bool) error {
-	raw, err := io.ReadAll(http.MaxBytesReader(nil, io.NopCloser(body), maxBytes))
+func decodeJSON(body io.Reader, lim bodyLimit, v any, optional bool) error {
+	raw, err := io.ReadAll(http.MaxBytesReader(nil, io.NopCloser(body), lim.bytes))
 	if err != nil {
 		return readError(err)
+	}
+	if lim.tooManyValues(raw) {
+		return lim.tooMany
 	}
 	dec := json.NewDecoder(bytes.NewReader(raw))
 	dec.DisallowUnknownFields()
