@@ -160,7 +160,8 @@ func WithLogger(l *slog.Logger) MiddlewareOption {
 //   - The first request runs the handler, with its lease renewed however long it takes. The
 //     handler's status, headers and body are captured (up to WithMaxResponseBody), stored when
 //     WithStoreIf says so (default: 2xx to 4xx), and then sent. Set-Cookie, Authorization and
-//     Proxy-Authorization, in any spelling, are sent to this client but never stored. On a 5xx
+//     Proxy-Authorization, in any spelling, are sent to this client but never stored, nor are
+//     Content-Length and the hop-by-hop headers (see "Stored headers" below). On a 5xx
 //     the key is released, so that a retry runs the handler again; so it is on a status above
 //     599 (WriteHeader takes up to 999, idemsvc stores 100 to 599), whatever WithStoreIf says,
 //     with a warning in the log.
@@ -203,6 +204,15 @@ func WithLogger(l *slog.Logger) MiddlewareOption {
 //     as net/http sends them.
 //   - Header values are stored as UTF-8 text; invalid bytes come back as U+FFFD (idemsvc's API
 //     carries JSON text).
+//   - Content-Length and the hop-by-hop headers (Connection and every header it names,
+//     Proxy-Connection, Keep-Alive, TE, Transfer-Encoding, Upgrade and Trailer; see RFC 9110
+//     section 7.6.1), in any spelling, are sent to the first client as the handler set them but
+//     not stored, without a warning: they describe the connection and framing of that one
+//     response, not the response, and net/http gives a replay its own. Nor are they replayed
+//     when a stored response has them (stored by a client in another language, or by an older
+//     version of this one, as idemsvc accepts them): a Content-Length that does not match the
+//     body would truncate the replay or leave its client waiting for bytes that never come, and
+//     a Connection or Transfer-Encoding would close the connection or garble the framing.
 //   - Headers the first client gets but that idemsvc cannot store are left out of the stored copy,
 //     and a warning in the log names them, so that the response is still stored and a retry does
 //     not run the handler again: a header with a value that holds a control character other than
@@ -530,8 +540,9 @@ func (c *captureWriter) startPassthrough() {
 }
 
 // stored returns the response to record: the live one as net/http sends it, without
-// credential headers and within idemsvc's limits (see storedHeader), and the headers that were
-// sent but are not stored, for a warning.
+// credential headers, Content-Length and hop-by-hop headers and within idemsvc's limits (see
+// storedHeader), and the headers that were sent but are not stored and that a replay misses, for
+// a warning.
 func (c *captureWriter) stored() (Response, []string) {
 	h, dropped := storedHeader(c.sent)
 	return Response{Status: c.status, Header: h, Body: bytes.Clone(c.buf.Bytes())}, dropped
@@ -557,6 +568,9 @@ var newlineToSpace = strings.NewReplacer("\n", " ", "\r", " ")
 //   - CR and LF in values become spaces and values are trimmed of surrounding whitespace, as
 //     net/http does;
 //   - the credential headers are dropped;
+//   - Content-Length and the hop-by-hop headers (see connectionSpecific) are dropped, and not
+//     reported: a replay gets its own from net/http, so it misses nothing. They are dropped
+//     before the limits are applied, so that they never push another header out;
 //   - a header with a value that still holds a control character other than tab (NUL, DEL, ...),
 //     which idemsvc refuses, is dropped, and reported;
 //   - while there are more than maxStoredHeaderValues values, the header with the most values is
@@ -575,6 +589,15 @@ func storedHeader(h http.Header) (http.Header, []string) {
 	}
 	for _, name := range credentialHeaders {
 		delete(out, name)
+	}
+	// After the names are canonicalized, so that the values of every spelling of Connection are
+	// merged, and before the limits, so that a header that is not stored never pushes out one
+	// that is.
+	connSpecific := connectionSpecific(out)
+	for name := range out {
+		if connSpecific(name) {
+			delete(out, name)
+		}
 	}
 	var dropped []string
 	for _, name := range slices.Sorted(maps.Keys(out)) {
@@ -670,8 +693,60 @@ func bodyAllowed(status int) bool {
 	return status != http.StatusNoContent && status != http.StatusNotModified && (status < 100 || status >= 200)
 }
 
+// connectionHeaders are the canonical names of the headers that are never stored, nor replayed
+// from a stored response that has them: the hop-by-hop headers, which belong to the connection
+// one response went over (those RFC 9110 section 7.6.1 has a proxy remove, and Trailer, which
+// announces trailers that neither the stored response nor a replay carries), and
+// Content-Length, which net/http computes from the body it writes. See connectionSpecific for
+// the headers a Connection header names.
+var connectionHeaders = map[string]bool{
+	"Connection":        true,
+	"Proxy-Connection":  true,
+	"Keep-Alive":        true,
+	"Te":                true,
+	"Transfer-Encoding": true,
+	"Upgrade":           true,
+	"Trailer":           true,
+	"Content-Length":    true,
+}
+
+// connectionSpecific returns whether a header name is one of connectionHeaders or one that a
+// Connection header of h names (RFC 9110 section 7.6.1: the named headers are hop-by-hop too).
+// Names are compared without regard to ASCII case, as HTTP compares them, in h and in the
+// Connection header's list alike: a stored response may come from a client that spells them
+// in any case, and idemsvc keeps the spelling it was given.
+func connectionSpecific(h http.Header) func(name string) bool {
+	named := map[string]bool{}
+	for name, values := range h {
+		if http.CanonicalHeaderKey(name) != "Connection" {
+			continue
+		}
+		for _, v := range values {
+			for option := range strings.SplitSeq(v, ",") {
+				if option = textproto.TrimString(option); option != "" {
+					named[http.CanonicalHeaderKey(option)] = true
+				}
+			}
+		}
+	}
+	return func(name string) bool {
+		canon := http.CanonicalHeaderKey(name)
+		return connectionHeaders[canon] || named[canon]
+	}
+}
+
+// writeReplay sends a stored response, marked with Idempotent-Replayed, over the headers the
+// outer middleware set. It leaves out Content-Length and the hop-by-hop headers, which this
+// middleware does not store but a record stored by another client or an older version may have:
+// net/http frames the replay itself, and a stored Content-Length that does not match the body,
+// or a stored Connection or Transfer-Encoding, would break the replay's framing or connection.
 func writeReplay(w http.ResponseWriter, resp Response) {
-	copyHeader(w.Header(), resp.Header)
+	connSpecific := connectionSpecific(resp.Header)
+	for name, values := range resp.Header {
+		if !connSpecific(name) {
+			w.Header()[name] = values
+		}
+	}
 	if _, ok := w.Header()["Content-Type"]; !ok {
 		// None stored and none set by outer middleware: the first response had none either
 		// (seal stores the one net/http sniffed), so do not let net/http sniff one now.
