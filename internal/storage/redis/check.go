@@ -216,7 +216,7 @@ func permitted(err error) bool {
 	case "NOPERM", "NOAUTH", "WRONGPASS":
 		return false
 	}
-	return transientReply(re.Error()) && !strings.Contains(re.Error(), "user executing the script")
+	return transientReply(re.Error()) && !deniedInScript(re.Error())
 }
 
 // markerKey is the data marker's key: <prefix>:{%marker}, which no record's key can be (see the
@@ -342,7 +342,7 @@ func (s *Store) checkErrorf(step string, err error) error {
 	}
 	code, _, _ := strings.Cut(re.Error(), " ")
 	switch {
-	case code == "NOPERM" || strings.Contains(re.Error(), "user executing the script"):
+	case code == "NOPERM" || deniedInScript(re.Error()):
 		return fmt.Errorf("%w: %s: the Redis user lacks a permission: %w; it needs the ACL %q",
 			ErrMisconfigured, step, err, s.aclHint())
 	case code == "NOAUTH" || code == "WRONGPASS" || !transientReply(re.Error()):

@@ -1,7 +1,11 @@
 package redis
 
 import (
+	"bufio"
 	"errors"
+	"fmt"
+	"math"
+	"net"
 	"os"
 	"slices"
 	"strings"
@@ -205,25 +209,105 @@ func TestPublishDenied(t *testing.T) {
 			}
 			srv.Do("ACL", "SETUSER", "idem", deny)
 
+			// The permission was taken away while the Store ran: every write that publishes
+			// fails as unavailable (503, not a 500 per request), and from then on the Store runs
+			// its checks again, so that Ping, which /readyz asks, says what is missing until the
+			// ACL is fixed (an audit's find: /readyz stayed 200 while every complete was a 500).
 			token := held.Record.Lease.Token
-			if _, err := s.Complete(ctx, "t", "held", keys.CompleteRequest{Token: token, Response: testResp}); err == nil {
-				t.Fatal("Complete succeeded without PUBLISH")
+			if _, err := s.Complete(ctx, "t", "held", keys.CompleteRequest{Token: token, Response: testResp}); !errors.Is(err, keys.ErrUnavailable) {
+				t.Errorf("Complete without PUBLISH: %v, want it to wrap keys.ErrUnavailable", err)
 			}
-			if rec, err := s.Get(ctx, "t", "held"); err != nil || rec.State != keys.StateInProgress {
-				t.Errorf("after a failed Complete: %v, %v; want the record still in progress", rec.State, err)
+			if err := s.Release(ctx, "t", "held", token); !errors.Is(err, keys.ErrUnavailable) {
+				t.Errorf("Release without PUBLISH: %v, want it to wrap keys.ErrUnavailable", err)
 			}
-			if err := s.Release(ctx, "t", "held", token); err == nil {
-				t.Error("Release succeeded without PUBLISH")
+			if err := s.Delete(ctx, "t", "other"); !errors.Is(err, keys.ErrUnavailable) {
+				t.Errorf("Delete without PUBLISH: %v, want it to wrap keys.ErrUnavailable", err)
 			}
-			if err := s.Delete(ctx, "t", "other"); err == nil {
-				t.Error("Delete succeeded without PUBLISH")
+			err = s.Ping(ctx)
+			if !errors.Is(err, keys.ErrUnavailable) || !errors.Is(err, ErrMisconfigured) || !strings.Contains(err.Error(), "PUBLISH") {
+				t.Errorf("Ping after a script was refused PUBLISH: %v, want it misconfigured, naming PUBLISH", err)
 			}
+
+			srv.Do(append([]string{"ACL", "SETUSER", "idem"}, rules...)...)
+			deadline := time.Now().Add(5 * time.Second)
+			for s.Ping(ctx) != nil && time.Now().Before(deadline) {
+				time.Sleep(50 * time.Millisecond)
+			}
+			if err := s.Ping(ctx); err != nil {
+				t.Fatalf("Ping after the ACL was fixed: %v", err)
+			}
+			// The failed writes left nothing written.
 			for _, key := range []string{"held", "other"} {
 				if rec, err := s.Get(ctx, "t", key); err != nil || rec.State != keys.StateInProgress {
-					t.Errorf("%s after a failed Release or Delete: %v, %v; want it still held", key, rec.State, err)
+					t.Errorf("%s after a failed Complete, Release or Delete: %v, %v; want it still held", key, rec.State, err)
 				}
 			}
+			if _, err := s.Complete(ctx, "t", "held", keys.CompleteRequest{Token: token, Response: testResp}); err != nil {
+				t.Errorf("Complete after the ACL was fixed: %v", err)
+			}
 		})
+	}
+}
+
+// TestPingWhileLoading: while Redis loads its data at a start it answers INFO but refuses
+// everything else with LOADING, so Ping fails throughout, also when it reads the policy with
+// INFO (an audit's find: /readyz answered 200 once a second while every request got 503).
+func TestPingWhileLoading(t *testing.T) {
+	t.Parallel()
+	srv := redistest.StartServer(t, "--enable-debug-command", "yes")
+	s, err := Open(t.Context(), srv.URL(), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	ctx := t.Context()
+	srv.Do("DEBUG", "POPULATE", "3000000")
+	srv.Do("SAVE")
+	srv.Stop()
+	srv.Start() // loads the 3,000,000 keys, answering LOADING meanwhile
+	// A plain connection: a client library's handshake fails while Redis loads.
+	raw, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", srv.Port()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer raw.Close()
+	replies := bufio.NewReader(raw)
+	loading := func() bool {
+		_ = raw.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := raw.Write([]byte("*2\r\n$3\r\nGET\r\n$1\r\nx\r\n")); err != nil {
+			t.Fatal(err)
+		}
+		reply, err := replies.ReadString('\n')
+		if err != nil {
+			t.Fatal(err)
+		}
+		if strings.HasPrefix(reply, "$") && reply != "$-1\r\n" {
+			t.Fatalf("GET x: %q", reply)
+		}
+		return strings.HasPrefix(reply, "-LOADING")
+	}
+	var pings, whileLoading int
+	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); {
+		before := loading()
+		if !before && pings > 0 {
+			break // loaded
+		}
+		s.policyAt.Store(math.MinInt64 / 2) // the policy due: INFO memory, every time
+		err := s.Ping(ctx)
+		pings++
+		if before && loading() {
+			whileLoading++
+			if err == nil {
+				t.Fatal("Ping answered nil while Redis was loading")
+			}
+		}
+	}
+	if whileLoading == 0 {
+		t.Skipf("never saw Redis loading in %d pings: the load was too fast to tell", pings)
+	}
+	t.Logf("%d pings, %d of them while Redis was loading", pings, whileLoading)
+	if err := s.Ping(ctx); err != nil {
+		t.Errorf("Ping once loaded: %v", err)
 	}
 }
 

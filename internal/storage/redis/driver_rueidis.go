@@ -315,8 +315,12 @@ func (d *rueidisDriver) close() {
 
 // transientReply reports whether a Redis error reply means the server cannot serve now
 // (loading, a replica, failing over, out of memory, busy with a script, refusing writes since a
-// save failed, refusing our credentials) rather than a bug in the request.
+// save failed, refusing our credentials or, inside a script, a command or channel) rather than a
+// bug in the request.
 func transientReply(msg string) bool {
+	if deniedInScript(msg) {
+		return true
+	}
 	code, _, _ := strings.Cut(msg, " ")
 	switch code {
 	case "LOADING", "READONLY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "BUSY", "OOM", "MISCONF",
@@ -326,8 +330,15 @@ func transientReply(msg string) bool {
 	return false
 }
 
-// redactURLError is err without the URL it may quote (url.Parse's errors quote it whole, password
-// included) and without the password anywhere: what it says ends up in logs.
+// deniedInScript reports whether a Redis error reply is the ACL refusing a command or a channel
+// to a script. Redis sends it with the code ERR, not NOPERM ("ERR ... The user executing the
+// script can't run this command or subcommand", "... can't publish to the channel mentioned in
+// the command"): an operator took a permission away after the checks passed (an audit's find:
+// every complete and delete answered 500, with an error line each).
+func deniedInScript(msg string) bool {
+	return strings.Contains(msg, "user executing the script")
+}
+
 // checkURLShape refuses a URL that names no server: rueidis.ParseURL reads "redis:pw@host:6379"
 // (no "//") as localhost:6379, database 0, without a password, which would connect to some other
 // Redis instead of failing. Its error never quotes the URL, which may hold a password.
@@ -348,6 +359,8 @@ func checkURLShape(raw string) error {
 	return nil
 }
 
+// redactURLError is err without the URL it may quote (url.Parse's errors quote it whole, password
+// included) and without the password anywhere: what it says ends up in logs.
 func redactURLError(err error, raw string) error {
 	var ue *neturl.Error
 	if errors.As(err, &ue) {

@@ -665,6 +665,12 @@ func (s *Store) edge(err error) error {
 		return nil
 	}
 	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) || s.d.unavailable(err) {
+		if deniedInScript(err.Error()) {
+			// The ACL changed since the checks passed: run them again (ready), so that every
+			// operation and Ping reports the misconfiguration, naming what is missing, until the
+			// ACL is fixed, instead of each request finding it out.
+			s.checked.Store(false)
+		}
 		return fmt.Errorf("%w: %w", keys.ErrUnavailable, err)
 	}
 	return fmt.Errorf("redis: %w", err)
@@ -909,8 +915,10 @@ func (s *Store) Sweep(ctx context.Context, max int) (int, error) {
 // keys.ErrUnavailable: Redis cannot be reached, or the checks of the server have not passed yet
 // (see Open; the error then wraps ErrMisconfigured too when Redis answered and failed them), or
 // Redis's maxmemory-policy evicts and Options.AllowEviction is not set (wrapping
-// ErrMisconfigured). Ping reads the policy again at most once a second (INFO memory in place of
-// PING), so that a policy changed at runtime shows within about a second.
+// ErrMisconfigured). Ping reads the policy again at most once a second (INFO memory, besides
+// PING), so that a policy changed at runtime shows within about a second. After a script was
+// refused a command or channel by the ACL, it runs the checks again (see edge), so that it
+// fails, naming what is missing, until the ACL is fixed.
 func (s *Store) Ping(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
@@ -925,6 +933,10 @@ func (s *Store) Ping(ctx context.Context) error {
 		if info, err = s.d.info(ctx, "memory"); err == nil {
 			s.setPolicy(infoField(info, "maxmemory_policy"))
 			_ = s.checkMarker(ctx) // monitoring: it reports a loss, it does not fail readiness
+			// And PING, which INFO does not stand for: Redis answers INFO while it loads its
+			// data and refuses everything else (an audit's find: /readyz answered 200 once a
+			// second while every request got 503 LOADING).
+			err = s.d.ping(ctx)
 		}
 	} else {
 		err = s.d.ping(ctx)

@@ -6,12 +6,15 @@
 package redistest
 
 import (
+	"bufio"
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -136,10 +139,22 @@ func StartServer(t testing.TB, args ...string) *Server {
 		}
 		t.Skip(msg)
 	}
+	// A directory of its own: Redis loads dump.rdb from its directory at start, even with
+	// --save '', so a file left in the package's directory by a test that saved (SAVE, DEBUG
+	// RELOAD) made every later server start loading it.
+	args = append([]string{"--dir", t.TempDir()}, args...)
 	s := &Server{t: t, port: FreePort(t), args: args}
-	s.Start()
 	t.Cleanup(s.Stop)
-	return s
+	for range 5 {
+		if s.start() {
+			return s
+		}
+		// Another test's server took the port between FreePort and the bind.
+		s.Stop()
+		s.port = FreePort(t)
+	}
+	t.Fatal("redis-server found its port taken five times")
+	return nil
 }
 
 // Port is the server's port.
@@ -151,6 +166,16 @@ func (s *Server) URL() string { return fmt.Sprintf("redis://127.0.0.1:%d/0", s.p
 // Start (re)starts the server on its port and waits until it accepts connections.
 func (s *Server) Start() {
 	s.t.Helper()
+	if !s.start() {
+		s.t.Fatalf("port %d is another redis-server's", s.port)
+	}
+}
+
+// start starts the server and waits until it accepts connections; it returns false when the
+// server that answers on its port is another one (FreePort only says the port was free when it
+// asked: a test that ran in parallel got the same port, and its LOADING reached this test).
+func (s *Server) start() bool {
+	s.t.Helper()
 	args := append([]string{"--port", strconv.Itoa(s.port), "--bind", "127.0.0.1",
 		"--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"}, s.args...)
 	s.cmd = exec.Command("redis-server", args...)
@@ -161,14 +186,47 @@ func (s *Server) Start() {
 	for {
 		c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", s.port), 100*time.Millisecond)
 		if err == nil {
+			pid := serverPID(c)
 			_ = c.Close()
-			return
+			return pid == s.cmd.Process.Pid || pid < 0
 		}
 		if time.Now().After(deadline) {
 			s.t.Fatalf("redis-server on port %d did not start: %v", s.port, err)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// serverPID asks the Redis on c for its process id (INFO server, which Redis answers even while
+// it loads), or returns 0, or -1 when the server wants a password first.
+func serverPID(c net.Conn) int {
+	_ = c.SetDeadline(time.Now().Add(2 * time.Second))
+	if _, err := c.Write([]byte("*2\r\n$4\r\nINFO\r\n$6\r\nserver\r\n")); err != nil {
+		return 0
+	}
+	rd := bufio.NewReader(c)
+	head, err := rd.ReadString('\n')
+	if err == nil && strings.HasPrefix(head, "-NOAUTH") {
+		return -1 // a server with a password (--requirepass): it cannot tell
+	}
+	if err != nil || len(head) < 2 || head[0] != '$' {
+		return 0
+	}
+	n, err := strconv.Atoi(strings.TrimSpace(head[1:]))
+	if err != nil || n < 0 {
+		return 0
+	}
+	body := make([]byte, n)
+	if _, err := io.ReadFull(rd, body); err != nil {
+		return 0
+	}
+	for line := range strings.Lines(string(body)) {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(line), "process_id:"); ok {
+			pid, _ := strconv.Atoi(v)
+			return pid
+		}
+	}
+	return 0
 }
 
 // Stop kills the server (SIGKILL: its data is gone, as in a crash without persistence). It is
