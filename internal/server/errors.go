@@ -41,6 +41,7 @@ var problems = []struct {
 	{keys.ErrInvalidResponse, problemType{"invalid-response", http.StatusUnprocessableEntity, "Invalid response", true}},
 	{keys.ErrUnavailable, problemType{"unavailable", http.StatusServiceUnavailable, "Store unavailable", false}},
 	{errBusy, problemType{"unavailable", http.StatusServiceUnavailable, "Server busy", false}},
+	{errBusyAnswering, problemType{"unavailable", http.StatusServiceUnavailable, "Server busy", false}},
 	{errShuttingDown, problemType{"unavailable", http.StatusServiceUnavailable, "Shutting down", false}},
 	{context.DeadlineExceeded, problemType{"unavailable", http.StatusServiceUnavailable, "Store unavailable", false}},
 	{context.Canceled, problemType{"unavailable", http.StatusServiceUnavailable, "Request cancelled", false}},

@@ -122,7 +122,7 @@ func (s *Server) handleBegin(w http.ResponseWriter, r *http.Request) {
 		ri.outcome = res.Outcome.String()
 		s.metrics.begin(ri.outcome)
 		w.Header()["Idempotent-Replayed"] = headerTrue
-		encodeRecord(w, http.StatusOK, res.Record, false)
+		s.answer(w, r, http.StatusOK, res.Record)
 	default:
 		ri.outcome = res.Outcome.String()
 		s.metrics.begin(ri.outcome)
@@ -240,7 +240,25 @@ func (s *Server) handleGet(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, err)
 		return
 	}
-	encodeRecord(w, http.StatusOK, rec, false)
+	s.answer(w, r, http.StatusOK, rec)
+}
+
+// answer writes rec, without its token, for a GET or a replay. A stored body of largeAnswer or
+// more is written under the answer budget: until its client has read it, the answer holds the
+// record and its encoding, and a client that reads slowly (or not at all) holds them up to the
+// write timeout (a security audit's find: 2,000 connections that asked for a record of 1 MiB
+// and read nothing held 885 MB). With no room, it is 503 at once; a memo's encoding is shared
+// by every replay of the record, so it costs nothing more.
+func (s *Server) answer(w http.ResponseWriter, r *http.Request, status int, rec keys.Record) {
+	if rec.Response != nil && len(rec.Response.Body) >= largeAnswer && rec.Memo == nil {
+		release, ok := s.answers.reserve(r.Context(), tenant(r.Context()), answerCost(rec), 0)
+		if !ok {
+			s.writeError(w, r, errBusyAnswering)
+			return
+		}
+		defer release()
+	}
+	encodeRecord(w, status, rec, false)
 }
 
 func (s *Server) handleDelete(w http.ResponseWriter, r *http.Request) {

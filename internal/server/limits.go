@@ -9,6 +9,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/semaphore"
+
+	"github.com/idemsvc/idemsvc/internal/keys"
 )
 
 // Bounds on what clients can make the server hold at once (a security audit's finds: 800
@@ -80,18 +82,16 @@ func (ws *waiters) leave(tenant string) {
 	}
 }
 
-// bodyBudget bounds the bytes of request bodies being read at once: a body from budgetedBody
-// on takes its length (or the largest its request may be, when the length is not told) before
-// it is read. With several tenants, one tenant's bodies may take at most half of it, so that
-// one tenant's stalled bodies cannot keep every other tenant's completes waiting (a security
-// audit's find: 86 connections that each declared 1.5 MB and sent one byte made every other
-// tenant's complete over 4 KiB wait 5 s for a 503 "Server busy"). A tenant over its share waits
-// on its own semaphore, not in the shared queue, so it never stands before another tenant's
-// request there.
-type bodyBudget struct {
-	sem      *semaphore.Weighted
-	maxBytes int64
-	held     prometheus.Gauge
+// budget bounds bytes that requests hold at once (bodies being read, large answers being
+// written). With several tenants, one tenant may hold at most half of it, so that one tenant's
+// stalled clients cannot keep every other tenant waiting (a security audit's find: 86
+// connections that each declared 1.5 MB and sent one byte made every other tenant's complete
+// over 4 KiB wait 5 s for a 503 "Server busy"). A tenant over its share waits on its own
+// semaphore, not in the shared queue, so it never stands before another tenant's request there.
+type budget struct {
+	sem  *semaphore.Weighted
+	size int64
+	held prometheus.Gauge
 
 	perTenant int64 // 0: one tenant, no shares
 	mu        sync.Mutex
@@ -105,12 +105,8 @@ type tenantShare struct {
 	refs int
 }
 
-func newBodyBudget(size, maxRequestBytes int64, tenants int, held prometheus.Gauge) *bodyBudget {
-	if size <= 0 {
-		size = DefaultBodyBuffer
-	}
-	size = max(size, 4*maxRequestBytes)
-	b := &bodyBudget{sem: semaphore.NewWeighted(size), maxBytes: maxRequestBytes, held: held}
+func newBudget(size int64, tenants int, held prometheus.Gauge) *budget {
+	b := &budget{sem: semaphore.NewWeighted(size), size: size, held: held}
 	if tenants > 1 {
 		b.perTenant = size / 2
 		b.shares = make(map[string]*tenantShare)
@@ -118,38 +114,15 @@ func newBodyBudget(size, maxRequestBytes int64, tenants int, held prometheus.Gau
 	return b
 }
 
-// take reserves room for the body of r, a request of tenant that may be at most maxBytes long;
-// release gives it back. Only JSON bodies are read into memory (decode reads any other body 512
-// bytes at a time, to answer 415). A JSON body longer than maxBytes is errPayloadTooLarge at
-// once, as decode would answer after reading it. With no room within bodyBudgetWait (or r's
-// context ending first) take fails with errBusy.
-func (b *bodyBudget) take(r *http.Request, tenant string, maxBytes int64) (release func(), err error) {
-	n := r.ContentLength
-	switch {
-	case r.Body == nil || r.Body == http.NoBody || (n >= 0 && n < budgetedBody):
-		return noRelease, nil
-	case !jsonMediaType(r.Header["Content-Type"]): // Header.Get, without canonicalizing
-		return noRelease, nil
-	case n > maxBytes:
-		return nil, errPayloadTooLarge
-	case n < 0:
-		n = maxBytes // the reader stops there
-	}
-	ctx, cancel := context.WithTimeout(r.Context(), bodyBudgetWait)
-	defer cancel()
+// reserve takes n bytes for tenant, waiting at most wait (or until ctx ends) for room; release
+// gives them back. It returns false when there was no room in time.
+func (b *budget) reserve(ctx context.Context, tenant string, n int64, wait time.Duration) (release func(), ok bool) {
 	share := b.share(tenant)
-	if share != nil {
-		if err := acquire(ctx, share.sem, n); err != nil {
-			b.unshare(tenant, share)
-			return nil, errBusy
-		}
-	}
-	if err := acquire(ctx, b.sem, n); err != nil {
+	if !b.acquire(ctx, share, n, wait) {
 		if share != nil {
-			share.sem.Release(n)
 			b.unshare(tenant, share)
 		}
-		return nil, errBusy
+		return nil, false
 	}
 	b.held.Add(float64(n))
 	return func() {
@@ -159,18 +132,40 @@ func (b *bodyBudget) take(r *http.Request, tenant string, maxBytes int64) (relea
 			share.sem.Release(n)
 			b.unshare(tenant, share)
 		}
-	}, nil
+	}, true
 }
 
-func acquire(ctx context.Context, sem *semaphore.Weighted, n int64) error {
-	if sem.TryAcquire(n) {
-		return nil
+// acquire takes n from share (when not nil) and then from the whole budget, or nothing,
+// waiting for both together at most wait.
+func (b *budget) acquire(ctx context.Context, share *tenantShare, n int64, wait time.Duration) bool {
+	deadline := time.Now().Add(wait)
+	if share != nil && !take(ctx, share.sem, n, deadline) {
+		return false
 	}
-	return sem.Acquire(ctx, n)
+	if !take(ctx, b.sem, n, deadline) {
+		if share != nil {
+			share.sem.Release(n)
+		}
+		return false
+	}
+	return true
+}
+
+// take takes n from sem: at once when there is room, else waiting until deadline (or ctx's end).
+func take(ctx context.Context, sem *semaphore.Weighted, n int64, deadline time.Time) bool {
+	if sem.TryAcquire(n) {
+		return true
+	}
+	if !time.Now().Before(deadline) {
+		return false
+	}
+	ctx, cancel := context.WithDeadline(ctx, deadline)
+	defer cancel()
+	return sem.Acquire(ctx, n) == nil
 }
 
 // share returns tenant's semaphore, counting one more user, or nil when there are no shares.
-func (b *bodyBudget) share(tenant string) *tenantShare {
+func (b *budget) share(tenant string) *tenantShare {
 	if b.shares == nil {
 		return nil
 	}
@@ -186,12 +181,62 @@ func (b *bodyBudget) share(tenant string) *tenantShare {
 }
 
 // unshare counts one user of tenant's semaphore less, and drops it when none is left.
-func (b *bodyBudget) unshare(tenant string, sh *tenantShare) {
+func (b *budget) unshare(tenant string, sh *tenantShare) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if sh.refs--; sh.refs == 0 {
 		delete(b.shares, tenant)
 	}
+}
+
+// bodyBudget bounds the bytes of request bodies being read at once: a body from budgetedBody
+// on takes its length (or the largest its request may be, when the length is not told) before
+// it is read.
+type bodyBudget struct{ *budget }
+
+func newBodyBudget(size, maxRequestBytes int64, tenants int, held prometheus.Gauge) bodyBudget {
+	if size <= 0 {
+		size = DefaultBodyBuffer
+	}
+	return bodyBudget{newBudget(max(size, 4*maxRequestBytes), tenants, held)}
+}
+
+// take reserves room for the body of r, a request of tenant that may be at most maxBytes long;
+// release gives it back. Only JSON bodies are read into memory (decode reads any other body 512
+// bytes at a time, to answer 415). A JSON body longer than maxBytes is errPayloadTooLarge at
+// once, as decode would answer after reading it. With no room within bodyBudgetWait (or r's
+// context ending first) take fails with errBusy.
+func (b bodyBudget) take(r *http.Request, tenant string, maxBytes int64) (release func(), err error) {
+	n := r.ContentLength
+	switch {
+	case r.Body == nil || r.Body == http.NoBody || (n >= 0 && n < budgetedBody):
+		return noRelease, nil
+	case !jsonMediaType(r.Header["Content-Type"]): // Header.Get, without canonicalizing
+		return noRelease, nil
+	case n > maxBytes:
+		return nil, errPayloadTooLarge
+	case n < 0:
+		n = maxBytes // the reader stops there
+	}
+	release, ok := b.reserve(r.Context(), tenant, n, bodyBudgetWait)
+	if !ok {
+		return nil, errBusy
+	}
+	return release, nil
+}
+
+// largeAnswer is the size of a stored body from which an answer that carries it (a GET, a
+// replay) is written under the answer budget.
+const largeAnswer = 64 << 10
+
+// errBusyAnswering: the answer budget had no room for a large answer (503, "Server busy").
+var errBusyAnswering = errors.New("server busy: too many large stored responses being written")
+
+// answerCost is what writing rec holds until its client has read it: the record's body and
+// its encoding (base64, four bytes for three), and room for the rest.
+func answerCost(rec keys.Record) int64 {
+	n := int64(len(rec.Response.Body))
+	return n + (n+2)/3*4 + 16<<10
 }
 
 func noRelease() {}

@@ -2,6 +2,7 @@ package server_test
 
 import (
 	"bufio"
+	"encoding/base64"
 	"fmt"
 	"io"
 	"net"
@@ -280,4 +281,87 @@ func TestManyHeaderValues(t *testing.T) {
 			t.Errorf("%d header names: %s", n, r.body)
 		}
 	}
+}
+
+// TestAnswerBudget: an answer that carries a large stored body (64 KiB or more) is written under
+// a budget the size of the body budget, one tenant holding at most half of it with several: a
+// client that asks for a large record and reads nothing holds the record and its encoding until
+// the write timeout, so such answers beyond the budget are 503 at once instead of each holding
+// megabytes. Another tenant's answers go on, and the budget is back once the readers are gone.
+func TestAnswerBudget(t *testing.T) {
+	t.Parallel()
+	tokens := map[string]string{"bob": "bob-token-0123456789", "alice": "alice-token-0123456789"}
+	// Stored bodies of 8 MiB: an answer larger than a socket's send buffer can grow to (4 MiB
+	// here), so that a client that reads nothing holds it.
+	limits := keys.DefaultLimits()
+	limits.MaxBodyBytes = 8 << 20
+	e := newEnv(t, servertest.Options{Limits: limits, BodyBuffer: 1, Tokens: tokens}) // four of the largest requests
+	body := strings.Repeat("x", limits.MaxBodyBytes)
+	// Without the spec check of e.client, which takes seconds for 11 MB of JSON.
+	plain := func(method, path, token, reqBody string) (int, string) {
+		req, err := http.NewRequest(method, e.srv.URL+path, strings.NewReader(reqBody))
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Header.Set("Authorization", "Bearer "+token)
+		req.Header.Set("Content-Type", "application/json")
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, err := io.ReadAll(resp.Body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return resp.StatusCode, string(b)
+	}
+	encoded := base64.StdEncoding.EncodeToString([]byte(body))
+	for _, who := range []string{"bob", "alice"} {
+		e.token = tokens[who]
+		l := e.begin("big", nil)
+		complete := `{"token":"` + l.token + `","response":{"status":200,"body":"` + encoded + `"}}`
+		if st, b := plain("POST", "/v1/keys/big/complete", tokens[who], complete); st != http.StatusOK {
+			t.Fatalf("complete: %d %.200s", st, b)
+		}
+	}
+	// Readers that read nothing, with a small receive window so that the answer cannot all go
+	// into socket buffers.
+	host := strings.TrimPrefix(e.srv.URL, "http://")
+	dialer := net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
+		return c.Control(func(fd uintptr) { _ = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096) })
+	}}
+	var readers []net.Conn
+	for range 3 {
+		c, err := dialer.Dial("tcp", host)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		fmt.Fprintf(c, "GET /v1/keys/big HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n\r\n", tokens["bob"])
+		readers = append(readers, c)
+	}
+	reg := e.srv.Handler.Registry()
+	n := limits.MaxBodyBytes
+	cost := float64(n + (n+2)/3*4 + 16<<10) // as the server counts
+	eventually(t, "one of bob's stalled readers holding his share of the answer budget", func() bool {
+		return gauge(t, reg, "idemsvc_answer_bytes_held") == cost
+	})
+	if st, b := plain("GET", "/v1/keys/big", tokens["alice"], ""); st != http.StatusOK || !strings.Contains(b, encoded) {
+		t.Errorf("alice's GET while bob's reader holds his share: %d, %d bytes; want 200 with her record", st, len(b))
+	}
+	e.token = tokens["bob"]
+	if r := e.do("GET", "/v1/keys/big", nil); r.status != http.StatusServiceUnavailable || !strings.Contains(string(r.body), "Server busy") {
+		t.Errorf("bob's GET beyond his share: %d, %.200s; want 503 Server busy", r.status, r.body)
+	}
+	if held := gauge(t, reg, "idemsvc_answer_bytes_held"); held != cost {
+		t.Errorf("held %v after the requests, want one answer's %v", held, cost)
+	}
+	for _, c := range readers {
+		c.Close()
+	}
+	eventually(t, "the budget back once the readers are gone", func() bool {
+		st, _ := plain("GET", "/v1/keys/big", tokens["bob"], "")
+		return st == http.StatusOK
+	})
 }

@@ -29,6 +29,8 @@ type metrics struct {
 	waitsShed prometheus.Counter
 	// bodyBytes is the room request bodies hold in the body budget (Options.BodyBuffer).
 	bodyBytes prometheus.Gauge
+	// answerBytes is the room large answers hold in the answer budget (limits.go).
+	answerBytes prometheus.Gauge
 
 	// The children that requests use, resolved once instead of hashing their labels on every
 	// request. A child is made on its first use, as WithLabelValues makes it, so /metrics
@@ -125,12 +127,16 @@ func newMetrics(reg *prometheus.Registry) *metrics {
 			Name: "idemsvc_request_body_bytes_held",
 			Help: "Bytes of the request-body budget held by bodies of 4 KiB or more being read now.",
 		}),
+		answerBytes: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "idemsvc_answer_bytes_held",
+			Help: "Bytes of the answer budget held by answers carrying a stored body of 64 KiB or more, being written now.",
+		}),
 		waitsShed: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "idemsvc_begin_waits_shed_total",
 			Help: "Begins that asked to wait (wait_ms) while as many were waiting as allowed, in all or for their tenant: they did not wait.",
 		}),
 	}
-	reg.MustRegister(m.requests, m.latency, m.begins, m.storeOps, m.swept, m.waiting, m.waitsShed, m.bodyBytes,
+	reg.MustRegister(m.requests, m.latency, m.begins, m.storeOps, m.swept, m.waiting, m.waitsShed, m.bodyBytes, m.answerBytes,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	m.beginOutcomes = map[string]prometheus.Counter{}
 	for _, o := range []string{"acquired", "takeover", "replayed", "in_progress", "mismatch"} {

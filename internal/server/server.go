@@ -47,7 +47,8 @@ type Options struct {
 	MaxWaiters int
 	// BodyBuffer bounds the bytes of request bodies of 4 KiB or more that are read at once (at
 	// least four of the largest requests); a request that finds no room within 5 s is answered
-	// 503. Zero means DefaultBodyBuffer.
+	// 503. Zero means DefaultBodyBuffer. Answers that carry a stored body of 64 KiB or more have
+	// a budget of the same size, and one that finds no room is answered 503 at once.
 	BodyBuffer int64
 }
 
@@ -74,7 +75,8 @@ type Server struct {
 	// completeBody is a complete's bodyLimit (handlers.go).
 	completeBody bodyLimit
 	waiters      *waiters
-	bodies       *bodyBudget
+	bodies       bodyBudget
+	answers      *budget // large answers being written (see Server.answer)
 	health       *storeHealth
 	unready      atomic.Bool // see Unready
 	// draining is cancelled when the server starts shutting down, so begins that wait for a
@@ -111,6 +113,7 @@ func New(store keys.Store, opts Options) *Server {
 	}
 	s.waiters = newWaiters(opts.MaxWaiters, len(opts.Tokens), s.metrics.waiting)
 	s.bodies = newBodyBudget(opts.BodyBuffer, s.maxRequestBytes, len(opts.Tokens), s.metrics.bodyBytes)
+	s.answers = newBudget(s.bodies.size, len(opts.Tokens), s.metrics.answerBytes)
 	if opts.AccessLog != nil && opts.Logger.Core().Enabled(zapcore.InfoLevel) {
 		s.accessOut = opts.AccessLog
 	}
