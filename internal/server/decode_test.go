@@ -558,7 +558,7 @@ func TestTooManyValues(t *testing.T) {
 
 // TestDecodeAllocatesAboutItsSize: a complete of the largest size, made of header names or
 // values with nothing in them, is refused before it is decoded, allocating about what reading
-// it does; a valid complete of that size allocates about six times its size. (Before the count,
+// it does (the bounds leave room for -race, which allocates more). (Before the count,
 // encoding/json turned 1.5 MB of {"0":[],...} into 45 MB of maps and strings.)
 func TestDecodeAllocatesAboutItsSize(t *testing.T) {
 	limits := keys.DefaultLimits()
@@ -591,9 +591,11 @@ func TestDecodeAllocatesAboutItsSize(t *testing.T) {
 		if (err == nil) != (name == "valid") || (err != nil && !errors.Is(err, keys.ErrInvalidResponse)) {
 			t.Errorf("%s: %v", name, err)
 		}
-		want := 3.0 // reading it: io.ReadAll's buffer as it grows
+		// Reading it, io.ReadAll's buffer as it grows: about 2 (4 with -race); without the
+		// count, 38 and 46.
+		want := 10.0
 		if name == "valid" {
-			want = 8 // and encoding/json's buffer, the string unquoted, and the bytes decoded
+			want = 16 // and encoding/json's buffer, the string unquoted, the bytes decoded: 6 (8 with -race)
 		}
 		if ratio := float64(after.TotalAlloc-before.TotalAlloc) / float64(len(body)); ratio > want {
 			t.Errorf("%s (%d bytes): allocated %.1f times its size, want at most %.0f", name, len(body), ratio, want)
