@@ -66,7 +66,9 @@ func connLimitFor(maxConns int, nofile uint64) (int, error) {
 // clients holding idle keep-alive connections took every slot for up to the server's
 // IdleTimeout, and then nothing was served, not even /healthz. A connection that is reading or
 // serving a request is never ended, nor one that went idle a moment ago (a busy client about to
-// send its next request): while no connection qualifies, the new one waits.
+// send its next request). When no idle connection qualifies, a new connection that has not sent
+// its first request's headers within minNewToEvict is ended instead, as the header timeout would
+// end it later. While no connection qualifies, the new one waits.
 //
 // The connection is ended as net/http's own IdleTimeout ends it: with a read deadline in the
 // past, not with Close. net/http waits for the next request in a read; the deadline makes that
@@ -94,7 +96,7 @@ type connCap struct {
 	ending   *trackedConn              // the connection given a past deadline, until it closes or turns active
 	endingAt time.Time
 	reached  uint64    // times a new connection found every slot taken
-	evicted  uint64    // idle connections ended to make room
+	evicted  uint64    // connections ended to make room
 	lastWarn time.Time // of the last warning that the limit was reached
 }
 
@@ -102,6 +104,7 @@ type connCap struct {
 type trackedConn struct {
 	conn       net.Conn
 	state      http.ConnState
+	opened     time.Time    // when net/http reported it new
 	idleSince  time.Time    // when it last went idle
 	prev, next *trackedConn // in connCap.idle (prev is nil when it is not)
 }
@@ -110,6 +113,12 @@ const (
 	// minIdleToEvict is how long a connection must have been idle to be ended to make room: a
 	// busy client sends its next request well within it.
 	minIdleToEvict = 250 * time.Millisecond
+	// minNewToEvict is how long a new connection may take to send its first request's headers
+	// before it may be ended to make room, when no idle one can be: a client sends them at once,
+	// and one that trickles them in holds its slot up to the header timeout (5 s) otherwise (a
+	// security audit's find: eight such clients, reconnecting, kept /healthz from an answer at
+	// IDEMSVC_MAX_CONNS=8).
+	minNewToEvict = time.Second
 	// endWait is how long a connection given a past deadline may take to close before another
 	// is tried (net/http sets its idle deadline just after reporting StateIdle, so a deadline
 	// set in between would be lost; minIdleToEvict makes that all but impossible). Not shorter:
@@ -203,8 +212,10 @@ func (l *connCap) makeRoom() error {
 }
 
 // endOldestIdle gives the connection idle the longest a read deadline in the past, if it has
-// been idle for minIdleToEvict and no other is being ended: its slot comes back when net/http
-// closes it. l.mu is held.
+// been idle for minIdleToEvict, or else the new connection that has waited longest for its
+// first request's headers, if for minNewToEvict (net/http is reading them: the deadline ends
+// the read, and it closes the connection without running anything), and no other is being
+// ended: its slot comes back when net/http closes it. l.mu is held.
 func (l *connCap) endOldestIdle(now time.Time) {
 	if e := l.ending; e != nil {
 		if now.Sub(l.endingAt) < endWait {
@@ -218,12 +229,28 @@ func (l *connCap) endOldestIdle(now time.Time) {
 	}
 	e := l.idle.next
 	if e == &l.idle || now.Sub(e.idleSince) < minIdleToEvict {
-		return
+		if e = l.oldestNew(now); e == nil {
+			return
+		}
+	} else {
+		unlinkIdle(e)
 	}
-	unlinkIdle(e)
 	l.ending, l.endingAt = e, now
 	l.evicted++
 	_ = e.conn.SetReadDeadline(now)
+}
+
+// oldestNew returns the connection that has been waiting longest for its first request's
+// headers, if for minNewToEvict at least, else nil. It looks at every connection, which it does
+// only while every slot is taken and none is idle long enough. l.mu is held.
+func (l *connCap) oldestNew(now time.Time) *trackedConn {
+	var oldest *trackedConn
+	for _, e := range l.conns {
+		if e.state == http.StateNew && now.Sub(e.opened) >= minNewToEvict && (oldest == nil || e.opened.Before(oldest.opened)) {
+			oldest = e
+		}
+	}
+	return oldest
 }
 
 // warnReached logs that the limit was reached, the first time and then at most every
@@ -279,7 +306,7 @@ func (l *connCap) connState(c net.Conn, s http.ConnState) {
 		}
 		l.mu.Unlock()
 	case http.StateNew:
-		e := &trackedConn{conn: c, state: s}
+		e := &trackedConn{conn: c, state: s, opened: time.Now()}
 		l.mu.Lock()
 		l.conns[c] = e
 		l.mu.Unlock()
@@ -337,7 +364,7 @@ func (l *connCap) collectors() []prometheus.Collector {
 		}, func() float64 { l.mu.Lock(); defer l.mu.Unlock(); return float64(l.reached) }),
 		prometheus.NewCounterFunc(prometheus.CounterOpts{
 			Name: "idemsvc_connections_idle_closed_total",
-			Help: "Idle keep-alive connections closed to make room for a new connection at the limit.",
+			Help: "Connections ended to make room for a new connection at the limit: idle keep-alive ones, or, when none is idle long enough, ones that sent no complete request headers within a second.",
 		}, func() float64 { l.mu.Lock(); defer l.mu.Unlock(); return float64(l.evicted) }),
 	}
 }
