@@ -308,6 +308,11 @@ func (d *rueidisDriver) unavailable(err error) bool {
 	return transientReply(re.Error())
 }
 
+func (d *rueidisDriver) denied(err error) bool {
+	re, ok := rueidis.IsRedisErr(err)
+	return ok && deniedByACL(re.Error())
+}
+
 func (d *rueidisDriver) close() {
 	d.main.close()
 	d.sub.close()
@@ -331,12 +336,19 @@ func transientReply(msg string) bool {
 }
 
 // deniedInScript reports whether a Redis error reply is the ACL refusing a command or a channel
-// to a script. Redis sends it with the code ERR, not NOPERM ("ERR ... The user executing the
+// to a script. Redis 7.0 sends it with the code ERR, not NOPERM ("ERR ... The user executing the
 // script can't run this command or subcommand", "... can't publish to the channel mentioned in
-// the command"): an operator took a permission away after the checks passed (an audit's find:
-// every complete and delete answered 500, with an error line each).
+// the command"; later versions say "ACL failure in script"): an operator took a permission away
+// after the checks passed (an audit's find: every complete and delete answered 500, with an
+// error line each).
 func deniedInScript(msg string) bool {
-	return strings.Contains(msg, "user executing the script")
+	return strings.Contains(msg, "user executing the script") || strings.Contains(msg, "ACL failure in script")
+}
+
+// deniedByACL reports whether a Redis error reply is the ACL refusing something: NOPERM (a
+// command, key or channel of our own), or a refusal inside a script.
+func deniedByACL(msg string) bool {
+	return strings.HasPrefix(msg, "NOPERM") || deniedInScript(msg)
 }
 
 // checkURLShape refuses a URL that names no server: rueidis.ParseURL reads "redis:pw@host:6379"

@@ -285,6 +285,9 @@ type driver interface {
 	// unavailable reports whether a failure means Redis cannot serve now (network, timeout,
 	// LOADING, READONLY, ...), as opposed to a bug (a script error, a wrong type).
 	unavailable(err error) bool
+	// denied reports whether a failure is Redis's ACL refusing a command, key or channel, at the
+	// top level or inside a script.
+	denied(err error) bool
 	close()
 }
 
@@ -665,7 +668,7 @@ func (s *Store) edge(err error) error {
 		return nil
 	}
 	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) || s.d.unavailable(err) {
-		if deniedInScript(err.Error()) {
+		if s.d.denied(err) {
 			// The ACL changed since the checks passed: run them again (ready), so that every
 			// operation and Ping reports the misconfiguration, naming what is missing, until the
 			// ACL is fixed, instead of each request finding it out.
