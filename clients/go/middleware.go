@@ -98,7 +98,10 @@ func WithRequireKey() MiddlewareOption {
 
 // WithFailOpen makes the middleware run the handler without protection when idemsvc cannot be
 // reached or fails (ErrUnavailable, ErrInternal), instead of answering 503 (the default: fail
-// closed). Choose it when availability matters more than at-most-once execution.
+// closed). Choose it when availability matters more than at-most-once execution. Every 503 of
+// idemsvc counts, "Server busy" included: when clients of the same tenant hold all of idemsvc's
+// room for large answers (stored bodies of 64 KiB or more) for 5 s, a retry of a completed key
+// then runs the handler again instead of getting its replay.
 func WithFailOpen() MiddlewareOption {
 	return middlewareOption(func(c *middlewareConfig) { c.failOpen = true })
 }

@@ -105,6 +105,16 @@ func (s *Server) handleBegin(w http.ResponseWriter, r *http.Request) {
 	}
 	// A drain (shutdown) ends a wait early with 409; it never cuts a store call short.
 	res, err := keys.BeginWaitUntil(ctx, s.store, s.now, tenant(ctx), key, req, wait, s.draining.Done())
+	if err == nil && res.Outcome == keys.Replayed {
+		var release func()
+		var again bool
+		if release, again, err = s.reserveAnswer(r, &res.Record); err == nil {
+			defer release()
+			if again { // a later begin: it replays again, or finds what happened meanwhile
+				res, err = keys.BeginWaitUntil(ctx, s.store, s.now, tenant(ctx), key, req, 0, s.draining.Done())
+			}
+		}
+	}
 	ri := info(r.Context())
 	switch {
 	case errors.Is(err, keys.ErrInProgress):
@@ -122,7 +132,7 @@ func (s *Server) handleBegin(w http.ResponseWriter, r *http.Request) {
 		ri.outcome = res.Outcome.String()
 		s.metrics.begin(ri.outcome)
 		w.Header()["Idempotent-Replayed"] = headerTrue
-		s.answer(w, r, http.StatusOK, res.Record)
+		encodeRecord(w, http.StatusOK, res.Record, false)
 	default:
 		ri.outcome = res.Outcome.String()
 		s.metrics.begin(ri.outcome)
@@ -236,29 +246,50 @@ func (s *Server) handleGet(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	rec, err := s.store.Get(r.Context(), tenant(r.Context()), key)
+	if err == nil {
+		var release func()
+		var again bool
+		if release, again, err = s.reserveAnswer(r, &rec); err == nil {
+			defer release()
+			if again {
+				rec, err = s.store.Get(r.Context(), tenant(r.Context()), key)
+			}
+		}
+	}
 	if err != nil {
 		s.writeError(w, r, err)
 		return
 	}
-	s.answer(w, r, http.StatusOK, rec)
+	encodeRecord(w, http.StatusOK, rec, false)
 }
 
-// answer writes rec, without its token, for a GET or a replay. A stored body of largeAnswer or
-// more is written under the answer budget: until its client has read it, the answer holds the
-// record and its encoding, and a client that reads slowly (or not at all) holds them up to the
-// write timeout (a security audit's find: 2,000 connections that asked for a record of 1 MiB
-// and read nothing held 885 MB). With no room, it is 503 at once; a memo's encoding is shared
-// by every replay of the record, so it costs nothing more.
-func (s *Server) answer(w http.ResponseWriter, r *http.Request, status int, rec keys.Record) {
-	if rec.Response != nil && len(rec.Response.Body) >= largeAnswer && rec.Memo == nil {
-		release, ok := s.answers.reserve(r.Context(), tenant(r.Context()), answerCost(rec), 0)
-		if !ok {
-			s.writeError(w, r, errBusyAnswering)
-			return
-		}
-		defer release()
+// reserveAnswer takes room in the answer budget for rec, a record about to be answered to r by
+// a GET or a replay, when it carries a stored body of largeAnswer or more: until its client has
+// read it, the answer holds the record and its encoding, and a client that reads slowly (or not
+// at all) holds them up to the write timeout (a security audit's find: 2,000 connections that
+// asked for a record of 1 MiB and read nothing held 885 MB). A record with a memo costs
+// nothing more: its encoding is shared by every replay of it. A record larger than the budget
+// (or the tenant's share of it) takes all of it, so that it is never refused on an idle server.
+//
+// When there is no room at once, it drops *rec, so that a waiting request holds nothing of it,
+// waits up to bodyBudgetWait for room, and returns again: the caller reads the record anew and
+// answers that under the room taken (a record that grew meanwhile goes over by the difference).
+// Without room by then it is errBusyAnswering (503).
+func (s *Server) reserveAnswer(r *http.Request, rec *keys.Record) (release func(), again bool, err error) {
+	if rec.Response == nil || len(rec.Response.Body) < largeAnswer || rec.Memo != nil {
+		return noRelease, false, nil
 	}
-	encodeRecord(w, status, rec, false)
+	ctx := r.Context()
+	n := min(answerCost(*rec), s.answers.capacity())
+	if release, ok := s.answers.reserve(ctx, tenant(ctx), n, 0); ok {
+		return release, false, nil
+	}
+	*rec = keys.Record{}
+	release, ok := s.answers.reserve(ctx, tenant(ctx), n, bodyBudgetWait)
+	if !ok {
+		return nil, false, errBusyAnswering
+	}
+	return release, true, nil
 }
 
 func (s *Server) handleDelete(w http.ResponseWriter, r *http.Request) {

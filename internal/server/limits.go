@@ -229,14 +229,31 @@ func (b bodyBudget) take(r *http.Request, tenant string, maxBytes int64) (releas
 // replay) is written under the answer budget.
 const largeAnswer = 64 << 10
 
-// errBusyAnswering: the answer budget had no room for a large answer (503, "Server busy").
+// errBusyAnswering: the answer budget had no room for a large answer in time (503, "Server
+// busy").
 var errBusyAnswering = errors.New("server busy: too many large stored responses being written")
 
 // answerCost is what writing rec holds until its client has read it: the record's body and
 // its encoding (base64, four bytes for three), and room for the rest.
-func answerCost(rec keys.Record) int64 {
-	n := int64(len(rec.Response.Body))
+func answerCost(rec keys.Record) int64 { return bodyAnswerCost(len(rec.Response.Body)) }
+
+func bodyAnswerCost(body int) int64 {
+	n := int64(body)
 	return n + (n+2)/3*4 + 16<<10
+}
+
+// newAnswerBudget is the answer budget: the size of the body budget, and room for four of the
+// largest answers at least.
+func newAnswerBudget(bodies bodyBudget, l keys.Limits, tenants int, held prometheus.Gauge) *budget {
+	return newBudget(max(bodies.size, 4*bodyAnswerCost(l.MaxBodyBytes)), tenants, held)
+}
+
+// capacity is the most one reservation can ever get: the tenant's share, or the whole.
+func (b *budget) capacity() int64 {
+	if b.shares != nil {
+		return b.perTenant
+	}
+	return b.size
 }
 
 func noRelease() {}

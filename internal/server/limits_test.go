@@ -3,10 +3,12 @@ package server_test
 import (
 	"bufio"
 	"encoding/base64"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -17,6 +19,7 @@ import (
 	"github.com/idemsvc/idemsvc/internal/keys"
 	"github.com/idemsvc/idemsvc/internal/server"
 	"github.com/idemsvc/idemsvc/internal/server/servertest"
+	"github.com/idemsvc/idemsvc/internal/storage/bolt"
 )
 
 // gauge returns the value of the server's metric name (a gauge or a counter without labels).
@@ -284,10 +287,11 @@ func TestManyHeaderValues(t *testing.T) {
 }
 
 // TestAnswerBudget: an answer that carries a large stored body (64 KiB or more) is written under
-// a budget the size of the body budget, one tenant holding at most half of it with several: a
-// client that asks for a large record and reads nothing holds the record and its encoding until
-// the write timeout, so such answers beyond the budget are 503 at once instead of each holding
-// megabytes. Another tenant's answers go on, and the budget is back once the readers are gone.
+// a budget (the body budget's size, and four of the largest answers at least), one tenant
+// holding at most half of it with several: a client that asks for a large record and reads
+// nothing holds the record and its encoding until the write timeout. Beyond the budget a request
+// waits, holding nothing, and is answered once there is room, or 503 after 5 s. Another
+// tenant's answers go on meanwhile.
 func TestAnswerBudget(t *testing.T) {
 	t.Parallel()
 	tokens := map[string]string{"bob": "bob-token-0123456789", "alice": "alice-token-0123456789"}
@@ -295,73 +299,141 @@ func TestAnswerBudget(t *testing.T) {
 	// here), so that a client that reads nothing holds it.
 	limits := keys.DefaultLimits()
 	limits.MaxBodyBytes = 8 << 20
-	e := newEnv(t, servertest.Options{Limits: limits, BodyBuffer: 1, Tokens: tokens}) // four of the largest requests
+	e := newEnv(t, servertest.Options{Limits: limits, BodyBuffer: 1, Tokens: tokens})
 	body := strings.Repeat("x", limits.MaxBodyBytes)
-	// Without the spec check of e.client, which takes seconds for 11 MB of JSON.
-	plain := func(method, path, token, reqBody string) (int, string) {
-		req, err := http.NewRequest(method, e.srv.URL+path, strings.NewReader(reqBody))
-		if err != nil {
-			t.Fatal(err)
-		}
-		req.Header.Set("Authorization", "Bearer "+token)
-		req.Header.Set("Content-Type", "application/json")
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer resp.Body.Close()
-		b, err := io.ReadAll(resp.Body)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return resp.StatusCode, string(b)
-	}
 	encoded := base64.StdEncoding.EncodeToString([]byte(body))
 	for _, who := range []string{"bob", "alice"} {
 		e.token = tokens[who]
 		l := e.begin("big", nil)
 		complete := `{"token":"` + l.token + `","response":{"status":200,"body":"` + encoded + `"}}`
-		if st, b := plain("POST", "/v1/keys/big/complete", tokens[who], complete); st != http.StatusOK {
+		if st, b := plainDo(t, e.srv.URL, "POST", "/v1/keys/big/complete", tokens[who], complete); st != http.StatusOK {
 			t.Fatalf("complete: %d %.200s", st, b)
 		}
 	}
-	// Readers that read nothing, with a small receive window so that the answer cannot all go
-	// into socket buffers.
-	host := strings.TrimPrefix(e.srv.URL, "http://")
-	dialer := net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
-		return c.Control(func(fd uintptr) { _ = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096) })
-	}}
-	var readers []net.Conn
-	for range 3 {
-		c, err := dialer.Dial("tcp", host)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer c.Close()
-		fmt.Fprintf(c, "GET /v1/keys/big HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n\r\n", tokens["bob"])
-		readers = append(readers, c)
-	}
+	readers := stalledReaders(t, e.srv.URL, "/v1/keys/big", tokens["bob"], 3)
 	reg := e.srv.Handler.Registry()
 	n := limits.MaxBodyBytes
 	cost := float64(n + (n+2)/3*4 + 16<<10) // as the server counts
-	eventually(t, "one of bob's stalled readers holding his share of the answer budget", func() bool {
-		return gauge(t, reg, "idemsvc_answer_bytes_held") == cost
+	// The budget is four of these answers; bob's share two.
+	eventually(t, "two of bob's stalled readers holding his share of the answer budget", func() bool {
+		return gauge(t, reg, "idemsvc_answer_bytes_held") == 2*cost
 	})
-	if st, b := plain("GET", "/v1/keys/big", tokens["alice"], ""); st != http.StatusOK || !strings.Contains(b, encoded) {
-		t.Errorf("alice's GET while bob's reader holds his share: %d, %d bytes; want 200 with her record", st, len(b))
+	if st, b := plainDo(t, e.srv.URL, "GET", "/v1/keys/big", tokens["alice"], ""); st != http.StatusOK || !strings.Contains(b, encoded) {
+		t.Errorf("alice's GET while bob's readers hold his share: %d, %d bytes; want 200 with her record", st, len(b))
 	}
 	e.token = tokens["bob"]
+	start := time.Now()
 	if r := e.do("GET", "/v1/keys/big", nil); r.status != http.StatusServiceUnavailable || !strings.Contains(string(r.body), "Server busy") {
 		t.Errorf("bob's GET beyond his share: %d, %.200s; want 503 Server busy", r.status, r.body)
+	} else if took := time.Since(start); took < 4*time.Second {
+		t.Errorf("bob's GET beyond his share was refused after %s, want it to wait 5 s for room", took)
 	}
-	if held := gauge(t, reg, "idemsvc_answer_bytes_held"); held != cost {
-		t.Errorf("held %v after the requests, want one answer's %v", held, cost)
+	if held := gauge(t, reg, "idemsvc_answer_bytes_held"); held != 2*cost {
+		t.Errorf("held %v after the requests, want two answers' %v", held, 2*cost)
 	}
+	// A GET and a replay that wait are answered when room comes back (the replay by a second
+	// begin, after the wait).
+	got := make(chan string, 2)
+	for _, req := range [][2]string{{"GET", "/v1/keys/big"}, {"POST", "/v1/keys/big/begin"}} {
+		go func() {
+			st, b := plainDo(t, e.srv.URL, req[0], req[1], tokens["bob"], "")
+			got <- req[0] + " " + strconv.Itoa(st) + " " + strconv.FormatBool(strings.Contains(b, encoded))
+		}()
+	}
+	time.Sleep(500 * time.Millisecond)
 	for _, c := range readers {
 		c.Close()
 	}
-	eventually(t, "the budget back once the readers are gone", func() bool {
-		st, _ := plain("GET", "/v1/keys/big", tokens["bob"], "")
-		return st == http.StatusOK
-	})
+	for range 2 {
+		if g := <-got; !strings.HasSuffix(g, " 200 true") {
+			t.Errorf("bob's request that waited while his readers went away: %s, want 200 with his record", g)
+		}
+	}
+}
+
+// TestAnswerLargerThanShare: a record whose answer costs more than a tenant's share of the answer
+// budget (stored under a higher body limit than the one the server runs with now) takes the
+// whole share, and is served at once, not refused for ever.
+func TestAnswerLargerThanShare(t *testing.T) {
+	t.Parallel()
+	tokens := map[string]string{"bob": "bob-token-0123456789", "alice": "alice-token-0123456789"}
+	store, err := bolt.OpenDir(t.TempDir(), bolt.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer store.Close()
+	large := keys.DefaultLimits()
+	large.MaxBodyBytes = 4 << 20
+	before := servertest.Start(t, servertest.Options{Store: store, Limits: large, Tokens: tokens})
+	encoded := base64.StdEncoding.EncodeToString([]byte(strings.Repeat("x", large.MaxBodyBytes)))
+	st, b := plainDo(t, before.URL, "POST", "/v1/keys/big/begin", tokens["bob"], "")
+	if st != http.StatusCreated {
+		t.Fatalf("begin: %d %s", st, b)
+	}
+	var l struct{ Lease struct{ Token string } }
+	if err := json.Unmarshal([]byte(b), &l); err != nil {
+		t.Fatal(err)
+	}
+	complete := `{"token":"` + l.Lease.Token + `","response":{"status":200,"body":"` + encoded + `"}}`
+	if st, b := plainDo(t, before.URL, "POST", "/v1/keys/big/complete", tokens["bob"], complete); st != http.StatusOK {
+		t.Fatalf("complete: %d %.200s", st, b)
+	}
+	// The default limits and the least body budget: bob's share of the answer budget is two
+	// answers of 1 MiB, about 4.9 MB; this one costs about 9.8 MB.
+	now := servertest.Start(t, servertest.Options{Store: store, Tokens: tokens, BodyBuffer: 1})
+	for range 2 {
+		start := time.Now()
+		if st, b := plainDo(t, now.URL, "GET", "/v1/keys/big", tokens["bob"], ""); st != http.StatusOK || !strings.Contains(b, encoded) {
+			t.Fatalf("GET of a record larger than the share: %d, %d bytes; want 200", st, len(b))
+		}
+		if took := time.Since(start); took > 2*time.Second {
+			t.Errorf("GET of a record larger than the share took %s, want it at once", took)
+		}
+	}
+}
+
+// plainDo sends a request without e.client's spec check, which takes seconds for megabytes of
+// JSON, and returns the status and the body.
+func plainDo(t *testing.T, base, method, path, token, body string) (int, string) {
+	t.Helper()
+	req, err := http.NewRequest(method, base+path, strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Authorization", "Bearer "+token)
+	if body != "" {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Error(err)
+		return 0, ""
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Error(err)
+	}
+	return resp.StatusCode, string(b)
+}
+
+// stalledReaders opens n connections that each ask for path and read nothing, with a small
+// receive window so that an answer cannot all go into socket buffers. They are closed when the
+// test ends, if not before.
+func stalledReaders(t *testing.T, base, path, token string, n int) []net.Conn {
+	t.Helper()
+	dialer := net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
+		return c.Control(func(fd uintptr) { _ = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096) })
+	}}
+	var conns []net.Conn
+	for range n {
+		c, err := dialer.Dial("tcp", strings.TrimPrefix(base, "http://"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		fmt.Fprintf(c, "GET %s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n\r\n", path, token)
+		conns = append(conns, c)
+	}
+	return conns
 }

@@ -48,7 +48,7 @@ type Options struct {
 	// BodyBuffer bounds the bytes of request bodies of 4 KiB or more that are read at once (at
 	// least four of the largest requests); a request that finds no room within 5 s is answered
 	// 503. Zero means DefaultBodyBuffer. Answers that carry a stored body of 64 KiB or more have
-	// a budget of the same size, and one that finds no room is answered 503 at once.
+	// a budget of the same size (and room for four of the largest), with the same wait.
 	BodyBuffer int64
 }
 
@@ -76,7 +76,7 @@ type Server struct {
 	completeBody bodyLimit
 	waiters      *waiters
 	bodies       bodyBudget
-	answers      *budget // large answers being written (see Server.answer)
+	answers      *budget // large answers being written (see Server.reserveAnswer)
 	health       *storeHealth
 	unready      atomic.Bool // see Unready
 	// draining is cancelled when the server starts shutting down, so begins that wait for a
@@ -113,7 +113,7 @@ func New(store keys.Store, opts Options) *Server {
 	}
 	s.waiters = newWaiters(opts.MaxWaiters, len(opts.Tokens), s.metrics.waiting)
 	s.bodies = newBodyBudget(opts.BodyBuffer, s.maxRequestBytes, len(opts.Tokens), s.metrics.bodyBytes)
-	s.answers = newBudget(s.bodies.size, len(opts.Tokens), s.metrics.answerBytes)
+	s.answers = newAnswerBudget(s.bodies, opts.Limits, len(opts.Tokens), s.metrics.answerBytes)
 	if opts.AccessLog != nil && opts.Logger.Core().Enabled(zapcore.InfoLevel) {
 		s.accessOut = opts.AccessLog
 	}

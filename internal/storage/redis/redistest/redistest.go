@@ -198,7 +198,7 @@ func (s *Server) start() bool {
 }
 
 // serverPID asks the Redis on c for its process id (INFO server, which Redis answers even while
-// it loads), or returns 0, or -1 when the server wants a password first.
+// it loads), or returns 0, or -1 when the server answers an error (it wants a password first).
 func serverPID(c net.Conn) int {
 	_ = c.SetDeadline(time.Now().Add(2 * time.Second))
 	if _, err := c.Write([]byte("*2\r\n$4\r\nINFO\r\n$6\r\nserver\r\n")); err != nil {
@@ -206,8 +206,8 @@ func serverPID(c net.Conn) int {
 	}
 	rd := bufio.NewReader(c)
 	head, err := rd.ReadString('\n')
-	if err == nil && strings.HasPrefix(head, "-NOAUTH") {
-		return -1 // a server with a password (--requirepass): it cannot tell
+	if err == nil && strings.HasPrefix(head, "-") {
+		return -1 // an error reply (a password first, with --requirepass): it cannot tell
 	}
 	if err != nil || len(head) < 2 || head[0] != '$' {
 		return 0
