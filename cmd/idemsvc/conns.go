@@ -71,12 +71,17 @@ func connLimitFor(maxConns int, nofile uint64) (int, error) {
 // end it later. While no connection qualifies, the new one waits.
 //
 // The connection is ended as net/http's own IdleTimeout ends it: with a read deadline in the
-// past, not with Close. net/http waits for the next request in a read; the deadline makes that
-// read fail, and net/http closes the connection without running anything. If the next request's
-// bytes had already arrived, net/http sets its own deadlines to read it (ReadHeaderTimeout,
-// then ReadTimeout, which differ in run), and serves and answers it as usual. So a request is
-// either not run at all, and its client sees a closed keep-alive connection, which HTTP allows
-// (RFC 9112, section 9.6) and clients retry; or run and answered. Closing the connection
+// past, not with Close. net/http waits for the next request (or the rest of the first one's
+// headers) in a read; the deadline makes that read fail, and net/http closes the connection
+// without running anything. If the request's headers had already arrived, net/http sets the
+// whole request's deadline right after reading them (Go 1.26: readRequest), which replaces ours,
+// and serves and answers it as usual; only a deadline of ours that lands after that and before
+// net/http reports the connection active (its hook waits for l.mu) stays, and then a body still
+// to come fails to arrive: 400, with nothing run (the body is read whole before any store call,
+// and a request without one is not affected: net/http's background read clears the deadline).
+// So a request is either not run at all, and its client sees a closed connection, which HTTP
+// allows (RFC 9112, section 9.6) and clients retry on a keep-alive one (on a new one, Go's
+// Transport does not); or run and answered. Closing the connection
 // instead could close it under a request that net/http had read but not yet reported active:
 // the handler ran (a begin took its lease) and its answer was lost (a review's find: thousands
 // of such requests in 8 s with busy keep-alive clients at the limit).
@@ -92,6 +97,7 @@ type connCap struct {
 	mu       sync.Mutex
 	conns    map[net.Conn]*trackedConn // every connection net/http reported and did not close
 	idle     trackedConn               // sentinel of the idle list, ordered from the oldest idle
+	fresh    trackedConn               // sentinel of the list of new connections, oldest first
 	waiters  int                       // Accepts waiting for room
 	ending   *trackedConn              // the connection given a past deadline, until it closes or turns active
 	endingAt time.Time
@@ -106,7 +112,7 @@ type trackedConn struct {
 	state      http.ConnState
 	opened     time.Time    // when net/http reported it new
 	idleSince  time.Time    // when it last went idle
-	prev, next *trackedConn // in connCap.idle (prev is nil when it is not)
+	prev, next *trackedConn // in connCap.idle or connCap.fresh (prev is nil when in neither)
 }
 
 const (
@@ -147,6 +153,7 @@ func newConnCap(l net.Listener, n int, logger *zap.Logger) *connCap {
 		conns:    make(map[net.Conn]*trackedConn),
 	}
 	c.idle.prev, c.idle.next = &c.idle, &c.idle
+	c.fresh.prev, c.fresh.next = &c.fresh, &c.fresh
 	return c
 }
 
@@ -221,7 +228,8 @@ func (l *connCap) endOldestIdle(now time.Time) {
 		if now.Sub(l.endingAt) < endWait {
 			return
 		}
-		// It neither closed nor turned active: leave it to its idle timeout, idle again.
+		// It neither closed nor turned active: leave it to its idle timeout, idle again (a new
+		// one to its header timeout).
 		l.ending = nil
 		if e.state == http.StateIdle {
 			l.linkIdle(e, now)
@@ -229,28 +237,14 @@ func (l *connCap) endOldestIdle(now time.Time) {
 	}
 	e := l.idle.next
 	if e == &l.idle || now.Sub(e.idleSince) < minIdleToEvict {
-		if e = l.oldestNew(now); e == nil {
+		if e = l.fresh.next; e == &l.fresh || now.Sub(e.opened) < minNewToEvict {
 			return
 		}
-	} else {
-		unlinkIdle(e)
 	}
+	unlink(e)
 	l.ending, l.endingAt = e, now
 	l.evicted++
 	_ = e.conn.SetReadDeadline(now)
-}
-
-// oldestNew returns the connection that has been waiting longest for its first request's
-// headers, if for minNewToEvict at least, else nil. It looks at every connection, which it does
-// only while every slot is taken and none is idle long enough. l.mu is held.
-func (l *connCap) oldestNew(now time.Time) *trackedConn {
-	var oldest *trackedConn
-	for _, e := range l.conns {
-		if e.state == http.StateNew && now.Sub(e.opened) >= minNewToEvict && (oldest == nil || e.opened.Before(oldest.opened)) {
-			oldest = e
-		}
-	}
-	return oldest
 }
 
 // warnReached logs that the limit was reached, the first time and then at most every
@@ -283,10 +277,16 @@ func (l *connCap) connState(c net.Conn, s http.ConnState) {
 		l.mu.Lock()
 		if e := l.conns[c]; e != nil {
 			if e.prev != nil {
-				unlinkIdle(e)
+				unlink(e)
 			}
+			wasIdle := e.state == http.StateIdle
 			e.state = s
-			if l.ending == e { // its next request had arrived: it is served, and holds its slot
+			// An idle one being ended whose next request had arrived: it is served, and holds its
+			// slot. A new one turns active also when its headers failed to arrive (net/http
+			// reports it so when it had read some bytes, and closes it next): it stays the one
+			// being ended until it closes, or endWait passes, so that one slot ends one
+			// connection (a review's find: two or three were ended for one).
+			if l.ending == e && wasIdle {
 				l.ending = nil
 				if l.waiters > 0 {
 					l.note()
@@ -298,6 +298,9 @@ func (l *connCap) connState(c net.Conn, s http.ConnState) {
 		now := time.Now()
 		l.mu.Lock()
 		if e := l.conns[c]; e != nil && e.state != http.StateIdle {
+			if e.prev != nil { // not so from net/http (a new connection turns active first)
+				unlink(e)
+			}
 			e.state = s
 			l.linkIdle(e, now)
 			if l.waiters > 0 {
@@ -306,15 +309,17 @@ func (l *connCap) connState(c net.Conn, s http.ConnState) {
 		}
 		l.mu.Unlock()
 	case http.StateNew:
-		e := &trackedConn{conn: c, state: s, opened: time.Now()}
+		e := &trackedConn{conn: c, state: s}
 		l.mu.Lock()
+		e.opened = time.Now() // under mu, so that the list stays in order
 		l.conns[c] = e
+		linkTail(&l.fresh, e)
 		l.mu.Unlock()
 	case http.StateClosed, http.StateHijacked:
 		l.mu.Lock()
 		if e := l.conns[c]; e != nil {
 			if e.prev != nil {
-				unlinkIdle(e)
+				unlink(e)
 			}
 			if l.ending == e {
 				l.ending = nil
@@ -330,8 +335,13 @@ func (l *connCap) connState(c net.Conn, s http.ConnState) {
 // held.
 func (l *connCap) linkIdle(e *trackedConn, now time.Time) {
 	e.idleSince = now
-	e.prev, e.next = l.idle.prev, &l.idle
-	e.prev.next, l.idle.prev = e, e
+	linkTail(&l.idle, e)
+}
+
+// linkTail puts e at the tail of the list of sentinel list.
+func linkTail(list, e *trackedConn) {
+	e.prev, e.next = list.prev, list
+	e.prev.next, list.prev = e, e
 }
 
 // note wakes a waiting Accept. l.mu is held.
@@ -342,7 +352,8 @@ func (l *connCap) note() {
 	}
 }
 
-func unlinkIdle(e *trackedConn) {
+// unlink takes e out of the list it is in.
+func unlink(e *trackedConn) {
 	e.prev.next, e.next.prev = e.next, e.prev
 	e.prev, e.next = nil, nil
 }

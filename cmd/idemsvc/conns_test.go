@@ -481,8 +481,9 @@ func TestConnCapNeverDropsARequestItRan(t *testing.T) {
 }
 
 // TestConnCapEndsSlowHeaders: with every slot held by connections that trickle in their first
-// request's headers (none idle), a new connection is served once the oldest of them has waited a
-// second, well before the 5 s header timeout, and only that one is ended.
+// request's headers (none idle), a new connection is served once they have waited a second, well
+// before the 5 s header timeout, and exactly one of them is ended for it (a review's find: net/http
+// reports such a connection active before it closes it, and two or three were ended).
 func TestConnCapEndsSlowHeaders(t *testing.T) {
 	const limit = 4
 	_, addr := serveCapped(t, limit, http.HandlerFunc(okHandler), nil)
@@ -492,26 +493,32 @@ func TestConnCapEndsSlowHeaders(t *testing.T) {
 		if _, err := io.WriteString(slow[i], "GET /slow HTTP/1.1\r\nHost: idemsvc\r\n"); err != nil {
 			t.Fatal(err)
 		}
-		time.Sleep(50 * time.Millisecond) // the first is the oldest
 	}
+	time.Sleep(1200 * time.Millisecond) // every one of them past the second
 	start := time.Now()
 	extra := dialRaw(t, addr)
 	st, body, err := extra.get("/healthz", 4*time.Second)
-	took := time.Since(start)
-	if err != nil || st != 200 || body != "ok /healthz" || took > 3*time.Second {
-		t.Fatalf("new connection while %d slow-header ones held every slot: %d %q, %v after %v; want 200 within about 1s",
+	if took := time.Since(start); err != nil || st != 200 || body != "ok /healthz" || took > 2*time.Second {
+		t.Fatalf("new connection while %d slow-header ones held every slot: %d %q, %v after %v; want 200 at once",
 			limit, st, body, err, took)
 	}
-	if !slow[0].closedByServer(time.Second) {
-		t.Error("the oldest slow-header connection is still open")
-	}
-	// The others still get their request served when they finish it.
-	for i := 1; i < limit; i++ {
-		if _, err := io.WriteString(slow[i], "\r\n"); err != nil {
+	var ended, served int
+	for i, c := range slow {
+		if c.closedByServer(300 * time.Millisecond) {
+			ended++
+			continue
+		}
+		// The others still get their request served when they finish it.
+		if _, err := io.WriteString(c, "\r\n"); err != nil {
 			t.Fatal(err)
 		}
-		if st, body, err := slow[i].read(2 * time.Second); err != nil || st != 200 || body != "ok /slow" {
+		if st, body, err := c.read(2 * time.Second); err != nil || st != 200 || body != "ok /slow" {
 			t.Errorf("slow-header connection %d, finished: %d %q, %v; want it served", i+1, st, body, err)
+		} else {
+			served++
 		}
+	}
+	if ended != 1 || served != limit-1 {
+		t.Errorf("%d slow-header connections ended and %d served for one new connection; want 1 and %d", ended, served, limit-1)
 	}
 }
