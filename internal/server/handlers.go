@@ -104,14 +104,18 @@ func (s *Server) handleBegin(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	// A drain (shutdown) ends a wait early with 409; it never cuts a store call short.
+	start := time.Now()
 	res, err := keys.BeginWaitUntil(ctx, s.store, s.now, tenant(ctx), key, req, wait, s.draining.Done())
 	if err == nil && res.Outcome == keys.Replayed {
 		var release func()
 		var again bool
 		if release, again, err = s.reserveAnswer(r, &res.Record); err == nil {
 			defer release()
-			if again { // a later begin: it replays again, or finds what happened meanwhile
-				res, err = keys.BeginWaitUntil(ctx, s.store, s.now, tenant(ctx), key, req, 0, s.draining.Done())
+			if again {
+				// A later begin: it replays again, or finds what happened meanwhile, and waits
+				// for a holder what is left of wait_ms.
+				rest := max(0, wait-time.Since(start))
+				res, err = keys.BeginWaitUntil(ctx, s.store, s.now, tenant(ctx), key, req, rest, s.draining.Done())
 			}
 		}
 	}
@@ -274,7 +278,9 @@ func (s *Server) handleGet(w http.ResponseWriter, r *http.Request) {
 // When there is no room at once, it drops *rec, so that a waiting request holds nothing of it,
 // waits up to bodyBudgetWait for room, and returns again: the caller reads the record anew and
 // answers that under the room taken (a record that grew meanwhile goes over by the difference).
-// Without room by then it is errBusyAnswering (503).
+// Without room by then it is errBusyAnswering (503). The budget's queue is first come, first
+// served: while one answer waits, the next ones wait behind it too, even with room free, each
+// reading its record once more.
 func (s *Server) reserveAnswer(r *http.Request, rec *keys.Record) (release func(), again bool, err error) {
 	if rec.Response == nil || len(rec.Response.Body) < largeAnswer || rec.Memo != nil {
 		return noRelease, false, nil

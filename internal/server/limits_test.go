@@ -437,3 +437,50 @@ func stalledReaders(t *testing.T, base, path, token string, n int) []net.Conn {
 	}
 	return conns
 }
+
+// TestAnswerWaitThenBeginAgain: a replay that waited for room in the answer budget is decided by a
+// second begin, which sees what happened meanwhile and keeps what is left of the caller's
+// wait_ms: a key deleted meanwhile is acquired (201), and one deleted and taken by another
+// holder is waited for and then replayed with that holder's response (it was 409 at once).
+func TestAnswerWaitThenBeginAgain(t *testing.T) {
+	t.Parallel()
+	tokens := map[string]string{"bob": "bob-token-0123456789", "alice": "alice-token-0123456789"}
+	limits := keys.DefaultLimits()
+	limits.MaxBodyBytes = 8 << 20
+	e := newEnv(t, servertest.Options{Limits: limits, BodyBuffer: 1, Tokens: tokens})
+	encoded := base64.StdEncoding.EncodeToString([]byte(strings.Repeat("x", limits.MaxBodyBytes)))
+	e.token = tokens["bob"]
+	for _, k := range []string{"big", "a", "b"} {
+		l := e.begin(k, nil)
+		complete := `{"token":"` + l.token + `","response":{"status":200,"body":"` + encoded + `"}}`
+		if st, b := plainDo(t, e.srv.URL, "POST", "/v1/keys/"+k+"/complete", tokens["bob"], complete); st != http.StatusOK {
+			t.Fatalf("complete: %d %.200s", st, b)
+		}
+	}
+	readers := stalledReaders(t, e.srv.URL, "/v1/keys/big", tokens["bob"], 2) // bob's whole share
+	reg := e.srv.Handler.Registry()
+	eventually(t, "bob's share held", func() bool { return gauge(t, reg, "idemsvc_answer_bytes_held") > 0 })
+	time.Sleep(200 * time.Millisecond)
+	got := map[string]chan string{"a": make(chan string, 1), "b": make(chan string, 1)}
+	for k, ch := range got {
+		go func() {
+			st, b := plainDo(t, e.srv.URL, "POST", "/v1/keys/"+k+"/begin", tokens["bob"], `{"wait_ms":20000}`)
+			ch <- strconv.Itoa(st) + " " + b
+		}()
+	}
+	time.Sleep(300 * time.Millisecond) // both replays wait for room, holding nothing
+	wantStatus(t, e.do("DELETE", "/v1/keys/a", nil), http.StatusNoContent, "")
+	wantStatus(t, e.do("DELETE", "/v1/keys/b", nil), http.StatusNoContent, "")
+	holder := e.begin("b", nil)
+	for _, c := range readers {
+		c.Close()
+	}
+	if a := <-got["a"]; !strings.HasPrefix(a, "201 ") {
+		t.Errorf("begin of a key deleted while its replay waited: %.200s, want 201", a)
+	}
+	time.Sleep(300 * time.Millisecond) // b's second begin waits for the holder
+	wantStatus(t, e.do("POST", "/v1/keys/b/complete", completeBody(holder.token, 201, "the holder's")), http.StatusOK, "")
+	if b := <-got["b"]; !strings.HasPrefix(b, "200 ") || !strings.Contains(b, base64.StdEncoding.EncodeToString([]byte("the holder's"))) {
+		t.Errorf("begin (wait_ms 20000) of a key taken by another while its replay waited: %.200s, want the holder's response replayed", b)
+	}
+}
