@@ -294,25 +294,13 @@ func TestManyHeaderValues(t *testing.T) {
 // tenant's answers go on meanwhile.
 func TestAnswerBudget(t *testing.T) {
 	t.Parallel()
-	tokens := map[string]string{"bob": "bob-token-0123456789", "alice": "alice-token-0123456789"}
-	// Stored bodies of 8 MiB: an answer larger than a socket's send buffer can grow to (4 MiB
-	// here), so that a client that reads nothing holds it.
-	limits := keys.DefaultLimits()
-	limits.MaxBodyBytes = 8 << 20
-	e := newEnv(t, servertest.Options{Limits: limits, BodyBuffer: 1, Tokens: tokens})
-	body := strings.Repeat("x", limits.MaxBodyBytes)
-	encoded := base64.StdEncoding.EncodeToString([]byte(body))
+	e, tokens, encoded := answerEnv(t)
 	for _, who := range []string{"bob", "alice"} {
-		e.token = tokens[who]
-		l := e.begin("big", nil)
-		complete := `{"token":"` + l.token + `","response":{"status":200,"body":"` + encoded + `"}}`
-		if st, b := plainDo(t, e.srv.URL, "POST", "/v1/keys/big/complete", tokens[who], complete); st != http.StatusOK {
-			t.Fatalf("complete: %d %.200s", st, b)
-		}
+		completeLarge(t, e, "big", tokens[who], encoded)
 	}
 	readers := stalledReaders(t, e.srv.URL, "/v1/keys/big", tokens["bob"], 3)
 	reg := e.srv.Handler.Registry()
-	n := limits.MaxBodyBytes
+	n := largeBody
 	cost := float64(n + (n+2)/3*4 + 16<<10) // as the server counts
 	// The budget is four of these answers; bob's share two.
 	eventually(t, "two of bob's stalled readers holding his share of the answer budget", func() bool {
@@ -392,6 +380,33 @@ func TestAnswerLargerThanShare(t *testing.T) {
 	}
 }
 
+// largeBody is the stored body of the answer budget's tests: an answer larger than a socket's
+// send buffer can grow to (4 MiB here), so that a client that reads nothing holds it.
+const largeBody = 8 << 20
+
+// answerEnv is a server with two tenants, bob and alice, stored bodies of up to largeBody and the
+// least budgets; and the base64 of a body of largeBody bytes.
+func answerEnv(t *testing.T) (*env, map[string]string, string) {
+	t.Helper()
+	tokens := map[string]string{"bob": "bob-token-0123456789", "alice": "alice-token-0123456789"}
+	limits := keys.DefaultLimits()
+	limits.MaxBodyBytes = largeBody
+	e := newEnv(t, servertest.Options{Limits: limits, BodyBuffer: 1, Tokens: tokens})
+	return e, tokens, base64.StdEncoding.EncodeToString([]byte(strings.Repeat("x", largeBody)))
+}
+
+// completeLarge begins key as token's tenant and completes it with the body whose base64 is
+// encoded.
+func completeLarge(t *testing.T, e *env, key, token, encoded string) {
+	t.Helper()
+	e.token = token
+	l := e.begin(key, nil)
+	complete := `{"token":"` + l.token + `","response":{"status":200,"body":"` + encoded + `"}}`
+	if st, b := plainDo(t, e.srv.URL, "POST", "/v1/keys/"+key+"/complete", token, complete); st != http.StatusOK {
+		t.Fatalf("complete: %d %.200s", st, b)
+	}
+}
+
 // plainDo sends a request without e.client's spec check, which takes seconds for megabytes of
 // JSON, and returns the status and the body.
 func plainDo(t *testing.T, base, method, path, token, body string) (int, string) {
@@ -444,19 +459,11 @@ func stalledReaders(t *testing.T, base, path, token string, n int) []net.Conn {
 // holder is waited for and then replayed with that holder's response (it was 409 at once).
 func TestAnswerWaitThenBeginAgain(t *testing.T) {
 	t.Parallel()
-	tokens := map[string]string{"bob": "bob-token-0123456789", "alice": "alice-token-0123456789"}
-	limits := keys.DefaultLimits()
-	limits.MaxBodyBytes = 8 << 20
-	e := newEnv(t, servertest.Options{Limits: limits, BodyBuffer: 1, Tokens: tokens})
-	encoded := base64.StdEncoding.EncodeToString([]byte(strings.Repeat("x", limits.MaxBodyBytes)))
-	e.token = tokens["bob"]
+	e, tokens, encoded := answerEnv(t)
 	for _, k := range []string{"big", "a", "b"} {
-		l := e.begin(k, nil)
-		complete := `{"token":"` + l.token + `","response":{"status":200,"body":"` + encoded + `"}}`
-		if st, b := plainDo(t, e.srv.URL, "POST", "/v1/keys/"+k+"/complete", tokens["bob"], complete); st != http.StatusOK {
-			t.Fatalf("complete: %d %.200s", st, b)
-		}
+		completeLarge(t, e, k, tokens["bob"], encoded)
 	}
+	e.token = tokens["bob"]
 	readers := stalledReaders(t, e.srv.URL, "/v1/keys/big", tokens["bob"], 2) // bob's whole share
 	reg := e.srv.Handler.Registry()
 	eventually(t, "bob's share held", func() bool { return gauge(t, reg, "idemsvc_answer_bytes_held") > 0 })
