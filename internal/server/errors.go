@@ -30,7 +30,7 @@ var problems = []struct {
 	{keys.ErrInvalidRequest, problemType{"invalid-request", http.StatusBadRequest, "Invalid request", true}},
 	{errUnauthorized, problemType{"unauthorized", http.StatusUnauthorized, "Unauthorized", false}},
 	{keys.ErrNotFound, problemType{"not-found", http.StatusNotFound, "Not found", false}},
-	{errRouteNotFound, problemType{"not-found", http.StatusNotFound, "Not found", false}},
+	{errRouteNotFound, problemType{"not-found", http.StatusNotFound, "Not found", true}}, // not "No such record."
 	{errMethodNotAllowed, problemType{"method-not-allowed", http.StatusMethodNotAllowed, "Method not allowed", false}},
 	{keys.ErrInProgress, problemType{"in-progress", http.StatusConflict, "Operation in progress", false}},
 	{keys.ErrLeaseLost, problemType{"lease-lost", http.StatusConflict, "Lease lost", false}},

@@ -834,6 +834,10 @@ func TestMalformed(t *testing.T) {
 			wantStatus(t, r, c.status, c.problem)
 		})
 	}
+	// An unknown path says so, not "No such record." (a review of the spec's find).
+	if r := e.bad("GET", "/v2/keys/k", nil); !bytes.Contains(r.body, []byte("No such path")) {
+		t.Errorf("unknown path: %s, want a detail saying no such path", r.body)
+	}
 	// None of it disturbed the held key.
 	wantStatus(t, e.do("POST", "/v1/keys/held/complete", completeBody(tok, 200, "ok")), 200, "")
 }

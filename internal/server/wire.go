@@ -68,7 +68,7 @@ var (
 	errUnsupportedMedia    = errors.New("unsupported media type")
 	errUnauthorized        = errors.New("unauthorized")
 	errMethodNotAllowed    = errors.New("method not allowed")
-	errRouteNotFound       = errors.New("no such route")
+	errRouteNotFound       = errors.New("No such path; the API is described at /openapi.yaml.")
 	errBodyRequired        = fmt.Errorf("%w: a JSON body is required", keys.ErrInvalidRequest)
 	errTrailingData        = fmt.Errorf("%w: unexpected data after the JSON object", keys.ErrInvalidRequest)
 	errMissingToken        = fmt.Errorf("%w: token is required", keys.ErrInvalidRequest)
