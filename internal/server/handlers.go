@@ -104,7 +104,10 @@ func (s *Server) handleBegin(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	// A drain (shutdown) ends a wait early with 409; it never cuts a store call short.
-	start := time.Now()
+	var start time.Time
+	if wait > 0 {
+		start = time.Now() // for what is left of the wait, should a replay wait for room
+	}
 	res, err := keys.BeginWaitUntil(ctx, s.store, s.now, tenant(ctx), key, req, wait, s.draining.Done())
 	if err == nil && res.Outcome == keys.Replayed {
 		var release func()
@@ -114,7 +117,10 @@ func (s *Server) handleBegin(w http.ResponseWriter, r *http.Request) {
 			if again {
 				// A later begin: it replays again, or finds what happened meanwhile, and waits
 				// for a holder what is left of wait_ms.
-				rest := max(0, wait-time.Since(start))
+				var rest time.Duration
+				if wait > 0 {
+					rest = max(0, wait-time.Since(start))
+				}
 				res, err = keys.BeginWaitUntil(ctx, s.store, s.now, tenant(ctx), key, req, rest, s.draining.Done())
 			}
 		}
