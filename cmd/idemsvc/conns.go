@@ -231,7 +231,7 @@ func (l *connCap) endOldestIdle(now time.Time) {
 		// It neither closed nor turned active: leave it to its idle timeout, idle again (a new
 		// one to its header timeout).
 		l.ending = nil
-		if e.state == http.StateIdle {
+		if e.state == http.StateIdle && e.prev == nil { // a new one served since is linked already
 			l.linkIdle(e, now)
 		}
 	}

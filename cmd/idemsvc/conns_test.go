@@ -522,3 +522,36 @@ func TestConnCapEndsSlowHeaders(t *testing.T) {
 		t.Errorf("%d slow-header connections ended and %d served for one new connection; want 1 and %d", ended, served, limit-1)
 	}
 }
+
+// TestConnCapEndedNewThenServed: a new connection being ended whose headers arrived after all is
+// served and goes idle (linked in the idle list then); when endWait passes, it is not linked a
+// second time, which made a cycle of the list.
+func TestConnCapEndedNewThenServed(t *testing.T) {
+	l := newConnCap(nil, 4, nil)
+	a, b := net.Pipe()
+	defer a.Close()
+	defer b.Close()
+	l.slots <- struct{}{}
+	l.connState(a, http.StateNew)
+	now := time.Now()
+	l.mu.Lock()
+	l.endOldestIdle(now.Add(2 * minNewToEvict))
+	ended := l.ending != nil
+	l.mu.Unlock()
+	if !ended {
+		t.Fatal("the new connection was not ended")
+	}
+	l.connState(a, http.StateActive)
+	l.connState(a, http.StateIdle)
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	// Past endWait the ending is dropped, and the connection, idle long enough by then, is the
+	// one ended next: taken out of the idle list, which is then empty.
+	l.endOldestIdle(now.Add(2*minNewToEvict + 2*endWait))
+	if l.ending == nil || l.ending.conn != a {
+		t.Fatalf("ending %v, want the idle connection", l.ending)
+	}
+	if l.idle.next != &l.idle || l.idle.prev != &l.idle {
+		t.Error("the idle list is not empty after its one connection was taken out: it was linked twice")
+	}
+}
