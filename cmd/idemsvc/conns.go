@@ -92,14 +92,14 @@ type connCap struct {
 	closeOnce sync.Once
 	logger    *zap.Logger
 	now       func() time.Time
-	idleNote  chan struct{} // a connection went idle (or the one being ended went active) while Accept waits
+	idleNote  chan struct{} // a connection went idle while Accept waits
 
 	mu       sync.Mutex
 	conns    map[net.Conn]*trackedConn // every connection net/http reported and did not close
 	idle     trackedConn               // sentinel of the idle list, ordered from the oldest idle
 	fresh    trackedConn               // sentinel of the list of new connections, oldest first
 	waiters  int                       // Accepts waiting for room
-	ending   *trackedConn              // the connection given a past deadline, until it closes or turns active
+	ending   *trackedConn              // the connection given a past deadline, until it closes or endWait passes
 	endingAt time.Time
 	reached  uint64    // times a new connection found every slot taken
 	evicted  uint64    // connections ended to make room
@@ -228,8 +228,9 @@ func (l *connCap) endOldestIdle(now time.Time) {
 		if now.Sub(l.endingAt) < endWait {
 			return
 		}
-		// It neither closed nor turned active: leave it to its idle timeout, idle again (a new
-		// one to its header timeout).
+		// It did not close: it is served after all, or its deadline was lost. An idle one goes
+		// back in the idle list (unless the Idle hook has put it there since), a new one is left
+		// to its header timeout.
 		l.ending = nil
 		if e.state == http.StateIdle && e.prev == nil { // a new one served since is linked already
 			l.linkIdle(e, now)
@@ -279,19 +280,13 @@ func (l *connCap) connState(c net.Conn, s http.ConnState) {
 			if e.prev != nil {
 				unlink(e)
 			}
-			wasIdle := e.state == http.StateIdle
 			e.state = s
-			// An idle one being ended whose next request had arrived: it is served, and holds its
-			// slot. A new one turns active also when its headers failed to arrive (net/http
-			// reports it so when it had read some bytes, and closes it next): it stays the one
-			// being ended until it closes, or endWait passes, so that one slot ends one
-			// connection (a review's find: two or three were ended for one).
-			if l.ending == e && wasIdle {
-				l.ending = nil
-				if l.waiters > 0 {
-					l.note()
-				}
-			}
+			// The one being ended stays so, active or not, until it closes or endWait passes:
+			// net/http reports a connection active also when the read the deadline ended had
+			// read some bytes, just before it closes it, so that "active" does not mean "served".
+			// Clearing it here ended two or three connections for one slot (reviews' finds, for a
+			// new connection and for an idle one trickling its next request). One whose request
+			// had arrived and is served after all costs the next eviction up to endWait.
 		}
 		l.mu.Unlock()
 	case http.StateIdle:

@@ -113,16 +113,52 @@ func fillIdle(t *testing.T, addr, path string, n int) []*rawConn {
 	return conns
 }
 
+// fillIdleInOrder is fillIdle, waiting after each request until l has the connection in its idle
+// list, so that the list's order is the connections' (a client reads its answer before net/http
+// reports the connection idle, and under load the next connection could go idle first).
+func fillIdleInOrder(t *testing.T, l *connCap, addr, path string, n int) []*rawConn {
+	t.Helper()
+	conns := make([]*rawConn, n)
+	for i := range conns {
+		conns[i] = dialRaw(t, addr)
+		if st, _, err := conns[i].get(path, 5*time.Second); err != nil || st != 200 {
+			t.Fatalf("connection %d: %d, %v", i+1, st, err)
+		}
+		waitIdle(t, l, i+1)
+	}
+	return conns
+}
+
+// waitIdle waits until l's idle list holds n connections.
+func waitIdle(t *testing.T, l *connCap, n int) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(time.Millisecond) {
+		l.mu.Lock()
+		got := 0
+		for e := l.idle.next; e != &l.idle; e = e.next {
+			got++
+		}
+		l.mu.Unlock()
+		if got == n {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d connections idle, want %d", got, n)
+		}
+	}
+}
+
 // TestConnCapClosesIdleForNew: with every slot held by an idle keep-alive connection, a new
 // connection is served at once, and only the connection idle longest is closed for it.
 func TestConnCapClosesIdleForNew(t *testing.T) {
 	const limit = 4
-	_, addr := serveCapped(t, limit, http.HandlerFunc(okHandler), nil)
-	conns := fillIdle(t, addr, "/first", limit)
+	capped, addr := serveCapped(t, limit, http.HandlerFunc(okHandler), nil)
+	conns := fillIdleInOrder(t, capped, addr, "/first", limit)
 	// Make the first connection the most recently idle: the second is now the oldest.
 	if st, _, err := conns[0].get("/again", 5*time.Second); err != nil || st != 200 {
 		t.Fatalf("second request on connection 1: %d, %v", st, err)
 	}
+	waitIdle(t, capped, limit)
 
 	start := time.Now()
 	extra := dialRaw(t, addr)
@@ -553,5 +589,38 @@ func TestConnCapEndedNewThenServed(t *testing.T) {
 	}
 	if l.idle.next != &l.idle || l.idle.prev != &l.idle {
 		t.Error("the idle list is not empty after its one connection was taken out: it was linked twice")
+	}
+}
+
+// TestConnCapTrickledNextRequest: a keep-alive connection that trickles its next request's
+// headers is idle as far as the cap knows (net/http reports it active only once it has read
+// them); ended, it is reported active (it had read bytes) and then closed. One new connection
+// ends it alone (a review's find: "active" cleared the one being ended, and a second connection
+// was ended for the same slot).
+func TestConnCapTrickledNextRequest(t *testing.T) {
+	const limit = 3
+	capped, addr := serveCapped(t, limit, http.HandlerFunc(okHandler), nil)
+	conns := fillIdleInOrder(t, capped, addr, "/first", limit) // the first is idle the longest
+	if _, err := io.WriteString(conns[0], "GET /slow HTTP/1.1\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(50 * time.Millisecond) // two segments, read apart
+	if _, err := io.WriteString(conns[0], "Host: idemsvc\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(400 * time.Millisecond) // every one idle for minIdleToEvict
+	extra := dialRaw(t, addr)
+	if st, _, err := extra.get("/healthz", 3*time.Second); err != nil || st != 200 {
+		t.Fatalf("/healthz at the cap: %d, %v", st, err)
+	}
+	time.Sleep(300 * time.Millisecond)
+	closed := 0
+	for _, c := range conns {
+		if c.closedByServer(200 * time.Millisecond) {
+			closed++
+		}
+	}
+	if n := capped.idleClosed(); n != 1 || closed != 1 {
+		t.Errorf("%d connections ended (%d closed) for one new connection; want 1", n, closed)
 	}
 }
