@@ -100,8 +100,11 @@ func (c *rawConn) closedByServer(d time.Duration) bool {
 
 func okHandler(w http.ResponseWriter, r *http.Request) { _, _ = io.WriteString(w, "ok "+r.URL.Path) }
 
-// fillIdle opens n keep-alive connections, each served once (GET path) and then left open and idle.
-func fillIdle(t *testing.T, addr, path string, n int) []*rawConn {
+// fillIdle opens n keep-alive connections, each served once (GET path) and then left open and
+// idle. With l, it waits after each request until l has the connection in its idle list, so that
+// the list's order is the connections' (a client reads its answer before net/http reports the
+// connection idle, and under load the next connection could go idle first).
+func fillIdle(t *testing.T, l *connCap, addr, path string, n int) []*rawConn {
 	t.Helper()
 	conns := make([]*rawConn, n)
 	for i := range conns {
@@ -109,22 +112,9 @@ func fillIdle(t *testing.T, addr, path string, n int) []*rawConn {
 		if st, _, err := conns[i].get(path, 5*time.Second); err != nil || st != 200 {
 			t.Fatalf("connection %d: %d, %v", i+1, st, err)
 		}
-	}
-	return conns
-}
-
-// fillIdleInOrder is fillIdle, waiting after each request until l has the connection in its idle
-// list, so that the list's order is the connections' (a client reads its answer before net/http
-// reports the connection idle, and under load the next connection could go idle first).
-func fillIdleInOrder(t *testing.T, l *connCap, addr, path string, n int) []*rawConn {
-	t.Helper()
-	conns := make([]*rawConn, n)
-	for i := range conns {
-		conns[i] = dialRaw(t, addr)
-		if st, _, err := conns[i].get(path, 5*time.Second); err != nil || st != 200 {
-			t.Fatalf("connection %d: %d, %v", i+1, st, err)
+		if l != nil {
+			waitIdle(t, l, i+1)
 		}
-		waitIdle(t, l, i+1)
 	}
 	return conns
 }
@@ -153,7 +143,7 @@ func waitIdle(t *testing.T, l *connCap, n int) {
 func TestConnCapClosesIdleForNew(t *testing.T) {
 	const limit = 4
 	capped, addr := serveCapped(t, limit, http.HandlerFunc(okHandler), nil)
-	conns := fillIdleInOrder(t, capped, addr, "/first", limit)
+	conns := fillIdle(t, capped, addr, "/first", limit)
 	// Make the first connection the most recently idle: the second is now the oldest.
 	if st, _, err := conns[0].get("/again", 5*time.Second); err != nil || st != 200 {
 		t.Fatalf("second request on connection 1: %d, %v", st, err)
@@ -184,7 +174,7 @@ func TestRunHealthzWithIdleConnsAtLimit(t *testing.T) {
 	t.Setenv("IDEMSVC_MAX_CONNS", strconv.Itoa(limit))
 	base := serveRun(t)
 	addr := strings.TrimPrefix(base, "http://")
-	fillIdle(t, addr, "/healthz", limit)
+	fillIdle(t, nil, addr, "/healthz", limit)
 	for _, path := range []string{"/healthz", "/readyz"} {
 		start := time.Now()
 		st, _, err := dialRaw(t, addr).get(path, time.Second)
@@ -303,7 +293,7 @@ func TestConnCapMetricsAndWarning(t *testing.T) {
 
 	want("idemsvc_connections_max", limit)
 	want("idemsvc_connections_open", 0)
-	conns := fillIdle(t, addr, "/first", limit)
+	conns := fillIdle(t, capped, addr, "/first", limit)
 	newConn := func() *rawConn {
 		c := dialRaw(t, addr)
 		conns = append(conns, c)
@@ -600,7 +590,7 @@ func TestConnCapEndedNewThenServed(t *testing.T) {
 func TestConnCapTrickledNextRequest(t *testing.T) {
 	const limit = 3
 	capped, addr := serveCapped(t, limit, http.HandlerFunc(okHandler), nil)
-	conns := fillIdleInOrder(t, capped, addr, "/first", limit) // the first is idle the longest
+	conns := fillIdle(t, capped, addr, "/first", limit) // the first is idle the longest
 	if _, err := io.WriteString(conns[0], "GET /slow HTTP/1.1\r\n"); err != nil {
 		t.Fatal(err)
 	}
