@@ -292,7 +292,7 @@ func (s *Server) reserveAnswer(r *http.Request, rec *keys.Record) (release func(
 		return noRelease, false, nil
 	}
 	ctx := r.Context()
-	n := min(answerCost(*rec), s.answers.capacity())
+	n := min(answerCost(len(rec.Response.Body)), s.answers.capacity())
 	if release, ok := s.answers.reserve(ctx, tenant(ctx), n, 0); ok {
 		return release, false, nil
 	}

@@ -233,11 +233,9 @@ const largeAnswer = 64 << 10
 // busy").
 var errBusyAnswering = errors.New("server busy: too many large stored responses being written")
 
-// answerCost is what writing rec holds until its client has read it: the record's body and
-// its encoding (base64, four bytes for three), and room for the rest.
-func answerCost(rec keys.Record) int64 { return bodyAnswerCost(len(rec.Response.Body)) }
-
-func bodyAnswerCost(body int) int64 {
+// answerCost is what writing a record with a stored body of body bytes holds until its client
+// has read it: the body and its encoding (base64, four bytes for three), and room for the rest.
+func answerCost(body int) int64 {
 	n := int64(body)
 	return n + (n+2)/3*4 + 16<<10
 }
@@ -245,7 +243,7 @@ func bodyAnswerCost(body int) int64 {
 // newAnswerBudget is the answer budget: the size of the body budget, and room for four of the
 // largest answers at least.
 func newAnswerBudget(bodies bodyBudget, l keys.Limits, tenants int, held prometheus.Gauge) *budget {
-	return newBudget(max(bodies.size, 4*bodyAnswerCost(l.MaxBodyBytes)), tenants, held)
+	return newBudget(max(bodies.size, 4*answerCost(l.MaxBodyBytes)), tenants, held)
 }
 
 // capacity is the most one reservation can ever get: the tenant's share, or the whole.

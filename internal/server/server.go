@@ -70,9 +70,7 @@ type Server struct {
 	metrics   *metrics
 	registry  *prometheus.Registry
 	handler   http.Handler
-	// maxRequestBytes bounds a request body: a complete carries the stored body in base64.
-	maxRequestBytes int64
-	// completeBody is a complete's bodyLimit (handlers.go).
+	// completeBody is a complete's bodyLimit (handlers.go): its bytes bound every request body.
 	completeBody bodyLimit
 	waiters      *waiters
 	bodies       bodyBudget
@@ -101,18 +99,17 @@ func New(store keys.Store, opts Options) *Server {
 		opts.Registry = prometheus.NewRegistry()
 	}
 	s := &Server{
-		limits:          opts.Limits,
-		now:             opts.Now,
-		logger:          opts.Logger.With(zap.String("component", "http")),
-		accessLog:       opts.Logger.With(zap.String("component", "http")).WithOptions(zap.WithCaller(false)),
-		auth:            newAuthenticator(opts.Tokens),
-		metrics:         newMetrics(opts.Registry),
-		registry:        opts.Registry,
-		maxRequestBytes: maxRequestBytes(opts.Limits),
-		completeBody:    completeBody(opts.Limits),
+		limits:       opts.Limits,
+		now:          opts.Now,
+		logger:       opts.Logger.With(zap.String("component", "http")),
+		accessLog:    opts.Logger.With(zap.String("component", "http")).WithOptions(zap.WithCaller(false)),
+		auth:         newAuthenticator(opts.Tokens),
+		metrics:      newMetrics(opts.Registry),
+		registry:     opts.Registry,
+		completeBody: completeBody(opts.Limits),
 	}
 	s.waiters = newWaiters(opts.MaxWaiters, len(opts.Tokens), s.metrics.waiting)
-	s.bodies = newBodyBudget(opts.BodyBuffer, s.maxRequestBytes, len(opts.Tokens), s.metrics.bodyBytes)
+	s.bodies = newBodyBudget(opts.BodyBuffer, s.completeBody.bytes, len(opts.Tokens), s.metrics.bodyBytes)
 	s.answers = newAnswerBudget(s.bodies, opts.Limits, len(opts.Tokens), s.metrics.answerBytes)
 	if opts.AccessLog != nil && opts.Logger.Core().Enabled(zapcore.InfoLevel) {
 		s.accessOut = opts.AccessLog
