@@ -27,7 +27,9 @@ type Client struct {
 // Option configures a Client.
 type Option func(*Client)
 
-// WithToken sends token as the bearer credential. idemsvc decides the tenant from it.
+// WithToken sends token as the bearer credential. idemsvc decides the tenant from it. New
+// refuses a token with a space or a control character in it (a token read from a file often
+// ends in a newline), which net/http would refuse to send.
 func WithToken(token string) Option { return func(c *Client) { c.token = token } }
 
 // WithHTTPClient makes the client send its requests through hc (for its transport, proxies,
@@ -37,12 +39,12 @@ func WithHTTPClient(hc *http.Client) Option { return func(c *Client) { c.hc = hc
 // WithRetry replaces the default retry policy; zero fields take their defaults.
 func WithRetry(p RetryPolicy) Option { return func(c *Client) { c.retry = p.withDefaults() } }
 
-// WithUserAgent sets the User-Agent header.
+// WithUserAgent sets the User-Agent header. New refuses one with a control character in it.
 func WithUserAgent(ua string) Option { return func(c *Client) { c.userAgent = ua } }
 
 // New returns a client of the idemsvc at baseURL ("http://127.0.0.1:8080", or with a path
 // prefix when idemsvc is mounted under one). It returns an error when baseURL is not an
-// absolute http or https URL.
+// absolute http or https URL, or when an option's token or User-Agent cannot be sent.
 func New(baseURL string, opts ...Option) (*Client, error) {
 	u, err := url.Parse(baseURL)
 	if err != nil {
@@ -67,7 +69,32 @@ func New(baseURL string, opts ...Option) (*Client, error) {
 	if c.hc == nil {
 		c.hc = &http.Client{}
 	}
+	if err := checkHeaderValue("WithToken", c.token, true); err != nil {
+		return nil, err
+	}
+	if err := checkHeaderValue("WithUserAgent", c.userAgent, false); err != nil {
+		return nil, err
+	}
 	return c, nil
+}
+
+// checkHeaderValue refuses a value that net/http would refuse to send as a header's (a control
+// character other than a tab), and, for a token, a space or tab: a bearer token has none. Sent
+// anyway, every request would fail before reaching idemsvc, and count as an outage
+// (ErrUnavailable, which WithFailOpen turns into running the work unprotected) instead of the
+// mistake in the configuration that it is.
+func checkHeaderValue(option, v string, token bool) error {
+	for i := 0; i < len(v); i++ {
+		b := v[i]
+		if b < 0x20 && b != '\t' || b == 0x7f || token && (b == ' ' || b == '\t') {
+			what := "a control character"
+			if b == ' ' || b == '\t' {
+				what = "a space"
+			}
+			return fmt.Errorf("idemclient: %s: byte %d of the value is %s (%q); a value read from a file may end in a newline", option, i, what, b)
+		}
+	}
+	return nil
 }
 
 // ValidKey reports whether key is a valid idemsvc key: 1 to 255 bytes of visible ASCII

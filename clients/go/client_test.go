@@ -36,6 +36,52 @@ func TestNew(t *testing.T) {
 	}
 }
 
+// TestNewRefusesUnsendableHeaders: a token or User-Agent that net/http would not send is
+// refused by New. Sent anyway, every call failed before reaching idemsvc and was reported as
+// ErrUnavailable after the retries, and the middleware answered 503 (or, with WithFailOpen,
+// ran the handler unprotected) for what is a mistake in the configuration.
+func TestNewRefusesUnsendableHeaders(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name string
+		opt  Option
+		ok   bool
+	}{
+		{"Token", WithToken("shop-token-0123456789"), true},
+		{"TokenEndsInNewline", WithToken("shop-token-0123456789\n"), false},
+		{"TokenCRLF", WithToken("tok\r\nX-Injected: 1"), false},
+		{"TokenWithSpace", WithToken("tok en"), false},
+		{"TokenWithTab", WithToken("tok\ten"), false},
+		{"TokenDEL", WithToken("tok\x7f"), false},
+		{"NoToken", WithToken(""), true},
+		{"UserAgentWithSpaces", WithUserAgent("shop/1.2 (linux)"), true},
+		{"UserAgentWithNewline", WithUserAgent("shop/1.2\n"), false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := New("http://127.0.0.1:8080", tc.opt)
+			if got := err == nil; got != tc.ok {
+				t.Errorf("New error = %v, want ok %v", err, tc.ok)
+			}
+		})
+	}
+	// What New refuses, net/http refuses to send: the check is not stricter than it for the
+	// User-Agent (every value New accepts is sent).
+	for b := range 256 {
+		ua := "ua" + string(rune(b))[:1]
+		if b >= 0x80 {
+			ua = "ua" + string([]byte{byte(b)})
+		}
+		_, newErr := New("http://127.0.0.1:8080", WithUserAgent(ua))
+		req, _ := http.NewRequest("GET", "http://127.0.0.1:1/", nil)
+		req.Header.Set("User-Agent", ua)
+		_, sendErr := http.DefaultTransport.RoundTrip(req)
+		refused := sendErr != nil && strings.Contains(sendErr.Error(), "invalid header field value")
+		if (newErr != nil) != refused {
+			t.Errorf("byte %#x: New error %v, net/http's %v", b, newErr, sendErr)
+		}
+	}
+}
+
 func TestValidKey(t *testing.T) {
 	t.Parallel()
 	for _, tc := range []struct {

@@ -28,6 +28,16 @@ type DoOption interface {
 type doConfig struct {
 	lease, ttl, wait time.Duration
 	cleanupTimeout   time.Duration
+	// err is the first option given a negative duration: Do fails with it, as Begin fails
+	// for a negative Lease, TTL or Wait.
+	err error
+}
+
+// negative records in c that option was given the negative duration d.
+func (c *doConfig) negative(option string, d time.Duration) {
+	if c.err == nil {
+		c.err = fmt.Errorf("%w: %s: negative duration %v", ErrInvalidRequest, option, d)
+	}
 }
 
 // DefaultLease is the lease Do asks for unless WithLease says otherwise (CONTRACT.md's default).
@@ -60,32 +70,53 @@ func (o doOption) applyMiddleware(c *middlewareConfig) { c.doOpts = append(c.doO
 // must be within the server's IDEMSVC_MAX_LEASE (1h unless configured), or every Do fails with
 // ErrInvalidRequest. Do renews the lease in the background every third of its length while fn
 // runs, so a short lease does not limit how long fn may take: it limits how long a crashed holder
-// blocks the key.
+// blocks the key. Zero keeps DefaultLease; a negative d makes every Do fail with
+// ErrInvalidRequest, as Begin does.
 func WithLease(d time.Duration) DoOption {
 	return doOption(func(c *doConfig) {
-		if d > 0 {
+		switch {
+		case d > 0:
 			c.lease = d
+		case d < 0:
+			c.negative("WithLease", d)
 		}
 	})
 }
 
 // WithTTL sets how long idemsvc keeps the record, and so for how long retries are answered with
-// the stored response (default: the server's, 24h unless configured).
-func WithTTL(d time.Duration) DoOption { return doOption(func(c *doConfig) { c.ttl = max(d, 0) }) }
+// the stored response (default, or zero: the server's, 24h unless configured). A negative d
+// makes every Do fail with ErrInvalidRequest.
+func WithTTL(d time.Duration) DoOption {
+	return doOption(func(c *doConfig) {
+		if c.ttl = max(d, 0); d < 0 {
+			c.negative("WithTTL", d)
+		}
+	})
+}
 
 // WithWait makes a Do that meets a running holder wait up to d on the server for it to finish
 // (then Do replays its response) or fail (then this Do runs fn), instead of failing at once with
 // ErrInProgress. d must be within the server's IDEMSVC_MAX_WAIT (30s unless configured), or
 // every Do fails with ErrInvalidRequest (idemsvc does not clamp it); the Middleware then answers
-// every request that carries a key with 500 (see Middleware).
-func WithWait(d time.Duration) DoOption { return doOption(func(c *doConfig) { c.wait = max(d, 0) }) }
+// every request that carries a key with 500 (see Middleware), and so does a negative d.
+func WithWait(d time.Duration) DoOption {
+	return doOption(func(c *doConfig) {
+		if c.wait = max(d, 0); d < 0 {
+			c.negative("WithWait", d)
+		}
+	})
+}
 
 // WithCleanupTimeout bounds the complete or release Do sends after fn returned, which runs even
-// when ctx is cancelled by then (default DefaultCleanupTimeout).
+// when ctx is cancelled by then (default, or zero: DefaultCleanupTimeout). A negative d makes
+// every Do fail with ErrInvalidRequest.
 func WithCleanupTimeout(d time.Duration) DoOption {
 	return doOption(func(c *doConfig) {
-		if d > 0 {
+		switch {
+		case d > 0:
 			c.cleanupTimeout = d
+		case d < 0:
+			c.negative("WithCleanupTimeout", d)
 		}
 	})
 }
@@ -130,6 +161,9 @@ func (c *Client) Do(ctx context.Context, key, fingerprint string, fn func(ctx co
 		return Result{}, errors.New("idemclient: Do with a nil fn")
 	}
 	cfg := newDoConfig(opts)
+	if cfg.err != nil {
+		return Result{}, cfg.err
+	}
 	start := time.Now()
 	br, err := c.Begin(ctx, key, BeginOptions{Fingerprint: fingerprint, Lease: cfg.lease, TTL: cfg.ttl, Wait: cfg.wait})
 	if err != nil {

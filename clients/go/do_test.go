@@ -369,3 +369,30 @@ func TestDoNotRecorded(t *testing.T) {
 		}
 	})
 }
+
+// TestDoNegativeDurations: a negative duration in a Do option fails Do with ErrInvalidRequest
+// before anything is sent, as Begin fails for a negative Lease, TTL or Wait; it used to be
+// taken silently for the default.
+func TestDoNegativeDurations(t *testing.T) {
+	t.Parallel()
+	c, err := New("http://127.0.0.1:1", WithRetry(RetryPolicy{MaxAttempts: 1}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, opt := range []DoOption{WithLease(-time.Second), WithTTL(-1), WithWait(-time.Millisecond), WithCleanupTimeout(-time.Second)} {
+		called := false
+		_, err := c.Do(t.Context(), "k", "", func(context.Context) (Response, error) {
+			called = true
+			return Response{Status: 200}, nil
+		}, opt)
+		if !errors.Is(err, ErrInvalidRequest) || called {
+			t.Errorf("Do with a negative duration: error %v (want ErrInvalidRequest, nothing sent), fn called %v", err, called)
+		}
+	}
+	// Zero keeps the defaults: the Do goes out (and finds nobody listening).
+	_, err = c.Do(t.Context(), "k", "", func(context.Context) (Response, error) { return Response{Status: 200}, nil },
+		WithLease(0), WithTTL(0), WithWait(0), WithCleanupTimeout(0))
+	if !errors.Is(err, ErrUnavailable) {
+		t.Errorf("Do with zero durations: %v, want ErrUnavailable (the request was sent)", err)
+	}
+}
