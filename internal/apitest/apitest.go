@@ -130,11 +130,18 @@ func (tr *transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	if err != nil {
 		return nil, fmt.Errorf("apitest: read request body: %w", err)
 	}
-	route, params, routeErr := tr.v.router.FindRoute(req)
+	// A HEAD is checked as the GET of its path, whose status and headers it must have
+	// (RFC 9110 §9.3.2), with no body.
+	head, asGet := req.Method == http.MethodHead, req
+	if head {
+		asGet = req.Clone(req.Context())
+		asGet.Method = http.MethodGet
+	}
+	route, params, routeErr := tr.v.router.FindRoute(asGet)
 	if routeErr == nil {
 		params = unescape(params)
 		if !isMalformed(req) {
-			if err := tr.v.validateRequest(req, body, route, params); err != nil {
+			if err := tr.v.validateRequest(asGet, body, route, params); err != nil {
 				tr.t.Errorf("apitest: %s %s: the request does not match api/openapi.yaml "+
 					"(wrap a deliberately invalid request in apitest.Malformed): %v\nbody: %s",
 					req.Method, req.URL.EscapedPath(), err, clip(body))
@@ -155,7 +162,10 @@ func (tr *transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		return nil, fmt.Errorf("apitest: read response body: %w", err)
 	}
 	resp.Body = io.NopCloser(bytes.NewReader(data))
-	if err := tr.v.validateResponse(req, route, params, resp, data); err != nil {
+	if head && len(data) != 0 {
+		tr.t.Errorf("apitest: HEAD %s -> %d: a body of %d bytes", req.URL.EscapedPath(), resp.StatusCode, len(data))
+	}
+	if err := tr.v.validateResponse(asGet, route, params, resp, data, head); err != nil {
 		tr.t.Errorf("apitest: %s %s -> %d: the response does not match api/openapi.yaml: %v\nbody: %s",
 			req.Method, req.URL.EscapedPath(), resp.StatusCode, err, clip(data))
 	}
@@ -245,7 +255,9 @@ func (v *Validator) validateRequest(req *http.Request, body []byte, route *route
 	})
 }
 
-func (v *Validator) validateResponse(req *http.Request, route *routers.Route, params map[string]string, resp *http.Response, body []byte) error {
+// validateResponse checks resp, the answer to req, against route's operation; for a HEAD
+// (head), its status and headers only.
+func (v *Validator) validateResponse(req *http.Request, route *routers.Route, params map[string]string, resp *http.Response, body []byte, head bool) error {
 	in := &openapi3filter.ResponseValidationInput{
 		RequestValidationInput: &openapi3filter.RequestValidationInput{
 			Request: req, PathParams: params, Route: route,
@@ -255,8 +267,12 @@ func (v *Validator) validateResponse(req *http.Request, route *routers.Route, pa
 		Options: v.options(),
 	}
 	in.SetBodyBytes(body)
+	in.Options.ExcludeResponseBody = head
 	if err := openapi3filter.ValidateResponse(req.Context(), in); err != nil {
 		return err
+	}
+	if head {
+		return nil
 	}
 	// The schema cannot say that a problem repeats the response's own status.
 	if isProblem(resp.Header) {

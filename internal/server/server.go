@@ -170,19 +170,27 @@ func (s *Server) routes() http.Handler {
 		r.Post("/v1/keys/{key}/complete", s.handleComplete)
 		r.Post("/v1/keys/{key}/renew", s.handleRenew)
 		r.Post("/v1/keys/{key}/release", s.handleRelease)
-		r.Get("/v1/keys/{key}", s.handleGet)
+		get(r, "/v1/keys/{key}", s.handleGet)
 		r.Delete("/v1/keys/{key}", s.handleDelete)
 		// The empty key, which {key} does not match: 400 invalid-key, as on the actions
 		// (/v1/keys//begin), not 404 for an unknown path.
-		r.Get("/v1/keys/", s.handleGet)
+		get(r, "/v1/keys/", s.handleGet)
 		r.Delete("/v1/keys/", s.handleDelete)
 	})
 
-	r.Get("/healthz", s.handleHealthz)
-	r.Get("/readyz", s.handleReadyz)
-	r.Method(http.MethodGet, "/metrics", promhttp.HandlerFor(s.registry, promhttp.HandlerOpts{}))
-	r.Get("/openapi.yaml", handleSpec)
+	get(r, "/healthz", s.handleHealthz)
+	get(r, "/readyz", s.handleReadyz)
+	get(r, "/metrics", promhttp.HandlerFor(s.registry, promhttp.HandlerOpts{}).ServeHTTP)
+	get(r, "/openapi.yaml", handleSpec)
 	return r
+}
+
+// get routes GET and HEAD on pattern to h: RFC 9110 asks every general-purpose server to answer
+// HEAD as GET without the body (net/http drops what h writes), and monitors probe with it
+// (curl -I, wget --spider).
+func get(r chi.Router, pattern string, h http.HandlerFunc) {
+	r.Get(pattern, h)
+	r.Head(pattern, h)
 }
 
 // allowed is the Allow header of a 405 on r's path. It splits the path as the router does, on
@@ -192,11 +200,11 @@ func allowed(r *http.Request) string {
 	rest, ok := strings.CutPrefix(r.URL.EscapedPath(), "/v1/keys/")
 	switch {
 	case !ok:
-		return "GET"
+		return "GET, HEAD"
 	case strings.Contains(rest, "/"):
 		return "POST"
 	default:
-		return "GET, DELETE"
+		return "GET, HEAD, DELETE"
 	}
 }
 

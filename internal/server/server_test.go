@@ -628,17 +628,25 @@ func TestAllow(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, servertest.Options{})
 	for _, c := range []struct{ method, path, allow string }{
-		{"PUT", "/v1/keys/k", "GET, DELETE"},
-		{"PUT", "/v1/keys/begin", "GET, DELETE"},
-		{"POST", "/v1/keys/begin", "GET, DELETE"},
-		{"PATCH", "/v1/keys/release", "GET, DELETE"},
-		{"PUT", "/v1/keys/x%2Fbegin", "GET, DELETE"},
+		{"PUT", "/v1/keys/k", "GET, HEAD, DELETE"},
+		{"PUT", "/v1/keys/begin", "GET, HEAD, DELETE"},
+		{"POST", "/v1/keys/begin", "GET, HEAD, DELETE"},
+		{"PATCH", "/v1/keys/release", "GET, HEAD, DELETE"},
+		{"PUT", "/v1/keys/x%2Fbegin", "GET, HEAD, DELETE"},
 		{"GET", "/v1/keys/k/begin", "POST"},
+		{"HEAD", "/v1/keys/k/begin", "POST"},
 		{"DELETE", "/v1/keys/begin/complete", "POST"},
-		{"POST", "/healthz", "GET"},
+		{"POST", "/healthz", "GET, HEAD"},
+		{"DELETE", "/metrics", "GET, HEAD"},
 	} {
 		r := e.bad(c.method, c.path, nil)
-		wantStatus(t, r, 405, "method-not-allowed")
+		if c.method == "HEAD" { // no body to read the problem from
+			if r.status != 405 {
+				t.Errorf("%s %s: status %d, want 405", c.method, c.path, r.status)
+			}
+		} else {
+			wantStatus(t, r, 405, "method-not-allowed")
+		}
 		if got := r.header.Get("Allow"); got != c.allow {
 			t.Errorf("%s %s: Allow %q, want %q", c.method, c.path, got, c.allow)
 		}
@@ -959,4 +967,43 @@ func TestCompleteAgainInOtherCase(t *testing.T) {
 	wantStatus(t, complete("Content-Type"), 200, "")
 	wantStatus(t, complete("CONTENT-TYPE"), 200, "")
 	wantStatus(t, complete("Content-Length"), 409, "already-completed") // another header
+}
+
+// TestHead: every GET path answers HEAD with what GET answers, status and headers, without the
+// body (RFC 9110 §9.3.2); they were 405, which made monitors that probe with HEAD (curl -I,
+// wget --spider) see a healthy service as failing.
+func TestHead(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, servertest.Options{})
+	l := e.begin("done", nil)
+	wantStatus(t, e.do("POST", "/v1/keys/done/complete", completeBody(l.token, 201, `{"id":1}`)), 200, "")
+	for _, path := range []string{"/v1/keys/done", "/v1/keys/absent", "/v1/keys/", "/healthz", "/readyz", "/metrics", "/openapi.yaml"} {
+		get, head := e.do("GET", path, nil), e.do("HEAD", path, nil)
+		if head.status != get.status || head.status == 405 {
+			t.Errorf("HEAD %s: %d, GET: %d", path, head.status, get.status)
+		}
+		if len(head.body) != 0 {
+			t.Errorf("HEAD %s: a body of %d bytes", path, len(head.body))
+		}
+		for _, h := range []string{"Content-Type", "X-Request-Id"} {
+			if head.header.Get(h) == "" || h == "Content-Type" && head.header.Get(h) != get.header.Get(h) {
+				t.Errorf("HEAD %s: %s %q, GET's %q", path, h, head.header.Get(h), get.header.Get(h))
+			}
+		}
+	}
+	// HEAD of a record takes the token, as GET does, and sees only its tenant's records.
+	tokens := map[string]string{"alpha": "alpha-token-0123456789", "beta": "beta-token-0123456789"}
+	e = newEnv(t, servertest.Options{Tokens: tokens})
+	e.token = tokens["alpha"]
+	e.begin("mine", nil)
+	for _, c := range []struct {
+		token string
+		want  int
+	}{{tokens["alpha"], 200}, {tokens["beta"], 404}, {"", 401}, {"wrong", 401}} {
+		e.token = c.token
+		r := e.do("HEAD", "/v1/keys/mine", nil)
+		if r.status != c.want || c.want == 401 && r.header.Get("WWW-Authenticate") != "Bearer" {
+			t.Errorf("HEAD with token %q: %d (WWW-Authenticate %q), want %d", c.token, r.status, r.header.Get("WWW-Authenticate"), c.want)
+		}
+	}
 }
