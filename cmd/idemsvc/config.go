@@ -4,15 +4,16 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/url"
 	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
 
 	"github.com/kelseyhightower/envconfig"
-	"go.uber.org/zap/zapcore"
 
 	"github.com/idemsvc/idemsvc/internal/keys"
 )
@@ -28,7 +29,7 @@ const maxConfigDuration = 10 * 365 * 24 * time.Hour
 // reads the bare name (ADDR, TOKENS, DATA_DIR, ...) when the prefixed one is unset, so that a
 // stray TOKENS in the environment would have turned authentication on.
 type Config struct {
-	Addr     string `split_words:"true" default:":8080" desc:"listen address"`
+	Addr     string `split_words:"true" default:":8080" desc:"listen address, host:port or :port"`
 	Backend  string `split_words:"true" default:"bolt" desc:"store: bolt (embedded file) or redis"`
 	DataDir  string `split_words:"true" default:"./data" desc:"directory of the bolt data file"`
 	RedisURL string `split_words:"true" desc:"redis:// or rediss:// URL, for IDEMSVC_BACKEND=redis"`
@@ -42,7 +43,7 @@ type Config struct {
 	MaxWait            time.Duration `split_words:"true" default:"30s" desc:"upper bound of wait_ms"`
 	MaxBodyBytes       int           `split_words:"true" default:"1048576" desc:"largest stored response body, in bytes (at most 64 MiB)"`
 	SweepInterval      time.Duration `split_words:"true" default:"1m" desc:"how often expired records are removed"`
-	LogLevel           string        `split_words:"true" default:"info" desc:"zap level: debug, info, warn, error"`
+	LogLevel           string        `split_words:"true" default:"info" desc:"debug, info, warn or error"`
 	ShutdownTimeout    time.Duration `split_words:"true" default:"15s" desc:"how long in-flight requests may take to finish at shutdown"`
 	DrainDelay         time.Duration `split_words:"true" default:"0s" desc:"at SIGTERM, how long /readyz answers 503 while requests are still served, before shutdown begins"`
 	MaxConns           int           `split_words:"true" default:"0" desc:"most connections open at once (0, or at least 4); 0: min(10000, RLIMIT_NOFILE - 256), or half of RLIMIT_NOFILE when that is 512 or less"`
@@ -100,6 +101,9 @@ func (c Config) validate() error {
 	var errs []error
 	bad := func(name, format string, args ...any) {
 		errs = append(errs, fmt.Errorf("%s_%s: %s", envPrefix, name, fmt.Sprintf(format, args...)))
+	}
+	if err := checkAddr(c.Addr); err != nil {
+		bad("ADDR", "%v", err)
 	}
 	switch c.Backend {
 	case "bolt":
@@ -159,10 +163,41 @@ func (c Config) validate() error {
 	if c.MaxConns < 0 || (c.MaxConns > 0 && c.MaxConns < 4) {
 		bad("MAX_CONNS", "must be 0 (the default) or at least 4: a waiting begin holds a connection, and the holder's complete needs another")
 	}
-	if _, err := zapcore.ParseLevel(c.LogLevel); err != nil {
-		bad("LOG_LEVEL", "%q is not a zap level (debug, info, warn, error)", c.LogLevel)
+	if !slices.Contains(logLevels, c.LogLevel) {
+		// zap also reads "" (info), and dpanic, panic and fatal, which would hide every
+		// warning and error the service logs (a Redis that lost data among them).
+		bad("LOG_LEVEL", "%q is not one of %s", c.LogLevel, strings.Join(logLevels, ", "))
 	}
 	return errors.Join(errs...)
+}
+
+// logLevels are the values of IDEMSVC_LOG_LEVEL.
+var logLevels = []string{"debug", "info", "warn", "error"}
+
+// checkAddr refuses a listen address that net.Listen would read as something else than meant:
+// empty (a random port on every interface, where the health check probes :8080) or without a
+// port ("8080", which is a host name).
+func checkAddr(addr string) error {
+	if addr == "" {
+		return errors.New("must not be empty (:8080 listens on port 8080 of every interface)")
+	}
+	_, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("%q is not host:port or :port (%v)", addr, err)
+	}
+	if n, err := strconv.ParseUint(port, 10, 16); err != nil || port != strconv.FormatUint(n, 10) {
+		return fmt.Errorf("%q: the port %q is not a number from 0 to 65535", addr, port)
+	}
+	return nil
+}
+
+// validToken reports whether token has the syntax of a bearer token (RFC 6750 b64token:
+// letters, digits and -._~+/, then any = padding), which every client can send as it is.
+func validToken(token string) bool {
+	body := strings.TrimRight(token, "=")
+	return body != "" && !strings.ContainsFunc(body, func(r rune) bool {
+		return !('a' <= r && r <= 'z' || 'A' <= r && r <= 'Z' || '0' <= r && r <= '9' || strings.ContainsRune("-._~+/", r))
+	})
 }
 
 // tokens parses IDEMSVC_TOKENS into tenant → token. Spaces around a tenant or a token are
@@ -185,9 +220,10 @@ func (c Config) tokens() (map[string]string, error) {
 		switch {
 		case !ok || tenant == "" || token == "":
 			return nil, fmt.Errorf("entry %d is not tenant:token", i+1)
-		case strings.ContainsFunc(token, func(r rune) bool { return r < 0x20 || r == 0x7f }):
-			// No request could send it: a header value holds no control character.
-			return nil, fmt.Errorf("entry %d: the token of tenant %q holds a control character", i+1, tenant)
+		case !validToken(token):
+			// Not a bearer token: a control character no request can send, or a ';' or a
+			// space that is most likely a slip ("a:tok1;b:tok2" for "a:tok1,b:tok2").
+			return nil, fmt.Errorf("entry %d: the token of tenant %q is not a bearer token: only letters, digits and -._~+/ then = padding (RFC 6750); separate entries with commas", i+1, tenant)
 		case keys.ValidateKey(tenant) != nil:
 			return nil, fmt.Errorf("entry %d: tenant %q must be visible ASCII", i+1, tenant)
 		case out[tenant] != "":
