@@ -397,6 +397,43 @@ func TestShutdownFinishesInFlight(t *testing.T) {
 	}
 }
 
+// TestShutdownCutsTricklingBody: a client trickling a complete's body when shutdown starts is
+// answered 503 at once, and run returns nil well within the shutdown timeout. It used to hold
+// the shutdown for the whole timeout (its read timeout, 30 s, is longer), and run then failed.
+func TestShutdownCutsTricklingBody(t *testing.T) {
+	base, stop := startRun(t, t.TempDir()) // IDEMSVC_SHUTDOWN_TIMEOUT=5s
+	st, rec, _ := call(t, "POST", base+"/v1/keys/t/begin", `{}`)
+	if st != 201 {
+		t.Fatal(st)
+	}
+	body := fmt.Sprintf(`{"token":%q,"response":{"status":201}}`, rec["lease"].(map[string]any)["token"])
+	c, err := net.Dial("tcp", strings.TrimPrefix(base, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	fmt.Fprintf(c, "POST /v1/keys/t/complete HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", len(body), body[:5])
+	time.Sleep(100 * time.Millisecond) // the handler is reading the body
+	start := time.Now()
+	stopped := make(chan error, 1)
+	go func() { stopped <- stop() }()
+	_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatalf("the trickling complete: %v after %s", err, time.Since(start))
+	}
+	_ = resp.Body.Close()
+	if resp.StatusCode != 503 {
+		t.Errorf("the trickling complete: %d, want 503", resp.StatusCode)
+	}
+	if err := <-stopped; err != nil {
+		t.Errorf("run returned %v after %s", err, time.Since(start))
+	}
+	if d := time.Since(start); d > 3*time.Second {
+		t.Errorf("shutdown took %s with a trickling client (timeout 5s)", d)
+	}
+}
+
 // TestRedisPasswordNeverLogged: the start line's masked configuration shows no password, also
 // one that holds an @ (the password ends at the last), and neither does the error of a URL that
 // does not parse (url.Parse's error quotes the URL whole).

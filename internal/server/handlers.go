@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/url"
+	"sync"
 	"time"
 
 	"github.com/go-chi/chi/v5"
@@ -35,7 +36,7 @@ func pathKey(r *http.Request) (string, error) {
 func (s *Server) keyAndBody(w http.ResponseWriter, r *http.Request, v any, optional bool) (string, bool) {
 	key, err := pathKey(r)
 	if err == nil {
-		err = s.decodeBudgeted(r, v, optional)
+		err = s.decodeBudgeted(w, r, v, optional)
 	}
 	if err != nil {
 		s.writeError(w, r, err)
@@ -45,14 +46,82 @@ func (s *Server) keyAndBody(w http.ResponseWriter, r *http.Request, v any, optio
 }
 
 // decodeBudgeted decodes r's body into v under the body budget (limits.go).
-func (s *Server) decodeBudgeted(r *http.Request, v any, optional bool) error {
+//
+// A drain (shutdown) cuts off a body that is still arriving, with 503 "Shutting down": a client
+// trickling its body held the shutdown for as long as the server's read timeout allows (30 s),
+// past the default IDEMSVC_SHUTDOWN_TIMEOUT, and the process then exited 1. A body that has
+// arrived is never cut off, and nothing ran for one that was.
+func (s *Server) decodeBudgeted(w http.ResponseWriter, r *http.Request, v any, optional bool) error {
 	lim := s.bodyLimit(v)
 	release, err := s.bodies.take(r, tenant(r.Context()), lim.bytes)
 	if err != nil {
 		return err
 	}
 	defer release()
-	return decode(r, lim, v, optional)
+	read := s.bodyReads.start(w)
+	err = decode(r, lim, v, optional)
+	if s.bodyReads.done(read) && err != nil {
+		return errShuttingDown
+	}
+	return err
+}
+
+// bodyReads are the request bodies being read, which a drain cuts off (decodeBudgeted). Entries
+// come from a pool and a map keeps them: no allocation per request.
+type bodyReads struct {
+	mu       sync.Mutex
+	draining bool
+	reading  map[*bodyRead]struct{}
+	pool     sync.Pool
+}
+
+type bodyRead struct {
+	w   http.ResponseWriter
+	cut bool
+}
+
+// start records that w's request is reading its body, and cuts it off at once when the drain
+// has begun.
+func (b *bodyReads) start(w http.ResponseWriter) *bodyRead {
+	e, _ := b.pool.Get().(*bodyRead)
+	if e == nil {
+		e = new(bodyRead)
+	}
+	e.w, e.cut = w, false
+	b.mu.Lock()
+	if b.draining {
+		e.cut = true
+		_ = http.NewResponseController(w).SetReadDeadline(time.Now())
+	} else {
+		if b.reading == nil {
+			b.reading = make(map[*bodyRead]struct{})
+		}
+		b.reading[e] = struct{}{}
+	}
+	b.mu.Unlock()
+	return e
+}
+
+// done records that e's read ended, and reports whether the drain cut it off.
+func (b *bodyReads) done(e *bodyRead) (cut bool) {
+	b.mu.Lock()
+	delete(b.reading, e)
+	cut = e.cut
+	b.mu.Unlock()
+	e.w = nil
+	b.pool.Put(e)
+	return cut
+}
+
+// drain cuts off every body being read: its read fails at once, as at its read deadline.
+func (b *bodyReads) drain() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.draining = true
+	for e := range b.reading {
+		e.cut = true
+		_ = http.NewResponseController(e.w).SetReadDeadline(time.Now())
+	}
 }
 
 // maxSmallRequest bounds the body of a begin, renew or release: every valid one is under 4 KiB

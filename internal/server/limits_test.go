@@ -491,3 +491,35 @@ func TestAnswerWaitThenBeginAgain(t *testing.T) {
 		t.Errorf("begin (wait_ms 20000) of a key taken by another while its replay waited: %.200s, want the holder's response replayed", b)
 	}
 }
+
+// TestDrainCutsArrivingBodies: a drain (shutdown) cuts off the body of a request that is still
+// arriving, with 503 "Shutting down", and nothing runs for it. A client trickling its body used to hold the shutdown for the read timeout (30 s,
+// past the default shutdown timeout), and the process then exited 1.
+func TestDrainCutsArrivingBodies(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, servertest.Options{})
+	l := e.begin("slow", nil)
+	host := strings.TrimPrefix(e.srv.URL, "http://")
+	body := fmt.Sprintf(`{"token":%q,"response":{"status":201}}`, l.token)
+	trickle, err := net.Dial("tcp", host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer trickle.Close()
+	fmt.Fprintf(trickle, "POST /v1/keys/slow/complete HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", len(body), body[:10])
+	time.Sleep(100 * time.Millisecond) // the handler is in its body read
+	e.srv.Handler.Drain()
+	start := time.Now()
+	_ = trickle.SetReadDeadline(time.Now().Add(5 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(trickle), nil)
+	if err != nil {
+		t.Fatalf("the trickling request after the drain: %v (after %s)", err, time.Since(start))
+	}
+	b, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != 503 || !strings.Contains(string(b), "Shutting down") || time.Since(start) > 2*time.Second {
+		t.Errorf("the trickling request after the drain: %d %s after %s, want 503 Shutting down at once", resp.StatusCode, b, time.Since(start))
+	}
+	if r := e.do("GET", "/v1/keys/slow", nil); r.status != 200 || r.json(t)["state"] != "in_progress" {
+		t.Errorf("the cut-off complete ran: GET answers %d %s", r.status, r.body)
+	}
+}

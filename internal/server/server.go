@@ -81,6 +81,8 @@ type Server struct {
 	// holder answer 409 at once instead of holding shutdown up.
 	draining context.Context
 	drain    context.CancelFunc
+	// bodyReads are the bodies being read, which Drain cuts off.
+	bodyReads bodyReads
 }
 
 // New returns a Server over store. The store is instrumented for metrics; closing it stays the
@@ -127,9 +129,13 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.handler.S
 // Registry returns the registry that holds the server's metrics.
 func (s *Server) Registry() *prometheus.Registry { return s.registry }
 
-// Drain makes begins that are waiting for a holder answer 409 in-progress at once. Call it when
-// shutdown starts, before http.Server.Shutdown, so waits do not hold shutdown up.
-func (s *Server) Drain() { s.drain() }
+// Drain makes begins that are waiting for a holder answer 409 in-progress at once, and requests
+// whose body is still arriving 503 "Shutting down" (nothing runs for them). Call it when
+// shutdown starts, before http.Server.Shutdown, so that neither holds shutdown up.
+func (s *Server) Drain() {
+	s.drain()
+	s.bodyReads.drain()
+}
 
 // Unready makes /readyz answer 503 ("Shutting down") from now on, while every other request is
 // served as before: the start of a graceful stop, for load balancers to stop sending requests
