@@ -83,11 +83,22 @@ func realMain(args, environ []string, stdout, stderr io.Writer) int {
 	if os.Getenv("GOGC") == "" {
 		debug.SetGCPercent(defaultGCPercent)
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	// After the first signal, a second one ends the process at once (Go's default), as an
-	// operator who presses Ctrl-C twice expects: every acknowledged write is already on disk.
-	go func() { <-ctx.Done(); stop() }()
+	// The first signal starts the graceful stop. A second one ends the process at once, as an
+	// operator who presses Ctrl-C twice expects (every acknowledged write is already on disk),
+	// with the exit status of a process that the signal killed; but first the log's buffer is
+	// written out, or the access lines of the last second were lost.
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
+	defer signal.Stop(sigs)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() {
+		<-sigs
+		cancel()
+		sig := <-sigs
+		logger.Warn("second signal: exiting at once", zap.String("signal", sig.String())) // flushes the buffer
+		os.Exit(128 + int(sig.(syscall.Signal)))
+	}()
 	if err := run(ctx, cfg, logger, logOut); err != nil {
 		// Without a stack trace: it would name only realMain, and be the last line of the log
 		// where the plain message below should be.

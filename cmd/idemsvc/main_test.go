@@ -13,11 +13,13 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"os/exec"
 	"reflect"
 	"regexp"
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -664,5 +666,70 @@ func TestDrainDelay(t *testing.T) {
 	}
 	if d := time.Since(stopped); d < 1500*time.Millisecond || d > 5*time.Second {
 		t.Errorf("run ended %v after the stop, want after the 1.5s drain and soon after", d)
+	}
+}
+
+// TestMain runs the service itself, as main does, in a test binary started by a test with
+// IDEMSVC_TEST_MAIN=1 (a test of what only a whole process shows: signals, the exit status).
+func TestMain(m *testing.M) {
+	if os.Getenv("IDEMSVC_TEST_MAIN") == "1" {
+		os.Exit(realMain(nil, os.Environ(), os.Stdout, os.Stderr))
+	}
+	os.Exit(m.Run())
+}
+
+// TestSecondSignalFlushesLog: a second signal ends the process at once, with the status of a
+// process the signal killed, and the access lines still in the log's buffer are written first.
+// They were lost: Go's default handling of the second signal ended the process with up to a
+// second of lines in the buffer.
+func TestSecondSignalFlushesLog(t *testing.T) {
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), "IDEMSVC_TEST_MAIN=1", "IDEMSVC_ADDR=127.0.0.1:0",
+		"IDEMSVC_DATA_DIR="+t.TempDir(), "IDEMSVC_DRAIN_DELAY=1m")
+	var logs lockedBuffer
+	cmd.Stderr = &logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = cmd.Process.Kill(); _ = cmd.Wait() }()
+	var addr string
+	eventuallyMain(t, "the listening line", func() bool {
+		for _, line := range strings.Split(logs.String(), "\n") {
+			var l struct{ Msg, Addr string }
+			if json.Unmarshal([]byte(line), &l) == nil && l.Msg == "listening" {
+				addr = l.Addr
+			}
+		}
+		return addr != ""
+	})
+	_ = cmd.Process.Signal(syscall.SIGTERM) // drains for a minute, serving requests
+	eventuallyMain(t, "the draining line", func() bool { return strings.Contains(logs.String(), "draining") })
+	const n = 5
+	for i := range n { // their access lines wait in the log's buffer (written out every second)
+		if st, _, _ := call(t, "POST", fmt.Sprintf("http://%s/v1/keys/k%d/begin", addr, i), "{}"); st != 201 {
+			t.Fatalf("begin: %d", st)
+		}
+	}
+	_ = cmd.Process.Signal(syscall.SIGTERM)
+	err := cmd.Wait()
+	var exit *exec.ExitError
+	if !errors.As(err, &exit) || exit.ExitCode() != 128+int(syscall.SIGTERM) {
+		t.Errorf("exit after a second SIGTERM: %v, want status %d", err, 128+int(syscall.SIGTERM))
+	}
+	if got := strings.Count(logs.String(), `"msg":"request"`); got != n {
+		t.Errorf("%d access lines in the log, want %d:\n%s", got, n, logs.String())
+	}
+	if !strings.Contains(logs.String(), "second signal") {
+		t.Errorf("no line says why the process ended:\n%s", logs.String())
+	}
+}
+
+// eventuallyMain waits up to 10 s for cond.
+func eventuallyMain(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); !cond(); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no %s within 10s", what)
+		}
 	}
 }
