@@ -113,7 +113,7 @@ func newMetrics(reg *prometheus.Registry) *metrics {
 		storeOps: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "idemsvc_store_operation_duration_seconds",
 			Help:    "Store operation latency by operation and result (ok, or the error kind).",
-			Buckets: []float64{.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .5, 1},
+			Buckets: []float64{.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5}, // a Redis call times out at 2 s
 		}, []string{"op", "result"}),
 		swept: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "idemsvc_swept_records_total",

@@ -1,6 +1,7 @@
 package bolt
 
 import (
+	"context"
 	"errors"
 	"path/filepath"
 	"strconv"
@@ -11,6 +12,7 @@ import (
 	"go.etcd.io/bbolt"
 
 	"github.com/idemsvc/idemsvc/internal/keys"
+	"github.com/idemsvc/idemsvc/internal/storage/storagetest"
 )
 
 // TestSweepShareBesideWriters: a sweep's transaction counts the writers' calls it shares, takes
@@ -119,5 +121,38 @@ func TestCommitStats(t *testing.T) {
 	}
 	if st.CommitTime <= 0 || st.Pages < int64(st.Commits) || st.WriteTime <= 0 {
 		t.Errorf("commit time %v, %d pages written in %v", st.CommitTime, st.Pages, st.WriteTime)
+	}
+}
+
+// TestSweepNothingDueCommitsNothing: a sweep that finds nothing expired commits no transaction
+// (each synced a new meta page: with IDEMSVC_SWEEP_INTERVAL=1ms, thousands a second); one that
+// finds something does.
+func TestSweepNothingDueCommitsNothing(t *testing.T) {
+	t.Parallel()
+	clock := storagetest.NewClock(time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC))
+	s, err := Open(filepath.Join(t.TempDir(), FileName), Options{Now: clock.Now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	ctx := context.Background()
+	if _, err := s.Begin(ctx, "t", "k", keys.BeginRequest{Lease: time.Second, TTL: time.Minute}); err != nil {
+		t.Fatal(err)
+	}
+	commits := s.comm.commits.Load()
+	for range 10 {
+		if n, err := s.Sweep(ctx, 100); n != 0 || err != nil {
+			t.Fatalf("Sweep = %d, %v; want nothing due", n, err)
+		}
+	}
+	if got := s.comm.commits.Load() - commits; got != 0 {
+		t.Errorf("10 sweeps with nothing due committed %d transactions, want 0", got)
+	}
+	clock.Advance(2 * time.Minute)
+	if n, err := s.Sweep(ctx, 100); n != 1 || err != nil {
+		t.Fatalf("Sweep after the TTL = %d, %v; want 1", n, err)
+	}
+	if got := s.comm.commits.Load() - commits; got == 0 {
+		t.Error("the sweep that removed a record committed nothing")
 	}
 }
