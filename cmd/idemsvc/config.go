@@ -264,6 +264,15 @@ func (c Config) masked() map[string]any {
 	if c.RedisURL != "" {
 		redisURL = "(does not parse)"
 		if u, err := url.Parse(c.RedisURL); err == nil && u.Opaque == "" {
+			// Only the parameters the store reads are shown ("?password=..." is refused,
+			// after this line is logged).
+			q := u.Query()
+			for name := range q {
+				if name != "db" && name != "client_name" && name != "skip_verify" {
+					q[name] = []string{"xxxxx"}
+				}
+			}
+			u.RawQuery = q.Encode()
 			redisURL = u.Redacted()
 		} else if err == nil {
 			redisURL = "(names no server)" // "redis:pw@host": Redacted would show pw

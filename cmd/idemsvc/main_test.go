@@ -446,6 +446,8 @@ func TestRedisPasswordNeverLogged(t *testing.T) {
 		"redis://:s3cretpassw0rd@127.0.0.1:port/0",
 		"redis:s3cretpassw0rd@127.0.0.1:6379", // no "//": url.Parse reads it as opaque
 		"redis:user:s3cretpassw0rd@127.0.0.1:6379/0",
+		"redis://127.0.0.1:6379/0?password=s3cretpassw0rd",
+		"redis://127.0.0.1:6379/0?db=1&auth=s3cretpassw0rd&auth=ssw0rd",
 	} {
 		if shown := fmt.Sprint(Config{RedisURL: raw}.masked()); strings.Contains(shown, "ssw0rd") {
 			t.Errorf("masked config shows the password of %s: %s", raw, shown)
@@ -462,6 +464,22 @@ func TestRedisPasswordNeverLogged(t *testing.T) {
 	_, err := openStore(context.Background(), Config{Backend: "redis", RedisURL: "redis://:s3cretpassw0rd@127.0.0.1:port/0"}, zaptest.NewLogger(t), prometheus.NewCounter(prometheus.CounterOpts{Name: "x"}))
 	if err == nil || strings.Contains(err.Error(), "ssw0rd") {
 		t.Errorf("opening a URL with an invalid port: %v, want an error without the password", err)
+	}
+	// A URL that can never work is refused at start, not answered 503 for ever: a port out of
+	// range, a parameter the store does not read (a password among them, not shown).
+	for _, c := range []struct{ url, want string }{
+		{"redis://127.0.0.1:99999/0", "port"},
+		{"redis://127.0.0.1:0/0", "port"},
+		{"redis://127.0.0.1:6379/0?password=s3cretpassw0rd", "password"},
+		{"redis://127.0.0.1:6379/0?dial_timeout=1s", "dial_timeout"},
+		{"redis://127.0.0.1:6379/0?master_set=m", "master_set"},
+		{"redis://127.0.0.1:6379/0?s3cretpassw0rd", "a parameter"},
+		{"redis://127.0.0.1:6379/0?skip_verify=true", "skip_verify"},
+	} {
+		_, err := openStore(context.Background(), Config{Backend: "redis", RedisURL: c.url}, zaptest.NewLogger(t), prometheus.NewCounter(prometheus.CounterOpts{Name: "x"}))
+		if err == nil || !strings.Contains(err.Error(), c.want) || strings.Contains(err.Error(), "ssw0rd") {
+			t.Errorf("opening %s: %v, want an error naming %s, without the password", c.url, err, c.want)
+		}
 	}
 }
 

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	neturl "net/url"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -359,6 +360,22 @@ func checkURLShape(raw string) error {
 	if err != nil {
 		return nil // ParseURL's error says why, redacted
 	}
+	// rueidis reads more parameters, but the store sets what they would (timeouts, retries,
+	// the client cache), or does not work with them (addr and master_set: a cluster or
+	// Sentinel): a parameter it ignored, or one with a password in it, used to be taken
+	// silently.
+	for name := range u.Query() {
+		switch {
+		case name == "db" || name == "client_name":
+		case name == "skip_verify" && u.Scheme == "rediss":
+		default:
+			shown := "a parameter"
+			if len(name) <= 32 && !strings.ContainsFunc(name, func(r rune) bool { return (r < 'a' || r > 'z') && r != '_' }) {
+				shown = "the parameter " + name
+			}
+			return fmt.Errorf("invalid URL: %s is not one idemsvc reads (db, client_name, and with rediss:// skip_verify)", shown)
+		}
+	}
 	if u.Scheme == "unix" {
 		if u.Path == "" {
 			return errors.New("invalid URL: a unix URL needs the socket's path (unix:///path/to/redis.sock)")
@@ -367,6 +384,11 @@ func checkURLShape(raw string) error {
 	}
 	if u.Opaque != "" || u.Host == "" {
 		return errors.New("invalid URL: it names no server; the form is redis://[user:password@]host:port[/db], or rediss:// for TLS")
+	}
+	if p := u.Port(); p != "" {
+		if n, err := strconv.Atoi(p); err != nil || n < 1 || n > 65535 {
+			return fmt.Errorf("invalid URL: the port %q is not a number from 1 to 65535", p)
+		}
 	}
 	return nil
 }
