@@ -366,7 +366,7 @@ func (s *Server) reserveAnswer(r *http.Request, rec *keys.Record) (release func(
 		return release, false, nil
 	}
 	*rec = keys.Record{}
-	release, ok := s.answers.reserve(ctx, tenant(ctx), n, bodyBudgetWait)
+	release, ok := s.answers.reserve(ctx, tenant(ctx), n, s.answers.wait)
 	if !ok {
 		return nil, false, errBusyAnswering
 	}

@@ -92,6 +92,7 @@ type budget struct {
 	sem  *semaphore.Weighted
 	size int64
 	held prometheus.Gauge
+	wait time.Duration // for room: bodyBudgetWait unless Options.BudgetWait says otherwise
 
 	perTenant int64 // 0: one tenant, no shares
 	mu        sync.Mutex
@@ -106,7 +107,7 @@ type tenantShare struct {
 }
 
 func newBudget(size int64, tenants int, held prometheus.Gauge) *budget {
-	b := &budget{sem: semaphore.NewWeighted(size), size: size, held: held}
+	b := &budget{sem: semaphore.NewWeighted(size), size: size, held: held, wait: bodyBudgetWait}
 	if tenants > 1 {
 		b.perTenant = size / 2
 		b.shares = make(map[string]*tenantShare)
@@ -218,7 +219,7 @@ func (b bodyBudget) take(r *http.Request, tenant string, maxBytes int64) (releas
 	case n < 0:
 		n = maxBytes // the reader stops there
 	}
-	release, ok := b.reserve(r.Context(), tenant, n, bodyBudgetWait)
+	release, ok := b.reserve(r.Context(), tenant, n, b.wait)
 	if !ok {
 		return nil, errBusy
 	}

@@ -294,7 +294,7 @@ func TestManyHeaderValues(t *testing.T) {
 // tenant's answers go on meanwhile.
 func TestAnswerBudget(t *testing.T) {
 	t.Parallel()
-	e, tokens, encoded := answerEnv(t)
+	e, tokens, encoded := answerEnv(t, 0)
 	for _, who := range []string{"bob", "alice"} {
 		completeLarge(t, e, "big", tokens[who], encoded)
 	}
@@ -386,12 +386,12 @@ const largeBody = 8 << 20
 
 // answerEnv is a server with two tenants, bob and alice, stored bodies of up to largeBody and the
 // least budgets; and the base64 of a body of largeBody bytes.
-func answerEnv(t *testing.T) (*env, map[string]string, string) {
+func answerEnv(t *testing.T, wait time.Duration) (*env, map[string]string, string) {
 	t.Helper()
 	tokens := map[string]string{"bob": "bob-token-0123456789", "alice": "alice-token-0123456789"}
 	limits := keys.DefaultLimits()
 	limits.MaxBodyBytes = largeBody
-	e := newEnv(t, servertest.Options{Limits: limits, BodyBuffer: 1, Tokens: tokens})
+	e := newEnv(t, servertest.Options{Limits: limits, BodyBuffer: 1, Tokens: tokens, BudgetWait: wait})
 	return e, tokens, base64.StdEncoding.EncodeToString([]byte(strings.Repeat("x", largeBody)))
 }
 
@@ -459,7 +459,9 @@ func stalledReaders(t *testing.T, base, path, token string, n int) []net.Conn {
 // holder is waited for and then replayed with that holder's response (it was 409 at once).
 func TestAnswerWaitThenBeginAgain(t *testing.T) {
 	t.Parallel()
-	e, tokens, encoded := answerEnv(t)
+	// The replays wait for room while the test deletes, begins and lets the readers go: on a
+	// loaded machine (make test, -race) that took more than the default 5 s, and they got 503.
+	e, tokens, encoded := answerEnv(t, time.Minute)
 	for _, k := range []string{"big", "a", "b"} {
 		completeLarge(t, e, k, tokens["bob"], encoded)
 	}

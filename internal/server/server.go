@@ -50,6 +50,9 @@ type Options struct {
 	// 503. Zero means DefaultBodyBuffer. Answers that carry a stored body of 64 KiB or more have
 	// a budget of the same size (and room for four of the largest), with the same wait.
 	BodyBuffer int64
+	// BudgetWait is how long a request waits for room in either budget before its 503; zero
+	// means 5 s. (Tests that must not depend on the machine's speed lengthen it.)
+	BudgetWait time.Duration
 }
 
 // DefaultTenant is the tenant of every request when no tokens are configured.
@@ -113,6 +116,9 @@ func New(store keys.Store, opts Options) *Server {
 	s.waiters = newWaiters(opts.MaxWaiters, len(opts.Tokens), s.metrics.waiting)
 	s.bodies = newBodyBudget(opts.BodyBuffer, s.completeBody.bytes, len(opts.Tokens), s.metrics.bodyBytes)
 	s.answers = newAnswerBudget(s.bodies, opts.Limits, len(opts.Tokens), s.metrics.answerBytes)
+	if opts.BudgetWait > 0 {
+		s.bodies.wait, s.answers.wait = opts.BudgetWait, opts.BudgetWait
+	}
 	if opts.AccessLog != nil && opts.Logger.Core().Enabled(zapcore.InfoLevel) {
 		s.accessOut = opts.AccessLog
 	}

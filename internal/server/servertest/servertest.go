@@ -38,6 +38,8 @@ type Options struct {
 	// MaxWaiters and BodyBuffer are server.Options'.
 	MaxWaiters int
 	BodyBuffer int64
+	// BudgetWait is server.Options'.
+	BudgetWait time.Duration
 	// ReadTimeout is the http.Server's (cmd/idemsvc sets 30s); zero is none.
 	ReadTimeout time.Duration
 }
@@ -73,7 +75,7 @@ func Start(t testing.TB, opts Options) *Server {
 	}
 	h := server.New(store, server.Options{
 		Limits: opts.Limits, Tokens: opts.Tokens, Now: opts.Now, Logger: opts.Logger, AccessLog: opts.AccessLog,
-		MaxWaiters: opts.MaxWaiters, BodyBuffer: opts.BodyBuffer,
+		MaxWaiters: opts.MaxWaiters, BodyBuffer: opts.BodyBuffer, BudgetWait: opts.BudgetWait,
 	})
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
