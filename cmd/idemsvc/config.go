@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/kelseyhightower/envconfig"
+	"go.uber.org/zap/zapcore"
 
 	"github.com/idemsvc/idemsvc/internal/keys"
 )
@@ -163,16 +164,13 @@ func (c Config) validate() error {
 	if c.MaxConns < 0 || (c.MaxConns > 0 && c.MaxConns < 4) {
 		bad("MAX_CONNS", "must be 0 (the default) or at least 4: a waiting begin holds a connection, and the holder's complete needs another")
 	}
-	if !slices.Contains(logLevels, c.LogLevel) {
+	if lvl, err := zapcore.ParseLevel(c.LogLevel); err != nil || c.LogLevel == "" || lvl > zapcore.ErrorLevel {
 		// zap also reads "" (info), and dpanic, panic and fatal, which would hide every
 		// warning and error the service logs (a Redis that lost data among them).
-		bad("LOG_LEVEL", "%q is not one of %s", c.LogLevel, strings.Join(logLevels, ", "))
+		bad("LOG_LEVEL", "%q is not debug, info, warn or error", c.LogLevel)
 	}
 	return errors.Join(errs...)
 }
-
-// logLevels are the values of IDEMSVC_LOG_LEVEL.
-var logLevels = []string{"debug", "info", "warn", "error"}
 
 // checkAddr refuses a listen address that net.Listen would read as something else than meant:
 // empty (a random port on every interface, where the health check probes :8080) or without a
@@ -191,13 +189,21 @@ func checkAddr(addr string) error {
 	return nil
 }
 
-// validToken reports whether token has the syntax of a bearer token (RFC 6750 b64token:
-// letters, digits and -._~+/, then any = padding), which every client can send as it is.
-func validToken(token string) bool {
-	body := strings.TrimRight(token, "=")
-	return body != "" && !strings.ContainsFunc(body, func(r rune) bool {
-		return !('a' <= r && r <= 'z' || 'A' <= r && r <= 'Z' || '0' <= r && r <= '9' || strings.ContainsRune("-._~+/", r))
-	})
+// tokenSlip says what is wrong with a token that no request could send, or that is most likely
+// a slip in IDEMSVC_TOKENS: a control character, a space or tab inside it ("a:tok1 tok2"), or a
+// ';' followed by a tenant's ':' ("a:tok1;b:tok2" for "a:tok1,b:tok2"). "" for any other: tokens
+// made by password generators (with !, #, : and the like) worked, and still do.
+func tokenSlip(token string) string {
+	switch {
+	case strings.ContainsFunc(token, func(r rune) bool { return r < 0x20 || r == 0x7f }):
+		return "holds a control character, which no request can send"
+	case strings.ContainsAny(token, " \t"):
+		return "holds a space"
+	}
+	if _, after, ok := strings.Cut(token, ";"); ok && strings.Contains(after, ":") {
+		return "holds ';' and then ':', as in a:token;b:token (separate entries with commas)"
+	}
+	return ""
 }
 
 // tokens parses IDEMSVC_TOKENS into tenant → token. Spaces around a tenant or a token are
@@ -220,10 +226,8 @@ func (c Config) tokens() (map[string]string, error) {
 		switch {
 		case !ok || tenant == "" || token == "":
 			return nil, fmt.Errorf("entry %d is not tenant:token", i+1)
-		case !validToken(token):
-			// Not a bearer token: a control character no request can send, or a ';' or a
-			// space that is most likely a slip ("a:tok1;b:tok2" for "a:tok1,b:tok2").
-			return nil, fmt.Errorf("entry %d: the token of tenant %q is not a bearer token: only letters, digits and -._~+/ then = padding (RFC 6750); separate entries with commas", i+1, tenant)
+		case tokenSlip(token) != "":
+			return nil, fmt.Errorf("entry %d: the token of tenant %q %s", i+1, tenant, tokenSlip(token))
 		case keys.ValidateKey(tenant) != nil:
 			return nil, fmt.Errorf("entry %d: tenant %q must be visible ASCII", i+1, tenant)
 		case out[tenant] != "":

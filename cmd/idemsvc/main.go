@@ -96,7 +96,16 @@ func realMain(args, environ []string, stdout, stderr io.Writer) int {
 		<-sigs
 		cancel()
 		sig := <-sigs
-		logger.Warn("second signal: exiting at once", zap.String("signal", sig.String())) // flushes the buffer
+		signal.Stop(sigs) // a third signal ends the process as Go does, whatever happens below
+		flushed := make(chan struct{})
+		go func() {
+			logger.Warn("second signal: exiting at once", zap.String("signal", sig.String())) // flushes the buffer
+			close(flushed)
+		}()
+		select {
+		case <-flushed:
+		case <-time.After(time.Second): // the log's destination blocks (a pipe nobody reads)
+		}
 		os.Exit(128 + int(sig.(syscall.Signal)))
 	}()
 	if err := run(ctx, cfg, logger, logOut); err != nil {

@@ -66,8 +66,11 @@ func TestConfig(t *testing.T) {
 		{"SemicolonForComma", []string{"IDEMSVC_TOKENS=a:0123456789abcdef;b:fedcba9876543210"}, "IDEMSVC_TOKENS"},
 		{"TokenWithSpace", []string{"IDEMSVC_TOKENS=a:01234567 89abcdef"}, "IDEMSVC_TOKENS"},
 		{"TokenBase64", []string{"IDEMSVC_TOKENS=a:q3H+/x9_Zk-a.b~c0123==,b:fedcba9876543210"}, ""},
-		{"TokenOnlyPadding", []string{"IDEMSVC_TOKENS=a:================"}, "IDEMSVC_TOKENS"},
-		{"TokenPaddingInside", []string{"IDEMSVC_TOKENS=a:01234567=89abcdef"}, "IDEMSVC_TOKENS"},
+		// What password generators make, and worked: kept.
+		{"TokenWithSymbols", []string{"IDEMSVC_TOKENS=a:Secr3t!Passw0rd#2024"}, ""},
+		{"TokenWithColon", []string{"IDEMSVC_TOKENS=a:abcdef0123456789:xyz"}, ""},
+		{"TokenWithSemicolon", []string{"IDEMSVC_TOKENS=a:abcdef0123;456789"}, ""},
+		{"TokenWithTab", []string{"IDEMSVC_TOKENS=a:01234567\t89abcdef"}, "IDEMSVC_TOKENS"},
 		{"EmptyAddr", []string{"IDEMSVC_ADDR="}, "IDEMSVC_ADDR"},
 		{"AddrWithoutPort", []string{"IDEMSVC_ADDR=8080"}, "IDEMSVC_ADDR"},
 		{"AddrBadPort", []string{"IDEMSVC_ADDR=127.0.0.1:99999"}, "IDEMSVC_ADDR"},
@@ -78,6 +81,9 @@ func TestConfig(t *testing.T) {
 		{"FatalLogLevel", []string{"IDEMSVC_LOG_LEVEL=fatal"}, "IDEMSVC_LOG_LEVEL"},
 		{"DPanicLogLevel", []string{"IDEMSVC_LOG_LEVEL=dpanic"}, "IDEMSVC_LOG_LEVEL"},
 		{"WarnLogLevel", []string{"IDEMSVC_LOG_LEVEL=warn"}, ""},
+		{"UpperCaseLogLevel", []string{"IDEMSVC_LOG_LEVEL=INFO"}, ""}, // zap's spellings worked, and still do
+		{"WarningLogLevel", []string{"IDEMSVC_LOG_LEVEL=warning"}, ""},
+		{"PanicLogLevel", []string{"IDEMSVC_LOG_LEVEL=panic"}, "IDEMSVC_LOG_LEVEL"},
 		{"MaxConns", []string{"IDEMSVC_MAX_CONNS=8"}, ""},
 		{"NegativeMaxConns", []string{"IDEMSVC_MAX_CONNS=-1"}, "IDEMSVC_MAX_CONNS"},
 		{"BadMaxConns", []string{"IDEMSVC_MAX_CONNS=many"}, "MAX_CONNS"},

@@ -139,7 +139,9 @@ func run(ctx context.Context, cfg Config, logger *zap.Logger, accessLog zapcore.
 			}
 		}
 		logger.Info("shutting down", zap.Duration("timeout", cfg.ShutdownTimeout))
-		srv.Drain()
+		// A body still arriving gets a third of the timeout: one that comes at any sensible
+		// rate arrives, and a client trickling its body does not hold the shutdown past it.
+		srv.Drain(cfg.ShutdownTimeout / 3)
 		shutdownCtx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
 		defer cancel()
 		err := httpServer.Shutdown(shutdownCtx)

@@ -47,10 +47,10 @@ func (s *Server) keyAndBody(w http.ResponseWriter, r *http.Request, v any, optio
 
 // decodeBudgeted decodes r's body into v under the body budget (limits.go).
 //
-// A drain (shutdown) cuts off a body that is still arriving, with 503 "Shutting down": a client
-// trickling its body held the shutdown for as long as the server's read timeout allows (30 s),
-// past the default IDEMSVC_SHUTDOWN_TIMEOUT, and the process then exited 1. A body that has
-// arrived is never cut off, and nothing ran for one that was.
+// A body still arriving when the drain (shutdown) starts has the drain's grace to arrive; one
+// that does not is cut off, with 503 "Shutting down", and nothing runs for it. A client trickling
+// its body held the shutdown for as long as the server's read timeout allows (30 s), past the
+// default IDEMSVC_SHUTDOWN_TIMEOUT, and the process then exited 1.
 func (s *Server) decodeBudgeted(w http.ResponseWriter, r *http.Request, v any, optional bool) error {
 	lim := s.bodyLimit(v)
 	release, err := s.bodies.take(r, tenant(r.Context()), lim.bytes)
@@ -60,7 +60,7 @@ func (s *Server) decodeBudgeted(w http.ResponseWriter, r *http.Request, v any, o
 	defer release()
 	read := s.bodyReads.start(w)
 	err = decode(r, lim, v, optional)
-	if s.bodyReads.done(read) && err != nil {
+	if s.bodyReads.done(read, err) && errors.Is(err, errBodyTimeout) {
 		return errShuttingDown
 	}
 	return err
@@ -71,6 +71,7 @@ func (s *Server) decodeBudgeted(w http.ResponseWriter, r *http.Request, v any, o
 type bodyReads struct {
 	mu       sync.Mutex
 	draining bool
+	grace    time.Duration // a body has to arrive once the drain began
 	reading  map[*bodyRead]struct{}
 	pool     sync.Pool
 }
@@ -80,8 +81,9 @@ type bodyRead struct {
 	cut bool
 }
 
-// start records that w's request is reading its body, and cuts it off at once when the drain
-// has begun.
+// start records that w's request is reading its body, and gives it the drain's grace from now
+// when the drain has begun: it may have waited for room in the body budget, its body in the
+// socket all along.
 func (b *bodyReads) start(w http.ResponseWriter) *bodyRead {
 	e, _ := b.pool.Get().(*bodyRead)
 	if e == nil {
@@ -91,7 +93,7 @@ func (b *bodyReads) start(w http.ResponseWriter) *bodyRead {
 	b.mu.Lock()
 	if b.draining {
 		e.cut = true
-		_ = http.NewResponseController(w).SetReadDeadline(time.Now())
+		_ = http.NewResponseController(w).SetReadDeadline(time.Now().Add(b.grace))
 	} else {
 		if b.reading == nil {
 			b.reading = make(map[*bodyRead]struct{})
@@ -102,25 +104,35 @@ func (b *bodyReads) start(w http.ResponseWriter) *bodyRead {
 	return e
 }
 
-// done records that e's read ended, and reports whether the drain cut it off.
-func (b *bodyReads) done(e *bodyRead) (cut bool) {
+// done records that e's read ended with readErr, and reports whether it had the drain's
+// deadline.
+func (b *bodyReads) done(e *bodyRead, readErr error) (cut bool) {
 	b.mu.Lock()
 	delete(b.reading, e)
 	cut = e.cut
 	b.mu.Unlock()
+	if cut && readErr == nil {
+		// The body arrived in time. net/http then reads on in the background, to notice a
+		// client that goes away, and the drain's deadline would end that read and cancel the
+		// request's context while its operation runs.
+		_ = http.NewResponseController(e.w).SetReadDeadline(time.Time{})
+	}
 	e.w = nil
 	b.pool.Put(e)
 	return cut
 }
 
-// drain cuts off every body being read: its read fails at once, as at its read deadline.
-func (b *bodyReads) drain() {
+// drain gives every body being read, and every one whose read starts from now on, grace to
+// arrive: its read fails at that deadline. (Requests start only on connections already open:
+// http.Server.Shutdown closes the listener, and ends each connection after its request.)
+func (b *bodyReads) drain(grace time.Duration) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	b.draining = true
+	b.draining, b.grace = true, grace
+	cutAt := time.Now().Add(grace)
 	for e := range b.reading {
 		e.cut = true
-		_ = http.NewResponseController(e.w).SetReadDeadline(time.Now())
+		_ = http.NewResponseController(e.w).SetReadDeadline(cutAt)
 	}
 }
 
@@ -357,8 +369,8 @@ func (s *Server) handleGet(w http.ResponseWriter, r *http.Request) {
 // served: while one answer waits, the next ones wait behind it too, even with room free, each
 // reading its record once more.
 func (s *Server) reserveAnswer(r *http.Request, rec *keys.Record) (release func(), again bool, err error) {
-	if rec.Response == nil || len(rec.Response.Body) < largeAnswer || rec.Memo != nil {
-		return noRelease, false, nil
+	if rec.Response == nil || len(rec.Response.Body) < largeAnswer || rec.Memo != nil || r.Method == http.MethodHead {
+		return noRelease, false, nil // a HEAD's answer is its headers: nothing is held while a client reads
 	}
 	ctx := r.Context()
 	n := min(answerCost(len(rec.Response.Body)), s.answers.capacity())

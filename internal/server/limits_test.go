@@ -316,6 +316,10 @@ func TestAnswerBudget(t *testing.T) {
 	} else if took := time.Since(start); took < 4*time.Second {
 		t.Errorf("bob's GET beyond his share was refused after %s, want it to wait 5 s for room", took)
 	}
+	start = time.Now()
+	if r := e.do("HEAD", "/v1/keys/big", nil); r.status != http.StatusOK || time.Since(start) > 2*time.Second {
+		t.Errorf("bob's HEAD while his share is full: %d after %s; want 200 at once (it writes no body)", r.status, time.Since(start))
+	}
 	if held := gauge(t, reg, "idemsvc_answer_bytes_held"); held != 2*cost {
 		t.Errorf("held %v after the requests, want two answers' %v", held, 2*cost)
 	}
@@ -510,7 +514,7 @@ func TestDrainCutsArrivingBodies(t *testing.T) {
 	defer trickle.Close()
 	fmt.Fprintf(trickle, "POST /v1/keys/slow/complete HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", len(body), body[:10])
 	time.Sleep(100 * time.Millisecond) // the handler is in its body read
-	e.srv.Handler.Drain()
+	e.srv.Handler.Drain(200 * time.Millisecond)
 	start := time.Now()
 	_ = trickle.SetReadDeadline(time.Now().Add(5 * time.Second))
 	resp, err := http.ReadResponse(bufio.NewReader(trickle), nil)
@@ -519,9 +523,55 @@ func TestDrainCutsArrivingBodies(t *testing.T) {
 	}
 	b, _ := io.ReadAll(resp.Body)
 	if resp.StatusCode != 503 || !strings.Contains(string(b), "Shutting down") || time.Since(start) > 2*time.Second {
-		t.Errorf("the trickling request after the drain: %d %s after %s, want 503 Shutting down at once", resp.StatusCode, b, time.Since(start))
+		t.Errorf("the trickling request after the drain: %d %s after %s, want 503 Shutting down after the 200ms grace", resp.StatusCode, b, time.Since(start))
 	}
 	if r := e.do("GET", "/v1/keys/slow", nil); r.status != 200 || r.json(t)["state"] != "in_progress" {
 		t.Errorf("the cut-off complete ran: GET answers %d %s", r.status, r.body)
+	}
+}
+
+// TestDrainKeepsArrivedBodies: a body that arrives within the drain's grace is read and served,
+// also when its read starts after the drain began: here a complete waits for room in the body
+// budget, which stalled uploads hold until the drain cuts them off. A drain that set the
+// deadline of such reads to now failed the complete with 503, though its body had arrived with
+// the result of work that had run (a review's find).
+func TestDrainKeepsArrivedBodies(t *testing.T) {
+	t.Parallel()
+	limits := keys.DefaultLimits()
+	limits.MaxBodyBytes = 64 << 10
+	e := newEnv(t, servertest.Options{Limits: limits, BodyBuffer: 1})
+	largest := (limits.MaxBodyBytes+2)/3*4 + 6*limits.MaxHeaderBytes + 64<<10 // as the server counts
+	host := strings.TrimPrefix(e.srv.URL, "http://")
+	for range 4 { // each takes the largest request's room: they fill the budget
+		c, err := net.Dial("tcp", host)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		fmt.Fprintf(c, "POST /v1/keys/stalled/complete HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n{\"token\":\"", largest)
+	}
+	reg := e.srv.Handler.Registry()
+	eventually(t, "the stalled uploads holding the whole budget", func() bool {
+		return gauge(t, reg, "idemsvc_request_body_bytes_held") == float64(4*largest)
+	})
+	l := e.begin("k", nil)
+	body := fmt.Sprintf(`{"token":%q,"response":{"status":201,"body":%q}}`, l.token,
+		base64.StdEncoding.EncodeToString([]byte(strings.Repeat("x", 6000)))) // over 4 KiB: under the budget
+	c, err := net.Dial("tcp", host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	fmt.Fprintf(c, "POST /v1/keys/k/complete HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", len(body), body)
+	time.Sleep(200 * time.Millisecond) // the complete waits for room, its body in the socket
+	e.srv.Handler.Drain(500 * time.Millisecond)
+	_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != 200 {
+		t.Errorf("a complete whose body had arrived, read after the drain began: %d %s, want 200", resp.StatusCode, b)
 	}
 }

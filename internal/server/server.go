@@ -135,12 +135,14 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.handler.S
 // Registry returns the registry that holds the server's metrics.
 func (s *Server) Registry() *prometheus.Registry { return s.registry }
 
-// Drain makes begins that are waiting for a holder answer 409 in-progress at once, and requests
-// whose body is still arriving 503 "Shutting down" (nothing runs for them). Call it when
-// shutdown starts, before http.Server.Shutdown, so that neither holds shutdown up.
-func (s *Server) Drain() {
+// Drain makes begins that are waiting for a holder answer 409 in-progress at once, and gives
+// request bodies still arriving bodyGrace to arrive: one that has not by then is answered 503
+// "Shutting down", and nothing runs for it. Call it when shutdown starts, before
+// http.Server.Shutdown, with a grace well within the shutdown's timeout, so that neither holds
+// shutdown up.
+func (s *Server) Drain(bodyGrace time.Duration) {
 	s.drain()
-	s.bodyReads.drain()
+	s.bodyReads.drain(bodyGrace)
 }
 
 // Unready makes /readyz answer 503 ("Shutting down") from now on, while every other request is

@@ -212,6 +212,9 @@ func emptyOrUnsupported(body io.Reader, maxBytes int64, optional bool) error {
 	return errBodyRequired
 }
 
+// errBodyTimeout is the error of a body that did not arrive by its read deadline.
+var errBodyTimeout = fmt.Errorf("%w: the body did not arrive in time", keys.ErrInvalidRequest)
+
 // readError is the error of a request body that failed to read: 413 past the limit, else 400.
 // Its detail never quotes the read's error, which names the server's own address and port
 // ("read tcp 10.0.3.7:8080->...: i/o timeout").
@@ -221,7 +224,7 @@ func readError(err error) error {
 		return errPayloadTooLarge
 	}
 	if errors.Is(err, os.ErrDeadlineExceeded) {
-		return fmt.Errorf("%w: the body did not arrive in time", keys.ErrInvalidRequest)
+		return errBodyTimeout
 	}
 	return fmt.Errorf("%w: the body was cut off before its end", keys.ErrInvalidRequest)
 }

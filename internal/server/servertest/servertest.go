@@ -95,7 +95,7 @@ func Start(t testing.TB, opts Options) *Server {
 // Stop shuts the server down (waiting briefly for in-flight requests). It is safe to call
 // more than once; t's cleanup calls it too.
 func (s *Server) Stop() {
-	s.Handler.Drain()
+	s.Handler.Drain(0)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	_ = s.http.Shutdown(ctx)

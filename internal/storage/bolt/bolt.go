@@ -656,9 +656,6 @@ func (s *Store) sweepBudget(want int) int {
 	return budget
 }
 
-// sweep removes up to max records that have expired at now, and returns the storage ids of
-// those it removed (copies) and how many index entries it took. An index entry whose record is
-// gone or live again (which a consistent index never has) is dropped without counting.
 // anyDue reports whether the expiry index holds an entry that has expired.
 func (s *Store) anyDue() (due bool, err error) {
 	err = s.view(func(tx *bbolt.Tx) error {
@@ -672,6 +669,9 @@ func (s *Store) anyDue() (due bool, err error) {
 	return due, nil
 }
 
+// sweep removes up to max records that have expired at now, and returns the storage ids of
+// those it removed (copies) and how many index entries it took. An index entry whose record is
+// gone or live again (which a consistent index never has) is dropped without counting.
 func sweep(tx *bbolt.Tx, now time.Time, max int) (removed [][]byte, seen int, err error) {
 	limit := expiryNanos(now) // expired means expires_at <= now
 	// Take the due entries off the front of the index: First after each Delete, because a
