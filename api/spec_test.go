@@ -27,6 +27,7 @@ var problems = map[string]int{
 	"invalid-request":        400,
 	"unauthorized":           401,
 	"not-found":              404,
+	"no-such-path":           404,
 	"method-not-allowed":     405,
 	"in-progress":            409,
 	"lease-lost":             409,

@@ -56,7 +56,7 @@ var load = sync.OnceValues(func() (*Validator, error) {
 		return nil, fmt.Errorf("router: %w", err)
 	}
 	responses := doc.Components.Responses
-	for _, name := range []string{"NotFound", "MethodNotAllowed", "Problem"} {
+	for _, name := range []string{"NoSuchPath", "MethodNotAllowed", "Problem"} {
 		if responses[name] == nil {
 			return nil, fmt.Errorf("components.responses.%s is missing", name)
 		}
@@ -68,7 +68,7 @@ var load = sync.OnceValues(func() (*Validator, error) {
 			Spec:     doc,
 			PathItem: &openapi3.PathItem{},
 			Operation: &openapi3.Operation{Responses: openapi3.NewResponses(
-				openapi3.WithStatus(http.StatusNotFound, responses["NotFound"]),
+				openapi3.WithStatus(http.StatusNotFound, responses["NoSuchPath"]),
 				openapi3.WithStatus(http.StatusMethodNotAllowed, responses["MethodNotAllowed"]),
 				openapi3.WithName("default", responses["Problem"].Value),
 			)},

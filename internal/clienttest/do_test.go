@@ -370,3 +370,32 @@ func closedAddr(t *testing.T) string {
 	_ = l.Close()
 	return addr
 }
+
+// TestWrongBaseURL: a client whose base URL names a path the service does not have gets errors
+// that are not ErrNotFound, so that code reading ErrNotFound as "no record" (a job deciding to
+// run the work again) is not misled. The service answered an unknown path with not-found, which
+// the client reported as ErrNotFound (a new user's audit).
+func TestWrongBaseURL(t *testing.T) {
+	t.Parallel()
+	srv, good := start(t)
+	if _, err := good.Do(context.Background(), "k", "", func(context.Context) (idemclient.Response, error) {
+		return response(`{"ok":true}`), nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := good.Get(context.Background(), "absent"); !errors.Is(err, idemclient.ErrNotFound) {
+		t.Fatalf("Get of an absent key = %v, want ErrNotFound", err)
+	}
+	wrong := newClient(t, srv.URL+"/idem")
+	_, err := wrong.Get(context.Background(), "k")
+	var apiErr *idemclient.Error
+	if err == nil || errors.Is(err, idemclient.ErrNotFound) || !errors.As(err, &apiErr) || apiErr.Status != 404 || apiErr.Type != "no-such-path" {
+		t.Errorf("Get through a wrong base URL = %v, want a 404 no-such-path that is not ErrNotFound", err)
+	}
+	if _, err := wrong.Do(context.Background(), "k2", "", func(context.Context) (idemclient.Response, error) {
+		t.Error("fn ran through a wrong base URL")
+		return response(`{}`), nil
+	}); err == nil || errors.Is(err, idemclient.ErrNotFound) {
+		t.Errorf("Do through a wrong base URL = %v, want an error that is not ErrNotFound", err)
+	}
+}

@@ -30,7 +30,8 @@ var problems = []struct {
 	{keys.ErrInvalidRequest, problemType{"invalid-request", http.StatusBadRequest, "Invalid request", true}},
 	{errUnauthorized, problemType{"unauthorized", http.StatusUnauthorized, "Unauthorized", false}},
 	{keys.ErrNotFound, problemType{"not-found", http.StatusNotFound, "Not found", false}},
-	{errRouteNotFound, problemType{"not-found", http.StatusNotFound, "Not found", true}}, // not "No such record."
+	// A name of its own: a client with a wrong base URL must not read it as "no record".
+	{errRouteNotFound, problemType{"no-such-path", http.StatusNotFound, "No such path", true}},
 	{errMethodNotAllowed, problemType{"method-not-allowed", http.StatusMethodNotAllowed, "Method not allowed", false}},
 	{keys.ErrInProgress, problemType{"in-progress", http.StatusConflict, "Operation in progress", false}},
 	{keys.ErrLeaseLost, problemType{"lease-lost", http.StatusConflict, "Lease lost", false}},

@@ -828,10 +828,10 @@ func TestMalformed(t *testing.T) {
 		{"+json media type", "POST", "/v1/keys/k/begin", "{}", []string{"Content-Type", "application/merge-patch+json"}, 415, "unsupported-media-type"},
 		{"charset not UTF-8", "POST", "/v1/keys/k/begin", "{}", []string{"Content-Type", "application/json; charset=latin1"}, 415, "unsupported-media-type"},
 		{"complete with no body and a form type", "POST", "/v1/keys/held/complete", "", []string{"Content-Type", "application/x-www-form-urlencoded"}, 400, "invalid-request"},
-		{"unknown route", "GET", "/v2/keys/k", nil, nil, 404, "not-found"},
-		{"unknown action", "POST", "/v1/keys/k/explode", "{}", nil, 404, "not-found"},
-		{"trailing slash GET", "GET", "/v1/keys/held/", nil, nil, 404, "not-found"},
-		{"trailing slash DELETE", "DELETE", "/v1/keys/held/", nil, nil, 404, "not-found"},
+		{"unknown route", "GET", "/v2/keys/k", nil, nil, 404, "no-such-path"},
+		{"unknown action", "POST", "/v1/keys/k/explode", "{}", nil, 404, "no-such-path"},
+		{"trailing slash GET", "GET", "/v1/keys/held/", nil, nil, 404, "no-such-path"},
+		{"trailing slash DELETE", "DELETE", "/v1/keys/held/", nil, nil, 404, "no-such-path"},
 	}
 	if len(cases) < 50 {
 		t.Fatalf("only %d malformed cases", len(cases))

@@ -180,7 +180,7 @@ func runTenants(t *testing.T, start func(t *testing.T) *servertest.Server) {
 		for _, tc := range []struct {
 			raw  string // the path segment(s) after /v1/keys/, sent as is
 			key  string // the key B then names, or "" when the request names none
-			want string // the problem of B's GET: not-found (no such record / route) or invalid-key
+			want string // the problem of B's GET: not-found (no such record), no-such-path (no route) or invalid-key
 		}{
 			{"alpha:k-prog", "alpha:k-prog", "not-found"},
 			{"alpha%3Ak-prog", "alpha:k-prog", "not-found"},
@@ -197,8 +197,8 @@ func runTenants(t *testing.T, start func(t *testing.T) *servertest.Server) {
 			{"%05alpha%00k-prog", "", "invalid-key"},
 			{"alpha%20k-prog", "", "invalid-key"},
 			{"%2E%2E", "", "invalid-key"},
-			{"alpha/k-prog", "", "not-found"},     // two segments: no route
-			{"k-prog/../k-prog", "", "not-found"}, // not cleaned: no route
+			{"alpha/k-prog", "", "no-such-path"},     // two segments: no route
+			{"k-prog/../k-prog", "", "no-such-path"}, // not cleaned: no route
 		} {
 			path := "/v1/keys/" + tc.raw
 			withOp := func(op string) string {
@@ -444,7 +444,7 @@ func problemStatus(name string) int {
 	switch name {
 	case "invalid-key":
 		return 400
-	case "not-found":
+	case "not-found", "no-such-path":
 		return 404
 	}
 	panic("no status for " + name)
