@@ -757,3 +757,67 @@ func eventuallyMain(t *testing.T, what string, cond func() bool) {
 		}
 	}
 }
+
+// TestSecondSignalWithBlockedLog: a second signal ends the process even when the log's
+// destination blocks (a pipe nobody reads, full): it waits at most a second for the log. The
+// first version waited for the log's lock for ever (a review's find).
+func TestSecondSignalWithBlockedLog(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	_ = l.Close()
+	pr, pw, err := os.Pipe() // read by nobody: once its 64 KiB fill, every log write blocks
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pr.Close()
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), "IDEMSVC_TEST_MAIN=1", "IDEMSVC_ADDR="+addr,
+		"IDEMSVC_DATA_DIR="+t.TempDir(), "IDEMSVC_DRAIN_DELAY=1m")
+	cmd.Stderr = pw
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	pw.Close()
+	defer func() { _ = cmd.Process.Kill(); _ = cmd.Wait() }()
+	client := &http.Client{Timeout: time.Second}
+	eventuallyMain(t, "the service answering", func() bool {
+		resp, err := client.Get("http://" + addr + "/healthz")
+		if err == nil {
+			resp.Body.Close()
+		}
+		return err == nil
+	})
+	blocked := false
+	for i := 0; i < 5000 && !blocked; i++ { // access lines until the pipe is full
+		resp, err := client.Post(fmt.Sprintf("http://%s/v1/keys/k%d/begin", addr, i), "application/json", strings.NewReader("{}"))
+		if err != nil {
+			blocked = true
+			break
+		}
+		resp.Body.Close()
+	}
+	if !blocked {
+		t.Fatal("the log never blocked the service")
+	}
+	_ = cmd.Process.Signal(syscall.SIGTERM)
+	time.Sleep(200 * time.Millisecond)
+	start := time.Now()
+	_ = cmd.Process.Signal(syscall.SIGTERM)
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err := <-done:
+		var exit *exec.ExitError
+		if !errors.As(err, &exit) || exit.ExitCode() != 128+int(syscall.SIGTERM) {
+			t.Errorf("exit after a second SIGTERM with the log blocked: %v, want status %d", err, 128+int(syscall.SIGTERM))
+		}
+		if took := time.Since(start); took > 3*time.Second {
+			t.Errorf("the process ended %s after the second signal", took)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the process still runs 10 s after a second SIGTERM with its log blocked")
+	}
+}

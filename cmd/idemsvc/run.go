@@ -20,6 +20,9 @@ import (
 	"github.com/idemsvc/idemsvc/internal/storage/redis"
 )
 
+// readTimeout bounds the reading of a request, its body included.
+const readTimeout = 30 * time.Second
+
 // run serves until ctx ends, then shuts down gracefully: it stops accepting, lets in-flight
 // requests finish within cfg.ShutdownTimeout, stops the sweeper and closes the store. It
 // returns nil after a clean shutdown.
@@ -79,11 +82,12 @@ func run(ctx context.Context, cfg Config, logger *zap.Logger, accessLog zapcore.
 	defer closeStore()
 
 	srv := server.New(store, server.Options{
-		Limits:     cfg.limits(),
-		Tokens:     tokens,
-		Logger:     logger,
-		AccessLog:  accessLog,
-		MaxWaiters: maxWaiters,
+		Limits:      cfg.limits(),
+		Tokens:      tokens,
+		Logger:      logger,
+		AccessLog:   accessLog,
+		MaxWaiters:  maxWaiters,
+		ReadTimeout: readTimeout,
 	})
 	switch st := store.(type) {
 	case *bolt.Store:
@@ -95,7 +99,7 @@ func run(ctx context.Context, cfg Config, logger *zap.Logger, accessLog zapcore.
 	httpServer := &http.Server{
 		Handler:           srv,
 		ReadHeaderTimeout: 5 * time.Second,
-		ReadTimeout:       30 * time.Second,
+		ReadTimeout:       readTimeout,
 		WriteTimeout:      cfg.MaxWait + 30*time.Second, // a begin may wait up to MaxWait
 		// An idle keep-alive connection holds a descriptor and one of the maxConns slots: 60s
 		// frees an abandoned one twice as soon as 2 min did, is far above the gap between the

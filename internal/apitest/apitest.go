@@ -35,7 +35,7 @@ const ProblemTypePrefix = "urn:idemsvc:problem:"
 type Validator struct {
 	doc    *openapi3.T
 	router routers.Router
-	// unrouted answers for requests that match no operation of the spec: 404 not-found,
+	// unrouted answers for requests that match no operation of the spec: 404 no-such-path,
 	// 405 method-not-allowed, or any other problem.
 	unrouted routers.Route
 }
@@ -107,7 +107,7 @@ func isMalformed(req *http.Request) bool {
 //     job), but an Authorization header that is not a bearer token is reported;
 //   - every response is validated: its status must be documented, and its headers and body
 //     must match; a response to a request that matches no operation must be a problem
-//     (404 not-found and 405 method-not-allowed as documented, any other status a Problem).
+//     (404 no-such-path and 405 method-not-allowed as documented, any other status a Problem).
 //
 // Request and response bodies are read whole before they are passed on (so a streamed request
 // body is sent only once it ends); the caller reads the response body as usual. Transport

@@ -58,9 +58,16 @@ func (s *Server) decodeBudgeted(w http.ResponseWriter, r *http.Request, v any, o
 		return err
 	}
 	defer release()
-	read := s.bodyReads.start(w)
+	read := s.bodyReads.start(w, info(r.Context()).start)
+	defer func() {
+		if read != nil { // decode panicked: the entry must not outlive the request
+			s.bodyReads.done(read, errBodyTimeout)
+		}
+	}()
 	err = decode(r, lim, v, optional)
-	if s.bodyReads.done(read, err) && errors.Is(err, errBodyTimeout) {
+	cut := s.bodyReads.done(read, err)
+	read = nil
+	if cut && errors.Is(err, errBodyTimeout) {
 		return errShuttingDown
 	}
 	return err
@@ -69,31 +76,52 @@ func (s *Server) decodeBudgeted(w http.ResponseWriter, r *http.Request, v any, o
 // bodyReads are the request bodies being read, which a drain cuts off (decodeBudgeted). Entries
 // come from a pool and a map keeps them: no allocation per request.
 type bodyReads struct {
+	// readTimeout is the http.Server's ReadTimeout (Options.ReadTimeout; zero: unknown): the
+	// drain's deadline never lengthens a read past it.
+	readTimeout time.Duration
+
 	mu       sync.Mutex
 	draining bool
-	grace    time.Duration // a body has to arrive once the drain began
+	cutAt    time.Time     // the drain's deadline: when it began, plus its grace
+	grace    time.Duration // the drain's grace
 	reading  map[*bodyRead]struct{}
 	pool     sync.Pool
 }
 
 type bodyRead struct {
-	w   http.ResponseWriter
-	cut bool
+	w     http.ResponseWriter
+	begun time.Time // when its request began
+	cut   bool
 }
 
-// start records that w's request is reading its body, and gives it the drain's grace from now
-// when the drain has begun: it may have waited for room in the body budget, its body in the
-// socket all along.
-func (b *bodyReads) start(w http.ResponseWriter) *bodyRead {
+// deadline is the drain's read deadline for a body whose request began at begun.
+func (b *bodyReads) deadline(at time.Time, begun time.Time) time.Time {
+	if b.readTimeout > 0 && !begun.IsZero() {
+		if limit := begun.Add(b.readTimeout); limit.Before(at) {
+			return limit
+		}
+	}
+	return at
+}
+
+// start records that w's request, begun at begun, is reading its body. When the drain has
+// begun, the read gets the drain's deadline, or a second more (at most the grace) when that
+// has passed: such a request waited for room in the body budget, which the bodies cut at the
+// deadline gave back, with its own body in the socket all along.
+func (b *bodyReads) start(w http.ResponseWriter, begun time.Time) *bodyRead {
 	e, _ := b.pool.Get().(*bodyRead)
 	if e == nil {
 		e = new(bodyRead)
 	}
-	e.w, e.cut = w, false
+	e.w, e.begun, e.cut = w, begun, false
 	b.mu.Lock()
 	if b.draining {
 		e.cut = true
-		_ = http.NewResponseController(w).SetReadDeadline(time.Now().Add(b.grace))
+		at := b.cutAt
+		if late := time.Now().Add(min(b.grace, time.Second)); late.After(at) {
+			at = late
+		}
+		_ = http.NewResponseController(w).SetReadDeadline(b.deadline(at, begun))
 	} else {
 		if b.reading == nil {
 			b.reading = make(map[*bodyRead]struct{})
@@ -113,8 +141,9 @@ func (b *bodyReads) done(e *bodyRead, readErr error) (cut bool) {
 	b.mu.Unlock()
 	if cut && readErr == nil {
 		// The body arrived in time. net/http then reads on in the background, to notice a
-		// client that goes away, and the drain's deadline would end that read and cancel the
-		// request's context while its operation runs.
+		// client that goes away; it clears the deadline when it starts that read at the
+		// body's end, but a drain that set it after that moment would end the read and cancel
+		// the request's context while its operation runs.
 		_ = http.NewResponseController(e.w).SetReadDeadline(time.Time{})
 	}
 	e.w = nil
@@ -129,10 +158,10 @@ func (b *bodyReads) drain(grace time.Duration) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.draining, b.grace = true, grace
-	cutAt := time.Now().Add(grace)
+	b.cutAt = time.Now().Add(grace)
 	for e := range b.reading {
 		e.cut = true
-		_ = http.NewResponseController(e.w).SetReadDeadline(cutAt)
+		_ = http.NewResponseController(e.w).SetReadDeadline(b.deadline(b.cutAt, e.begun))
 	}
 }
 
@@ -369,8 +398,8 @@ func (s *Server) handleGet(w http.ResponseWriter, r *http.Request) {
 // served: while one answer waits, the next ones wait behind it too, even with room free, each
 // reading its record once more.
 func (s *Server) reserveAnswer(r *http.Request, rec *keys.Record) (release func(), again bool, err error) {
-	if rec.Response == nil || len(rec.Response.Body) < largeAnswer || rec.Memo != nil || r.Method == http.MethodHead {
-		return noRelease, false, nil // a HEAD's answer is its headers: nothing is held while a client reads
+	if rec.Response == nil || len(rec.Response.Body) < largeAnswer || rec.Memo != nil {
+		return noRelease, false, nil
 	}
 	ctx := r.Context()
 	n := min(answerCost(len(rec.Response.Body)), s.answers.capacity())

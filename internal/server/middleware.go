@@ -24,6 +24,7 @@ type reqInfo struct {
 	key     string
 	problem string
 	outcome string
+	start   time.Time // when the handler began: the drain's deadline for a body stays within ReadTimeout of it
 }
 
 type ctxKey struct{}
@@ -96,6 +97,7 @@ func (s *Server) observe(next http.Handler) http.Handler {
 		start := time.Now()
 		x := &exchange{sw: statusWriter{ResponseWriter: w}}
 		ri, sw := &x.info, &x.sw
+		ri.start = start
 		if id := r.Header["X-Request-Id"]; len(id) > 0 && saneRequestID(id[0]) { // Header.Get
 			ri.id = id[0]
 		} else {

@@ -53,6 +53,9 @@ type Options struct {
 	// BudgetWait is how long a request waits for room in either budget before its 503; zero
 	// means 5 s. (Tests that must not depend on the machine's speed lengthen it.)
 	BudgetWait time.Duration
+	// ReadTimeout is the http.Server's, if it has one: Drain's grace for a body never takes
+	// its read past it.
+	ReadTimeout time.Duration
 }
 
 // DefaultTenant is the tenant of every request when no tokens are configured.
@@ -116,6 +119,7 @@ func New(store keys.Store, opts Options) *Server {
 	s.waiters = newWaiters(opts.MaxWaiters, len(opts.Tokens), s.metrics.waiting)
 	s.bodies = newBodyBudget(opts.BodyBuffer, s.completeBody.bytes, len(opts.Tokens), s.metrics.bodyBytes)
 	s.answers = newAnswerBudget(s.bodies, opts.Limits, len(opts.Tokens), s.metrics.answerBytes)
+	s.bodyReads.readTimeout = opts.ReadTimeout
 	if opts.BudgetWait > 0 {
 		s.bodies.wait, s.answers.wait = opts.BudgetWait, opts.BudgetWait
 	}
@@ -136,8 +140,9 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.handler.S
 func (s *Server) Registry() *prometheus.Registry { return s.registry }
 
 // Drain makes begins that are waiting for a holder answer 409 in-progress at once, and gives
-// request bodies still arriving bodyGrace to arrive: one that has not by then is answered 503
-// "Shutting down", and nothing runs for it. Call it when shutdown starts, before
+// request bodies still arriving bodyGrace to arrive (never past Options.ReadTimeout; a second
+// more for one whose read starts after that, having waited for room in the body budget): one
+// that has not by then is answered 503 "Shutting down", and nothing runs for it. Call it when shutdown starts, before
 // http.Server.Shutdown, with a grace well within the shutdown's timeout, so that neither holds
 // shutdown up.
 func (s *Server) Drain(bodyGrace time.Duration) {

@@ -76,6 +76,7 @@ func Start(t testing.TB, opts Options) *Server {
 	h := server.New(store, server.Options{
 		Limits: opts.Limits, Tokens: opts.Tokens, Now: opts.Now, Logger: opts.Logger, AccessLog: opts.AccessLog,
 		MaxWaiters: opts.MaxWaiters, BodyBuffer: opts.BodyBuffer, BudgetWait: opts.BudgetWait,
+		ReadTimeout: opts.ReadTimeout,
 	})
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
