@@ -127,26 +127,43 @@ func TestWaitersBounded(t *testing.T) {
 	waiting(0)
 }
 
+// budgetEnv starts a server whose body budget is the least, four of the largest requests (with
+// stored bodies of at most 64 KiB), and returns the size of the largest request and stall, which
+// opens a connection that sends the headers of a complete of that size and a few bytes of its
+// body, then nothing: it holds that much of the budget until it closes or is cut off. The
+// connection is closed when the test ends.
+func budgetEnv(t *testing.T, opts servertest.Options) (e *env, largest int, stall func() net.Conn) {
+	t.Helper()
+	opts.Limits = keys.DefaultLimits()
+	opts.Limits.MaxBodyBytes = 64 << 10
+	opts.BodyBuffer = 1
+	e = newEnv(t, opts)
+	largest = (opts.Limits.MaxBodyBytes+2)/3*4 + 6*opts.Limits.MaxHeaderBytes + 64<<10 // as the server counts
+	host := strings.TrimPrefix(e.srv.URL, "http://")
+	return e, largest, func() net.Conn {
+		c, err := net.Dial("tcp", host)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		fmt.Fprintf(c, "POST /v1/keys/stalled/complete HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n{\"token\":\"", largest)
+		return c
+	}
+}
+
 // TestBodyBudget: request bodies of 4 KiB or more are read under a budget (Options.BodyBuffer,
 // at least four of the largest requests): while clients that stalled mid-body hold all of it, a
 // further large request is answered 503 after a few seconds instead of being buffered, small
 // requests go on, and the budget is back once the stalled ones are gone.
 func TestBodyBudget(t *testing.T) {
 	t.Parallel()
+	e, largest, stall := budgetEnv(t, servertest.Options{})
 	limits := keys.DefaultLimits()
 	limits.MaxBodyBytes = 64 << 10
-	e := newEnv(t, servertest.Options{Limits: limits, BodyBuffer: 1})
-	largest := (limits.MaxBodyBytes+2)/3*4 + 6*limits.MaxHeaderBytes + 64<<10 // as the server counts
 	host := strings.TrimPrefix(e.srv.URL, "http://")
 	var stalled []net.Conn
 	for range 8 { // each takes the largest request's room: 4 fill the budget
-		c, err := net.Dial("tcp", host)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer c.Close()
-		fmt.Fprintf(c, "POST /v1/keys/stalled/complete HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n{\"token\":\"", largest)
-		stalled = append(stalled, c)
+		stalled = append(stalled, stall())
 	}
 	reg := e.srv.Handler.Registry()
 	eventually(t, "the stalled clients holding the whole budget", func() bool {
@@ -536,18 +553,10 @@ func TestDrainCutsArrivingBodies(t *testing.T) {
 // the result of work that had run (a review's find).
 func TestDrainKeepsArrivedBodies(t *testing.T) {
 	t.Parallel()
-	limits := keys.DefaultLimits()
-	limits.MaxBodyBytes = 64 << 10
-	e := newEnv(t, servertest.Options{Limits: limits, BodyBuffer: 1})
-	largest := (limits.MaxBodyBytes+2)/3*4 + 6*limits.MaxHeaderBytes + 64<<10 // as the server counts
+	e, largest, stall := budgetEnv(t, servertest.Options{})
 	host := strings.TrimPrefix(e.srv.URL, "http://")
 	for range 4 { // each takes the largest request's room: they fill the budget
-		c, err := net.Dial("tcp", host)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer c.Close()
-		fmt.Fprintf(c, "POST /v1/keys/stalled/complete HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n{\"token\":\"", largest)
+		stall()
 	}
 	reg := e.srv.Handler.Registry()
 	eventually(t, "the stalled uploads holding the whole budget", func() bool {
@@ -609,28 +618,15 @@ func TestDrainWithinReadTimeout(t *testing.T) {
 // 7.5 s past the timeout (a review's find).
 func TestDrainGraceNotDoubled(t *testing.T) {
 	t.Parallel()
-	limits := keys.DefaultLimits()
-	limits.MaxBodyBytes = 64 << 10
-	e := newEnv(t, servertest.Options{Limits: limits, BodyBuffer: 1, BudgetWait: time.Minute})
-	largest := (limits.MaxBodyBytes+2)/3*4 + 6*limits.MaxHeaderBytes + 64<<10 // as the server counts
-	host := strings.TrimPrefix(e.srv.URL, "http://")
-	stall := func() net.Conn {
-		c, err := net.Dial("tcp", host)
-		if err != nil {
-			t.Fatal(err)
-		}
-		fmt.Fprintf(c, "POST /v1/keys/stalled/complete HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n{\"token\":\"", largest)
-		return c
-	}
+	e, largest, stall := budgetEnv(t, servertest.Options{BudgetWait: time.Minute})
 	for range 4 { // they fill the budget
-		defer stall().Close()
+		stall()
 	}
 	reg := e.srv.Handler.Registry()
 	eventually(t, "the stalled uploads holding the whole budget", func() bool {
 		return gauge(t, reg, "idemsvc_request_body_bytes_held") == float64(4*largest)
 	})
 	waiting := stall() // waits for room, then trickles too
-	defer waiting.Close()
 	time.Sleep(200 * time.Millisecond)
 	const grace = 3 * time.Second
 	start := time.Now()
