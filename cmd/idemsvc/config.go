@@ -223,11 +223,12 @@ func (c Config) tokens() (map[string]string, error) {
 	for i, pair := range strings.Split(c.Tokens, ",") {
 		tenant, token, ok := strings.Cut(pair, ":")
 		tenant, token = strings.TrimSpace(tenant), strings.TrimSpace(token)
+		slip := tokenSlip(token)
 		switch {
 		case !ok || tenant == "" || token == "":
 			return nil, fmt.Errorf("entry %d is not tenant:token", i+1)
-		case tokenSlip(token) != "":
-			return nil, fmt.Errorf("entry %d: the token of tenant %q %s", i+1, tenant, tokenSlip(token))
+		case slip != "":
+			return nil, fmt.Errorf("entry %d: the token of tenant %q %s", i+1, tenant, slip)
 		case keys.ValidateKey(tenant) != nil:
 			return nil, fmt.Errorf("entry %d: tenant %q must be visible ASCII", i+1, tenant)
 		case out[tenant] != "":

@@ -51,7 +51,7 @@ func (s *Server) keyAndBody(w http.ResponseWriter, r *http.Request, v any, optio
 // that does not is cut off, with 503 "Shutting down", and nothing runs for it. A client trickling
 // its body held the shutdown for as long as the server's read timeout allows (30 s), past the
 // default IDEMSVC_SHUTDOWN_TIMEOUT, and the process then exited 1.
-func (s *Server) decodeBudgeted(w http.ResponseWriter, r *http.Request, v any, optional bool) error {
+func (s *Server) decodeBudgeted(w http.ResponseWriter, r *http.Request, v any, optional bool) (err error) {
 	lim := s.bodyLimit(v)
 	release, err := s.bodies.take(r, tenant(r.Context()), lim.bytes)
 	if err != nil {
@@ -59,18 +59,12 @@ func (s *Server) decodeBudgeted(w http.ResponseWriter, r *http.Request, v any, o
 	}
 	defer release()
 	read := s.bodyReads.start(w, info(r.Context()).start)
-	defer func() {
-		if read != nil { // decode panicked: the entry must not outlive the request
-			s.bodyReads.done(read, errBodyTimeout)
+	defer func() { // also when decode panics: the entry must not outlive the request
+		if s.bodyReads.done(read, err) && errors.Is(err, errBodyTimeout) {
+			err = errShuttingDown
 		}
 	}()
-	err = decode(r, lim, v, optional)
-	cut := s.bodyReads.done(read, err)
-	read = nil
-	if cut && errors.Is(err, errBodyTimeout) {
-		return errShuttingDown
-	}
-	return err
+	return decode(r, lim, v, optional)
 }
 
 // bodyReads are the request bodies being read, which a drain cuts off (decodeBudgeted). Entries
@@ -392,7 +386,8 @@ func (s *Server) handleGet(w http.ResponseWriter, r *http.Request) {
 // (or the tenant's share of it) takes all of it, so that it is never refused on an idle server.
 //
 // When there is no room at once, it drops *rec, so that a waiting request holds nothing of it,
-// waits up to bodyBudgetWait for room, and returns again: the caller reads the record anew and
+// waits for room up to the budget's wait (bodyBudgetWait unless Options.BudgetWait says
+// otherwise), and returns again: the caller reads the record anew and
 // answers that under the room taken (a record that grew meanwhile goes over by the difference).
 // Without room by then it is errBusyAnswering (503). The budget's queue is first come, first
 // served: while one answer waits, the next ones wait behind it too, even with room free, each

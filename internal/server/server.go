@@ -142,9 +142,9 @@ func (s *Server) Registry() *prometheus.Registry { return s.registry }
 // Drain makes begins that are waiting for a holder answer 409 in-progress at once, and gives
 // request bodies still arriving bodyGrace to arrive (never past Options.ReadTimeout; a second
 // more for one whose read starts after that, having waited for room in the body budget): one
-// that has not by then is answered 503 "Shutting down", and nothing runs for it. Call it when shutdown starts, before
-// http.Server.Shutdown, with a grace well within the shutdown's timeout, so that neither holds
-// shutdown up.
+// that has not by then is answered 503 "Shutting down", and nothing runs for it. Call it when
+// shutdown starts, before http.Server.Shutdown, with a grace well within the shutdown's
+// timeout, so that neither holds shutdown up.
 func (s *Server) Drain(bodyGrace time.Duration) {
 	s.drain()
 	s.bodyReads.drain(bodyGrace)
@@ -213,8 +213,8 @@ func get(r chi.Router, pattern string, h http.HandlerFunc) {
 }
 
 // allowed is the Allow header of a 405 on r's path. It splits the path as the router does, on
-// the escaped path: /v1/keys/begin is the record of the key "begin" (GET, DELETE), and so is
-// /v1/keys/x%2Fbegin; /v1/keys/x/begin is an action (POST).
+// the escaped path: /v1/keys/begin is the record of the key "begin" (GET, HEAD, DELETE), and so
+// is /v1/keys/x%2Fbegin; /v1/keys/x/begin is an action (POST).
 func allowed(r *http.Request) string {
 	rest, ok := strings.CutPrefix(r.URL.EscapedPath(), "/v1/keys/")
 	switch {
