@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"net/url"
 	"os"
 	"slices"
 	"strconv"
@@ -17,6 +16,7 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/idemsvc/idemsvc/internal/keys"
+	"github.com/idemsvc/idemsvc/internal/storage/redis"
 )
 
 // envPrefix is the prefix of every configuration variable.
@@ -263,25 +263,9 @@ func (c Config) masked() map[string]any {
 		}
 		slices.Sort(tenants)
 	}
-	// Redacted, as url.Parse reads the URL (the password ends at the last @, and may hold @);
-	// a URL that does not parse is not shown at all.
 	redisURL := ""
 	if c.RedisURL != "" {
-		redisURL = "(does not parse)"
-		if u, err := url.Parse(c.RedisURL); err == nil && u.Opaque == "" {
-			// Only the parameters the store reads are shown ("?password=..." is refused,
-			// after this line is logged).
-			q := u.Query()
-			for name := range q {
-				if name != "db" && name != "client_name" && name != "skip_verify" {
-					q[name] = []string{"xxxxx"}
-				}
-			}
-			u.RawQuery = q.Encode()
-			redisURL = u.Redacted()
-		} else if err == nil {
-			redisURL = "(names no server)" // "redis:pw@host": Redacted would show pw
-		}
+		redisURL = redis.ShownURL(c.RedisURL)
 	}
 	return map[string]any{
 		"addr": c.Addr, "backend": c.Backend, "data_dir": c.DataDir, "redis_url": redisURL,

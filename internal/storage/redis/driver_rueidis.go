@@ -365,10 +365,7 @@ func checkURLShape(raw string) error {
 	// Sentinel): a parameter it ignored, or one with a password in it, used to be taken
 	// silently.
 	for name := range u.Query() {
-		switch {
-		case name == "db" || name == "client_name":
-		case name == "skip_verify" && u.Scheme == "rediss":
-		default:
+		if !urlParam(u, name) {
 			shown := "a parameter"
 			if len(name) <= 32 && !strings.ContainsFunc(name, func(r rune) bool { return (r < 'a' || r > 'z') && r != '_' }) {
 				shown = "the parameter " + name
@@ -391,6 +388,35 @@ func checkURLShape(raw string) error {
 		}
 	}
 	return nil
+}
+
+// urlParam reports whether name is a query parameter of u that the store reads: db, client_name,
+// and with rediss:// skip_verify.
+func urlParam(u *neturl.URL, name string) bool {
+	return name == "db" || name == "client_name" || name == "skip_verify" && u.Scheme == "rediss"
+}
+
+// ShownURL is the Redis URL raw as it may be logged: without its password (url.Parse's reading:
+// the password ends at the last @, and may hold @), with the values of parameters the store
+// does not read hidden ("?password=..."; Open refuses such a URL, after a caller logged it), and
+// nothing at all of a URL that does not parse or names no server ("redis:pw@host", where
+// Redacted would show pw).
+func ShownURL(raw string) string {
+	u, err := neturl.Parse(raw)
+	switch {
+	case err != nil:
+		return "(does not parse)"
+	case u.Opaque != "":
+		return "(names no server)"
+	}
+	q := u.Query()
+	for name := range q {
+		if !urlParam(u, name) {
+			q[name] = []string{"xxxxx"}
+		}
+	}
+	u.RawQuery = q.Encode()
+	return u.Redacted()
 }
 
 // redactURLError is err without the URL it may quote (url.Parse's errors quote it whole, password
