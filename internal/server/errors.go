@@ -90,7 +90,7 @@ func (s *Server) writeError(w http.ResponseWriter, r *http.Request, err error) {
 		// The client went away; nobody reads this answer.
 		s.logger.Debug("request cancelled by the client", zap.String("request_id", requestID(r.Context())))
 	case errors.Is(err, keys.ErrUnavailable):
-		s.health.failure(err, requestID(r.Context())) // logs the outage, not every request
+		// storeHealth logged the outage (the store's wrapper, or /readyz): not every request.
 	case errors.Is(err, errShuttingDown):
 		// /readyz while draining: the drain is logged once, where it starts.
 	case p.status >= 500:

@@ -15,8 +15,8 @@ type StoreHealthForTest struct{ h *storeHealth }
 func NewStoreHealthForTest(l *zap.Logger) StoreHealthForTest {
 	return StoreHealthForTest{&storeHealth{logger: l}}
 }
-func (t StoreHealthForTest) Failure(err error, id string) { t.h.failure(err, id) }
-func (t StoreHealthForTest) Success()                     { t.h.success() }
+func (t StoreHealthForTest) Failure(err error, id string) { t.h.failure(err, id, opWrite) }
+func (t StoreHealthForTest) Success()                     { t.h.success(opWrite) }
 
 // Age moves the health's last logged line d into the past.
 func (t StoreHealthForTest) Age(d time.Duration) {

@@ -13,8 +13,13 @@ import (
 // its end was never logged. Now:
 //   - the first failure logs "store unavailable", with its cause and request id;
 //   - a lasting outage is logged again once a minute, with the count of failed requests;
-//   - the first operation the store answers after a logged outage logs "store available again",
-//     with how long it lasted and how many requests failed;
+//   - the outage ends when the store answers again the kind of operation that failed: a write
+//     (a begin that takes the key, complete, renew, release, delete) if writes failed, else a
+//     read too (get, a begin that replays, a refusal, /readyz's ping). Then, if its start was
+//     logged, "store available again" says how long it lasted and how many requests failed. A
+//     store that answers reads but refuses writes (a full disk, Redis at maxmemory) stays down
+//     until a write succeeds: a replay or a /readyz probe used to end such an outage, and the
+//     next write began another;
 //   - a store that flaps (a request fails, the next one succeeds, and so on) logs the start of
 //     an outage at most once per healthQuiet; the outages in between are counted in the next
 //     start line, and an outage whose start was not logged ends silently.
@@ -23,7 +28,10 @@ import (
 // storeHealth logs nothing.
 type storeHealth struct {
 	logger *zap.Logger
-	down   atomic.Bool // read by every successful operation: its only cost while all is well
+	// down holds the kinds of operation (opRead, opWrite) that failed in the current outage and
+	// have not succeeded since; zero when there is none. Read by every successful operation: its
+	// only cost while all is well.
+	down atomic.Uint32
 
 	mu       sync.Mutex
 	since    time.Time // the first failure of the current outage
@@ -34,15 +42,21 @@ type storeHealth struct {
 	unfailed int       // and their failed requests
 }
 
+// The kinds of store operation whose failures and successes storeHealth tells apart.
+const (
+	opRead  uint32 = 1 << iota // the store answered without writing (or failed to)
+	opWrite                    // the store wrote (or failed to)
+)
+
 const (
 	healthReminder = time.Minute      // how often a lasting outage is logged again
 	healthQuiet    = 10 * time.Second // the least time between two logged starts
 )
 
-// failure records a request answered 503 because the store is unavailable (err says why). The
-// line, if any, is written after the lock is released: a log output that blocks must not hold
-// every other failing request too.
-func (h *storeHealth) failure(err error, requestID string) {
+// failure records an operation of kind (opRead or opWrite) that failed because the store is
+// unavailable (err says why): its request is answered 503. The line, if any, is written after
+// the lock is released: a log output that blocks must not hold every other failing request too.
+func (h *storeHealth) failure(err error, requestID string, kind uint32) {
 	if h == nil {
 		return
 	}
@@ -50,10 +64,11 @@ func (h *storeHealth) failure(err error, requestID string) {
 	var msg string
 	var fields []zap.Field
 	h.mu.Lock()
-	if !h.down.Load() {
-		h.down.Store(true)
+	down := h.down.Load()
+	if down == 0 {
 		h.since, h.failed, h.logged = now, 0, false
 	}
+	h.down.Store(down | kind)
 	h.failed++
 	switch {
 	case !h.logged && (h.lastLine.IsZero() || now.Sub(h.lastLine) >= healthQuiet):
@@ -76,17 +91,26 @@ func (h *storeHealth) failure(err error, requestID string) {
 	}
 }
 
-// success records an operation the store answered: the end of an outage, if one was going on.
-func (h *storeHealth) success() {
-	if h == nil || !h.down.Load() {
+// success records an operation of kind that the store answered: the end of an outage, if one
+// was going on and no other kind of operation has failed in it without succeeding since.
+func (h *storeHealth) success(kind uint32) {
+	if kind == opWrite {
+		kind = opRead | opWrite // a store that wrote also reads: every write reads the key first
+	}
+	if h == nil || h.down.Load()&kind == 0 {
 		return
 	}
 	h.mu.Lock()
-	if !h.down.Load() {
+	down := h.down.Load()
+	if down&kind == 0 {
 		h.mu.Unlock()
 		return
 	}
-	h.down.Store(false)
+	h.down.Store(down &^ kind)
+	if down&^kind != 0 { // writes still fail
+		h.mu.Unlock()
+		return
+	}
 	logged, since, failed := h.logged, h.since, h.failed
 	if !logged {
 		h.unlogged++

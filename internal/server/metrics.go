@@ -191,18 +191,22 @@ func instrument(s keys.Store, m *metrics, h *storeHealth) keys.Store {
 	return instrumented{Store: s, m: m, h: h}
 }
 
-func (s instrumented) observe(op string, start time.Time, err error) {
+// observe counts and times one operation of kind (opRead or opWrite: whether it would write had it
+// succeeded), and tells the store's health how it went (see storeHealth). A refusal (not found,
+// in progress, ...) is the store's answer: a read that succeeded.
+func (s instrumented) observe(ctx context.Context, op string, kind uint32, start time.Time, err error) {
 	result := "ok"
 	switch {
 	case err == nil:
-		s.h.success()
+		s.h.success(kind)
 	case errors.Is(err, keys.ErrUnavailable):
 		result = "unavailable"
+		s.h.failure(err, requestID(ctx), kind) // logs the outage, not every request
 	case errors.Is(err, keys.ErrNotFound), errors.Is(err, keys.ErrInProgress),
 		errors.Is(err, keys.ErrFingerprintMismatch), errors.Is(err, keys.ErrLeaseLost),
 		errors.Is(err, keys.ErrAlreadyCompleted):
 		result = "rejected"
-		s.h.success() // the store answered
+		s.h.success(opRead) // the store answered
 	default:
 		result = "error"
 	}
@@ -214,41 +218,45 @@ func (s instrumented) observe(op string, start time.Time, err error) {
 func (s instrumented) Begin(ctx context.Context, tenant, key string, req keys.BeginRequest) (keys.BeginResult, error) {
 	start := time.Now()
 	res, err := s.Store.Begin(ctx, tenant, key, req)
-	s.observe("begin", start, err)
+	kind := opWrite // a begin that failed may have had to take the key
+	if err == nil && res.Outcome == keys.Replayed {
+		kind = opRead
+	}
+	s.observe(ctx, "begin", kind, start, err)
 	return res, err
 }
 
 func (s instrumented) Complete(ctx context.Context, tenant, key string, req keys.CompleteRequest) (keys.Record, error) {
 	start := time.Now()
 	rec, err := s.Store.Complete(ctx, tenant, key, req)
-	s.observe("complete", start, err)
+	s.observe(ctx, "complete", opWrite, start, err)
 	return rec, err
 }
 
 func (s instrumented) Renew(ctx context.Context, tenant, key string, req keys.RenewRequest) (keys.Record, error) {
 	start := time.Now()
 	rec, err := s.Store.Renew(ctx, tenant, key, req)
-	s.observe("renew", start, err)
+	s.observe(ctx, "renew", opWrite, start, err)
 	return rec, err
 }
 
 func (s instrumented) Release(ctx context.Context, tenant, key, token string) error {
 	start := time.Now()
 	err := s.Store.Release(ctx, tenant, key, token)
-	s.observe("release", start, err)
+	s.observe(ctx, "release", opWrite, start, err)
 	return err
 }
 
 func (s instrumented) Get(ctx context.Context, tenant, key string) (keys.Record, error) {
 	start := time.Now()
 	rec, err := s.Store.Get(ctx, tenant, key)
-	s.observe("get", start, err)
+	s.observe(ctx, "get", opRead, start, err)
 	return rec, err
 }
 
 func (s instrumented) Delete(ctx context.Context, tenant, key string) error {
 	start := time.Now()
 	err := s.Store.Delete(ctx, tenant, key)
-	s.observe("delete", start, err)
+	s.observe(ctx, "delete", opWrite, start, err)
 	return err
 }

@@ -1,6 +1,7 @@
 package server
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"strconv"
@@ -61,7 +62,7 @@ func TestMetricsCachesShowTheSameSeries(t *testing.T) {
 			result = "error"
 		}
 		// instrumented.observe takes the time itself: the two sides share the count only.
-		store.observe(op, time.Now(), err)
+		store.observe(context.Background(), op, opWrite, time.Now(), err)
 		md.storeOps.WithLabelValues(op, result).Observe(0)
 	}
 	for range 3 * maxCachedChildren { // past the bound, for the methods below

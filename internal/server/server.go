@@ -245,10 +245,12 @@ func (s *Server) handleReadyz(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 	defer cancel()
 	if err := s.store.Ping(ctx); err != nil {
-		s.writeError(w, r, fmt.Errorf("not ready: %w: %w", keys.ErrUnavailable, err)) // see storeHealth
+		err = fmt.Errorf("not ready: %w: %w", keys.ErrUnavailable, err)
+		s.health.failure(err, requestID(r.Context()), opRead)
+		s.writeError(w, r, err)
 		return
 	}
-	s.health.success()
+	s.health.success(opRead)
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	_, _ = w.Write([]byte("ok\n")) // api/openapi.yaml
 }

@@ -926,6 +926,65 @@ func TestStoreOutageLogged(t *testing.T) {
 	}
 }
 
+// fullStore refuses every write while full is set, as bbolt on a full disk or Redis at its
+// maxmemory do, and still answers reads: a begin of a completed key replays.
+type fullStore struct {
+	keys.Store
+	full *atomic.Bool
+}
+
+var errNoSpace = fmt.Errorf("%w: write: no space left on device", keys.ErrUnavailable)
+
+func (s fullStore) Begin(ctx context.Context, tenant, key string, req keys.BeginRequest) (keys.BeginResult, error) {
+	if s.full.Load() {
+		if rec, err := s.Store.Get(ctx, tenant, key); err != nil || rec.State != keys.StateCompleted {
+			return keys.BeginResult{}, errNoSpace
+		}
+	}
+	return s.Store.Begin(ctx, tenant, key, req)
+}
+
+func (s fullStore) Complete(ctx context.Context, tenant, key string, req keys.CompleteRequest) (keys.Record, error) {
+	if s.full.Load() {
+		return keys.Record{}, errNoSpace
+	}
+	return s.Store.Complete(ctx, tenant, key, req)
+}
+
+// TestStoreOutageOfWrites: a store that answers reads but refuses writes is one outage until a
+// write succeeds. Replays, GETs and /readyz (which a full disk does not fail) used to end it
+// with "store available again" while every write still got 503, and the next write began
+// another outage.
+func TestStoreOutageOfWrites(t *testing.T) {
+	t.Parallel()
+	core, logs := observer.New(zapcore.InfoLevel)
+	base := newEnv(t, servertest.Options{})
+	var full atomic.Bool
+	e := newEnv(t, servertest.Options{Store: fullStore{base.srv.Store, &full}, Logger: zap.New(core)})
+	health := func() []observer.LoggedEntry {
+		return logs.Filter(func(le observer.LoggedEntry) bool { return strings.HasPrefix(le.Message, "store ") }).All()
+	}
+	l := e.begin("done", nil)
+	wantStatus(t, e.do("POST", "/v1/keys/done/complete", completeBody(l.token, 201, `{"id":1}`)), 200, "")
+	full.Store(true)
+	for i := range 10 {
+		wantStatus(t, e.do("POST", "/v1/keys/new"+strconv.Itoa(i)+"/begin", nil), 503, "unavailable")
+		wantStatus(t, e.do("POST", "/v1/keys/done/begin", nil), 200, "")
+		wantStatus(t, e.do("GET", "/v1/keys/done", nil), 200, "")
+		wantStatus(t, e.do("GET", "/v1/keys/absent", nil), 404, "not-found")
+		wantStatus(t, e.do("GET", "/readyz", nil), 200, "")
+	}
+	if got := health(); len(got) != 1 || got[0].Level != zapcore.WarnLevel || !strings.Contains(got[0].ContextMap()["error"].(string), "no space") {
+		t.Fatalf("writes failing while reads succeed logged %v, want one warning (the outage goes on)", got)
+	}
+	full.Store(false)
+	wantStatus(t, e.do("POST", "/v1/keys/up/begin", nil), 201, "")
+	got := health()
+	if len(got) != 2 || got[1].Message != "store available again" || got[1].ContextMap()["failed_requests"] != int64(10) {
+		t.Errorf("after a write succeeded: %v, want one 'store available again' with failed_requests 10", got)
+	}
+}
+
 // TestStoreHealthFlapping: a store that fails every other request logs one outage per
 // healthQuiet, not a pair of lines per request, and the next logged start counts the rest.
 func TestStoreHealthFlapping(t *testing.T) {
