@@ -68,10 +68,11 @@ func realMain(args, environ []string, stdout, stderr io.Writer) int {
 	}
 	defer func() { _ = logger.Sync() }()
 
-	// A bbolt commit blocks its thread in fdatasync. With a single P (one CPU, or a container
-	// limited to one) every other goroutine waits until the scheduler hands that P off, which
-	// under load cut throughput by 4x and raised p99 from 23 ms to 690 ms (docs/BENCHMARKS.md).
-	// A second P lets one goroutine sit in fsync while the other serves.
+	// A bbolt commit blocks its thread in fdatasync, and a read of bbolt's mapped file can block
+	// its thread in a page fault, where the scheduler cannot take the P back. With a single P (one
+	// CPU, or a container limited to one) every other goroutine then waits: under load that cut
+	// throughput by 4x and raised p99 from 23 ms to 690 ms, and in the ninth session's check a
+	// round of pairs stalled at a p99 of 3 s (docs/BENCHMARKS.md). A second P serves meanwhile.
 	if runtime.GOMAXPROCS(0) < 2 && os.Getenv("GOMAXPROCS") == "" {
 		runtime.GOMAXPROCS(2)
 	}
