@@ -894,18 +894,24 @@ func (s switchStore) Ping(ctx context.Context) error {
 	return s.Store.Ping(ctx)
 }
 
+// outageEnv is a server on wrap(a store), its log, and the store's health lines logged so far.
+func outageEnv(t *testing.T, wrap func(keys.Store) keys.Store) (*env, *observer.ObservedLogs, func() []observer.LoggedEntry) {
+	t.Helper()
+	core, logs := observer.New(zapcore.InfoLevel)
+	base := newEnv(t, servertest.Options{})
+	e := newEnv(t, servertest.Options{Store: wrap(base.srv.Store), Logger: zap.New(core)})
+	return e, logs, func() []observer.LoggedEntry {
+		return logs.Filter(func(le observer.LoggedEntry) bool { return strings.HasPrefix(le.Message, "store ") }).All()
+	}
+}
+
 // TestStoreOutageLogged: an outage is one warning when it starts and one line when it ends,
 // however many requests and probes fail meanwhile (an audit saw a warning per request and per
 // /readyz, and nothing when the store came back).
 func TestStoreOutageLogged(t *testing.T) {
 	t.Parallel()
-	core, logs := observer.New(zapcore.InfoLevel)
-	base := newEnv(t, servertest.Options{})
 	var down atomic.Bool
-	e := newEnv(t, servertest.Options{Store: switchStore{base.srv.Store, &down}, Logger: zap.New(core)})
-	health := func() []observer.LoggedEntry {
-		return logs.Filter(func(le observer.LoggedEntry) bool { return strings.HasPrefix(le.Message, "store ") }).All()
-	}
+	e, logs, health := outageEnv(t, func(s keys.Store) keys.Store { return switchStore{s, &down} })
 	down.Store(true)
 	for i := range 20 {
 		wantStatus(t, e.do("POST", "/v1/keys/k"+strconv.Itoa(i)+"/begin", nil), 503, "unavailable")
@@ -957,13 +963,8 @@ func (s fullStore) Complete(ctx context.Context, tenant, key string, req keys.Co
 // another outage.
 func TestStoreOutageOfWrites(t *testing.T) {
 	t.Parallel()
-	core, logs := observer.New(zapcore.InfoLevel)
-	base := newEnv(t, servertest.Options{})
 	var full atomic.Bool
-	e := newEnv(t, servertest.Options{Store: fullStore{base.srv.Store, &full}, Logger: zap.New(core)})
-	health := func() []observer.LoggedEntry {
-		return logs.Filter(func(le observer.LoggedEntry) bool { return strings.HasPrefix(le.Message, "store ") }).All()
-	}
+	e, _, health := outageEnv(t, func(s keys.Store) keys.Store { return fullStore{s, &full} })
 	l := e.begin("done", nil)
 	wantStatus(t, e.do("POST", "/v1/keys/done/complete", completeBody(l.token, 201, `{"id":1}`)), 200, "")
 	full.Store(true)
