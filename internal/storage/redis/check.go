@@ -306,10 +306,10 @@ func (s *Store) probe(ctx context.Context, c rueidis.Client, nowMs int64) error 
 	}
 	now := strconv.FormatInt(nowMs*1000, 10)
 	wide := strconv.FormatInt(time.Minute.Microseconds(), 10) // whatever the estimate, it holds
-	if _, err := d.begin(ctx, [2]string{rec, fence}, []string{"probe", expires, now, expires, now, wide, wide}); !permitted(err) {
+	if _, err := d.begin(ctx, [2]string{rec, fence}, []string{"probe", expires, now, expires, now, wide, wide, ""}); !permitted(err) {
 		return s.checkErrorf("EVALSHA (the begin script)", err)
 	}
-	if err := d.del(ctx, rec, channel); !permitted(err) {
+	if _, err := d.del(ctx, rec, channel, ""); !permitted(err) {
 		return s.checkErrorf("EVALSHA (the delete script)", err)
 	}
 	sc, err := d.subClient(ctx)

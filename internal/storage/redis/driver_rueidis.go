@@ -249,12 +249,13 @@ func (d *rueidisDriver) time(ctx context.Context) (sec, usec int64, err error) {
 	return r.sec, r.usec, err
 }
 
-func (d *rueidisDriver) del(ctx context.Context, key, channel string) error {
+func (d *rueidisDriver) del(ctx context.Context, key, channel, notAfter string) (bool, error) {
 	c, err := d.client(ctx)
 	if err != nil {
-		return err
+		return false, err
 	}
-	return d.delLua.Exec(ctx, c, []string{key}, []string{channel}).Error()
+	n, err := d.delLua.Exec(ctx, c, []string{key}, []string{channel, notAfter}).AsInt64()
+	return n == 1, err
 }
 
 func (d *rueidisDriver) ping(ctx context.Context) error {

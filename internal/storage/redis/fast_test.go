@@ -62,9 +62,9 @@ func (d *countingDriver) clockMissed(r reply, err error, check []string) {
 	}
 }
 
-func (d *countingDriver) del(ctx context.Context, key, channel string) error {
+func (d *countingDriver) del(ctx context.Context, key, channel, notAfter string) (bool, error) {
 	d.dels.Add(1)
-	return d.driver.del(ctx, key, channel)
+	return d.driver.del(ctx, key, channel, notAfter)
 }
 
 // counts is what the driver counted since the last call, as "reads/cas/begins", and how many

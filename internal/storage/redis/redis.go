@@ -78,7 +78,9 @@
 // or says it cannot serve (LOADING, READONLY, OOM, MISCONF, ...), every operation returns an error wrapping
 // keys.ErrUnavailable, and Ping too. A write whose reply was lost is reported so, never as done:
 // it may have landed (a begin then holds the key until its lease runs out; a complete repeated
-// with the same token and response tells). The store reconnects by itself.
+// with the same token and response tells), but only before the error was returned: a script
+// still on its way when the deadline passed writes nothing when it arrives (Store.notAfter).
+// The store reconnects by itself.
 //
 // # Limits
 //
@@ -270,8 +272,9 @@ type driver interface {
 	cas(ctx context.Context, keys [2]string, args []string) (reply, error)
 	// begin runs beginScript.
 	begin(ctx context.Context, keys [2]string, args []string) (reply, error)
-	// del runs delScript.
-	del(ctx context.Context, key, channel string) error
+	// del runs delScript, and reports whether it deleted (it does not once Redis's clock has
+	// reached notAfter).
+	del(ctx context.Context, key, channel, notAfter string) (bool, error)
 	// time runs TIME.
 	time(ctx context.Context) (sec, usec int64, err error)
 	ping(ctx context.Context) error
@@ -575,17 +578,24 @@ func (s *Store) cas(ctx context.Context, n names, snap snapshot, w casWrite) (ca
 		channel = n.channel
 	}
 	args := []string{present, snap.raw, "put", "", "", "0", "0", "0", channel, "", "", "", ""}
-	// The instant the decision stops holding, on Redis's clock, rounded up to TIME's
-	// microseconds: every decision made on TIME sees the record change exactly there. Not with
-	// Options.Now: the script cannot see that clock, which stands still while Redis's moves.
+	// Not at or after the operation's deadline, nor once the decision stops holding: that
+	// instant on Redis's clock, rounded up to TIME's microseconds, so that every decision made
+	// on TIME sees the record change exactly there. Not the latter with Options.Now: the script
+	// cannot see that clock, which stands still while Redis's moves.
+	until := s.notAfter(ctx)
 	if snap.rec != nil && s.now == nil {
-		if until := snap.rec.NextChange(snap.now); !until.IsZero() {
-			us := until.UnixMicro()
-			if until.After(time.UnixMicro(us)) {
+		if next := snap.rec.NextChange(snap.now); !next.IsZero() {
+			us := next.UnixMicro()
+			if next.After(time.UnixMicro(us)) {
 				us++
 			}
-			args[12] = strconv.FormatInt(us, 10)
+			if until == 0 || us < until {
+				until = us
+			}
 		}
+	}
+	if until != 0 {
+		args[12] = strconv.FormatInt(until, 10)
 	}
 	if w.del {
 		args[2] = "del"
@@ -625,6 +635,32 @@ func (s *Store) cas(ctx context.Context, n names, snap snapshot, w casWrite) (ca
 		s.cache.put(n.rec, r.fence+":"+args[3])
 	}
 	return casResult{wrote: true, fence: f, reply: r}, nil
+}
+
+// notAfter is the instant, in Unix µs on Redis's clock, from which a write sent now under ctx
+// must not land, or 0 when there is none (no deadline, or no estimate of Redis's clock yet).
+//
+// When ctx's deadline passes, the operation fails with keys.ErrUnavailable, and the caller may
+// tell its client so (503). The script may still be on its way: rueidis sends a command whose
+// caller has given up, and a request already in a socket arrives when it arrives. Landing after
+// the answer, a Delete would remove a record another replica completed meanwhile (a review
+// delayed one replica's traffic by 400 ms: its Delete, answered unavailable, wiped a complete
+// made after it), and an acquire would leave a lease nobody holds. So every writing script
+// writes nothing once Redis's clock reaches this instant: the deadline, as the estimate of
+// Redis's clock puts it. The estimate trails Redis's clock (see redisClock), so Redis's clock
+// is past this instant when the deadline passes, and a write is refused after it for certain
+// (and a moment before it, by the estimate's lag, when the operation fails anyway). A step back
+// of Redis's clock defeats it, as it does every time bound.
+func (s *Store) notAfter(ctx context.Context) int64 {
+	dl, ok := ctx.Deadline()
+	if !ok {
+		return 0
+	}
+	est, ok := s.clock.now()
+	if !ok {
+		return 0
+	}
+	return est.Add(time.Until(dl)).UnixMicro()
 }
 
 // op runs one operation: it bounds ctx by the store's timeout and retries attempt while it
@@ -763,8 +799,11 @@ func (s *Store) beginAhead(ctx context.Context, n names, key string, req keys.Be
 	rec.Lease.Fence = 0 // the value's prefix is the fence
 	body := encodeValue(&rec)
 	expires := snap.redisMillis(rec.ExpiresAt)
-	args := []string{body, "", "", "", "", clockAheadArg, clockBehindArg}
+	args := []string{body, "", "", "", "", clockAheadArg, clockBehindArg, ""}
 	decimals(args[1:5], expires, snap.now.UnixMicro(), expires+fenceMargin.Milliseconds(), snap.est.UnixMicro())
+	if until := s.notAfter(ctx); until != 0 {
+		args[7] = strconv.FormatInt(until, 10)
+	}
 	rep, err := s.call(func() (reply, error) { return s.d.begin(ctx, [2]string{n.rec, n.fence}, args) })
 	if err != nil {
 		return false, snapshot{}, s.edge(err) // as in cas: a lost reply is never an acquire
@@ -895,7 +934,12 @@ func (s *Store) Delete(ctx context.Context, tenant, key string) error {
 	n := s.names(tenant, key)
 	s.cache.drop(n.rec)
 	return s.op(ctx, "delete", key, func(ctx context.Context) (bool, error) {
-		return true, s.edge(s.d.del(ctx, n.rec, n.channel))
+		until := ""
+		if us := s.notAfter(ctx); us != 0 {
+			until = strconv.FormatInt(us, 10)
+		}
+		deleted, err := s.d.del(ctx, n.rec, n.channel, until)
+		return deleted, s.edge(err) // not deleted: Redis's clock had reached the deadline
 	})
 }
 

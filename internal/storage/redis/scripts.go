@@ -105,14 +105,16 @@ end
 //	ARGV[10] '' when the value was read from Redis; when it was taken from the Store's cache and
 //	         the decision made at its estimate of Redis's clock: that estimate, Unix µs
 //	ARGV[11], ARGV[12] with ARGV[10]: how far (µs) Redis's clock may be before it, and after it
-//	ARGV[13] '' or the instant, Unix µs on Redis's clock, from which the decision may no longer
-//	         hold (keys.Record.NextChange: the record's or its lease's expiry)
+//	ARGV[13] '' or the instant, Unix µs on Redis's clock, from which the write must not land:
+//	         the sooner of when the decision may no longer hold (keys.Record.NextChange: the
+//	         record's or its lease's expiry) and the operation's deadline (Store.notAfter)
 //
 // It writes nothing when the record changed since it was read (or since the Store cached it),
 // when the estimate was too far off, or when TIME has reached ARGV[13]: a holder's complete
 // decided just before the record expired must not land after it (Redis keeps an expired key
 // for up to a millisecond past PXAT, and another replica may already have answered that the
-// record is gone). The reply then carries the current value and TIME, and the caller decides
+// record is gone), and a write whose caller was answered "unavailable" when its deadline passed
+// must not land after that answer (see Store.notAfter). The reply then carries the current value and TIME, and the caller decides
 // again. The stored value is the fence in decimal, ':', then the record in
 // keys' codec. Comparing the whole value is cheap: every write replaces an in-progress record or
 // none, and those are small; a completed record is never the base of a write while it lives.
@@ -150,23 +152,33 @@ return {1, fence, t[1], t[2]}
 //	ARGV[4] the fence counter's expiry, Unix milliseconds on Redis's clock
 //	ARGV[5] the estimate of Redis's clock the decision was made at, Unix µs
 //	ARGV[6], ARGV[7] how far (µs) Redis's clock may be before it, and after it
+//	ARGV[8] '' or the instant, Unix µs on Redis's clock, from which it must not write: the
+//	        operation's deadline (Store.notAfter)
 //
-// When a record is stored, or the estimate is too far off, it writes nothing and returns the
-// value and TIME, which serve the caller as its read (a replay or a conflict so costs one round
-// trip in all). An acquire never publishes: nobody waits on an absent key.
+// When a record is stored, the estimate is too far off, or TIME has reached ARGV[8], it writes
+// nothing and returns the value and TIME, which serve the caller as its read (a replay or a
+// conflict so costs one round trip in all). An acquire never publishes: nobody waits on an
+// absent key.
 const beginScript = scriptLib + `
 local t, now = clock()
 local cur = redis.call('GET', KEYS[1])
 if cur then return {0, cur, t[1], t[2]} end
+if ARGV[8] ~= '' and now >= tonumber(ARGV[8]) then return {0, false, t[1], t[2]} end
 local floor = guess(now, tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[3]))
 if not floor then return {0, false, t[1], t[2]} end
 local fence = put('new', ARGV[1], ARGV[2], floor, tonumber(ARGV[4]))
 return {1, fence, t[1], t[2]}
 `
 
-// delScript: KEYS[1] the record; ARGV[1] the channel. Deletes whatever is there and wakes the
-// watchers. The fence counter stays.
+// delScript: KEYS[1] the record; ARGV[1] the channel; ARGV[2] the empty string or the instant,
+// Unix µs on Redis's clock, from which it must not delete: the operation's deadline
+// (Store.notAfter). Deletes whatever is there and wakes the watchers, and returns 1; returns 0,
+// deleting nothing, once TIME has reached ARGV[2]. The fence counter stays.
 const delScript = `
+if ARGV[2] ~= '' then
+  local t = redis.call('TIME')
+  if tonumber(t[1]) * 1000000 + tonumber(t[2]) >= tonumber(ARGV[2]) then return 0 end
+end
 redis.call('PUBLISH', ARGV[1], '')
 redis.call('DEL', KEYS[1])
 return 1
