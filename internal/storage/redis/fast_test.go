@@ -663,3 +663,35 @@ func TestDecodedCacheBounded(t *testing.T) {
 		t.Error("cached an in-progress record")
 	}
 }
+
+// TestFenceFloorIsTheWritesTime: with the key's fence counter lost (a failover, the case the
+// time floor is for), a lease begun after another still gets a larger fence when the replica's
+// estimate of Redis's clock trails by up to clockBehind, which the fast path accepts. The floor
+// was the decision time, 20 ms before the write here, and the fence went down (a review's find).
+func TestFenceFloorIsTheWritesTime(t *testing.T) {
+	url, prefix := redistest.URL(t), redistest.Prefix(t)
+	a, b := openTest(t, url, prefix, nil), openTest(t, url, prefix, nil)
+	ctx := t.Context()
+	first, err := a.Begin(ctx, "t", "k", testReq)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Release(ctx, "t", "k", first.Record.Lease.Token); err != nil {
+		t.Fatal(err)
+	}
+	c, err := b.rd.client(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Do(ctx, c.B().Del().Key(b.names("t", "k").fence).Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	b.clock.offset.Add(int64(-20 * time.Millisecond)) // b's estimate trails Redis's clock by 20 ms
+	second, err := b.Begin(ctx, "t", "k", testReq)
+	if err != nil || second.Outcome != keys.Acquired {
+		t.Fatalf("Begin = %v, %v; want acquired", second.Outcome, err)
+	}
+	if second.Record.Lease.Fence <= first.Record.Lease.Fence {
+		t.Errorf("fence %d after fence %d: fences must grow", second.Record.Lease.Fence, first.Record.Lease.Fence)
+	}
+}

@@ -41,15 +41,20 @@ return {v, t[1], t[2]}
 // put stores a record: KEYS[1] the record, KEYS[2] the key's fence counter (same hash tag);
 // fence is the fence to keep, or 'new' to allocate one; rec the record without its fence; pxat
 // the record's expiry (Unix ms on Redis's clock); floor the lowest fence a new lease may get
-// (Unix µs of the decision time); fexp the counter's expiry (Unix ms on Redis's clock). It
-// returns the fence written.
+// (Unix µs of the decision time); fexp the counter's expiry (Unix ms on Redis's clock); now the
+// script's TIME in Unix µs. It returns the fence written.
 //
-// Fences: a new lease gets max(counter + 1, floor). The counter makes fences strictly grow while
-// it exists; it is kept at least until the key's latest record expires plus a margin (fexp), so it
-// outlives every record, release and delete. The time floor keeps fences growing even when the
-// counter is gone (expired long after the last record, or lost in a failover): every earlier
-// fence was at most Redis's TIME when it was written plus the few leases handed out within one
-// microsecond, so a later lease's time is above it unless the clock stepped back. The numbers
+// Fences: a new lease gets max(counter + 1, floor, now). The counter makes fences strictly grow
+// while it exists; it is kept at least until the key's latest record expires plus a margin
+// (fexp), so it outlives every record, release and delete. The time floor keeps fences growing
+// even when the counter is gone (expired long after the last record, or lost in a failover):
+// every earlier fence was at most Redis's TIME when it was written plus the few leases handed
+// out within one microsecond, so a later lease's TIME is above it unless the clock stepped back.
+// The floor is the write's TIME, not only the decision's: a decision trails its write (by a
+// round trip, or by up to clockBehind on a fast path), so a lease decided at a trailing estimate
+// just after another was written could have got a fence below that one's (a review's find).
+// In production floor is at most now (guess lowers it to now), so the fence is at most the
+// TIME of its write but for those few leases within one microsecond. The numbers
 // (about 1.8e15 today) are exact in Lua's doubles and in JSON, below 2^53. string.format('%d')
 // prints them in full, where tostring would round to 14 digits.
 //
@@ -62,12 +67,13 @@ return {v, t[1], t[2]}
 // the TIME of its write (in production, where the decision time is the estimate, the floor is
 // then exactly that TIME).
 const scriptLib = `
-local function put(fence, rec, pxat, floor, fexp)
+local function put(fence, rec, pxat, floor, fexp, now)
   local c = tonumber(redis.call('GET', KEYS[2]) or '0')
   local exp = redis.call('PEXPIRETIME', KEYS[2])
   if fence == 'new' then
     local f = c + 1
     if floor > f then f = floor end
+    if now > f then f = now end
     fence = string.format('%d', f)
   end
   if tonumber(fence) > c then
@@ -137,7 +143,7 @@ local fence = ARGV[5]
 if ARGV[3] == 'del' then
   redis.call('DEL', KEYS[1])
 else
-  fence = put(fence, ARGV[4], ARGV[6], floor, tonumber(ARGV[8]))
+  fence = put(fence, ARGV[4], ARGV[6], floor, tonumber(ARGV[8]), now)
 end
 return {1, fence, t[1], t[2]}
 `
@@ -166,7 +172,7 @@ if cur then return {0, cur, t[1], t[2]} end
 if ARGV[8] ~= '' and now >= tonumber(ARGV[8]) then return {0, false, t[1], t[2]} end
 local floor = guess(now, tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[3]))
 if not floor then return {0, false, t[1], t[2]} end
-local fence = put('new', ARGV[1], ARGV[2], floor, tonumber(ARGV[4]))
+local fence = put('new', ARGV[1], ARGV[2], floor, tonumber(ARGV[4]), now)
 return {1, fence, t[1], t[2]}
 `
 
