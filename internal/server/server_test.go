@@ -986,6 +986,56 @@ func TestStoreOutageOfWrites(t *testing.T) {
 	}
 }
 
+// hangingStore's Begin waits for its caller to go away, and then fails as the Redis store
+// does: unavailable, wrapping the context's error.
+type hangingStore struct {
+	keys.Store
+	started chan struct{}
+}
+
+func (s hangingStore) Begin(ctx context.Context, tenant, key string, req keys.BeginRequest) (keys.BeginResult, error) {
+	s.started <- struct{}{}
+	<-ctx.Done()
+	return keys.BeginResult{}, fmt.Errorf("begin: %w: %w", keys.ErrUnavailable, ctx.Err())
+}
+
+// TestClientGoneIsNoOutage: a client that goes away while the store works is no store outage:
+// no "store unavailable" line, and result="cancelled" in the store's metric, not "unavailable",
+// which operators alert on (a chaos audit saw clients' timeouts raise both).
+func TestClientGoneIsNoOutage(t *testing.T) {
+	t.Parallel()
+	started := make(chan struct{}, 1)
+	e, _, health := outageEnv(t, func(s keys.Store) keys.Store { return hangingStore{s, started} })
+	ctx, cancel := context.WithCancel(t.Context())
+	req, err := http.NewRequestWithContext(ctx, "POST", e.srv.URL+"/v1/keys/gone/begin", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if resp, err := http.DefaultClient.Do(req); err == nil {
+			resp.Body.Close()
+		}
+	}()
+	<-started
+	cancel()
+	<-done
+	var metrics string
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(metrics, `op="begin",result="cancelled"`); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no begin counted as cancelled within 10 s:\n%s", metrics)
+		}
+		metrics = string(e.do("GET", "/metrics", nil).body)
+	}
+	if strings.Contains(metrics, `result="unavailable"`) {
+		t.Errorf("a client gone counted as the store unavailable")
+	}
+	if got := health(); len(got) != 0 {
+		t.Errorf("a client gone logged %v, want nothing", got)
+	}
+}
+
 // TestStoreHealthFlapping: a store that fails every other request logs one outage per
 // healthQuiet, not a pair of lines per request, and the next logged start counts the rest.
 func TestStoreHealthFlapping(t *testing.T) {
