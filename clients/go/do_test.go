@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"net/http"
+	"net/http/httptest"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -357,12 +359,17 @@ func TestDoNotRecorded(t *testing.T) {
 			}
 			return 0
 		}
-		res, err := c.Do(context.Background(), "k", "", func(context.Context) (Response, error) { return okResponse("x"), nil })
+		start := time.Now()
+		res, err := c.Do(context.Background(), "k", "", func(context.Context) (Response, error) { return okResponse("x"), nil },
+			WithCleanupTimeout(300*time.Millisecond))
 		if !errors.Is(err, ErrNotRecorded) || !errors.Is(err, ErrUnavailable) || string(res.Response.Body) != "x" {
 			t.Fatalf("Do = %+v, %v; want fn's response with ErrNotRecorded and ErrUnavailable", res, err)
 		}
-		if got := f.count("complete"); got != 3 {
-			t.Errorf("%d complete attempts, want 3 (the retry policy's)", got)
+		if took := time.Since(start); took < 300*time.Millisecond || took > 5*time.Second {
+			t.Errorf("Do took %s, want the cleanup timeout (300ms) and little more", took)
+		}
+		if got := f.count("complete"); got <= 3 {
+			t.Errorf("%d complete attempts, want more than the retry policy's 3: completes go on for the cleanup timeout", got)
 		}
 		if rec := f.record("k"); rec == nil || rec.state != StateInProgress {
 			t.Errorf("record = %+v, want still in progress: releasing would invite a second run at once", rec)
@@ -394,5 +401,112 @@ func TestDoNegativeDurations(t *testing.T) {
 		WithLease(0), WithTTL(0), WithWait(0), WithCleanupTimeout(0))
 	if !errors.Is(err, ErrUnavailable) {
 		t.Errorf("Do with zero durations: %v, want ErrUnavailable (the request was sent)", err)
+	}
+}
+
+// TestDoCompleteOutlastsARestart: the complete after fn goes on for the cleanup timeout, past
+// the retry policy's attempts, so that a response is recorded across a restart of idemsvc. The
+// policy alone gave up within a second, and a chaos audit's retries then ran fn a second time
+// in 6 of 10 restarts.
+func TestDoCompleteOutlastsARestart(t *testing.T) {
+	t.Parallel()
+	f, srv := newFake(t)
+	c := newTestClient(t, srv.URL)
+	var down atomic.Int32
+	down.Store(7) // more than two rounds of the policy's 3 attempts
+	f.inject = func(op string) int {
+		if op == "complete" && down.Add(-1) >= 0 {
+			return -1 // the connection drops, as at a restart
+		}
+		return 0
+	}
+	res, err := c.Do(t.Context(), "k", "", func(context.Context) (Response, error) { return okResponse("x"), nil })
+	if err != nil || res.Record == nil || res.Record.State != StateCompleted {
+		t.Fatalf("Do = %+v, %v; want the response recorded", res, err)
+	}
+}
+
+// delayBegin wraps f so that a begin's answer, once decided, reaches the client delay late (a
+// slow path, or a server frozen while writing it) while armed is set.
+func delayBegin(f *fakeSvc, delay time.Duration, armed *atomic.Bool) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		f.ServeHTTP(w, r) // the answer waits in net/http's buffer until this returns
+		if strings.HasSuffix(r.URL.Path, "/begin") && armed.CompareAndSwap(true, false) {
+			time.Sleep(delay)
+		}
+	})
+}
+
+// TestDoConfirmsALateLease: when the begin's answer arrives with the lease past its end by the
+// client's clock, Do confirms the lease with a renew before fn runs. fn ran twice: a chaos
+// audit held a 201 for 3 s of a 2 s lease, another caller took the key over meanwhile, and the
+// first caller's fn ran too.
+func TestDoConfirmsALateLease(t *testing.T) {
+	t.Parallel()
+	const lease = 300 * time.Millisecond
+	for _, takenOver := range []bool{true, false} {
+		t.Run(map[bool]string{true: "TakenOver", false: "StillHeld"}[takenOver], func(t *testing.T) {
+			t.Parallel()
+			f, _ := newFake(t)
+			var armed atomic.Bool
+			armed.Store(true)
+			srv := httptest.NewServer(delayBegin(f, 2*lease, &armed))
+			t.Cleanup(srv.Close)
+			c := newTestClient(t, srv.URL)
+			var runs atomic.Int32
+			fn := func(context.Context) (Response, error) { runs.Add(1); return okResponse("x"), nil }
+			first := make(chan error, 1)
+			go func() {
+				_, err := c.Do(t.Context(), "k", "", fn, WithLease(lease))
+				first <- err
+			}()
+			if takenOver {
+				time.Sleep(3 * lease / 2) // the first lease has run out; its answer is still on the way
+				if _, err := c.Do(t.Context(), "k", "", fn, WithLease(lease)); err != nil {
+					t.Fatalf("the second caller's Do = %v", err)
+				}
+			}
+			err := <-first
+			switch {
+			case takenOver && !errors.Is(err, ErrLeaseLost):
+				t.Errorf("the late caller's Do = %v, want ErrLeaseLost without running fn", err)
+			case !takenOver && err != nil:
+				t.Errorf("the late caller's Do = %v, want fn run once the renew confirmed the lease", err)
+			}
+			if got := runs.Load(); got != 1 {
+				t.Errorf("fn ran %d times, want once", got)
+			}
+		})
+	}
+}
+
+// TestDoRenewOutlastsAHungOne: a renew that hangs (a frozen replica behind a load balancer) gets
+// half of what is left of the lease, and the next one, on a new connection, keeps the lease.
+// It got all of it, and the lease was lost while other replicas were healthy (a chaos audit).
+func TestDoRenewOutlastsAHungOne(t *testing.T) {
+	t.Parallel()
+	f, srv := newFake(t)
+	c := newTestClient(t, srv.URL)
+	var hung atomic.Bool
+	f.inject = func(op string) int {
+		if op == "renew" && hung.CompareAndSwap(false, true) {
+			time.Sleep(2 * time.Second)
+		}
+		return 0
+	}
+	const lease = 600 * time.Millisecond
+	res, err := c.Do(t.Context(), "k", "", func(ctx context.Context) (Response, error) {
+		select {
+		case <-ctx.Done():
+			return Response{}, context.Cause(ctx)
+		case <-time.After(2 * lease):
+			return okResponse("x"), nil
+		}
+	}, WithLease(lease))
+	if err != nil || res.Record == nil {
+		t.Fatalf("Do = %+v, %v; want fn's response recorded: a second renew keeps the lease", res, err)
+	}
+	if got := f.count("renew"); got < 2 {
+		t.Errorf("%d renews, want a second after the hung one", got)
 	}
 }
