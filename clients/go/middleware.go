@@ -356,6 +356,11 @@ func (m *middleware) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		// renewing, so it says nothing about when the handler finishes.
 		writeProblem(w, r, http.StatusConflict, "in-progress", "Request in progress",
 			"A request with this Idempotency-Key is still being processed. Retry later.", time.Second)
+	case errors.Is(err, ErrLeaseLost) && !errors.Is(err, ErrUnavailable):
+		// The begin's answer came late, and by then another request had taken the key over (or
+		// it was deleted): Do did not run the handler. That request is the one in progress.
+		writeProblem(w, r, http.StatusConflict, "in-progress", "Request in progress",
+			"A request with this Idempotency-Key is still being processed. Retry later.", time.Second)
 	case errors.Is(err, ErrFingerprintMismatch):
 		writeProblem(w, r, http.StatusUnprocessableEntity, "fingerprint-mismatch", "Idempotency-Key reused",
 			"This Idempotency-Key was used for a different request.", 0)

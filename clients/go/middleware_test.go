@@ -209,6 +209,37 @@ func TestMiddlewareInProgress(t *testing.T) {
 	}
 }
 
+// TestMiddlewareLateBeginTakenOver: a begin whose answer came after its lease ran out, the key
+// taken over meanwhile by another request, does not run the handler, and answers 409
+// in-progress (the other request holds the key), not a 500.
+func TestMiddlewareLateBeginTakenOver(t *testing.T) {
+	t.Parallel()
+	const lease = 300 * time.Millisecond
+	f, _ := newFake(t)
+	var armed atomic.Bool
+	armed.Store(true)
+	idem := httptest.NewServer(delayBegin(f, 2*lease, &armed))
+	t.Cleanup(idem.Close)
+	app := &chargeApp{}
+	srv := httptest.NewServer(Middleware(newTestClient(t, idem.URL), WithLease(lease))(app))
+	t.Cleanup(srv.Close)
+	url := srv.URL + "/charges"
+	var first answer
+	var wg sync.WaitGroup
+	wg.Go(func() { first = send(t, "POST", url, `"k"`, `{}`) })
+	time.Sleep(3 * lease / 2) // the first lease has run out; its begin's answer is on the way
+	if a := send(t, "POST", url, `"k"`, `{}`); a.status != 201 {
+		t.Fatalf("the second request = %d %s, want 201", a.status, a.body)
+	}
+	wg.Wait()
+	if first.status != 409 || problemType(t, first) != "in-progress" {
+		t.Errorf("the late request = %d %s, want 409 in-progress", first.status, first.body)
+	}
+	if n := app.runs.Load(); n != 1 {
+		t.Errorf("the handler ran %d times, want once", n)
+	}
+}
+
 func TestMiddlewareWaits(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t, &chargeApp{delay: 200 * time.Millisecond}, WithWait(5*time.Second))
