@@ -349,11 +349,17 @@ func (c *Client) keepAlive(ctx context.Context, key, token string, lease time.Du
 // then went unrecorded, and a retry ran fn again (a chaos audit: 6 of 10 runs). Both are safe to
 // repeat.
 func (c *Client) persist(ctx context.Context, op func() error) error {
+	var last error // the last unavailable answer
 	for attempt := 1; ; attempt++ {
 		err := op()
+		if err != nil && last != nil && ctx.Err() != nil && !errors.Is(err, ErrUnavailable) {
+			// The cleanup timeout cut the last attempt short: what kept failing is the news.
+			return fmt.Errorf("%w; then the cleanup timeout ended the next attempt: %w", last, err)
+		}
 		if err == nil || !errors.Is(err, ErrUnavailable) || ctx.Err() != nil {
 			return err
 		}
+		last = err
 		t := time.NewTimer(c.retry.backoff(attempt))
 		select {
 		case <-ctx.Done():
