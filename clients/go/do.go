@@ -128,8 +128,9 @@ func WithCleanupTimeout(d time.Duration) DoOption {
 // returns the stored response with Result.Replayed set and does not call fn. When Do acquires
 // the key, it calls fn with a context derived from ctx and, while fn runs, renews the lease every
 // third of its length. When the begin's answer came with half the lease or more gone by the
-// client's clock, Do renews first, and returns an error matching ErrLeaseLost without calling fn
-// unless the renew succeeds. When fn returns a Response and a nil error, Do stores the response
+// client's clock, Do renews first, and does not call fn unless the renew succeeds: it returns an
+// error matching ErrLeaseLost when idemsvc answers that another caller took the key over (or it
+// was deleted), and one matching ErrUnavailable when the renew gets no answer. When fn returns a Response and a nil error, Do stores the response
 // (complete) and returns it; a later Do with the same key replays it. When fn returns an error,
 // Do releases the key, so that a later Do runs fn again, and returns fn's error unchanged.
 // Encode a failure that must not be retried (a declined card, say) as a Response instead.
@@ -254,8 +255,8 @@ func (c *Client) execute(ctx context.Context, key, token string, start time.Time
 
 // confirm renews a lease whose estimated end is near or past before fn runs, and returns when
 // the renewed lease began at the latest (when the renew was sent). When the renew fails, fn must
-// not run: Do returns an error matching ErrLeaseLost, and releases the key unless idemsvc said
-// the lease was gone.
+// not run: Do returns an error matching ErrLeaseLost when idemsvc said the lease was gone, else
+// one matching ErrUnavailable (or ctx's error) after releasing the key.
 func (c *Client) confirm(ctx context.Context, key, token string, cfg doConfig) (time.Time, error) {
 	sent := time.Now()
 	rctx, cancel := context.WithTimeout(ctx, renewTime(cfg.lease))
@@ -264,12 +265,20 @@ func (c *Client) confirm(ctx context.Context, key, token string, cfg doConfig) (
 	if err == nil {
 		return sent, nil
 	}
-	if !errors.Is(err, ErrLeaseLost) && !errors.Is(err, ErrNotFound) {
-		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cfg.cleanupTimeout)
-		defer cancel()
-		_ = c.Release(cctx, key, token)
+	if errors.Is(err, ErrLeaseLost) || errors.Is(err, ErrNotFound) { // idemsvc's answer
+		return time.Time{}, fmt.Errorf("idemclient: %q: %w: the begin's answer came with the lease half gone or more, and by then the key was taken over or deleted, so fn did not run: %w", key, ErrLeaseLost, err)
 	}
-	return time.Time{}, fmt.Errorf("idemclient: %q: %w: the begin's answer came with the lease half gone or more, and a renew did not confirm it, so fn did not run: %w", key, ErrLeaseLost, err)
+	// No answer: the lease may hold still. Give it back, so that a retry need not wait for it.
+	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cfg.cleanupTimeout)
+	defer cancel()
+	_ = c.Release(cctx, key, token)
+	if ctx.Err() != nil {
+		return time.Time{}, fmt.Errorf("idemclient: %q: fn did not run: %w", key, err)
+	}
+	if !errors.Is(err, ErrUnavailable) { // the renew's time ran out: idemsvc did not answer
+		err = fmt.Errorf("%w: %w", ErrUnavailable, err)
+	}
+	return time.Time{}, fmt.Errorf("idemclient: %q: the begin's answer came with the lease half gone or more, and a renew to confirm it failed, so fn did not run: %w", key, err)
 }
 
 // keeper renews a lease in the background until stopped.

@@ -480,6 +480,34 @@ func TestDoConfirmsALateLease(t *testing.T) {
 	}
 }
 
+// TestDoLateLeaseUnconfirmed: when the renew that would confirm a late lease gets no answer (a
+// frozen idemsvc), fn does not run and Do's error says idemsvc was unavailable, not that the
+// lease was lost (which the middleware would answer as another request in progress).
+func TestDoLateLeaseUnconfirmed(t *testing.T) {
+	t.Parallel()
+	const lease = 300 * time.Millisecond
+	f, _ := newFake(t)
+	var armed atomic.Bool
+	armed.Store(true)
+	srv := httptest.NewServer(delayBegin(f, 2*lease, &armed))
+	t.Cleanup(srv.Close)
+	f.inject = func(op string) int {
+		if op == "renew" {
+			time.Sleep(time.Second)
+		}
+		return 0
+	}
+	c := newTestClient(t, srv.URL)
+	var runs atomic.Int32
+	_, err := c.Do(t.Context(), "k", "", func(context.Context) (Response, error) { runs.Add(1); return okResponse("x"), nil }, WithLease(lease))
+	if !errors.Is(err, ErrUnavailable) || errors.Is(err, ErrLeaseLost) {
+		t.Errorf("Do = %v, want ErrUnavailable and not ErrLeaseLost", err)
+	}
+	if n := runs.Load(); n != 0 {
+		t.Errorf("fn ran %d times, want never", n)
+	}
+}
+
 // TestDoRenewOutlastsAHungOne: a renew that hangs (a frozen replica behind a load balancer) gets
 // half of what is left of the lease, and the next one, on a new connection, keeps the lease.
 // It got all of it, and the lease was lost while other replicas were healthy (a chaos audit).
