@@ -1,6 +1,8 @@
 package server
 
 import (
+	"context"
+	"errors"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -52,6 +54,20 @@ const (
 	healthReminder = time.Minute      // how often a lasting outage is logged again
 	healthQuiet    = 10 * time.Second // the least time between two logged starts
 )
+
+// healthPatience is how long a store call may run before its caller's going away says that the
+// store hangs rather than that the caller left: a healthy store answers in milliseconds.
+const healthPatience = 500 * time.Millisecond
+
+// callerLeft reports whether a store call begun at start failed only because its caller went
+// away (ctx cancelled: the client closed its connection, or a probe gave up) before the store had
+// taken healthPatience. Such a call says nothing of the store. One abandoned later does: clients
+// and probes that give up after a second or two are waiting on a store that hangs, and that
+// outage must show where operators look (a review of the first version, which counted every
+// cancelled call as the caller's).
+func callerLeft(ctx context.Context, start time.Time) bool {
+	return errors.Is(ctx.Err(), context.Canceled) && time.Since(start) < healthPatience
+}
 
 // failure records an operation of kind (opRead or opWrite) that failed because the store is
 // unavailable (err says why): its request is answered 503. The line, if any, is written after

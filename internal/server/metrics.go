@@ -112,7 +112,7 @@ func newMetrics(reg *prometheus.Registry) *metrics {
 		}, []string{"outcome"}),
 		storeOps: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "idemsvc_store_operation_duration_seconds",
-			Help:    "Store operation latency by operation and result: ok, rejected (the store's answer was no), unavailable, cancelled (the client went away), error.",
+			Help:    "Store operation latency by operation and result: ok, rejected (the store's answer was no), unavailable, cancelled (the client went away within 0.5 s), error.",
 			Buckets: []float64{.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5}, // a Redis call times out at 2 s
 		}, []string{"op", "result"}),
 		swept: prometheus.NewCounter(prometheus.CounterOpts{
@@ -199,7 +199,7 @@ func (s instrumented) observe(ctx context.Context, op string, kind uint32, start
 	switch {
 	case err == nil:
 		s.h.success(kind)
-	case errors.Is(err, keys.ErrUnavailable) && errors.Is(ctx.Err(), context.Canceled):
+	case errors.Is(err, keys.ErrUnavailable) && callerLeft(ctx, start):
 		// The client went away (or the server stopped) while the store worked: that says
 		// nothing of the store, and is no outage (a chaos audit saw a client's timeout logged as
 		// "store unavailable" and counted where operators alert).

@@ -244,9 +244,12 @@ func (s *Server) handleReadyz(w http.ResponseWriter, r *http.Request) {
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 	defer cancel()
+	start := time.Now()
 	if err := s.store.Ping(ctx); err != nil {
 		err = fmt.Errorf("not ready: %w: %w", keys.ErrUnavailable, err)
-		s.health.failure(err, requestID(r.Context()), opRead)
+		if !callerLeft(r.Context(), start) {
+			s.health.failure(err, requestID(r.Context()), opRead)
+		}
 		s.writeError(w, r, err)
 		return
 	}
