@@ -249,13 +249,26 @@ func (d *rueidisDriver) time(ctx context.Context) (sec, usec int64, err error) {
 	return r.sec, r.usec, err
 }
 
-func (d *rueidisDriver) del(ctx context.Context, key, channel, notAfter string) (bool, error) {
+// del runs delScript: {1 or 0, sec, usec}.
+func (d *rueidisDriver) del(ctx context.Context, key, channel, notAfter string) (reply, error) {
 	c, err := d.client(ctx)
 	if err != nil {
-		return false, err
+		return reply{}, err
 	}
-	n, err := d.delLua.Exec(ctx, c, []string{key}, []string{channel, notAfter}).AsInt64()
-	return n == 1, err
+	arr, err := d.delLua.Exec(ctx, c, []string{key}, []string{channel, notAfter}).ToArray()
+	if err != nil {
+		return reply{}, err
+	}
+	if len(arr) != 3 {
+		return reply{}, errors.New("redis: delete script returned a bad reply")
+	}
+	var r reply
+	if err := r.setTime(arr[1], arr[2]); err != nil {
+		return reply{}, err
+	}
+	n, err := arr[0].AsInt64()
+	r.wrote = n == 1
+	return r, err
 }
 
 func (d *rueidisDriver) ping(ctx context.Context) error {

@@ -62,7 +62,7 @@ func (d *countingDriver) clockMissed(r reply, err error, check []string) {
 	}
 }
 
-func (d *countingDriver) del(ctx context.Context, key, channel, notAfter string) (bool, error) {
+func (d *countingDriver) del(ctx context.Context, key, channel, notAfter string) (reply, error) {
 	d.dels.Add(1)
 	return d.driver.del(ctx, key, channel, notAfter)
 }

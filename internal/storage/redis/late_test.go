@@ -3,6 +3,7 @@ package redis
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"strings"
@@ -151,5 +152,46 @@ func TestLateAcquireDoesNotLand(t *testing.T) {
 				t.Errorf("Begin after the late one arrived = %v, %v; want acquired", res.Outcome, err)
 			}
 		})
+	}
+}
+
+// TestRefusedForTheDeadline: a write refused because Redis's clock had passed its deadline as a
+// stale estimate put it (trailing Redis's clock by more than the store's timeout) is tried again
+// at once with the estimate that the refusal's reply put right, and goes through: it is neither
+// a failure nor a compare-and-set lost to other writers again and again.
+func TestRefusedForTheDeadline(t *testing.T) {
+	url, prefix := redistest.URL(t), redistest.Prefix(t)
+	s, err := Open(context.Background(), url, Options{Prefix: prefix, Timeout: 100 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	d := &countingDriver{driver: s.d}
+	s.d = d
+	ctx := t.Context()
+	res, err := s.Begin(ctx, "t", "k", testReq)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, op := range []struct {
+		name, want string // the scripts it runs: reads/cas/begins/deletes
+		run        func() error
+	}{
+		{"Complete", "0/2/0/0", func() error {
+			_, err := s.Complete(ctx, "t", "k", keys.CompleteRequest{Token: res.Record.Lease.Token, Response: testResp})
+			return err
+		}},
+		{"Delete", "0/0/0/2", func() error { return s.Delete(ctx, "t", "k") }},
+	} {
+		s.clock.offset.Add(int64(-time.Second))
+		d.dels.Store(0)
+		d.counts()
+		if err := op.run(); err != nil {
+			t.Errorf("%s with the estimate 1 s behind = %v, want nil", op.name, err)
+		}
+		got, _ := d.counts()
+		if got = fmt.Sprintf("%s/%d", got, d.dels.Load()); got != op.want {
+			t.Errorf("%s ran %s scripts (reads/cas/begins/deletes), want %s: refused, then written", op.name, got, op.want)
+		}
 	}
 }

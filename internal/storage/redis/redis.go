@@ -272,9 +272,9 @@ type driver interface {
 	cas(ctx context.Context, keys [2]string, args []string) (reply, error)
 	// begin runs beginScript.
 	begin(ctx context.Context, keys [2]string, args []string) (reply, error)
-	// del runs delScript, and reports whether it deleted (it does not once Redis's clock has
+	// del runs delScript: wrote reports whether it deleted (it does not once Redis's clock has
 	// reached notAfter).
-	del(ctx context.Context, key, channel, notAfter string) (bool, error)
+	del(ctx context.Context, key, channel, notAfter string) (reply, error)
 	// time runs TIME.
 	time(ctx context.Context) (sec, usec int64, err error)
 	ping(ctx context.Context) error
@@ -583,6 +583,7 @@ func (s *Store) cas(ctx context.Context, n names, snap snapshot, w casWrite) (ca
 	// on TIME sees the record change exactly there. Not the latter with Options.Now: the script
 	// cannot see that clock, which stands still while Redis's moves.
 	until := s.notAfter(ctx)
+	deadline := until != 0 // whether until is the deadline's, not the decision's end
 	if snap.rec != nil && s.now == nil {
 		if next := snap.rec.NextChange(snap.now); !next.IsZero() {
 			us := next.UnixMicro()
@@ -590,7 +591,7 @@ func (s *Store) cas(ctx context.Context, n names, snap snapshot, w casWrite) (ca
 				us++
 			}
 			if until == 0 || us < until {
-				until = us
+				until, deadline = us, false
 			}
 		}
 	}
@@ -624,6 +625,10 @@ func (s *Store) cas(ctx context.Context, n names, snap snapshot, w casWrite) (ca
 		// have landed.
 		return casResult{}, s.edge(err)
 	}
+	if !r.wrote && deadline && s.late(ctx, r) {
+		// Refused for the deadline, not lost to another writer: deciding again would not help.
+		return casResult{}, s.edge(errLate)
+	}
 	if !r.wrote || w.del {
 		return casResult{wrote: r.wrote, reply: r}, nil
 	}
@@ -635,6 +640,19 @@ func (s *Store) cas(ctx context.Context, n names, snap snapshot, w casWrite) (ca
 		s.cache.put(n.rec, r.fence+":"+args[3])
 	}
 	return casResult{wrote: true, fence: f, reply: r}, nil
+}
+
+// errLate is a write that a script refused because Redis's clock had passed the operation's
+// deadline (notAfter): the operation failed, unavailable, and wrote nothing.
+var errLate = fmt.Errorf("%w: the operation's deadline passed on Redis's clock before its write ran", context.DeadlineExceeded)
+
+// late reports whether a script that refused to write, answering r, did so because the
+// operation's deadline had passed on Redis's clock: r's TIME is at or past notAfter, computed
+// again with the estimate that r just put right. When it is not, the estimate was off (it
+// trailed by more than the time left), and the operation decides again.
+func (s *Store) late(ctx context.Context, r reply) bool {
+	until := s.notAfter(ctx)
+	return until == 0 || r.sec*1_000_000+r.usec >= until
 }
 
 // notAfter is the instant, in Unix µs on Redis's clock, from which a write sent now under ctx
@@ -650,7 +668,9 @@ func (s *Store) cas(ctx context.Context, n names, snap snapshot, w casWrite) (ca
 // Redis's clock puts it. The estimate trails Redis's clock (see redisClock), so Redis's clock
 // is past this instant when the deadline passes, and a write is refused after it for certain
 // (and a moment before it, by the estimate's lag, when the operation fails anyway). A step back
-// of Redis's clock defeats it, as it does every time bound.
+// of Redis's clock defeats it, as it does every time bound; so does, on Redis Cluster, where one
+// estimate serves every node, a node whose clock trails the one the estimate learned from, by
+// that skew.
 func (s *Store) notAfter(ctx context.Context) int64 {
 	dl, ok := ctx.Deadline()
 	if !ok {
@@ -938,8 +958,11 @@ func (s *Store) Delete(ctx context.Context, tenant, key string) error {
 		if us := s.notAfter(ctx); us != 0 {
 			until = strconv.FormatInt(us, 10)
 		}
-		deleted, err := s.d.del(ctx, n.rec, n.channel, until)
-		return deleted, s.edge(err) // not deleted: Redis's clock had reached the deadline
+		r, err := s.call(func() (reply, error) { return s.d.del(ctx, n.rec, n.channel, until) })
+		if err == nil && !r.wrote && s.late(ctx, r) {
+			err = errLate
+		}
+		return r.wrote || err != nil, s.edge(err) // not deleted, not late: the estimate was off
 	})
 }
 

@@ -178,14 +178,15 @@ return {1, fence, t[1], t[2]}
 
 // delScript: KEYS[1] the record; ARGV[1] the channel; ARGV[2] the empty string or the instant,
 // Unix µs on Redis's clock, from which it must not delete: the operation's deadline
-// (Store.notAfter). Deletes whatever is there and wakes the watchers, and returns 1; returns 0,
-// deleting nothing, once TIME has reached ARGV[2]. The fence counter stays.
+// (Store.notAfter). Deletes whatever is there and wakes the watchers, and returns {1, seconds,
+// microseconds} of TIME; returns {0, ...}, deleting nothing, once TIME has reached ARGV[2]. The
+// fence counter stays.
 const delScript = `
-if ARGV[2] ~= '' then
-  local t = redis.call('TIME')
-  if tonumber(t[1]) * 1000000 + tonumber(t[2]) >= tonumber(ARGV[2]) then return 0 end
+local t = redis.call('TIME')
+if ARGV[2] ~= '' and tonumber(t[1]) * 1000000 + tonumber(t[2]) >= tonumber(ARGV[2]) then
+  return {0, t[1], t[2]}
 end
 redis.call('PUBLISH', ARGV[1], '')
 redis.call('DEL', KEYS[1])
-return 1
+return {1, t[1], t[2]}
 `
