@@ -222,7 +222,7 @@ func (c *Client) execute(ctx context.Context, key, token string, start time.Time
 		if definitive {
 			return Result{}, fmt.Errorf("%w; fn: %w", lost, fnErr)
 		}
-		if err := c.persist(cctx, func() error { return c.Release(cctx, key, token) }); err != nil {
+		if err := c.persist(cctx, nil, func(ctx context.Context) error { return c.Release(ctx, key, token) }); err != nil {
 			return Result{}, fmt.Errorf("%w; release of %q: %w", fnErr, key, err)
 		}
 		if lost != nil { // by the client's clock: fn's error is likely the cancellation's
@@ -235,8 +235,17 @@ func (c *Client) execute(ctx context.Context, key, token string, start time.Time
 		return Result{Response: resp}, fmt.Errorf("%w: %w", ErrNotRecorded, lost)
 	}
 	var rec *Record
-	err := c.persist(cctx, func() (err error) {
-		rec, err = c.Complete(cctx, key, CompleteRequest{Token: token, Response: resp})
+	// While the lease lasts, an attempt gets half of what is left of it, so that one stuck on a
+	// frozen replica leaves time for another before another caller may take the key over (a
+	// chaos audit: a complete stuck past the lease's end, with healthy replicas, ran fn twice).
+	per := func() time.Duration {
+		if left := time.Until(k.expiry); left > 0 {
+			return max(left/2, minAttempt)
+		}
+		return 0 // the rest of the cleanup timeout: the complete lands unless another took over
+	}
+	err := c.persist(cctx, per, func(ctx context.Context) (err error) {
+		rec, err = c.Complete(ctx, key, CompleteRequest{Token: token, Response: resp})
 		return err
 	})
 	if err != nil {
@@ -285,8 +294,9 @@ func (c *Client) confirm(ctx context.Context, key, token string, cfg doConfig) (
 type keeper struct {
 	cancel     context.CancelFunc
 	done       chan struct{}
-	lost       error // set before done is closed
-	definitive bool  // idemsvc said so, as opposed to the lease running out by our clock
+	lost       error     // set before done is closed
+	definitive bool      // idemsvc said so, as opposed to the lease running out by our clock
+	expiry     time.Time // the estimate of the lease's end when it stopped; set before done is closed
 }
 
 // keepAlive renews key's lease every third of lease, starting from start (when the begin was
@@ -296,8 +306,11 @@ func (c *Client) keepAlive(ctx context.Context, key, token string, lease time.Du
 	rctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	k := &keeper{cancel: cancel, done: make(chan struct{})}
 	go func() {
-		defer close(k.done)
 		expiry := start.Add(lease)
+		defer func() {
+			k.expiry = expiry
+			close(k.done)
+		}()
 		// The lease ends, at the earliest, lease after the begin was sent. A begin that waited
 		// (WithWait, or a takeover after RetryInProgress) may have acquired it long after: then
 		// the estimate is near or past already, and the first renew goes out at once.
@@ -311,15 +324,16 @@ func (c *Client) keepAlive(ctx context.Context, key, token string, lease time.Du
 			case <-t.C:
 			}
 			sent := time.Now()
-			// A renew gets half of what is left of the lease, so that one that hangs (a frozen
-			// replica) leaves time for another, on a new connection: with the whole of it, one
-			// hung renew lost the lease while other replicas were healthy (a chaos audit).
-			// And a renew is always sent before the lease is given up: when the estimate of its
-			// end is near or past, the renew still gets renewTime (the lease holds on the server
-			// until another caller takes the key over, and the renew then says so).
-			deadline := sent.Add(expiry.Sub(sent) / 2)
-			if floor := sent.Add(renewTime(lease)); deadline.Before(floor) {
-				deadline = floor
+			// A renew gets half of what is left of the lease (at least minAttempt), so that one
+			// that hangs (a frozen replica) leaves time for others, on new connections: with the
+			// whole of it, one hung renew lost the lease while other replicas were healthy, and
+			// with a third of the lease at least, two in a row did (a chaos audit). A renew sent
+			// when the estimate of the lease's end is past (a begin that waited) gets renewTime:
+			// the lease holds on the server until another caller takes the key over, and the
+			// renew then says so.
+			deadline := sent.Add(max(expiry.Sub(sent)/2, minAttempt))
+			if !expiry.After(sent) {
+				deadline = sent.Add(renewTime(lease))
 			}
 			actx, acancel := context.WithDeadline(rctx, deadline)
 			_, err := c.Renew(actx, key, token, lease)
@@ -352,15 +366,29 @@ func (c *Client) keepAlive(ctx context.Context, key, token string, lease time.Du
 	return k
 }
 
+// minAttempt is the least time a renew, or a complete while the lease lasts, is given.
+const minAttempt = 50 * time.Millisecond
+
 // persist calls op, a complete or release after fn, again while it fails with ErrUnavailable,
 // until ctx (the cleanup timeout) ends, spaced by the retry policy's backoff. The client's retry
 // policy alone gave up within a second, and a restart of idemsvc takes longer: fn's side effect
 // then went unrecorded, and a retry ran fn again (a chaos audit: 6 of 10 runs). Both are safe to
-// repeat.
-func (c *Client) persist(ctx context.Context, op func() error) error {
+// repeat. per, when not nil, bounds each call of op (0: no bound but ctx's); a call it cut short
+// counts as unavailable.
+func (c *Client) persist(ctx context.Context, per func() time.Duration, op func(context.Context) error) error {
 	var last error // the last unavailable answer
 	for attempt := 1; ; attempt++ {
-		err := op()
+		actx, cancel := ctx, context.CancelFunc(func() {})
+		if per != nil {
+			if d := per(); d > 0 {
+				actx, cancel = context.WithTimeout(ctx, d)
+			}
+		}
+		err := op(actx)
+		if err != nil && actx.Err() != nil && ctx.Err() == nil && !errors.Is(err, ErrUnavailable) {
+			err = fmt.Errorf("%w: no answer within the attempt's time: %w", ErrUnavailable, err)
+		}
+		cancel()
 		if err != nil && last != nil && ctx.Err() != nil && !errors.Is(err, ErrUnavailable) {
 			// The cleanup timeout cut the last attempt short: what kept failing is the news.
 			return fmt.Errorf("%w; then the cleanup timeout ended the next attempt: %w", last, err)

@@ -538,3 +538,70 @@ func TestDoRenewOutlastsAHungOne(t *testing.T) {
 		t.Errorf("%d renews, want a second after the hung one", got)
 	}
 }
+
+// stuckFirst makes the first n calls of op hang for d (a frozen replica behind a load balancer;
+// the client's next connection reaches a healthy one).
+func stuckFirst(op string, n int32, d time.Duration) func(string) int {
+	var seen atomic.Int32
+	return func(o string) int {
+		if o == op && seen.Add(1) <= n {
+			time.Sleep(d)
+		}
+		return 0
+	}
+}
+
+// TestDoCompleteOutlastsAHungOne: a complete stuck on a frozen replica is given up while the
+// lease lasts and sent again, so that it lands before another caller can take the key over. It
+// waited past the lease's end, and a chaos audit's second caller took over and ran fn again.
+func TestDoCompleteOutlastsAHungOne(t *testing.T) {
+	t.Parallel()
+	f, srv := newFake(t)
+	f.inject = stuckFirst("complete", 1, 2*time.Second)
+	c := newTestClient(t, srv.URL)
+	const lease = 600 * time.Millisecond
+	var runs atomic.Int32
+	fn := func(context.Context) (Response, error) {
+		runs.Add(1)
+		time.Sleep(100 * time.Millisecond)
+		return okResponse("x"), nil
+	}
+	first := make(chan error, 1)
+	go func() {
+		_, err := c.Do(t.Context(), "k", "", fn, WithLease(lease))
+		first <- err
+	}()
+	time.Sleep(lease + 100*time.Millisecond) // past the first lease's end
+	res, err := c.Do(t.Context(), "k", "", fn, WithLease(lease))
+	if err != nil || !res.Replayed {
+		t.Errorf("the second caller's Do = %+v, %v; want the first's response replayed", res, err)
+	}
+	if err := <-first; err != nil {
+		t.Errorf("the first caller's Do = %v, want its response recorded", err)
+	}
+	if n := runs.Load(); n != 1 {
+		t.Errorf("fn ran %d times, want once", n)
+	}
+}
+
+// TestDoRenewOutlastsTwoHungOnes: two renews in a row stuck on a frozen replica still leave
+// time for a third within the lease. Each was given at least a third of the lease, and two in a
+// row lost it (a chaos audit, with one of three replicas frozen).
+func TestDoRenewOutlastsTwoHungOnes(t *testing.T) {
+	t.Parallel()
+	f, srv := newFake(t)
+	f.inject = stuckFirst("renew", 2, 3*time.Second)
+	c := newTestClient(t, srv.URL)
+	const lease = 1500 * time.Millisecond
+	res, err := c.Do(t.Context(), "k", "", func(ctx context.Context) (Response, error) {
+		select {
+		case <-ctx.Done():
+			return Response{}, context.Cause(ctx)
+		case <-time.After(2 * time.Second):
+			return okResponse("x"), nil
+		}
+	}, WithLease(lease))
+	if err != nil || res.Record == nil {
+		t.Fatalf("Do = %+v, %v; want fn's response recorded: a third renew keeps the lease", res, err)
+	}
+}
