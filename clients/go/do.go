@@ -239,8 +239,8 @@ func (c *Client) execute(ctx context.Context, key, token string, start time.Time
 	// frozen replica leaves time for another before another caller may take the key over (a
 	// chaos audit: a complete stuck past the lease's end, with healthy replicas, ran fn twice).
 	per := func() time.Duration {
-		if left := time.Until(k.expiry); left > 0 {
-			return max(left/2, minAttempt)
+		if half := time.Until(k.expiry) / 2; half >= k.floor {
+			return half
 		}
 		return 0 // the rest of the cleanup timeout: the complete lands unless another took over
 	}
@@ -277,17 +277,20 @@ func (c *Client) confirm(ctx context.Context, key, token string, cfg doConfig) (
 	if errors.Is(err, ErrLeaseLost) || errors.Is(err, ErrNotFound) { // idemsvc's answer
 		return time.Time{}, fmt.Errorf("idemclient: %q: %w: the begin's answer came with the lease half gone or more, and by then the key was taken over or deleted, so fn did not run: %w", key, ErrLeaseLost, err)
 	}
-	// No answer: the lease may hold still. Give it back, so that a retry need not wait for it.
+	// No answer: the lease may hold still. Give it back (below), so that a retry need not wait
+	// for it.
+	if cerr := ctx.Err(); cerr != nil {
+		err = fmt.Errorf("idemclient: %q: fn did not run: %w (the renew to confirm the lease: %w)", key, cerr, err)
+	} else {
+		if !errors.Is(err, ErrUnavailable) { // the renew's time ran out: idemsvc did not answer
+			err = fmt.Errorf("%w: %w", ErrUnavailable, err)
+		}
+		err = fmt.Errorf("idemclient: %q: the begin's answer came with the lease half gone or more, and a renew to confirm it failed, so fn did not run: %w", key, err)
+	}
 	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cfg.cleanupTimeout)
 	defer cancel()
 	_ = c.Release(cctx, key, token)
-	if ctx.Err() != nil {
-		return time.Time{}, fmt.Errorf("idemclient: %q: fn did not run: %w", key, err)
-	}
-	if !errors.Is(err, ErrUnavailable) { // the renew's time ran out: idemsvc did not answer
-		err = fmt.Errorf("%w: %w", ErrUnavailable, err)
-	}
-	return time.Time{}, fmt.Errorf("idemclient: %q: the begin's answer came with the lease half gone or more, and a renew to confirm it failed, so fn did not run: %w", key, err)
+	return time.Time{}, err
 }
 
 // keeper renews a lease in the background until stopped.
@@ -297,6 +300,10 @@ type keeper struct {
 	lost       error     // set before done is closed
 	definitive bool      // idemsvc said so, as opposed to the lease running out by our clock
 	expiry     time.Time // the estimate of the lease's end when it stopped; set before done is closed
+	// floor is the least time a try (a renew, or the complete after fn while the lease lasts)
+	// is given: minTry, or four of the last round trips when idemsvc answers slower; set before
+	// done is closed.
+	floor time.Duration
 }
 
 // keepAlive renews key's lease every third of lease, starting from start (when the begin was
@@ -307,8 +314,9 @@ func (c *Client) keepAlive(ctx context.Context, key, token string, lease time.Du
 	k := &keeper{cancel: cancel, done: make(chan struct{})}
 	go func() {
 		expiry := start.Add(lease)
+		floor := max(minTry, 4*time.Since(start)) // the begin's round trip (and any wait)
 		defer func() {
-			k.expiry = expiry
+			k.expiry, k.floor = expiry, floor
 			close(k.done)
 		}()
 		// The lease ends, at the earliest, lease after the begin was sent. A begin that waited
@@ -324,17 +332,18 @@ func (c *Client) keepAlive(ctx context.Context, key, token string, lease time.Du
 			case <-t.C:
 			}
 			sent := time.Now()
-			// A renew gets half of what is left of the lease (at least minAttempt), so that one
-			// that hangs (a frozen replica) leaves time for others, on new connections: with the
-			// whole of it, one hung renew lost the lease while other replicas were healthy, and
-			// with a third of the lease at least, two in a row did (a chaos audit). A renew sent
-			// when the estimate of the lease's end is past (a begin that waited) gets renewTime:
-			// the lease holds on the server until another caller takes the key over, and the
-			// renew then says so.
-			deadline := sent.Add(max(expiry.Sub(sent)/2, minAttempt))
+			// A renew gets half of what is left of the lease, at least floor (never less than a
+			// few round trips), so that one that hangs (a frozen replica) leaves time for others,
+			// on new connections: with the whole of it, one hung renew lost the lease while other
+			// replicas were healthy, and with a third of the lease at least, two in a row did (a
+			// chaos audit). One sent when the estimate of the lease's end is past gets renewTime
+			// too: the lease holds on the server until another caller takes the key over, and
+			// the renew then says so.
+			d := max(expiry.Sub(sent)/2, floor)
 			if !expiry.After(sent) {
-				deadline = sent.Add(renewTime(lease))
+				d = max(d, renewTime(lease))
 			}
+			deadline := sent.Add(d)
 			actx, acancel := context.WithDeadline(rctx, deadline)
 			_, err := c.Renew(actx, key, token, lease)
 			acancel()
@@ -345,6 +354,7 @@ func (c *Client) keepAlive(ctx context.Context, key, token string, lease time.Du
 			case err == nil:
 				expiry = sent.Add(lease)
 				wait = lease / 3
+				floor = max(minTry, 4*time.Since(sent))
 			case errors.Is(err, ErrLeaseLost):
 				k.lost, k.definitive = fmt.Errorf("idemclient: renew %q: %w", key, err), true
 			case errors.Is(err, ErrNotFound):
@@ -366,8 +376,9 @@ func (c *Client) keepAlive(ctx context.Context, key, token string, lease time.Du
 	return k
 }
 
-// minAttempt is the least time a renew, or a complete while the lease lasts, is given.
-const minAttempt = 50 * time.Millisecond
+// minTry is the least time a renew, or a complete while the lease lasts, is given (see
+// keeper.floor).
+const minTry = 250 * time.Millisecond
 
 // persist calls op, a complete or release after fn, again while it fails with ErrUnavailable,
 // until ctx (the cleanup timeout) ends, spaced by the retry policy's backoff. The client's retry

@@ -557,9 +557,9 @@ func stuckFirst(op string, n int32, d time.Duration) func(string) int {
 func TestDoCompleteOutlastsAHungOne(t *testing.T) {
 	t.Parallel()
 	f, srv := newFake(t)
-	f.inject = stuckFirst("complete", 1, 2*time.Second)
+	f.inject = stuckFirst("complete", 1, 3*time.Second)
 	c := newTestClient(t, srv.URL)
-	const lease = 600 * time.Millisecond
+	const lease = 1200 * time.Millisecond
 	var runs atomic.Int32
 	fn := func(context.Context) (Response, error) {
 		runs.Add(1)
@@ -590,14 +590,14 @@ func TestDoCompleteOutlastsAHungOne(t *testing.T) {
 func TestDoRenewOutlastsTwoHungOnes(t *testing.T) {
 	t.Parallel()
 	f, srv := newFake(t)
-	f.inject = stuckFirst("renew", 2, 3*time.Second)
+	f.inject = stuckFirst("renew", 2, 5*time.Second)
 	c := newTestClient(t, srv.URL)
-	const lease = 1500 * time.Millisecond
+	const lease = 3 * time.Second
 	res, err := c.Do(t.Context(), "k", "", func(ctx context.Context) (Response, error) {
 		select {
 		case <-ctx.Done():
 			return Response{}, context.Cause(ctx)
-		case <-time.After(2 * time.Second):
+		case <-time.After(4 * time.Second):
 			return okResponse("x"), nil
 		}
 	}, WithLease(lease))
