@@ -628,16 +628,23 @@ func TestConnectionLimit(t *testing.T) {
 	if st, err := get(extra, bufio.NewReader(extra)); err != nil || st != 200 {
 		t.Fatalf("connection %d while %d idle ones were open: %d, %v; want 200 at once", limit+1, limit, st, err)
 	}
-	_ = conns[0].SetReadDeadline(time.Now().Add(2 * time.Second))
-	var b [1]byte
-	if n, err := conns[0].Read(b[:]); n != 0 || !errors.Is(err, io.EOF) {
-		t.Errorf("the oldest idle connection: read %d bytes, %v; want it closed by the server (EOF)", n, err)
-	}
-	for i, c := range conns[1:] {
+	// One idle connection was closed, the one idle the longest: which one that is, the server
+	// decides from when each went idle, which it notes after the client has read its answer,
+	// so that under load the second can go idle first (conns_test.go holds the order exactly).
+	// Each of the others is still served.
+	closed := 0
+	for i, c := range conns {
 		_ = c.SetDeadline(time.Now().Add(5 * time.Second))
-		if st, err := get(c, bufio.NewReader(c)); err != nil || st != 200 {
-			t.Errorf("idle connection %d after the ninth: %d, %v; want it still served", i+2, st, err)
+		st, err := get(c, bufio.NewReader(c))
+		switch {
+		case err != nil && (errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNRESET)):
+			closed++
+		case err != nil || st != 200:
+			t.Errorf("idle connection %d after the ninth: %d, %v; want it served, or closed by the server", i+1, st, err)
 		}
+	}
+	if closed != 1 {
+		t.Errorf("%d idle connections closed for the ninth, want 1", closed)
 	}
 
 	// All closed: the service serves new connections, more of them than the limit one after
