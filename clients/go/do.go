@@ -319,9 +319,9 @@ func (c *Client) keepAlive(ctx context.Context, key, token string, lease time.Du
 			k.expiry, k.floor = expiry, floor
 			close(k.done)
 		}()
-		// The lease ends, at the earliest, lease after the begin was sent. A begin that waited
-		// (WithWait, or a takeover after RetryInProgress) may have acquired it long after: then
-		// the estimate is near or past already, and the first renew goes out at once.
+		// The lease ends, at the earliest, lease after the begin (or confirm's renew) was sent.
+		// When less than half of it is left by then, confirm has renewed it before fn started;
+		// should even that have taken long, the first renew goes out at once.
 		wait := min(lease/3, max(time.Until(expiry)/2, 0))
 		for {
 			t := time.NewTimer(wait)
