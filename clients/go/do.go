@@ -332,14 +332,15 @@ func (c *Client) keepAlive(ctx context.Context, key, token string, lease time.Du
 			case <-t.C:
 			}
 			sent := time.Now()
-			// A renew gets half of what is left of the lease, at least floor (never less than a
-			// few round trips), so that one that hangs (a frozen replica) leaves time for others,
-			// on new connections: with the whole of it, one hung renew lost the lease while other
-			// replicas were healthy, and with a third of the lease at least, two in a row did (a
-			// chaos audit). One sent when the estimate of the lease's end is past gets renewTime
-			// too: the lease holds on the server until another caller takes the key over, and
-			// the renew then says so.
-			d := max(expiry.Sub(sent)/2, floor)
+			// A renew gets a third of what is left of the lease, at least floor (never less than
+			// a few round trips), so that one that hangs (a frozen replica) leaves time for
+			// several others, on new connections: with the whole of it, one hung renew lost the
+			// lease while other replicas were healthy; with a third of the lease at least, two
+			// in a row did; with half of what was left, and a pause between them, three did (a
+			// chaos audit and its re-checks). One sent when the estimate of the lease's end is
+			// past gets renewTime too: the lease holds on the server until another caller takes
+			// the key over, and the renew then says so.
+			d := max(expiry.Sub(sent)/3, floor)
 			if !expiry.After(sent) {
 				d = max(d, renewTime(lease))
 			}
@@ -363,8 +364,12 @@ func (c *Client) keepAlive(ctx context.Context, key, token string, lease time.Du
 				k.lost = fmt.Errorf("idemclient: renew %q: %w: the lease ran out before a renew succeeded: %w", key, ErrLeaseLost, err)
 			default:
 				// A transient failure the client's retries did not overcome: try again soon,
-				// while the lease still holds.
+				// while the lease still holds; at once after one that used up its time (it
+				// hung, and waiting would only shorten the next one's).
 				wait = max(min(lease/10, time.Until(expiry)/2), time.Millisecond)
+				if !time.Now().Before(deadline) {
+					wait = time.Millisecond
+				}
 				continue
 			}
 			if k.lost != nil {
