@@ -437,6 +437,18 @@ func delayBegin(f *fakeSvc, delay time.Duration, armed *atomic.Bool) http.Handle
 	})
 }
 
+// lateBegin is a fake idemsvc whose first begin's answer arrives twice the lease late, and a
+// client of it.
+func lateBegin(t *testing.T, lease time.Duration) (*fakeSvc, *Client) {
+	t.Helper()
+	f, _ := newFake(t)
+	var armed atomic.Bool
+	armed.Store(true)
+	srv := httptest.NewServer(delayBegin(f, 2*lease, &armed))
+	t.Cleanup(srv.Close)
+	return f, newTestClient(t, srv.URL)
+}
+
 // TestDoConfirmsALateLease: when the begin's answer arrives with the lease past its end by the
 // client's clock, Do confirms the lease with a renew before fn runs. fn ran twice: a chaos
 // audit held a 201 for 3 s of a 2 s lease, another caller took the key over meanwhile, and the
@@ -447,12 +459,7 @@ func TestDoConfirmsALateLease(t *testing.T) {
 	for _, takenOver := range []bool{true, false} {
 		t.Run(map[bool]string{true: "TakenOver", false: "StillHeld"}[takenOver], func(t *testing.T) {
 			t.Parallel()
-			f, _ := newFake(t)
-			var armed atomic.Bool
-			armed.Store(true)
-			srv := httptest.NewServer(delayBegin(f, 2*lease, &armed))
-			t.Cleanup(srv.Close)
-			c := newTestClient(t, srv.URL)
+			_, c := lateBegin(t, lease)
 			var runs atomic.Int32
 			fn := func(context.Context) (Response, error) { runs.Add(1); return okResponse("x"), nil }
 			first := make(chan error, 1)
@@ -486,18 +493,13 @@ func TestDoConfirmsALateLease(t *testing.T) {
 func TestDoLateLeaseUnconfirmed(t *testing.T) {
 	t.Parallel()
 	const lease = 300 * time.Millisecond
-	f, _ := newFake(t)
-	var armed atomic.Bool
-	armed.Store(true)
-	srv := httptest.NewServer(delayBegin(f, 2*lease, &armed))
-	t.Cleanup(srv.Close)
+	f, c := lateBegin(t, lease)
 	f.inject = func(op string) int {
 		if op == "renew" {
 			time.Sleep(time.Second)
 		}
 		return 0
 	}
-	c := newTestClient(t, srv.URL)
 	var runs atomic.Int32
 	_, err := c.Do(t.Context(), "k", "", func(context.Context) (Response, error) { runs.Add(1); return okResponse("x"), nil }, WithLease(lease))
 	if !errors.Is(err, ErrUnavailable) || errors.Is(err, ErrLeaseLost) {

@@ -215,13 +215,9 @@ func TestMiddlewareInProgress(t *testing.T) {
 func TestMiddlewareLateBeginTakenOver(t *testing.T) {
 	t.Parallel()
 	const lease = 300 * time.Millisecond
-	f, _ := newFake(t)
-	var armed atomic.Bool
-	armed.Store(true)
-	idem := httptest.NewServer(delayBegin(f, 2*lease, &armed))
-	t.Cleanup(idem.Close)
+	_, c := lateBegin(t, lease)
 	app := &chargeApp{}
-	srv := httptest.NewServer(Middleware(newTestClient(t, idem.URL), WithLease(lease))(app))
+	srv := httptest.NewServer(Middleware(c, WithLease(lease))(app))
 	t.Cleanup(srv.Close)
 	url := srv.URL + "/charges"
 	var first answer

@@ -130,11 +130,7 @@ func TestDoSlowComplete(t *testing.T) {
 func TestDoConfirmCancelledDuringRelease(t *testing.T) {
 	t.Parallel()
 	const lease = 300 * time.Millisecond
-	f, _ := newFake(t)
-	var armed atomic.Bool
-	armed.Store(true)
-	srv := httptest.NewServer(delayBegin(f, 2*lease, &armed))
-	t.Cleanup(srv.Close)
+	f, c := lateBegin(t, lease)
 	f.inject = func(op string) int {
 		switch op {
 		case "renew":
@@ -144,7 +140,6 @@ func TestDoConfirmCancelledDuringRelease(t *testing.T) {
 		}
 		return 0
 	}
-	c := newTestClient(t, srv.URL)
 	ctx, cancel := context.WithCancel(t.Context())
 	time.AfterFunc(2*lease+350*time.Millisecond, cancel) // after the renew's 250 ms, during the release
 	_, err := c.Do(ctx, "k", "", func(context.Context) (Response, error) { return okResponse("x"), nil }, WithLease(lease))
