@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/idemsvc/idemsvc/internal/keys"
 )
 
 // storeHealth turns store outages into a few log lines. Every request answered 503 for the store
@@ -67,6 +69,33 @@ const healthPatience = 500 * time.Millisecond
 // cancelled call as the caller's).
 func callerLeft(ctx context.Context, start time.Time) bool {
 	return errors.Is(ctx.Err(), context.Canceled) && time.Since(start) < healthPatience
+}
+
+// observe records how a store call of kind (opRead or opWrite), begun at start with the request's
+// context ctx, ended, and returns its result for the metrics: ok; rejected (a refusal, such as
+// not found or in progress, is the store's answer: a read that succeeded); unavailable (an
+// outage, logged); cancelled (unavailable only because its client left: see callerLeft); or
+// error.
+func (h *storeHealth) observe(ctx context.Context, kind uint32, start time.Time, err error) string {
+	switch {
+	case err == nil:
+		h.success(kind)
+		return "ok"
+	case errors.Is(err, keys.ErrUnavailable) && callerLeft(ctx, start):
+		// That says nothing of the store, and is no outage (a chaos audit saw a client's
+		// timeout logged as "store unavailable" and counted where operators alert).
+		return "cancelled"
+	case errors.Is(err, keys.ErrUnavailable):
+		h.failure(err, requestID(ctx), kind) // logs the outage, not every request
+		return "unavailable"
+	case errors.Is(err, keys.ErrNotFound), errors.Is(err, keys.ErrInProgress),
+		errors.Is(err, keys.ErrFingerprintMismatch), errors.Is(err, keys.ErrLeaseLost),
+		errors.Is(err, keys.ErrAlreadyCompleted):
+		h.success(opRead)
+		return "rejected"
+	default:
+		return "error"
+	}
 }
 
 // failure records an operation of kind (opRead or opWrite) that failed because the store is

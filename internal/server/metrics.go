@@ -2,7 +2,6 @@ package server
 
 import (
 	"context"
-	"errors"
 	"net/http"
 	"strconv"
 	"sync"
@@ -192,29 +191,9 @@ func instrument(s keys.Store, m *metrics, h *storeHealth) keys.Store {
 }
 
 // observe counts and times one operation of kind (opRead or opWrite: whether it would write had it
-// succeeded), and tells the store's health how it went (see storeHealth). A refusal (not found,
-// in progress, ...) is the store's answer: a read that succeeded.
+// succeeded), and tells the store's health how it went (storeHealth.observe).
 func (s instrumented) observe(ctx context.Context, op string, kind uint32, start time.Time, err error) {
-	result := "ok"
-	switch {
-	case err == nil:
-		s.h.success(kind)
-	case errors.Is(err, keys.ErrUnavailable) && callerLeft(ctx, start):
-		// The client went away (or the server stopped) while the store worked: that says
-		// nothing of the store, and is no outage (a chaos audit saw a client's timeout logged as
-		// "store unavailable" and counted where operators alert).
-		result = "cancelled"
-	case errors.Is(err, keys.ErrUnavailable):
-		result = "unavailable"
-		s.h.failure(err, requestID(ctx), kind) // logs the outage, not every request
-	case errors.Is(err, keys.ErrNotFound), errors.Is(err, keys.ErrInProgress),
-		errors.Is(err, keys.ErrFingerprintMismatch), errors.Is(err, keys.ErrLeaseLost),
-		errors.Is(err, keys.ErrAlreadyCompleted):
-		result = "rejected"
-		s.h.success(opRead) // the store answered
-	default:
-		result = "error"
-	}
+	result := s.h.observe(ctx, kind, start, err)
 	s.m.storeSeries.get(storeLabels{op, result}, func(l storeLabels) prometheus.Observer {
 		return s.m.storeOps.WithLabelValues(l.op, l.result)
 	}).Observe(time.Since(start).Seconds())

@@ -245,15 +245,14 @@ func (s *Server) handleReadyz(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 	defer cancel()
 	start := time.Now()
-	if err := s.store.Ping(ctx); err != nil {
+	err := s.store.Ping(ctx)
+	if err != nil {
 		err = fmt.Errorf("not ready: %w: %w", keys.ErrUnavailable, err)
-		if !callerLeft(r.Context(), start) {
-			s.health.failure(err, requestID(r.Context()), opRead)
-		}
+	}
+	if s.health.observe(r.Context(), opRead, start, err); err != nil {
 		s.writeError(w, r, err)
 		return
 	}
-	s.health.success(opRead)
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	_, _ = w.Write([]byte("ok\n")) // api/openapi.yaml
 }
