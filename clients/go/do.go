@@ -109,8 +109,8 @@ func WithWait(d time.Duration) DoOption {
 
 // WithCleanupTimeout bounds the complete or release Do sends after fn returned, which runs even
 // when ctx is cancelled by then, and is tried again while idemsvc is unavailable until this has
-// passed (default, or zero: DefaultCleanupTimeout). A negative d makes
-// every Do fail with ErrInvalidRequest.
+// passed (default, or zero: DefaultCleanupTimeout). A negative d makes every Do fail with
+// ErrInvalidRequest.
 func WithCleanupTimeout(d time.Duration) DoOption {
 	return doOption(func(c *doConfig) {
 		switch {
@@ -125,15 +125,16 @@ func WithCleanupTimeout(d time.Duration) DoOption {
 // Do runs fn at most once for key, as far as idemsvc can see.
 //
 // It begins key with fingerprint (see Fingerprint; "" for none). When the key has completed, Do
-// returns the stored response with Result.Replayed set and does not call fn. When Do acquires
-// the key, it calls fn with a context derived from ctx and, while fn runs, renews the lease every
-// third of its length. When the begin's answer came with half the lease or more gone by the
-// client's clock, Do renews first, and does not call fn unless the renew succeeds: it returns an
-// error matching ErrLeaseLost when idemsvc answers that another caller took the key over (or it
-// was deleted), and one matching ErrUnavailable when the renew gets no answer. When fn returns a Response and a nil error, Do stores the response
-// (complete) and returns it; a later Do with the same key replays it. When fn returns an error,
-// Do releases the key, so that a later Do runs fn again, and returns fn's error unchanged.
-// Encode a failure that must not be retried (a declined card, say) as a Response instead.
+// returns the stored response with Result.Replayed set and does not call fn. When Do acquires the
+// key, it calls fn with a context derived from ctx and, while fn runs, renews the lease every third
+// of its length. When the begin's answer came with half the lease or more gone by the client's
+// clock, Do renews first, and does not call fn unless the renew succeeds: it returns an error
+// matching ErrLeaseLost when idemsvc answers that another caller took the key over (or it was
+// deleted), and one matching ErrUnavailable when the renew gets no answer. When fn returns a
+// Response and a nil error, Do stores the response (complete) and returns it; a later Do with the
+// same key replays it. When fn returns an error, Do releases the key, so that a later Do runs fn
+// again, and returns fn's error unchanged. Encode a failure that must not be retried (a declined
+// card, say) as a Response instead.
 //
 // Do fails without calling fn with ErrInProgress when another caller holds the key (see
 // WithWait), ErrFingerprintMismatch when the key was begun for a different request, and with the
@@ -424,7 +425,7 @@ func (c *Client) persist(ctx context.Context, per func() time.Duration, op func(
 }
 
 // renewTime is the least time a renew is given, however close the estimate of the lease's end.
-func renewTime(lease time.Duration) time.Duration { return max(lease/3, 250*time.Millisecond) }
+func renewTime(lease time.Duration) time.Duration { return max(lease/3, minTry) }
 
 // stop ends the renewals, waits for the renewing goroutine to finish and reports whether the
 // lease was lost.

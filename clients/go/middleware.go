@@ -351,14 +351,11 @@ func (m *middleware) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	switch {
 	case err == nil && res.Replayed:
 		writeReplay(w, res.Response)
-	case errors.Is(err, ErrInProgress):
+	case errors.Is(err, ErrInProgress), errors.Is(err, ErrLeaseLost) && !errors.Is(err, ErrUnavailable):
+		// Another request holds the key. (ErrLeaseLost: the begin's answer came late, and by then
+		// another request had taken the key over, or it was deleted; Do did not run the handler.)
 		// Not idemsvc's Retry-After: that is the time left on the holder's lease, which Do keeps
 		// renewing, so it says nothing about when the handler finishes.
-		writeProblem(w, r, http.StatusConflict, "in-progress", "Request in progress",
-			"A request with this Idempotency-Key is still being processed. Retry later.", time.Second)
-	case errors.Is(err, ErrLeaseLost) && !errors.Is(err, ErrUnavailable):
-		// The begin's answer came late, and by then another request had taken the key over (or
-		// it was deleted): Do did not run the handler. That request is the one in progress.
 		writeProblem(w, r, http.StatusConflict, "in-progress", "Request in progress",
 			"A request with this Idempotency-Key is still being processed. Retry later.", time.Second)
 	case errors.Is(err, ErrFingerprintMismatch):
