@@ -595,9 +595,7 @@ func (s *Store) cas(ctx context.Context, n names, snap snapshot, w casWrite) (ca
 			}
 		}
 	}
-	if until != 0 {
-		args[12] = strconv.FormatInt(until, 10)
-	}
+	args[12] = microsArg(until)
 	if w.del {
 		args[2] = "del"
 	} else {
@@ -681,6 +679,14 @@ func (s *Store) notAfter(ctx context.Context) int64 {
 		return 0
 	}
 	return est.Add(time.Until(dl)).UnixMicro()
+}
+
+// microsArg is a script's argument for the instant us (Unix µs): empty for none (0).
+func microsArg(us int64) string {
+	if us == 0 {
+		return ""
+	}
+	return strconv.FormatInt(us, 10)
 }
 
 // op runs one operation: it bounds ctx by the store's timeout and retries attempt while it
@@ -821,9 +827,7 @@ func (s *Store) beginAhead(ctx context.Context, n names, key string, req keys.Be
 	expires := snap.redisMillis(rec.ExpiresAt)
 	args := []string{body, "", "", "", "", clockAheadArg, clockBehindArg, ""}
 	decimals(args[1:5], expires, snap.now.UnixMicro(), expires+fenceMargin.Milliseconds(), snap.est.UnixMicro())
-	if until := s.notAfter(ctx); until != 0 {
-		args[7] = strconv.FormatInt(until, 10)
-	}
+	args[7] = microsArg(s.notAfter(ctx))
 	rep, err := s.call(func() (reply, error) { return s.d.begin(ctx, [2]string{n.rec, n.fence}, args) })
 	if err != nil {
 		return false, snapshot{}, s.edge(err) // as in cas: a lost reply is never an acquire
@@ -954,10 +958,7 @@ func (s *Store) Delete(ctx context.Context, tenant, key string) error {
 	n := s.names(tenant, key)
 	s.cache.drop(n.rec)
 	return s.op(ctx, "delete", key, func(ctx context.Context) (bool, error) {
-		until := ""
-		if us := s.notAfter(ctx); us != 0 {
-			until = strconv.FormatInt(us, 10)
-		}
+		until := microsArg(s.notAfter(ctx))
 		r, err := s.call(func() (reply, error) { return s.d.del(ctx, n.rec, n.channel, until) })
 		if err == nil && !r.wrote && s.late(ctx, r) {
 			err = errLate
