@@ -63,6 +63,10 @@ func ACL(prefix string) string {
 		"+get +set +del +pexpiretime +pexpireat +publish ~" + prefix + "* &" + prefix + "*"
 }
 
+// clusterACL is what the Store needs besides ACL's rules on Redis Cluster: the client learns
+// the slots with CLUSTER SLOTS (CLUSTER SHARDS on Redis 8 and later).
+const clusterACL = "+cluster|slots +cluster|shards"
+
 // aclHint is the ACL an error message suggests: ACL's, with +select when the URL names a
 // database other than 0.
 func (s *Store) aclHint() string {
@@ -166,14 +170,21 @@ func (s *Store) check(ctx context.Context) error {
 	if err != nil {
 		return s.checkErrorf("connecting (HELLO, AUTH, SELECT)", err)
 	}
-	info, err := c.Do(ctx, c.B().Info().Section("server").Build()).ToString()
+	info, err := infoEvery(ctx, c, "server")
 	if err != nil {
 		return s.checkErrorf("INFO server", err)
 	}
 	if err := checkVersion(info); err != nil {
 		return err
 	}
-	if info, err = c.Do(ctx, c.B().Info().Section("memory").Build()).ToString(); err != nil {
+	if infoField(info, "redis_mode") == "cluster" && c.Mode() != rueidis.ClientModeCluster {
+		// rueidis asks for the slots (CLUSTER SLOTS; CLUSTER SHARDS on Redis 8) and, refused,
+		// treats the node as a single Redis: every key of another node then fails with MOVED.
+		return fmt.Errorf("%w: Redis runs as a cluster, but the client could not learn its slots "+
+			"(CLUSTER SLOTS, or CLUSTER SHARDS on Redis 8, refused?): the Redis user needs the ACL %q "+
+			"on every node; restart idemsvc after granting it", ErrMisconfigured, s.aclHint()+" "+clusterACL)
+	}
+	if info, err = infoEvery(ctx, c, "memory"); err != nil {
 		return s.checkErrorf("INFO memory", err)
 	}
 	s.policyAt.Store(time.Since(s.clock.epoch).Nanoseconds())

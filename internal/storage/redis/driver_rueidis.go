@@ -284,7 +284,47 @@ func (d *rueidisDriver) info(ctx context.Context, section string) (string, error
 	if err != nil {
 		return "", err
 	}
-	return c.Do(ctx, c.B().Info().Section(section).Build()).ToString()
+	return infoEvery(ctx, c, section)
+}
+
+// infoEvery runs INFO section on Redis, or on every node of a Redis Cluster: there a command
+// without a key goes to any one node, and a maxmemory-policy or version read on one says nothing
+// of the others (a key's own node is the one that evicts it). It returns the replies joined,
+// those of nodes that fail a check first, so that infoField reads the one that matters. A node
+// that cannot be reached is left out while another answers (its keys fail by themselves).
+func infoEvery(ctx context.Context, c rueidis.Client, section string) (string, error) {
+	if c.Mode() != rueidis.ClientModeCluster {
+		return c.Do(ctx, c.B().Info().Section(section).Build()).ToString()
+	}
+	var bad, good []string
+	var lastErr error
+	for _, n := range c.Nodes() {
+		s, err := n.Do(ctx, n.B().Info().Section(section).Build()).ToString()
+		if err != nil {
+			if _, reply := rueidis.IsRedisErr(err); reply {
+				return "", err
+			}
+			lastErr = err
+			continue
+		}
+		if mayEvict(infoField(s, "maxmemory_policy")) || checkVersion(s) != nil {
+			bad = append(bad, s)
+		} else {
+			good = append(good, s)
+		}
+	}
+	if len(bad)+len(good) == 0 {
+		return "", lastErr
+	}
+	return strings.Join(append(bad, good...), "\r\n"), nil
+}
+
+// tryAgain reports whether err is Redis Cluster's TRYAGAIN: a script's keys (a record and its
+// fence counter) are in a slot being migrated and not all on one side yet. The script did not
+// run, so the operation may run it again once the migration has moved them.
+func tryAgain(err error) bool {
+	var re *rueidis.RedisError
+	return errors.As(err, &re) && re.IsTryAgain()
 }
 
 // marker runs SET key candidate NX GET: it stores candidate when key is absent (created) and

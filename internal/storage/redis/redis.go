@@ -134,7 +134,18 @@
 // channel by default: acl-pubsub-default resetchannels). Add +select when the URL names a
 // database other than 0. The client also tries CLUSTER SLOTS when it connects; a NOPERM there
 // is fine on a single node (it then treats Redis as one). On Redis Cluster the client must be
-// allowed to learn the slots (CLUSTER SLOTS or SHARDS): not covered by the tests here.
+// allowed to learn the slots: add +cluster|slots +cluster|shards (CLUSTER SHARDS on Redis 8), on
+// every node (Redis Cluster does not share ACLs). Without it the client treats the node it was
+// given as the whole Redis, so the checks refuse a node that reports redis_mode:cluster to a
+// client that is not in cluster mode (TestClusterACLWithoutSlots).
+//
+// # Redis Cluster
+//
+// Commands without a key (INFO, PING, TIME) go to any one node: the checks read INFO on every
+// node (version, policy), but the ACL probe runs on the node of its probe key only, Ping pings
+// one node, and the data marker lives on one node, so a loss of another node's data goes
+// unnoticed. While a key's slot is being migrated, a script whose two keys are not all on one
+// side gets TRYAGAIN (it did not run): the operation tries again within its timeout.
 package redis
 
 import (
@@ -702,9 +713,10 @@ func (s *Store) op(ctx context.Context, name, key string, attempt func(ctx conte
 	for i := 0; ; i++ {
 		done, err := attempt(opCtx)
 		if err != nil {
-			return s.wrap(ctx, name, key, err)
-		}
-		if done {
+			if !tryAgain(err) || i+1 == maxAttempts {
+				return s.wrap(ctx, name, key, err)
+			}
+		} else if done {
 			return nil
 		}
 		if i+1 == maxAttempts {
@@ -713,6 +725,11 @@ func (s *Store) op(ctx context.Context, name, key string, attempt func(ctx conte
 		}
 		// Up to 0.1, 0.2, 0.4 ... 25.6ms: spreads the losers so one of them wins next.
 		backoff := time.Duration(rand.Int64N(int64(100*time.Microsecond) << i))
+		if err != nil {
+			// TRYAGAIN: the key's slot is being migrated (Redis Cluster) and the script did not
+			// run; the migration moves the key's two Redis keys within milliseconds.
+			backoff = min(5*time.Millisecond<<i, 100*time.Millisecond)
+		}
 		t := time.NewTimer(backoff)
 		select {
 		case <-t.C:

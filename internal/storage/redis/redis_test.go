@@ -54,7 +54,12 @@ var (
 func TestOneWinnerAcrossStores(t *testing.T) {
 	url := redistest.URL(t)
 	prefix := redistest.Prefix(t)
-	stores := [2]*Store{openTest(t, url, prefix, nil), openTest(t, url, prefix, nil)}
+	oneWinnerAcrossStores(t, openTest(t, url, prefix, nil), openTest(t, url, prefix, nil))
+}
+
+// oneWinnerAcrossStores is TestOneWinnerAcrossStores on two given stores of one prefix.
+func oneWinnerAcrossStores(t *testing.T, a, b *Store) {
+	stores := [2]*Store{a, b}
 	ctx := t.Context()
 	for k := range 20 {
 		key := "key-" + string(rune('a'+k))
@@ -102,7 +107,11 @@ func TestOneWinnerAcrossStores(t *testing.T) {
 func TestWatchAcrossStores(t *testing.T) {
 	url := redistest.URL(t)
 	prefix := redistest.Prefix(t)
-	a, b := openTest(t, url, prefix, nil), openTest(t, url, prefix, nil)
+	watchAcrossStores(t, openTest(t, url, prefix, nil), openTest(t, url, prefix, nil))
+}
+
+// watchAcrossStores is TestWatchAcrossStores on two given stores of one prefix.
+func watchAcrossStores(t *testing.T, a, b *Store) {
 	ctx := t.Context()
 	for _, tc := range []struct {
 		name   string

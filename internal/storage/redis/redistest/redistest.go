@@ -79,7 +79,9 @@ func Prefix(t testing.TB) string {
 	return prefix
 }
 
-// scrub deletes every key under prefix.
+// scrub deletes every key under prefix: on every node (SCAN answers for one node only, and on
+// Redis Cluster the keys are spread over the masters), one key per UNLINK, pipelined (keys under
+// a prefix hash to many slots, and a multi-key command must stay in one).
 func scrub(t testing.TB, url, prefix string) {
 	c, err := client(url)
 	if err != nil {
@@ -88,21 +90,27 @@ func scrub(t testing.TB, url, prefix string) {
 	}
 	defer c.Close()
 	ctx := context.Background()
-	var cursor uint64
-	for {
-		e, err := c.Do(ctx, c.B().Scan().Cursor(cursor).Match(prefix+"*").Count(1000).Build()).AsScanEntry()
-		if err != nil {
-			t.Errorf("scrub %s: %v", prefix, err)
-			return
-		}
-		if len(e.Elements) > 0 {
-			if err := c.Do(ctx, c.B().Unlink().Key(e.Elements...).Build()).Error(); err != nil {
+	for _, n := range c.Nodes() {
+		var cursor uint64
+		for {
+			e, err := n.Do(ctx, n.B().Scan().Cursor(cursor).Match(prefix+"*").Count(1000).Build()).AsScanEntry()
+			if err != nil {
 				t.Errorf("scrub %s: %v", prefix, err)
 				return
 			}
-		}
-		if cursor = e.Cursor; cursor == 0 {
-			return
+			cmds := make(rueidis.Commands, 0, len(e.Elements))
+			for _, k := range e.Elements {
+				cmds = append(cmds, c.B().Unlink().Key(k).Build())
+			}
+			for _, r := range c.DoMulti(ctx, cmds...) {
+				if err := r.Error(); err != nil {
+					t.Errorf("scrub %s: %v", prefix, err)
+					return
+				}
+			}
+			if cursor = e.Cursor; cursor == 0 {
+				break
+			}
 		}
 	}
 }
