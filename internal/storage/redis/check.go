@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -68,12 +69,16 @@ func ACL(prefix string) string {
 const clusterACL = "+cluster|slots +cluster|shards"
 
 // aclHint is the ACL an error message suggests: ACL's, with +select when the URL names a
-// database other than 0.
+// database other than 0, and clusterACL on Redis Cluster.
 func (s *Store) aclHint() string {
+	acl := ACL(s.prefix)
 	if s.rd != nil && s.rd.main.opt.SelectDB != 0 {
-		return ACL(s.prefix) + " +select"
+		acl += " +select"
 	}
-	return ACL(s.prefix)
+	if s.clustered.Load() {
+		acl += " " + clusterACL
+	}
+	return acl
 }
 
 // probeScript runs every command the scripts run, on a probe key and channel, and returns the
@@ -177,6 +182,7 @@ func (s *Store) check(ctx context.Context) error {
 	if err := checkVersion(info); err != nil {
 		return err
 	}
+	s.clustered.Store(c.Mode() == rueidis.ClientModeCluster)
 	if infoField(info, "redis_mode") == "cluster" && c.Mode() != rueidis.ClientModeCluster {
 		// rueidis asks for the slots (CLUSTER SLOTS; CLUSTER SHARDS on Redis 8) and, refused,
 		// treats the node as a single Redis: every key of another node then fails with MOVED.
@@ -208,7 +214,7 @@ func (s *Store) check(ctx context.Context) error {
 	// ACL refused a script something, see Store.edge) compared as Ping compares it, so that a
 	// loss of data meanwhile is reported, not adopted (a review's find).
 	if err := s.checkMarker(ctx); !permitted(err) {
-		return s.checkErrorf("GET and SET NX GET (the data marker)", err)
+		return s.checkErrorf("the data marker (GET and SET NX GET; CLUSTER SLOTS on a cluster)", err)
 	}
 	return nil
 }
@@ -232,57 +238,134 @@ func permitted(err error) bool {
 	return transientReply(re.Error()) && !deniedInScript(re.Error())
 }
 
-// markerKey is the data marker's key: <prefix>:{%marker}, which no record's key can be (see the
-// probe key above).
+// markerKey is the data marker's key on a single Redis: <prefix>:{%marker}, which no record's
+// key can be (see the probe key above).
 func (s *Store) markerKey() string { return s.prefix + ":{%marker}" }
 
-// initMarker reads the data marker, and puts one when there is none, without reporting anything:
-// at the first contact, or after a loss whose new marker could not be put. It leaves marker ""
-// when Redis refuses the write (out of memory, say); the next check tries again. markerMu held.
-func (s *Store) initMarker(ctx context.Context) error {
-	current, ok, err := s.d.get(ctx, s.markerKey())
+// markerKeys returns the keys of the data markers: markerKey on a single Redis; on Redis Cluster
+// one in each range of slots that the cluster reports, so that a loss of any master's data is
+// noticed (a marker lives on one node: FLUSHALL on another went unnoticed, an audit's find).
+// The key whose tag is "%marker" is markerKey, in whichever range holds its slot.
+func (s *Store) markerKeys(ctx context.Context) ([]string, error) {
+	ranges, err := s.d.slots(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if len(ranges) == 0 {
+		return []string{s.markerKey()}, nil
+	}
+	keys := make([]string, 0, len(ranges))
+	for _, r := range ranges {
+		if tag, ok := markerTag(r[0], r[1]); ok {
+			keys = append(keys, s.prefix+":{"+tag+"}")
+		}
+	}
+	return keys, nil
+}
+
+// markerTag returns the first of "%marker", "%marker-1", "%marker-2", ... whose hash slot is in
+// [lo, hi]. A tag is found for any range within a few hundred thousand tries (one slot alone
+// takes about 16,384); it gives up after 1<<21, leaving such a range without a marker.
+func markerTag(lo, hi uint16) (string, bool) {
+	for i := range 1 << 21 {
+		tag := "%marker"
+		if i > 0 {
+			tag += "-" + strconv.Itoa(i)
+		}
+		if sl := hashSlot(tag); sl >= lo && sl <= hi {
+			return tag, true
+		}
+	}
+	return "", false
+}
+
+// hashSlot is Redis Cluster's hash slot of a key's hash tag (or of a key without one): CRC16
+// (XMODEM) modulo 16384.
+func hashSlot(tag string) uint16 {
+	var crc uint16
+	for i := 0; i < len(tag); i++ {
+		crc ^= uint16(tag[i]) << 8
+		for range 8 {
+			if crc&0x8000 != 0 {
+				crc = crc<<1 ^ 0x1021
+			} else {
+				crc <<= 1
+			}
+		}
+	}
+	return crc % 16384
+}
+
+// initMarker reads the data marker at key, and puts one when there is none, without reporting
+// anything: at the first contact, or after a loss whose new marker could not be put. It leaves
+// the marker unseen when Redis refuses the write (out of memory, say); the next check tries
+// again. markerMu held.
+func (s *Store) initMarker(ctx context.Context, key string) error {
+	current, ok, err := s.d.get(ctx, key)
 	if err == nil && !ok {
-		current, _, err = s.d.marker(ctx, s.markerKey(), keys.NewToken())
+		current, _, err = s.d.marker(ctx, key, keys.NewToken())
 	}
 	if err != nil {
 		return err
 	}
-	s.marker = current
+	s.markers[key] = current
 	return nil
 }
 
-// checkMarker compares the data marker with what this Store last saw, and calls OnDataLoss when
-// it is gone (this Store puts a new one) or another one (another replica put it after finding
-// it gone). Ping calls it when it reads the policy, at most once a second; its errors are
-// Ping's business only as far as the policy's read already is: it reads first, and writes only
-// when the marker is gone, so a Redis that refuses writes (out of memory) keeps passing.
+// checkMarker compares each data marker with what this Store last saw, and calls OnDataLoss when
+// one is gone (this Store puts a new one) or another one (another replica put it after finding
+// it gone): once per check, however many markers. Ping calls it when it reads the policy, at
+// most once a second; its errors are Ping's business only as far as the policy's read already
+// is: it reads first, and writes only when a marker is gone, so a Redis that refuses writes (out
+// of memory) keeps passing. Markers of ranges that are no longer reported (a resharding) are
+// forgotten, and new ones put without a report.
 func (s *Store) checkMarker(ctx context.Context) error {
 	s.markerMu.Lock()
 	defer s.markerMu.Unlock()
-	if s.marker == "" {
-		return s.initMarker(ctx) // no marker seen yet (or since a loss): nothing to compare
+	if s.markers == nil {
+		s.markers = map[string]string{}
 	}
-	current, ok, err := s.d.get(ctx, s.markerKey())
+	keys, err := s.markerKeys(ctx)
 	if err != nil {
 		return err
 	}
 	var found string
-	switch {
-	case !ok:
-		found = "the data marker that idemsvc keeps in Redis was gone"
-		s.marker = ""
-		_ = s.initMarker(ctx) // put a new one; if Redis refuses now, the next check does
-	case current != s.marker:
-		found = "the data marker that idemsvc keeps in Redis was replaced (another replica found it gone)"
-		s.marker = current
-	default:
-		return nil
+	defer func() {
+		if found != "" && s.onDataLoss != nil {
+			s.onDataLoss(found + ": Redis lost data since it was last checked (a restart without " +
+				"persistence, a failover to a replica without it, FLUSHDB or FLUSHALL, eviction, or a " +
+				"restore from a backup), so completed records and held leases may be gone and their " +
+				"keys may run again")
+		}
+	}()
+	for k := range s.markers {
+		if !slices.Contains(keys, k) {
+			delete(s.markers, k)
+		}
 	}
-	if s.onDataLoss != nil {
-		s.onDataLoss(found + ": Redis lost data since it was last checked (a restart without " +
-			"persistence, a failover to a replica without it, FLUSHDB or FLUSHALL, eviction, or a " +
-			"restore from a backup), so completed records and held leases may be gone and their " +
-			"keys may run again")
+	for _, key := range keys {
+		last, seen := s.markers[key]
+		if !seen {
+			if err := s.initMarker(ctx, key); err != nil {
+				return err // nothing seen yet (or since a loss): nothing to compare
+			}
+			continue
+		}
+		current, ok, err := s.d.get(ctx, key)
+		if err != nil {
+			return err
+		}
+		switch {
+		case !ok:
+			found = "the data marker that idemsvc keeps in Redis was gone"
+			delete(s.markers, key)
+			_ = s.initMarker(ctx, key) // put a new one; if Redis refuses now, the next check does
+		case current != last:
+			if found == "" {
+				found = "the data marker that idemsvc keeps in Redis was replaced (another replica found it gone)"
+			}
+			s.markers[key] = current
+		}
 	}
 	return nil
 }

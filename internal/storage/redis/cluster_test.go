@@ -3,8 +3,10 @@ package redis
 import (
 	"context"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -59,7 +61,7 @@ func startCluster(t *testing.T) *testCluster {
 	return tc
 }
 
-// do runs a command on node i alone and returns its reply as text (redistest.Server.Do would
+// do runs a command on node i alone and returns its reply as text (an integer in decimal) (redistest.Server.Do would
 // send a command without a key to any node of the cluster).
 func (tc *testCluster) do(t *testing.T, i int, args ...string) string {
 	t.Helper()
@@ -70,7 +72,11 @@ func (tc *testCluster) do(t *testing.T, i int, args ...string) string {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	v, err := c.Do(context.Background(), c.B().Arbitrary(args...).Build()).ToString()
+	r := c.Do(context.Background(), c.B().Arbitrary(args...).Build())
+	if n, err := r.AsInt64(); err == nil {
+		return strconv.FormatInt(n, 10)
+	}
+	v, err := r.ToString()
 	if err != nil {
 		t.Fatalf("%v: %v", args, err)
 	}
@@ -87,24 +93,14 @@ func keyOn(t *testing.T, s *Store, lo, hi uint16) string {
 	}
 }
 
+// slotOf is the hash slot of a Redis key: of its hash tag, when it has one.
 func slotOf(key string) uint16 {
 	if i := strings.IndexByte(key, '{'); i >= 0 {
 		if j := strings.IndexByte(key[i+1:], '}'); j > 0 {
 			key = key[i+1 : i+1+j]
 		}
 	}
-	var crc uint16
-	for _, b := range []byte(key) {
-		crc ^= uint16(b) << 8
-		for range 8 {
-			if crc&0x8000 != 0 {
-				crc = crc<<1 ^ 0x1021
-			} else {
-				crc <<= 1
-			}
-		}
-	}
-	return crc % 16384
+	return hashSlot(key)
 }
 
 // TestClusterACLWithoutSlots: on Redis Cluster a user with the single-node ACL may not run CLUSTER
@@ -214,4 +210,65 @@ func TestClusterConformance(t *testing.T) {
 		prefix := "idemtest-" + keys.NewToken()
 		watchAcrossStores(t, openTest(t, urls[0], prefix, nil), openTest(t, urls[1], prefix, nil))
 	})
+}
+
+// TestClusterDataLossOnAnyNode: a loss of any master's data is noticed (FLUSHALL on each in turn):
+// there is a data marker in every range of slots, where one marker on one node noticed only
+// that node's loss. Nothing is reported while the data stays.
+func TestClusterDataLossOnAnyNode(t *testing.T) {
+	tc := startCluster(t)
+	var mu sync.Mutex
+	var found []string
+	s := openOn(t, tc.nodes[0].URL(), Options{OnDataLoss: func(f string) { mu.Lock(); found = append(found, f); mu.Unlock() }})
+	reports := func() int { mu.Lock(); defer mu.Unlock(); return len(found) }
+	ping := func() {
+		t.Helper()
+		makeDue(s)
+		if err := s.Ping(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ping()
+	if n := len(s.markers); n != len(clusterSlots) {
+		t.Fatalf("%d data markers on a cluster of %d masters", n, len(clusterSlots))
+	}
+	for k := range s.markers {
+		if got, want := strconv.Itoa(int(slotOf(k))), tc.do(t, 0, "CLUSTER", "KEYSLOT", k); got != want {
+			t.Errorf("slot of %s: %s, Redis says %s", k, got, want)
+		}
+		if sl := slotOf(k); !slices.ContainsFunc(clusterSlots, func(r [2]uint16) bool { return sl >= r[0] && sl <= r[1] }) {
+			t.Fatalf("marker %s in slot %d, outside the cluster's ranges", k, sl)
+		}
+	}
+	ping()
+	if n := reports(); n != 0 {
+		t.Fatalf("%d losses reported while the data stayed: %v", n, found)
+	}
+	for i := range tc.nodes {
+		tc.do(t, i, "FLUSHALL")
+		ping()
+		if n := reports(); n != i+1 {
+			t.Fatalf("after FLUSHALL on node %d of %d: %d losses reported, want %d: %v", i+1, len(tc.nodes), n, i+1, found)
+		}
+		ping()
+		if n := reports(); n != i+1 {
+			t.Fatalf("one loss reported twice: %v", found)
+		}
+	}
+}
+
+func TestMarkerTag(t *testing.T) {
+	for _, r := range [][2]uint16{{0, 16383}, {0, 0}, {16383, 16383}, {8000, 8000}, {100, 110}} {
+		tag, ok := markerTag(r[0], r[1])
+		if sl := hashSlot(tag); !ok || sl < r[0] || sl > r[1] {
+			t.Errorf("markerTag(%d, %d) = %q (slot %d), %v", r[0], r[1], tag, sl, ok)
+		}
+	}
+	// hashSlot agrees with Redis's CLUSTER KEYSLOT (the documentation's example, and two
+	// values that TestClusterDataLossOnAnyNode also asks a node for).
+	for key, want := range map[string]uint16{"somekey": 11058, "foo": 12182, "bar": 5061} {
+		if got := hashSlot(key); got != want {
+			t.Errorf("hashSlot(%q) = %d, want %d", key, got, want)
+		}
+	}
 }

@@ -319,6 +319,36 @@ func infoEvery(ctx context.Context, c rueidis.Client, section string) (string, e
 	return strings.Join(append(bad, good...), "\r\n"), nil
 }
 
+// slots returns the ranges of hash slots that CLUSTER SLOTS reports, on Redis Cluster; nothing
+// on a single Redis.
+func (d *rueidisDriver) slots(ctx context.Context) ([][2]uint16, error) {
+	c, err := d.client(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if c.Mode() != rueidis.ClientModeCluster {
+		return nil, nil
+	}
+	entries, err := c.Do(ctx, c.B().ClusterSlots().Build()).ToArray()
+	if err != nil {
+		return nil, err
+	}
+	ranges := make([][2]uint16, 0, len(entries))
+	for _, e := range entries {
+		fields, err := e.ToArray()
+		if err != nil || len(fields) < 2 {
+			return nil, fmt.Errorf("CLUSTER SLOTS: an entry that is not [start, end, ...]: %v", err)
+		}
+		lo, err1 := fields[0].AsInt64()
+		hi, err2 := fields[1].AsInt64()
+		if err := errors.Join(err1, err2); err != nil || lo < 0 || hi < lo || hi > 16383 {
+			return nil, fmt.Errorf("CLUSTER SLOTS: a range that is not one of slots: %d-%d %v", lo, hi, err)
+		}
+		ranges = append(ranges, [2]uint16{uint16(lo), uint16(hi)})
+	}
+	return ranges, nil
+}
+
 // tryAgain reports whether err is Redis Cluster's TRYAGAIN: a script's keys (a record and its
 // fence counter) are in a slot being migrated and not all on one side yet. The script did not
 // run, so the operation may run it again once the migration has moved them.

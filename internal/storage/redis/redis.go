@@ -101,8 +101,8 @@
 //
 // # Lost data
 //
-// The Store keeps a data marker in Redis (<prefix>:{%marker}, a random value without expiry), set
-// at the first contact. Ping, when it reads the policy (at most once a second), reads it too:
+// The Store keeps a data marker in Redis (<prefix>:{%marker}, a random value without expiry; on
+// Redis Cluster one in each range of slots, <prefix>:{%marker-N}), set at the first contact. Ping, when it reads the policy (at most once a second), reads it too:
 // when it is gone (a restart without persistence, a failover to a replica without it, FLUSHDB,
 // FLUSHALL, eviction) the Store puts a new one and calls Options.OnDataLoss; a replica that then
 // finds another value than the one it saw learns of the same loss. It cannot tell a loss that
@@ -142,9 +142,9 @@
 // # Redis Cluster
 //
 // Commands without a key (INFO, PING, TIME) go to any one node: the checks read INFO on every
-// node (version, policy), but the ACL probe runs on the node of its probe key only, Ping pings
-// one node, and the data marker lives on one node, so a loss of another node's data goes
-// unnoticed. While a key's slot is being migrated, a script whose two keys are not all on one
+// node (version, policy), but the ACL probe runs on the node of its probe key only and Ping
+// pings one node. The data marker is one per range of slots (see markerKeys), so that a loss of
+// any master's data is noticed. While a key's slot is being migrated, a script whose two keys are not all on one
 // side gets TRYAGAIN (it did not run): the operation tries again within its timeout.
 package redis
 
@@ -247,11 +247,13 @@ type Store struct {
 	policy   atomic.Pointer[string]
 	policyAt atomic.Int64
 	policyMu sync.Mutex
-	// marker is the value of the data marker (markerKey) as this Store last saw it; "" before
-	// the first contact.
+	// markers holds the value of each data marker (markerKeys) as this Store last saw it; a
+	// marker not in it has not been seen yet.
 	markerMu   sync.Mutex
-	marker     string
+	markers    map[string]string
 	onDataLoss func(string)
+	// clustered is set when the checks found Redis Cluster (the client in cluster mode).
+	clustered atomic.Bool
 }
 
 const (
@@ -296,6 +298,9 @@ type driver interface {
 	marker(ctx context.Context, key, candidate string) (current string, created bool, err error)
 	// get runs GET key: its value, and whether it exists.
 	get(ctx context.Context, key string) (string, bool, error)
+	// slots returns the ranges of hash slots of a Redis Cluster (CLUSTER SLOTS), each served by
+	// one master; none on a single Redis.
+	slots(ctx context.Context) ([][2]uint16, error)
 	// unavailable reports whether a failure means Redis cannot serve now (network, timeout,
 	// LOADING, READONLY, ...), as opposed to a bug (a script error, a wrong type).
 	unavailable(err error) bool
