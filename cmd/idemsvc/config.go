@@ -33,7 +33,12 @@ type Config struct {
 	Addr     string `split_words:"true" default:":8080" desc:"listen address, host:port or :port"`
 	Backend  string `split_words:"true" default:"bolt" desc:"store: bolt (embedded file) or redis"`
 	DataDir  string `split_words:"true" default:"./data" desc:"directory of the bolt data file"`
-	RedisURL string `split_words:"true" desc:"redis:// or rediss:// URL, for IDEMSVC_BACKEND=redis"`
+	RedisURL string `split_words:"true" desc:"redis://, rediss:// (TLS) or unix:/// URL, for IDEMSVC_BACKEND=redis"`
+	// The TLS files of a rediss:// URL (redis.TLSFiles). Named so that split_words gives
+	// REDIS_TLS_CA_FILE (an envconfig tag would also read the bare name).
+	RedisTlsCaFile   string `split_words:"true" desc:"PEM file of the CA that signed Redis's certificate (rediss://), when the system does not trust it"`
+	RedisTlsCertFile string `split_words:"true" desc:"PEM file of the client certificate Redis requires (rediss://, tls-auth-clients yes); read at every connection"`
+	RedisTlsKeyFile  string `split_words:"true" desc:"PEM file of that client certificate's key"`
 	// RedisAllowEviction serves a Redis whose maxmemory-policy may evict (see redis.Options).
 	RedisAllowEviction bool          `split_words:"true" default:"false" desc:"serve a Redis whose maxmemory-policy is not noeviction (evicted records run again)"`
 	Tokens             string        `split_words:"true" desc:"tenant:token,tenant:token; unset runs open as tenant 'default'; set but empty refuses to start"`
@@ -91,7 +96,8 @@ func testVar(name string) bool {
 // knownVars lists every IDEMSVC_* variable that Config reads.
 func knownVars() []string {
 	return []string{
-		"IDEMSVC_ADDR", "IDEMSVC_BACKEND", "IDEMSVC_DATA_DIR", "IDEMSVC_REDIS_URL", "IDEMSVC_REDIS_ALLOW_EVICTION", "IDEMSVC_TOKENS",
+		"IDEMSVC_ADDR", "IDEMSVC_BACKEND", "IDEMSVC_DATA_DIR", "IDEMSVC_REDIS_URL", "IDEMSVC_REDIS_ALLOW_EVICTION",
+		"IDEMSVC_REDIS_TLS_CA_FILE", "IDEMSVC_REDIS_TLS_CERT_FILE", "IDEMSVC_REDIS_TLS_KEY_FILE", "IDEMSVC_TOKENS",
 		"IDEMSVC_DEFAULT_LEASE", "IDEMSVC_MAX_LEASE", "IDEMSVC_DEFAULT_TTL", "IDEMSVC_MAX_TTL",
 		"IDEMSVC_MAX_WAIT", "IDEMSVC_MAX_BODY_BYTES", "IDEMSVC_SWEEP_INTERVAL", "IDEMSVC_LOG_LEVEL",
 		"IDEMSVC_SHUTDOWN_TIMEOUT", "IDEMSVC_DRAIN_DELAY", "IDEMSVC_MAX_CONNS", "IDEMSVC_MAX_WAITERS",
@@ -114,6 +120,13 @@ func (c Config) validate() error {
 	case "redis":
 		if c.RedisURL == "" {
 			bad("REDIS_URL", "is required when IDEMSVC_BACKEND=redis")
+		}
+		tlsFiles := c.RedisTlsCaFile != "" || c.RedisTlsCertFile != "" || c.RedisTlsKeyFile != ""
+		if tlsFiles && !strings.HasPrefix(c.RedisURL, "rediss://") {
+			bad("REDIS_URL", "must be rediss:// when IDEMSVC_REDIS_TLS_CA_FILE, _CERT_FILE or _KEY_FILE is set")
+		}
+		if (c.RedisTlsCertFile == "") != (c.RedisTlsKeyFile == "") {
+			bad("REDIS_TLS_CERT_FILE", "and IDEMSVC_REDIS_TLS_KEY_FILE go together")
 		}
 	default:
 		bad("BACKEND", "%q is neither bolt nor redis", c.Backend)
@@ -273,7 +286,8 @@ func (c Config) masked() map[string]any {
 		"default_ttl": c.DefaultTTL.String(), "max_ttl": c.MaxTTL.String(), "max_wait": c.MaxWait.String(),
 		"max_body_bytes": c.MaxBodyBytes, "sweep_interval": c.SweepInterval.String(),
 		"log_level": c.LogLevel, "shutdown_timeout": c.ShutdownTimeout.String(), "drain_delay": c.DrainDelay.String(), "max_conns": c.MaxConns, "max_waiters": c.MaxWaiters,
-		"redis_allow_eviction": c.RedisAllowEviction,
+		"redis_allow_eviction": c.RedisAllowEviction, "redis_tls_ca_file": c.RedisTlsCaFile,
+		"redis_tls_cert_file": c.RedisTlsCertFile, "redis_tls_key_file": c.RedisTlsKeyFile,
 	}
 }
 

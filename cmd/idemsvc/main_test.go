@@ -25,7 +25,10 @@ import (
 
 	"github.com/kelseyhightower/envconfig"
 	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest"
+	"go.uber.org/zap/zaptest/observer"
 )
 
 func TestConfig(t *testing.T) {
@@ -90,6 +93,13 @@ func TestConfig(t *testing.T) {
 		{"TinyMaxConns", []string{"IDEMSVC_MAX_CONNS=2"}, "IDEMSVC_MAX_CONNS"},
 		{"MaxWaiters", []string{"IDEMSVC_MAX_WAITERS=10"}, ""},
 		{"NoWaiters", []string{"IDEMSVC_MAX_WAITERS=0"}, "IDEMSVC_MAX_WAITERS"},
+		// A private CA and a client certificate (tls-auth-clients yes) could not be given at all.
+		{"RedisTLSFiles", []string{"IDEMSVC_BACKEND=redis", "IDEMSVC_REDIS_URL=rediss://redis.internal:6380/0",
+			"IDEMSVC_REDIS_TLS_CA_FILE=/run/ca.pem", "IDEMSVC_REDIS_TLS_CERT_FILE=/run/c.pem", "IDEMSVC_REDIS_TLS_KEY_FILE=/run/k.pem"}, ""},
+		{"RedisTLSFilesPlainURL", []string{"IDEMSVC_BACKEND=redis", "IDEMSVC_REDIS_URL=redis://redis.internal:6379/0",
+			"IDEMSVC_REDIS_TLS_CA_FILE=/run/ca.pem"}, "IDEMSVC_REDIS_URL"},
+		{"RedisTLSCertNoKey", []string{"IDEMSVC_BACKEND=redis", "IDEMSVC_REDIS_URL=rediss://redis.internal:6380/0",
+			"IDEMSVC_REDIS_TLS_CERT_FILE=/run/c.pem"}, "IDEMSVC_REDIS_TLS_CERT_FILE"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			for _, kv := range c.env {
@@ -116,6 +126,7 @@ func TestConfigReadsOnlyPrefixedNames(t *testing.T) {
 		"MAX_TTL": "3h", "MAX_WAIT": "1s", "MAX_BODY_BYTES": "7", "SWEEP_INTERVAL": "9s",
 		"LOG_LEVEL": "error", "SHUTDOWN_TIMEOUT": "1s", "REDIS_ALLOW_EVICTION": "true", "MAX_CONNS": "5",
 		"MAX_WAITERS": "3", "DRAIN_DELAY": "4s",
+		"REDIS_TLS_CA_FILE": "/x/ca.pem", "REDIS_TLS_CERT_FILE": "/x/c.pem", "REDIS_TLS_KEY_FILE": "/x/k.pem",
 	}
 	if len(bare) != len(knownVars()) {
 		t.Fatalf("%d bare names for %d variables", len(bare), len(knownVars()))
@@ -454,6 +465,12 @@ func TestRedisPasswordNeverLogged(t *testing.T) {
 		"redis:user:s3cretpassw0rd@127.0.0.1:6379/0",
 		"redis://127.0.0.1:6379/0?password=s3cretpassw0rd",
 		"redis://127.0.0.1:6379/0?db=1&auth=s3cretpassw0rd&auth=ssw0rd",
+		// Unencoded '/', '#' or '?' in a password: the rest of it is the path, the fragment or a
+		// parameter's name (and digits before it the port of a host named as the user).
+		"rediss://idem:123/s3cretpassw0rd@127.0.0.1:6379/0",
+		"rediss://idem:4242#s3cretpassw0rd@127.0.0.1:6379/0",
+		"rediss://idem:42?s3cretpassw0rd@127.0.0.1:6379/0",
+		"rediss://idem:42?db=1&s3cretpassw0rd@127.0.0.1:6379/0",
 	} {
 		if shown := fmt.Sprint(Config{RedisURL: raw}.masked()); strings.Contains(shown, "ssw0rd") {
 			t.Errorf("masked config shows the password of %s: %s", raw, shown)
@@ -461,9 +478,18 @@ func TestRedisPasswordNeverLogged(t *testing.T) {
 	}
 	// A URL that names no server is refused, without its password: rueidis would take it for
 	// localhost:6379, database 0 (some other Redis), and connect.
-	for _, raw := range []string{"redis:s3cretpassw0rd@127.0.0.1:6379", "redis:///0", "unix://"} {
+	for _, raw := range []string{"redis:s3cretpassw0rd@127.0.0.1:6379", "redis:///0", "unix://",
+		// Unencoded reserved characters in a password: url.Parse's and rueidis's errors quoted a
+		// piece of it (":ssw0rd" as a port, "%ssw0rd" as an escape, the path), and with '#' the
+		// URL named the server "idem", port 4242, and started.
+		"rediss://idem:s3cretpa/ssw0rd@127.0.0.1:6379/0", "rediss://idem:s3cretpa?ssw0rd@127.0.0.1:6379/0",
+		"rediss://idem:s3cretpa#ssw0rd@127.0.0.1:6379/0", "rediss://idem:%ssw0rd@127.0.0.1:6379/0",
+		"rediss://idem:123/s3cretpassw0rd@127.0.0.1:6379/0", "rediss://idem:4242#s3cretpassw0rd@127.0.0.1:6379/0",
+		// unix://var/run/redis.sock is the socket /run/redis.sock of a host var.
+		"unix://tmp/redis.sock",
+	} {
 		_, err := openStore(context.Background(), Config{Backend: "redis", RedisURL: raw}, zaptest.NewLogger(t), prometheus.NewCounter(prometheus.CounterOpts{Name: "x"}))
-		if err == nil || strings.Contains(err.Error(), "ssw0rd") || !strings.Contains(err.Error(), "IDEMSVC_REDIS_URL") {
+		if err == nil || strings.Contains(err.Error(), "ssw0rd") || strings.Contains(err.Error(), "s3cret") || !strings.Contains(err.Error(), "IDEMSVC_REDIS_URL") {
 			t.Errorf("opening %s: %v, want an error naming IDEMSVC_REDIS_URL, without the password", raw, err)
 		}
 	}
@@ -826,5 +852,29 @@ func TestSecondSignalWithBlockedLog(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("the process still runs 10 s after a second SIGTERM with its log blocked")
+	}
+}
+
+// TestSkipVerifyWarns: skip_verify (in any form rueidis reads as true) makes TLS pointless
+// against anyone on the path, and was taken silently.
+func TestSkipVerifyWarns(t *testing.T) {
+	for _, c := range []struct {
+		url  string
+		warn bool
+	}{
+		{"rediss://127.0.0.1:1/0?skip_verify=true", true}, {"rediss://127.0.0.1:1/0?skip_verify", true},
+		{"rediss://127.0.0.1:1/0?skip_verify=1", true}, {"rediss://127.0.0.1:1/0?skip_verify=false", false},
+		{"rediss://127.0.0.1:1/0", false},
+	} {
+		core, logs := observer.New(zapcore.WarnLevel)
+		s, err := openStore(context.Background(), Config{Backend: "redis", RedisURL: c.url}, zap.New(core),
+			prometheus.NewCounter(prometheus.CounterOpts{Name: "x"}))
+		if err != nil {
+			t.Fatalf("%s: %v", c.url, err)
+		}
+		s.Close()
+		if got := logs.FilterMessageSnippet("skip_verify").Len() > 0; got != c.warn {
+			t.Errorf("%s: warned %v, want %v", c.url, got, c.warn)
+		}
 	}
 }

@@ -174,8 +174,13 @@ func run(ctx context.Context, cfg Config, logger *zap.Logger, accessLog zapcore.
 func openStore(ctx context.Context, cfg Config, logger *zap.Logger, dataLoss prometheus.Counter) (keys.Store, error) {
 	switch cfg.Backend {
 	case "redis":
+		if redis.SkipsVerify(cfg.RedisURL) {
+			logger.Warn("IDEMSVC_REDIS_URL has skip_verify: Redis's certificate is not verified, so anyone on the path " +
+				"can pose as Redis and read the password and every record; give its CA in IDEMSVC_REDIS_TLS_CA_FILE instead")
+		}
 		s, err := redis.Open(ctx, cfg.RedisURL, redis.Options{
 			AllowEviction: cfg.RedisAllowEviction,
+			TLS:           redis.TLSFiles{CAFile: cfg.RedisTlsCaFile, CertFile: cfg.RedisTlsCertFile, KeyFile: cfg.RedisTlsKeyFile},
 			OnDataLoss: func(found string) {
 				dataLoss.Inc()
 				logger.WithOptions(zap.AddStacktrace(zapcore.FatalLevel)).Error("Redis lost data", zap.String("found", found))

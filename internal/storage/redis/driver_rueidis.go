@@ -2,13 +2,17 @@ package redis
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"net"
 	neturl "net/url"
+	"os"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/redis/rueidis"
@@ -55,13 +59,16 @@ var subKeepAlive = net.KeepAliveConfig{Enable: true, Idle: 5 * time.Second, Inte
 
 var errClosed = errors.New("redis: store closed")
 
-func newRueidisDriver(url string, timeout time.Duration) (*rueidisDriver, error) {
+func newRueidisDriver(url string, timeout time.Duration, files TLSFiles) (*rueidisDriver, error) {
 	if err := checkURLShape(url); err != nil {
 		return nil, err
 	}
 	opt, err := rueidis.ParseURL(url)
 	if err != nil {
 		return nil, redactURLError(err, url)
+	}
+	if err := files.apply(opt.TLSConfig); err != nil {
+		return nil, err
 	}
 	opt.Dialer.Timeout = timeout
 	// Notice a Redis that stopped answering within a few operation timeouts, not the default 10s.
@@ -442,7 +449,18 @@ func deniedByACL(msg string) bool {
 func checkURLShape(raw string) error {
 	u, err := neturl.Parse(raw)
 	if err != nil {
-		return nil // ParseURL's error says why, redacted
+		// url.Parse's error quotes a piece of the URL: of a password holding '/', '#', '?' or a
+		// '%' not followed by two hex digits, a piece of the password ("invalid port \":pass\"").
+		return errors.New("invalid URL: it does not parse" + encodeHint)
+	}
+	// A password holding '#', '/' or '?' unencoded ends the host there: what follows, password
+	// included, becomes the fragment, the path or a parameter ("redis://u:4242#pw@host" is the
+	// server u, port 4242), and is shown as such.
+	if u.Fragment != "" || strings.Contains(raw, "#") {
+		return errors.New("invalid URL: it holds '#'" + encodeHint)
+	}
+	if u.Scheme != "unix" && u.Opaque == "" && !dbPath(u.Path) {
+		return errors.New("invalid URL: the path is not /db (a number)" + encodeHint)
 	}
 	// rueidis reads more parameters, but the store sets what they would (timeouts, retries,
 	// the client cache), or does not work with them (addr and master_set: a cluster or
@@ -454,12 +472,13 @@ func checkURLShape(raw string) error {
 			if len(name) <= 32 && !strings.ContainsFunc(name, func(r rune) bool { return (r < 'a' || r > 'z') && r != '_' }) {
 				shown = "the parameter " + name
 			}
-			return fmt.Errorf("invalid URL: %s is not one idemsvc reads (db, client_name, and with rediss:// skip_verify)", shown)
+			return fmt.Errorf("invalid URL: %s is not one idemsvc reads (db, client_name, and with rediss:// skip_verify)%s", shown, encodeHint)
 		}
 	}
 	if u.Scheme == "unix" {
-		if u.Path == "" {
-			return errors.New("invalid URL: a unix URL needs the socket's path (unix:///path/to/redis.sock)")
+		if u.Path == "" || u.Host != "" {
+			// unix://var/run/redis.sock is the host var and the socket /run/redis.sock.
+			return errors.New("invalid URL: a unix URL is unix:///absolute/path/to/redis.sock (three slashes), with the database as ?db=N")
 		}
 		return nil
 	}
@@ -472,6 +491,15 @@ func checkURLShape(raw string) error {
 		}
 	}
 	return nil
+}
+
+// encodeHint ends the errors of a URL that a password holding a reserved character breaks.
+const encodeHint = "; a user name or password holding @ : / ? # or % must be percent-encoded (%40 %3A %2F %3F %23 %25)"
+
+// dbPath reports whether path is one rueidis reads as a database: "" or "/N".
+func dbPath(path string) bool {
+	rest, ok := strings.CutPrefix(path, "/")
+	return path == "" || ok && rest != "" && !strings.ContainsFunc(rest, func(r rune) bool { return r < '0' || r > '9' })
 }
 
 // urlParam reports whether name is a query parameter of u that the store reads: db, client_name,
@@ -492,10 +520,16 @@ func ShownURL(raw string) string {
 		return "(does not parse)"
 	case u.Opaque != "":
 		return "(names no server)"
+	case u.Fragment != "" || strings.Contains(raw, "#") || u.Scheme != "unix" && !dbPath(u.Path):
+		// A password holding '#' or '/' unencoded: the rest of it is the fragment or the path.
+		return "(not shown: a password in it may be unencoded)"
 	}
 	q := u.Query()
 	for name := range q {
 		if !urlParam(u, name) {
+			if strings.Contains(name, "@") { // "redis://u:42?pw@host": the name is the password's
+				return "(not shown: a password in it may be unencoded)"
+			}
 			q[name] = []string{"xxxxx"}
 		}
 	}
@@ -520,4 +554,51 @@ func redactURLError(err error, raw string) error {
 		msg = strings.ReplaceAll(msg, raw[:i], "xxxxx") // scheme and credentials, unparsed
 	}
 	return errors.New(msg)
+}
+
+// apply sets the CA and the client certificate of files on cfg, the TLS configuration of a
+// rediss:// URL (nil for another).
+func (f TLSFiles) apply(cfg *tls.Config) error {
+	if f == (TLSFiles{}) {
+		return nil
+	}
+	if cfg == nil {
+		return errors.New("TLS files are given, but the URL is not rediss://")
+	}
+	if (f.CertFile == "") != (f.KeyFile == "") {
+		return errors.New("a TLS client certificate needs both its file and its key's")
+	}
+	if f.CAFile != "" {
+		pem, err := os.ReadFile(f.CAFile)
+		if err != nil {
+			return fmt.Errorf("TLS CA file: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return fmt.Errorf("TLS CA file %s: no PEM certificate in it", f.CAFile)
+		}
+		cfg.RootCAs = pool
+	}
+	if f.CertFile != "" {
+		cert, err := tls.LoadX509KeyPair(f.CertFile, f.KeyFile)
+		if err != nil {
+			return fmt.Errorf("TLS client certificate: %w", err)
+		}
+		var last atomic.Pointer[tls.Certificate]
+		last.Store(&cert)
+		cfg.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+			if c, err := tls.LoadX509KeyPair(f.CertFile, f.KeyFile); err == nil {
+				last.Store(&c) // renewed in place: the next connection presents the new one
+			}
+			return last.Load(), nil
+		}
+	}
+	return nil
+}
+
+// SkipsVerify reports whether the URL turns off the verification of Redis's certificate
+// (rediss:// with skip_verify, which rueidis also reads bare or as 1, t, TRUE, ...).
+func SkipsVerify(raw string) bool {
+	opt, err := rueidis.ParseURL(raw)
+	return err == nil && opt.TLSConfig != nil && opt.TLSConfig.InsecureSkipVerify
 }

@@ -8,8 +8,9 @@ import (
 	"strings"
 )
 
-// Open returns a Store on the Redis at url: redis://[user:password@]host:port[/db] or
-// rediss:// for TLS (the db may also be given as ?db=N).
+// Open returns a Store on the Redis at url: redis://[user:password@]host:port[/db], rediss://
+// for TLS (with Options.TLS for a private CA or a client certificate) or
+// unix:///path/to/redis.sock (the db may also be given as ?db=N, and on unix only so).
 //
 // Open connects at once and checks the server (see check.go), so that a misconfiguration stops
 // the start: it returns an error when the URL or options are invalid, when Redis refuses the
@@ -26,7 +27,7 @@ func Open(ctx context.Context, url string, opts Options) (*Store, error) {
 	if opts.Timeout <= 0 {
 		opts.Timeout = defaultTimeout
 	}
-	d, err := newRueidisDriver(url, opts.Timeout)
+	d, err := newRueidisDriver(url, opts.Timeout, opts.TLS)
 	if err != nil {
 		return nil, fmt.Errorf("redis: %w", err)
 	}

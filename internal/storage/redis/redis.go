@@ -191,6 +191,16 @@ type Options struct {
 	// last looked (see "Lost data" in the package doc), with what it found. It is called
 	// synchronously from Ping: it must not block or call the Store.
 	OnDataLoss func(found string)
+	// TLS: files that complete a rediss:// URL (see TLSFiles); zero for none.
+	TLS TLSFiles
+}
+
+// TLSFiles are PEM files for a rediss:// URL: the CA that signed Redis's certificate, when it
+// is not one the system trusts (a managed Redis's private CA), and a client certificate and its
+// key, for a Redis that requires one (tls-auth-clients yes). The client certificate is read
+// again at every connection, so that a renewed one needs no restart.
+type TLSFiles struct {
+	CAFile, CertFile, KeyFile string
 }
 
 // DefaultPrefix is the Prefix when Options.Prefix is empty.
