@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/redis/rueidis"
@@ -65,8 +66,9 @@ func ACL(prefix string) string {
 }
 
 // clusterACL is what the Store needs besides ACL's rules on Redis Cluster: the client learns
-// the slots with CLUSTER SLOTS (CLUSTER SHARDS on Redis 8 and later).
-const clusterACL = "+cluster|slots +cluster|shards"
+// the slots with CLUSTER SLOTS (CLUSTER SHARDS on Redis 8 and later), and follows an ASK
+// redirect (a key already moved by a migration in progress) with ASKING.
+const clusterACL = "+cluster|slots +cluster|shards +asking"
 
 // aclHint is the ACL an error message suggests: ACL's, with +select when the URL names a
 // database other than 0, and clusterACL on Redis Cluster.
@@ -264,20 +266,44 @@ func (s *Store) markerKeys(ctx context.Context) ([]string, error) {
 }
 
 // markerTag returns the first of "%marker", "%marker-1", "%marker-2", ... whose hash slot is in
-// [lo, hi]. A tag is found for any range within a few hundred thousand tries (one slot alone
-// takes about 16,384); it gives up after 1<<21, leaving such a range without a marker.
+// [lo, hi]. It reads markerTagFirst, so that a cluster of many small ranges (slots moved one by
+// one) costs one pass over its slots, not some 16,384 hashes per range and check.
 func markerTag(lo, hi uint16) (string, bool) {
-	for i := range 1 << 21 {
+	first := markerTagFirst()
+	best := -1
+	for sl := int(lo); sl <= int(hi) && sl < len(first); sl++ {
+		if i := int(first[sl]); best < 0 || i < best {
+			best = i
+		}
+	}
+	if best < 0 {
+		return "", false
+	}
+	if best == 0 {
+		return "%marker", true
+	}
+	return "%marker-" + strconv.Itoa(best), true
+}
+
+// markerTagFirst is, for each hash slot, the least i whose tag ("%marker", "%marker-i") hashes
+// to it: every slot is reached within a few hundred thousand tags, computed once.
+var markerTagFirst = sync.OnceValue(func() []int32 {
+	first := make([]int32, 16384)
+	for i := range first {
+		first[i] = -1
+	}
+	for i, left := 0, len(first); left > 0; i++ {
 		tag := "%marker"
 		if i > 0 {
 			tag += "-" + strconv.Itoa(i)
 		}
-		if sl := hashSlot(tag); sl >= lo && sl <= hi {
-			return tag, true
+		if sl := hashSlot(tag); first[sl] < 0 {
+			first[sl] = int32(i)
+			left--
 		}
 	}
-	return "", false
-}
+	return first
+})
 
 // hashSlot is Redis Cluster's hash slot of a key's hash tag (or of a key without one): CRC16
 // (XMODEM) modulo 16384.

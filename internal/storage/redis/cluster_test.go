@@ -51,7 +51,7 @@ func startCluster(t *testing.T) *testCluster {
 	deadline := time.Now().Add(10 * time.Second)
 	for i := range tc.nodes {
 		for !strings.Contains(tc.do(t, i, "CLUSTER", "INFO"), "cluster_state:ok") ||
-			strings.Count(tc.do(t, i, "CLUSTER", "NODES"), "connected") < len(tc.nodes) {
+			strings.Count(tc.do(t, i, "CLUSTER", "NODES"), " connected") < len(tc.nodes) {
 			if time.Now().After(deadline) {
 				t.Fatal("the test cluster did not come up")
 			}
@@ -61,26 +61,32 @@ func startCluster(t *testing.T) *testCluster {
 	return tc
 }
 
-// do runs a command on node i alone and returns its reply as text (an integer in decimal) (redistest.Server.Do would
-// send a command without a key to any node of the cluster).
+// do runs a command on node i alone and returns its reply as text (an integer in decimal);
+// it fails the test on an error, so it is for the test's own goroutine (run is for others).
+// (redistest.Server.Do would send a command without a key to any node of the cluster.)
 func (tc *testCluster) do(t *testing.T, i int, args ...string) string {
 	t.Helper()
-	c, err := rueidis.NewClient(rueidis.ClientOption{
-		InitAddress: []string{fmt.Sprintf("127.0.0.1:%d", tc.nodes[i].Port())}, DisableCache: true, ForceSingleClient: true,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	r := c.Do(context.Background(), c.B().Arbitrary(args...).Build())
-	if n, err := r.AsInt64(); err == nil {
-		return strconv.FormatInt(n, 10)
-	}
-	v, err := r.ToString()
+	v, err := tc.run(i, args...)
 	if err != nil {
 		t.Fatalf("%v: %v", args, err)
 	}
 	return v
+}
+
+// run is do without the test: it returns the error.
+func (tc *testCluster) run(i int, args ...string) (string, error) {
+	c, err := rueidis.NewClient(rueidis.ClientOption{
+		InitAddress: []string{fmt.Sprintf("127.0.0.1:%d", tc.nodes[i].Port())}, DisableCache: true, ForceSingleClient: true,
+	})
+	if err != nil {
+		return "", err
+	}
+	defer c.Close()
+	r := c.Do(context.Background(), c.B().Arbitrary(args...).Build())
+	if n, err := r.AsInt64(); err == nil {
+		return strconv.FormatInt(n, 10), nil
+	}
+	return r.ToString()
 }
 
 // keyOn returns a key of tenant "t" whose Redis keys are in slot range [lo, hi] (s's names).
@@ -166,11 +172,13 @@ func TestClusterSlotMigrating(t *testing.T) {
 	tc.do(t, 1, "CLUSTER", "SETSLOT", slot, "IMPORTING", tc.ids[0])
 	tc.do(t, 0, "CLUSTER", "SETSLOT", slot, "MIGRATING", tc.ids[1])
 	done := make(chan struct{})
-	go func() { // the migration ends (no key to move: the key is new)
+	go func() { // the migration ends (no key to move: the key is new), on the target first
 		defer close(done)
-		time.Sleep(200 * time.Millisecond)
-		for i := range tc.nodes {
-			tc.do(t, i, "CLUSTER", "SETSLOT", slot, "NODE", tc.ids[1])
+		time.Sleep(100 * time.Millisecond) // of the ~550 ms that the operation's tries last
+		for _, i := range []int{1, 0, 2} {
+			if _, err := tc.run(i, "CLUSTER", "SETSLOT", slot, "NODE", tc.ids[1]); err != nil {
+				t.Errorf("ending the migration on node %d: %v", i, err)
+			}
 		}
 	}()
 	r, err := s.Begin(t.Context(), "t", key, testReq)
@@ -270,5 +278,73 @@ func TestMarkerTag(t *testing.T) {
 		if got := hashSlot(key); got != want {
 			t.Errorf("hashSlot(%q) = %d, want %d", key, got, want)
 		}
+	}
+}
+
+// TestMarkerTagManyRanges: a cluster whose slots were moved one by one reports thousands of
+// ranges in CLUSTER SLOTS; checkMarker computes a tag for each at every check (once a second,
+// within Ping's timeout), so a tag must not cost a search of ~16,384 hashes per range. The
+// tags stay those of the first "%marker-N" in the range, as the markers already put.
+func TestMarkerTagManyRanges(t *testing.T) {
+	start := time.Now()
+	for sl := range 16384 {
+		tag, ok := markerTag(uint16(sl), uint16(sl))
+		if !ok || hashSlot(tag) != uint16(sl) {
+			t.Fatalf("markerTag(%d, %d) = %q, %v", sl, sl, tag, ok)
+		}
+		if time.Since(start) > 2*time.Second {
+			t.Fatalf("markerTag for %d one-slot ranges of 16384 took %v: a check on such a cluster "+
+				"outlasts Ping's 2 s timeout", sl+1, time.Since(start))
+		}
+	}
+	// The first tag in a range, as a search from "%marker" up finds it.
+	for _, r := range [][2]uint16{{0, 16383}, {0, 5460}, {5461, 10922}, {10923, 16383}, {0, 1499}, {100, 110}} {
+		want := ""
+		for i := 0; want == ""; i++ {
+			tag := "%marker"
+			if i > 0 {
+				tag += "-" + strconv.Itoa(i)
+			}
+			if sl := hashSlot(tag); sl >= r[0] && sl <= r[1] {
+				want = tag
+			}
+		}
+		if got, _ := markerTag(r[0], r[1]); got != want {
+			t.Errorf("markerTag(%d, %d) = %q, want %q", r[0], r[1], got, want)
+		}
+	}
+}
+
+// TestClusterAskWithACL: while a slot is being migrated, a key already moved to the importing
+// node is reached with ASK, which the client follows with ASKING: the ACL the Store asks for on
+// a cluster must allow it, or the client bounces between MOVED and ASK until the operation's
+// timeout, and every such key answers 503 for the whole migration.
+func TestClusterAskWithACL(t *testing.T) {
+	tc := startCluster(t)
+	for i := range tc.nodes {
+		tc.do(t, i, append([]string{"ACL", "SETUSER", "idem", "reset", "on", ">pw"},
+			strings.Fields(ACL("")+" "+clusterACL)...)...)
+	}
+	s := openOn(t, tc.nodes[0].UserURL("idem", "pw"), Options{})
+	key := keyOn(t, s, clusterSlots[0][0], clusterSlots[0][1])
+	r, err := s.Begin(t.Context(), "t", key, testReq)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Complete(t.Context(), "t", key, keys.CompleteRequest{Token: r.Record.Lease.Token, Response: testResp}); err != nil {
+		t.Fatal(err)
+	}
+	n := s.names("t", key)
+	slot := strconv.Itoa(int(slotOf(n.rec)))
+	tc.do(t, 1, "CLUSTER", "SETSLOT", slot, "IMPORTING", tc.ids[0])
+	tc.do(t, 0, "CLUSTER", "SETSLOT", slot, "MIGRATING", tc.ids[1])
+	tc.do(t, 0, "MIGRATE", "127.0.0.1", strconv.Itoa(tc.nodes[1].Port()), "", "0", "5000", "KEYS", n.rec, n.fence)
+	start := time.Now()
+	rec, err := s.Get(t.Context(), "t", key)
+	if err != nil || rec.State != keys.StateCompleted {
+		t.Fatalf("Get of a key moved to the importing node = %v, %v after %v; want it completed", rec.State, err, time.Since(start))
+	}
+	for i := range tc.nodes {
+		tc.do(t, i, "CLUSTER", "SETSLOT", slot, "NODE", tc.ids[1])
 	}
 }

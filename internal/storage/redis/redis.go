@@ -134,8 +134,8 @@
 // channel by default: acl-pubsub-default resetchannels). Add +select when the URL names a
 // database other than 0. The client also tries CLUSTER SLOTS when it connects; a NOPERM there
 // is fine on a single node (it then treats Redis as one). On Redis Cluster the client must be
-// allowed to learn the slots: add +cluster|slots +cluster|shards (CLUSTER SHARDS on Redis 8), on
-// every node (Redis Cluster does not share ACLs). Without it the client treats the node it was
+// allowed to learn the slots and to follow ASK: add +cluster|slots +cluster|shards +asking
+// (CLUSTER SHARDS on Redis 8), on every node (Redis Cluster does not share ACLs). Without it the client treats the node it was
 // given as the whole Redis, so the checks refuse a node that reports redis_mode:cluster to a
 // client that is not in cluster mode (TestClusterACLWithoutSlots).
 //
@@ -143,9 +143,10 @@
 //
 // Commands without a key (INFO, PING, TIME) go to any one node: the checks read INFO on every
 // node (version, policy), but the ACL probe runs on the node of its probe key only and Ping
-// pings one node. The data marker is one per range of slots (see markerKeys), so that a loss of
-// any master's data is noticed. While a key's slot is being migrated, a script whose two keys are not all on one
-// side gets TRYAGAIN (it did not run): the operation tries again within its timeout.
+// pings one node. There is a data marker in each range of slots (see markerKeys), so that a loss
+// of any master's data is noticed. While a key's slot is being migrated, a script whose two keys
+// are not all on one side gets TRYAGAIN (it did not run): the operation tries again, for about
+// half a second (maxAttempts).
 package redis
 
 import (
