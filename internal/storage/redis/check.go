@@ -1,6 +1,7 @@
 package redis
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -322,78 +323,73 @@ func hashSlot(tag string) uint16 {
 	return crc % 16384
 }
 
-// initMarker reads the data marker at key, and puts one when there is none, without reporting
-// anything: at the first contact, or after a loss whose new marker could not be put. It leaves
-// the marker unseen when Redis refuses the write (out of memory, say); the next check tries
-// again. markerMu held.
-func (s *Store) initMarker(ctx context.Context, key string) error {
-	current, ok, err := s.d.get(ctx, key)
-	if err == nil && !ok {
-		current, _, err = s.d.marker(ctx, key, keys.NewToken())
-	}
-	if err != nil {
-		return err
-	}
-	s.markers[key] = current
-	return nil
-}
-
 // checkMarker compares each data marker with what this Store last saw, and calls OnDataLoss when
 // one is gone (this Store puts a new one) or another one (another replica put it after finding
-// it gone): once per check, however many markers. Ping calls it when it reads the policy, at
-// most once a second; its errors are Ping's business only as far as the policy's read already
-// is: it reads first, and writes only when a marker is gone, so a Redis that refuses writes (out
-// of memory) keeps passing. Markers of ranges that are no longer reported (a resharding) are
-// forgotten, and new ones put without a report.
+// it gone): once per check, however many markers. A marker not seen yet (at the first contact,
+// in a range that a resharding made, or after a loss whose new marker could not be put) is read,
+// and put when there is none, without a report. Ping calls it when it reads the policy, at most
+// once a second; its errors are Ping's business only as far as the policy's read already is: it
+// reads first (all markers at once, so that a node that does not answer delays only its own),
+// and writes only when a marker is gone, so a Redis that refuses writes (out of memory) keeps
+// passing. A marker that could not be read is compared at the next check. Markers of ranges
+// that are no longer reported are forgotten.
 func (s *Store) checkMarker(ctx context.Context) error {
 	s.markerMu.Lock()
 	defer s.markerMu.Unlock()
 	if s.markers == nil {
 		s.markers = map[string]string{}
 	}
-	keys, err := s.markerKeys(ctx)
+	names, err := s.markerKeys(ctx)
 	if err != nil {
 		return err
 	}
-	var found string
-	defer func() {
-		if found != "" && s.onDataLoss != nil {
-			s.onDataLoss(found + ": Redis lost data since it was last checked (a restart without " +
-				"persistence, a failover to a replica without it, FLUSHDB or FLUSHALL, eviction, or a " +
-				"restore from a backup), so completed records and held leases may be gone and their " +
-				"keys may run again")
-		}
-	}()
 	for k := range s.markers {
-		if !slices.Contains(keys, k) {
+		if !slices.Contains(names, k) {
 			delete(s.markers, k)
 		}
 	}
-	for _, key := range keys {
+	var found string
+	var firstErr error
+	for i, got := range s.d.gets(ctx, names) {
+		key := names[i]
 		last, seen := s.markers[key]
-		if !seen {
-			if err := s.initMarker(ctx, key); err != nil {
-				return err // nothing seen yet (or since a loss): nothing to compare
-			}
-			continue
-		}
-		current, ok, err := s.d.get(ctx, key)
-		if err != nil {
-			return err
-		}
 		switch {
-		case !ok:
+		case got.err != nil:
+			firstErr = cmp.Or(firstErr, got.err)
+			continue
+		case !seen && got.ok:
+			s.markers[key] = got.value
+			continue
+		case !seen:
+			// none yet: put one below
+		case !got.ok:
 			found = "the data marker that idemsvc keeps in Redis was gone"
 			delete(s.markers, key)
-			_ = s.initMarker(ctx, key) // put a new one; if Redis refuses now, the next check does
-		case current != last:
+		case got.value != last:
 			if found == "" {
 				found = "the data marker that idemsvc keeps in Redis was replaced (another replica found it gone)"
 			}
-			s.markers[key] = current
+			s.markers[key] = got.value
+			continue
+		default:
+			continue
 		}
+		// Put a marker (or take the one another replica put meanwhile); if Redis refuses now,
+		// the next check does.
+		current, _, err := s.d.marker(ctx, key, keys.NewToken())
+		if err != nil {
+			firstErr = cmp.Or(firstErr, err)
+			continue
+		}
+		s.markers[key] = current
 	}
-	return nil
+	if found != "" && s.onDataLoss != nil {
+		s.onDataLoss(found + ": Redis lost data since it was last checked (a restart without " +
+			"persistence, a failover to a replica without it, FLUSHDB or FLUSHALL, eviction, or a " +
+			"restore from a backup), so completed records and held leases may be gone and their " +
+			"keys may run again")
+	}
+	return firstErr
 }
 
 // probe exercises every command, key pattern and channel pattern the Store uses (see above);

@@ -6,9 +6,11 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	neturl "net/url"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -303,10 +305,19 @@ func infoEvery(ctx context.Context, c rueidis.Client, section string) (string, e
 	if c.Mode() != rueidis.ClientModeCluster {
 		return c.Do(ctx, c.B().Info().Section(section).Build()).ToString()
 	}
+	// All nodes at once, each within a third of the time left: a node that does not answer (a
+	// partition, a frozen process) must not use up the time of the whole check, which would
+	// fail every Ping that reads the policy, on every replica, until the cluster fails it over.
+	nodes := slices.Collect(maps.Values(c.Nodes()))
+	nctx, cancel := shareOf(ctx, 3)
+	defer cancel()
+	answers := atOnce(nctx, len(nodes), func(i int) (string, error) {
+		return nodes[i].Do(nctx, nodes[i].B().Info().Section(section).Build()).ToString()
+	})
 	var bad, good []string
 	var lastErr error
-	for _, n := range c.Nodes() {
-		s, err := n.Do(ctx, n.B().Info().Section(section).Build()).ToString()
+	for _, a := range answers {
+		s, err := a.value, a.err
 		if err != nil {
 			if _, reply := rueidis.IsRedisErr(err); reply {
 				return "", err
@@ -324,6 +335,14 @@ func infoEvery(ctx context.Context, c rueidis.Client, section string) (string, e
 		return "", lastErr
 	}
 	return strings.Join(append(bad, good...), "\r\n"), nil
+}
+
+// shareOf returns ctx bounded to 1/n of the time it has left (all of it, without a deadline).
+func shareOf(ctx context.Context, n int) (context.Context, context.CancelFunc) {
+	if d, ok := ctx.Deadline(); ok {
+		return context.WithTimeout(ctx, time.Until(d)/time.Duration(n))
+	}
+	return context.WithCancel(ctx)
 }
 
 // slots returns the ranges of hash slots that CLUSTER SLOTS reports, on Redis Cluster; nothing
@@ -378,12 +397,76 @@ func (d *rueidisDriver) marker(ctx context.Context, key, candidate string) (curr
 	return old, false, err
 }
 
-func (d *rueidisDriver) get(ctx context.Context, key string) (string, bool, error) {
+// gets runs GET on every key at once (see atOnce: on Redis Cluster a node that does not
+// answer delays only its own keys, and none beyond ctx).
+func (d *rueidisDriver) gets(ctx context.Context, keys []string) []gotValue {
 	c, err := d.client(ctx)
 	if err != nil {
-		return "", false, err
+		got := make([]gotValue, len(keys))
+		for i := range got {
+			got[i].err = err
+		}
+		return got
 	}
-	v, err := c.Do(ctx, c.B().Get().Key(key).Build()).ToString()
+	type value struct {
+		v  string
+		ok bool
+	}
+	answers := atOnce(ctx, len(keys), func(i int) (value, error) {
+		v, ok, err := getValue(c.Do(ctx, c.B().Get().Key(keys[i]).Build()))
+		return value{v, ok}, err
+	})
+	got := make([]gotValue, len(keys))
+	for i, a := range answers {
+		got[i] = gotValue{value: a.value.v, ok: a.value.ok, err: a.err}
+	}
+	return got
+}
+
+// answer is one call's result in atOnce.
+type answer[T any] struct {
+	value T
+	err   error
+}
+
+// atOnce runs call(0) ... call(n-1) each in a goroutine of its own and returns their answers,
+// once all are in or ctx is done: those not in by then are ctx's error. rueidis does not always
+// return at ctx's end (a command to a node that stopped answering waits for the connection to be
+// dialled again, bounded by the dial timeout only), so the check does not wait for it; the
+// goroutine ends with that call.
+func atOnce[T any](ctx context.Context, n int, call func(i int) (T, error)) []answer[T] {
+	type indexed struct {
+		i int
+		answer[T]
+	}
+	in := make(chan indexed, n) // buffered: a late call's goroutine does not block
+	for i := range n {
+		go func() {
+			v, err := call(i)
+			in <- indexed{i, answer[T]{v, err}}
+		}()
+	}
+	answers := make([]answer[T], n)
+	got := make([]bool, n)
+	for left := n; left > 0; left-- {
+		select {
+		case a := <-in:
+			answers[a.i], got[a.i] = a.answer, true
+		case <-ctx.Done():
+			for i := range answers {
+				if !got[i] {
+					answers[i].err = ctx.Err()
+				}
+			}
+			return answers
+		}
+	}
+	return answers
+}
+
+// getValue is a GET's reply: the value, and whether the key exists.
+func getValue(r rueidis.RedisResult) (string, bool, error) {
+	v, err := r.ToString()
 	if rueidis.IsRedisNil(err) {
 		return "", false, nil
 	}

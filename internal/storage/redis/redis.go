@@ -307,8 +307,8 @@ type driver interface {
 	// marker stores candidate at key unless key exists, and returns key's value afterwards and
 	// whether it stored it.
 	marker(ctx context.Context, key, candidate string) (current string, created bool, err error)
-	// get runs GET key: its value, and whether it exists.
-	get(ctx context.Context, key string) (string, bool, error)
+	// gets runs GET on each of keys, at once: each value, and whether its key exists.
+	gets(ctx context.Context, keys []string) []gotValue
 	// slots returns the ranges of hash slots of a Redis Cluster (CLUSTER SLOTS), each served by
 	// one master; none on a single Redis.
 	slots(ctx context.Context) ([][2]uint16, error)
@@ -319,6 +319,14 @@ type driver interface {
 	// top level or inside a script.
 	denied(err error) bool
 	close()
+}
+
+// gotValue is the answer to one GET of driver.gets: the value, whether the key exists, or why
+// there is no answer.
+type gotValue struct {
+	value string
+	ok    bool
+	err   error
 }
 
 // reply is a script's answer.
@@ -1036,7 +1044,10 @@ func (s *Store) Ping(ctx context.Context) error {
 		var info string
 		if info, err = s.d.info(ctx, "memory"); err == nil {
 			s.setPolicy(infoField(info, "maxmemory_policy"))
-			_ = s.checkMarker(ctx) // monitoring: it reports a loss, it does not fail readiness
+			// Monitoring: it reports a loss, it does not fail readiness, nor use up its time.
+			mctx, cancel := shareOf(ctx, 2)
+			_ = s.checkMarker(mctx)
+			cancel()
 			// And PING, which INFO does not stand for: Redis answers INFO while it loads its
 			// data and refuses everything else (an audit's find: /readyz answered 200 once a
 			// second while every request got 503 LOADING).
