@@ -39,6 +39,9 @@ type Config struct {
 	RedisTlsCaFile   string `split_words:"true" desc:"PEM file of the CA that signed Redis's certificate (rediss://), when the system does not trust it"`
 	RedisTlsCertFile string `split_words:"true" desc:"PEM file of the client certificate Redis requires (rediss://, tls-auth-clients yes); read at every connection"`
 	RedisTlsKeyFile  string `split_words:"true" desc:"PEM file of that client certificate's key"`
+	// The Sentinels' own credentials, for a URL with master_set (redis.SentinelAuth).
+	RedisSentinelUsername string `split_words:"true" desc:"user on the Sentinels (URL with master_set), when they have ACL users"`
+	RedisSentinelPassword string `split_words:"true" desc:"password of the Sentinels (URL with master_set), when they require one"`
 	// RedisAllowEviction serves a Redis whose maxmemory-policy may evict (see redis.Options).
 	RedisAllowEviction bool          `split_words:"true" default:"false" desc:"serve a Redis whose maxmemory-policy is not noeviction (evicted records run again)"`
 	Tokens             string        `split_words:"true" desc:"tenant:token,tenant:token; unset runs open as tenant 'default'; set but empty refuses to start"`
@@ -97,7 +100,8 @@ func testVar(name string) bool {
 func knownVars() []string {
 	return []string{
 		"IDEMSVC_ADDR", "IDEMSVC_BACKEND", "IDEMSVC_DATA_DIR", "IDEMSVC_REDIS_URL", "IDEMSVC_REDIS_ALLOW_EVICTION",
-		"IDEMSVC_REDIS_TLS_CA_FILE", "IDEMSVC_REDIS_TLS_CERT_FILE", "IDEMSVC_REDIS_TLS_KEY_FILE", "IDEMSVC_TOKENS",
+		"IDEMSVC_REDIS_TLS_CA_FILE", "IDEMSVC_REDIS_TLS_CERT_FILE", "IDEMSVC_REDIS_TLS_KEY_FILE",
+		"IDEMSVC_REDIS_SENTINEL_USERNAME", "IDEMSVC_REDIS_SENTINEL_PASSWORD", "IDEMSVC_TOKENS",
 		"IDEMSVC_DEFAULT_LEASE", "IDEMSVC_MAX_LEASE", "IDEMSVC_DEFAULT_TTL", "IDEMSVC_MAX_TTL",
 		"IDEMSVC_MAX_WAIT", "IDEMSVC_MAX_BODY_BYTES", "IDEMSVC_SWEEP_INTERVAL", "IDEMSVC_LOG_LEVEL",
 		"IDEMSVC_SHUTDOWN_TIMEOUT", "IDEMSVC_DRAIN_DELAY", "IDEMSVC_MAX_CONNS", "IDEMSVC_MAX_WAITERS",
@@ -127,6 +131,9 @@ func (c Config) validate() error {
 		}
 		if (c.RedisTlsCertFile == "") != (c.RedisTlsKeyFile == "") {
 			bad("REDIS_TLS_CERT_FILE", "and IDEMSVC_REDIS_TLS_KEY_FILE go together")
+		}
+		if (c.RedisSentinelUsername != "" || c.RedisSentinelPassword != "") && !strings.Contains(c.RedisURL, "master_set=") {
+			bad("REDIS_URL", "must name a master_set (Redis Sentinel) when IDEMSVC_REDIS_SENTINEL_USERNAME or _PASSWORD is set")
 		}
 	default:
 		bad("BACKEND", "%q is neither bolt nor redis", c.Backend)
@@ -276,6 +283,10 @@ func (c Config) masked() map[string]any {
 		}
 		slices.Sort(tenants)
 	}
+	sentinelPassword := ""
+	if c.RedisSentinelPassword != "" {
+		sentinelPassword = "****"
+	}
 	redisURL := ""
 	if c.RedisURL != "" {
 		redisURL = redis.ShownURL(c.RedisURL)
@@ -288,6 +299,7 @@ func (c Config) masked() map[string]any {
 		"log_level": c.LogLevel, "shutdown_timeout": c.ShutdownTimeout.String(), "drain_delay": c.DrainDelay.String(), "max_conns": c.MaxConns, "max_waiters": c.MaxWaiters,
 		"redis_allow_eviction": c.RedisAllowEviction, "redis_tls_ca_file": c.RedisTlsCaFile,
 		"redis_tls_cert_file": c.RedisTlsCertFile, "redis_tls_key_file": c.RedisTlsKeyFile,
+		"redis_sentinel_username": c.RedisSentinelUsername, "redis_sentinel_password": sentinelPassword,
 	}
 }
 

@@ -96,6 +96,11 @@ func TestConfig(t *testing.T) {
 		// A private CA and a client certificate (tls-auth-clients yes) could not be given at all.
 		{"RedisTLSFiles", []string{"IDEMSVC_BACKEND=redis", "IDEMSVC_REDIS_URL=rediss://redis.internal:6380/0",
 			"IDEMSVC_REDIS_TLS_CA_FILE=/run/ca.pem", "IDEMSVC_REDIS_TLS_CERT_FILE=/run/c.pem", "IDEMSVC_REDIS_TLS_KEY_FILE=/run/k.pem"}, ""},
+		// Sentinels that require a password could not be reached at all.
+		{"RedisSentinel", []string{"IDEMSVC_BACKEND=redis", "IDEMSVC_REDIS_URL=redis://s1:26379/0?master_set=m&addr=s2:26379",
+			"IDEMSVC_REDIS_SENTINEL_USERNAME=idem", "IDEMSVC_REDIS_SENTINEL_PASSWORD=pw"}, ""},
+		{"RedisSentinelPasswordNoMasterSet", []string{"IDEMSVC_BACKEND=redis", "IDEMSVC_REDIS_URL=redis://s1:6379/0",
+			"IDEMSVC_REDIS_SENTINEL_PASSWORD=pw"}, "IDEMSVC_REDIS_URL"},
 		{"RedisTLSFilesPlainURL", []string{"IDEMSVC_BACKEND=redis", "IDEMSVC_REDIS_URL=redis://redis.internal:6379/0",
 			"IDEMSVC_REDIS_TLS_CA_FILE=/run/ca.pem"}, "IDEMSVC_REDIS_URL"},
 		{"RedisTLSCertNoKey", []string{"IDEMSVC_BACKEND=redis", "IDEMSVC_REDIS_URL=rediss://redis.internal:6380/0",
@@ -127,6 +132,7 @@ func TestConfigReadsOnlyPrefixedNames(t *testing.T) {
 		"LOG_LEVEL": "error", "SHUTDOWN_TIMEOUT": "1s", "REDIS_ALLOW_EVICTION": "true", "MAX_CONNS": "5",
 		"MAX_WAITERS": "3", "DRAIN_DELAY": "4s",
 		"REDIS_TLS_CA_FILE": "/x/ca.pem", "REDIS_TLS_CERT_FILE": "/x/c.pem", "REDIS_TLS_KEY_FILE": "/x/k.pem",
+		"REDIS_SENTINEL_USERNAME": "u", "REDIS_SENTINEL_PASSWORD": "p",
 	}
 	if len(bare) != len(knownVars()) {
 		t.Fatalf("%d bare names for %d variables", len(bare), len(knownVars()))
@@ -476,6 +482,11 @@ func TestRedisPasswordNeverLogged(t *testing.T) {
 			t.Errorf("masked config shows the password of %s: %s", raw, shown)
 		}
 	}
+	// The Sentinels' password (IDEMSVC_REDIS_SENTINEL_PASSWORD) is logged as set, never shown.
+	sc := Config{RedisURL: "redis://127.0.0.1:26379/0?master_set=m", RedisSentinelPassword: "s3cretpassw0rd"}
+	if shown := fmt.Sprint(sc.masked()); strings.Contains(shown, "ssw0rd") || !strings.Contains(shown, "master_set=m") {
+		t.Errorf("masked config of a Sentinel URL and password: %s", shown)
+	}
 	// A URL that names no server is refused, without its password: rueidis would take it for
 	// localhost:6379, database 0 (some other Redis), and connect.
 	for _, raw := range []string{"redis:s3cretpassw0rd@127.0.0.1:6379", "redis:///0", "unix://",
@@ -504,7 +515,7 @@ func TestRedisPasswordNeverLogged(t *testing.T) {
 		{"redis://127.0.0.1:0/0", "port"},
 		{"redis://127.0.0.1:6379/0?password=s3cretpassw0rd", "password"},
 		{"redis://127.0.0.1:6379/0?dial_timeout=1s", "dial_timeout"},
-		{"redis://127.0.0.1:6379/0?master_set=m", "master_set"},
+		{"redis://127.0.0.1:6379/0?addr=127.0.0.1:6380", "addr"},
 		{"redis://127.0.0.1:6379/0?s3cretpassw0rd", "a parameter"},
 		{"redis://127.0.0.1:6379/0?skip_verify=true", "skip_verify"},
 	} {

@@ -181,6 +181,7 @@ func openStore(ctx context.Context, cfg Config, logger *zap.Logger, dataLoss pro
 		s, err := redis.Open(ctx, cfg.RedisURL, redis.Options{
 			AllowEviction: cfg.RedisAllowEviction,
 			TLS:           redis.TLSFiles{CAFile: cfg.RedisTlsCaFile, CertFile: cfg.RedisTlsCertFile, KeyFile: cfg.RedisTlsKeyFile},
+			Sentinel:      redis.SentinelAuth{Username: cfg.RedisSentinelUsername, Password: cfg.RedisSentinelPassword},
 			OnDataLoss: func(found string) {
 				dataLoss.Inc()
 				logger.WithOptions(zap.AddStacktrace(zapcore.FatalLevel)).Error("Redis lost data", zap.String("found", found))

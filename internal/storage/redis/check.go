@@ -71,8 +71,20 @@ func ACL(prefix string) string {
 // redirect (a key already moved by a migration in progress) with ASKING.
 const clusterACL = "+cluster|slots +cluster|shards +asking"
 
+// sentinelACL is what the Store needs besides ACL's rules behind Redis Sentinel, on the master
+// and on every replica that may become it: the client asks a server the Sentinels name for its
+// ROLE, and takes it only when it says master.
+const sentinelACL = "+role"
+
+// SentinelACL is the ACL of a user on the Sentinels themselves, when they require one: the
+// client asks for the master and the other Sentinels (SENTINEL GET-MASTER-ADDR-BY-NAME,
+// SENTINEL SENTINELS), subscribes to their events (+switch-master, ...: the channels below) and
+// keeps its connection alive with PING.
+const SentinelACL = "+hello +auth +ping +sentinel|get-master-addr-by-name +sentinel|sentinels " +
+	"+subscribe +unsubscribe &+sentinel &+slave &-sdown &+sdown &+switch-master &+reboot"
+
 // aclHint is the ACL an error message suggests: ACL's, with +select when the URL names a
-// database other than 0, and clusterACL on Redis Cluster.
+// database other than 0, clusterACL on Redis Cluster, and sentinelACL behind Sentinel.
 func (s *Store) aclHint() string {
 	acl := ACL(s.prefix)
 	if s.rd != nil && s.rd.main.opt.SelectDB != 0 {
@@ -81,8 +93,14 @@ func (s *Store) aclHint() string {
 	if s.clustered.Load() {
 		acl += " " + clusterACL
 	}
+	if s.sentinel() {
+		acl += " " + sentinelACL
+	}
 	return acl
 }
+
+// sentinel reports whether the Store reaches Redis through Sentinel (a URL with master_set).
+func (s *Store) sentinel() bool { return s.rd != nil && s.rd.main.opt.Sentinel.MasterSet != "" }
 
 // probeScript runs every command the scripts run, on a probe key and channel, and returns the
 // ones that failed with Redis's reasons. KEYS[1] the probe key; ARGV[1] the probe channel;
@@ -176,6 +194,12 @@ func (s *Store) check(ctx context.Context) error {
 	}
 	c, err := d.client(ctx)
 	if err != nil {
+		if s.sentinel() {
+			return s.checkErrorf("connecting through Sentinel, master_set="+d.main.opt.Sentinel.MasterSet+
+				" (to the Sentinels, with their own credentials, IDEMSVC_REDIS_SENTINEL_USERNAME and _PASSWORD: HELLO or AUTH, "+
+				"SENTINEL GET-MASTER-ADDR-BY-NAME, SUBSCRIBE, whose user needs the ACL "+strconv.Quote(SentinelACL)+
+				"; to the master, with the URL's: HELLO or AUTH, SELECT, ROLE)", err)
+		}
 		return s.checkErrorf("connecting (HELLO, AUTH, SELECT)", err)
 	}
 	info, err := infoEvery(ctx, c, "server")

@@ -61,7 +61,13 @@ var subKeepAlive = net.KeepAliveConfig{Enable: true, Idle: 5 * time.Second, Inte
 
 var errClosed = errors.New("redis: store closed")
 
-func newRueidisDriver(url string, timeout time.Duration, files TLSFiles) (*rueidisDriver, error) {
+// sentinelRefresh is how often a client on Redis Sentinel asks a Sentinel for the master, besides
+// following its +switch-master events: a client that missed the event (its Sentinel was the one
+// down, say) would otherwise stay on a demoted master, whose writes answer READONLY (503), until
+// a restart.
+const sentinelRefresh = 2 * time.Second
+
+func newRueidisDriver(url string, timeout time.Duration, files TLSFiles, sentinel SentinelAuth) (*rueidisDriver, error) {
 	if err := checkURLShape(url); err != nil {
 		return nil, err
 	}
@@ -71,6 +77,17 @@ func newRueidisDriver(url string, timeout time.Duration, files TLSFiles) (*rueid
 	}
 	if err := files.apply(opt.TLSConfig); err != nil {
 		return nil, err
+	}
+	if opt.Sentinel.MasterSet == "" && sentinel != (SentinelAuth{}) {
+		return nil, errors.New("Sentinel credentials are given, but the URL names no master_set")
+	}
+	if opt.Sentinel.MasterSet != "" {
+		// The URL's addresses are the Sentinels'; its credentials and database the master's.
+		// The Sentinels get their own credentials (none by default), the same timeouts, and
+		// no keepalive setting of the pub/sub client's (their connections may PING).
+		opt.Sentinel.Username, opt.Sentinel.Password = sentinel.Username, sentinel.Password
+		opt.Sentinel.Dialer.Timeout = timeout
+		opt.Sentinel.TopologyRefreshInterval = sentinelRefresh
 	}
 	opt.Dialer.Timeout = timeout
 	// Notice a Redis that stopped answering within a few operation timeouts, not the default 10s.
@@ -546,17 +563,20 @@ func checkURLShape(raw string) error {
 		return errors.New("invalid URL: the path is not /db (a number)" + encodeHint)
 	}
 	// rueidis reads more parameters, but the store sets what they would (timeouts, retries,
-	// the client cache), or does not work with them (addr and master_set: a cluster or
-	// Sentinel): a parameter it ignored, or one with a password in it, used to be taken
-	// silently.
-	for name := range u.Query() {
+	// the client cache), or does not work with them: a parameter it ignored, or one with a
+	// password in it, used to be taken silently.
+	q := u.Query()
+	for name := range q {
 		if !urlParam(u, name) {
 			shown := "a parameter"
 			if len(name) <= 32 && !strings.ContainsFunc(name, func(r rune) bool { return (r < 'a' || r > 'z') && r != '_' }) {
 				shown = "the parameter " + name
 			}
-			return fmt.Errorf("invalid URL: %s is not one idemsvc reads (db, client_name, and with rediss:// skip_verify)%s", shown, encodeHint)
+			return fmt.Errorf("invalid URL: %s is not one idemsvc reads (db, client_name, master_set and addr, and with rediss:// skip_verify)%s", shown, encodeHint)
 		}
+	}
+	if err := checkSentinelParams(u, q); err != nil {
+		return err
 	}
 	if u.Scheme == "unix" {
 		if u.Path == "" || u.Host != "" {
@@ -586,9 +606,41 @@ func dbPath(path string) bool {
 }
 
 // urlParam reports whether name is a query parameter of u that the store reads: db, client_name,
-// and with rediss:// skip_verify.
+// master_set and addr (Redis Sentinel), and with rediss:// skip_verify.
 func urlParam(u *neturl.URL, name string) bool {
-	return name == "db" || name == "client_name" || name == "skip_verify" && u.Scheme == "rediss"
+	return name == "db" || name == "client_name" || name == "master_set" || name == "addr" ||
+		name == "skip_verify" && u.Scheme == "rediss"
+}
+
+// checkSentinelParams checks the parameters of Redis Sentinel: master_set, once and not empty,
+// names the master that the Sentinels at the URL's host (and at each addr=host:port) monitor.
+// Without master_set, rueidis would take addr for more nodes of one Redis (a cluster's), which
+// idemsvc does not read. Sentinel is refused with rediss:// (rueidis would talk to the Sentinels
+// in clear, and verify the master's certificate against the first Sentinel's host name) and with
+// unix:// (the Sentinels report TCP addresses).
+func checkSentinelParams(u *neturl.URL, q neturl.Values) error {
+	sets, addrs := q["master_set"], q["addr"]
+	if len(sets) == 0 {
+		if len(addrs) > 0 {
+			return errors.New("invalid URL: addr (another Sentinel's address) goes with master_set (Redis Sentinel) only; " +
+				"idemsvc reads no other address for one Redis, and finds a cluster's nodes from the one in the URL")
+		}
+		return nil
+	}
+	switch {
+	case len(sets) > 1 || sets[0] == "":
+		return errors.New("invalid URL: master_set must be given once, with the name of the master the Sentinels monitor")
+	case u.Scheme != "redis":
+		return errors.New("invalid URL: master_set (Redis Sentinel) needs redis://: idemsvc does not support Sentinel with TLS or a unix socket")
+	}
+	for _, a := range addrs {
+		host, port, err := net.SplitHostPort(a)
+		n, perr := strconv.Atoi(port)
+		if err != nil || host == "" || perr != nil || n < 1 || n > 65535 || strings.ContainsAny(a, "@/") {
+			return errors.New("invalid URL: each addr is a Sentinel's host:port, with a port from 1 to 65535" + encodeHint)
+		}
+	}
+	return nil
 }
 
 // ShownURL is the Redis URL raw as it may be logged: without its password (url.Parse's reading:

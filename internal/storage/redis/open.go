@@ -27,7 +27,7 @@ func Open(ctx context.Context, url string, opts Options) (*Store, error) {
 	if opts.Timeout <= 0 {
 		opts.Timeout = defaultTimeout
 	}
-	d, err := newRueidisDriver(url, opts.Timeout, opts.TLS)
+	d, err := newRueidisDriver(url, opts.Timeout, opts.TLS, opts.Sentinel)
 	if err != nil {
 		return nil, fmt.Errorf("redis: %w", err)
 	}

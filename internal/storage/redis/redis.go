@@ -139,6 +139,19 @@
 // given as the whole Redis, so the checks refuse a node that reports redis_mode:cluster to a
 // client that is not in cluster mode (TestClusterACLWithoutSlots).
 //
+// # Redis Sentinel
+//
+// A URL with master_set names Sentinels (the host, and more with addr=); rueidis asks them for
+// the master, checks it with ROLE, and sends every command there (INFO, TIME, the scripts, the
+// marker, SUBSCRIBE: Nodes is the master alone). It switches on Sentinel's +switch-master, and
+// asks again every sentinelRefresh, in case it missed the event. The pub/sub connection is the
+// hub's and does not break when its master is merely demoted, so the hub closes it when the
+// client has switched (watch.go). The URL's credentials are the master's; the Sentinels get
+// Options.Sentinel. The user needs +role besides the ACL above (sentinelACL), and a user on the
+// Sentinels SentinelACL. A forced failover loses the writes the old master acknowledged after
+// its replica's promotion and before the switch (TestSentinelFailover logs how many): Sentinel
+// does not stop the old master. TLS and unix sockets are refused with master_set.
+//
 // # Redis Cluster
 //
 // Commands without a key (INFO, PING, TIME) go to any one node: the checks read INFO on every
@@ -194,6 +207,16 @@ type Options struct {
 	OnDataLoss func(found string)
 	// TLS: files that complete a rediss:// URL (see TLSFiles); zero for none.
 	TLS TLSFiles
+	// Sentinel: the credentials of the Sentinels, for a URL with master_set whose Sentinels
+	// require them (requirepass, or an ACL user, in sentinel.conf); zero for none. The URL's
+	// own credentials are the master's.
+	Sentinel SentinelAuth
+}
+
+// SentinelAuth are the credentials idemsvc gives the Sentinels (see "Redis Sentinel" in the
+// package doc). An empty Username is the default user.
+type SentinelAuth struct {
+	Username, Password string
 }
 
 // TLSFiles are PEM files for a rediss:// URL: the CA that signed Redis's certificate, when it

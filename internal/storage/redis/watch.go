@@ -30,6 +30,9 @@ import (
 // maxclients, say), not for subRedialPause: every waiter would otherwise dial and begin again in
 // a tight loop.
 //
+// Behind Redis Sentinel the connection follows the master: the janitor closes it, within about
+// a second, once the client has switched to a new master (followMaster).
+//
 // On Redis Cluster a PUBLISH is broadcast to every node over the cluster bus: correct, but its
 // cost grows with the cluster. SPUBLISH/SSUBSCRIBE (Redis 7) would keep it on the key's shard.
 
@@ -79,6 +82,10 @@ type subConn struct {
 	dc     rueidis.DedicatedClient
 	cancel func()
 	opened time.Time
+	// behind Sentinel: the client, and the master's address when the connection was opened
+	// (see followMaster); nil and "" otherwise.
+	sentinel rueidis.Client
+	master   string
 }
 
 type subDial struct {
@@ -201,8 +208,15 @@ func (h *hub) dial(run *subDial) {
 	var conn *subConn
 	var lost <-chan error
 	if err == nil {
+		var master string
+		if c.Mode() == rueidis.ClientModeSentinel {
+			master = masterAddr(c) // before Dedicate: a switch in between costs a reconnection
+		}
 		dc, _ := c.Dedicate() // closed, never released: see above
-		conn = &subConn{dc: dc, cancel: dc.Close, opened: time.Now()}
+		conn = &subConn{dc: dc, cancel: dc.Close, opened: time.Now(), master: master}
+		if master != "" {
+			conn.sentinel = c
+		}
 		lost = dc.SetPubSubHooks(rueidis.PubSubHooks{OnMessage: h.message})
 	}
 	h.mu.Lock()
@@ -280,7 +294,42 @@ func (h *hub) janitor() {
 		case <-tick.C:
 		}
 		h.sweep(time.Now().Add(-linger))
+		h.followMaster()
 	}
+}
+
+// masterAddr is the address of the master that a client behind Sentinel sends commands to.
+func masterAddr(c rueidis.Client) string {
+	for addr := range c.Nodes() { // behind Sentinel, the master alone
+		return addr
+	}
+	return ""
+}
+
+// followMaster closes the pub/sub connection behind Sentinel when the client has switched to
+// another master since it was opened, so that the next Watch subscribes on the new one. The
+// connection does not break by itself when its server is demoted (a forced failover): the old
+// master goes on serving as a master until Sentinel reconfigures it, up to some 10 s later, or
+// for as long as a partition cuts it off, and never sees the new master's PUBLISH meanwhile. Its
+// watchers are woken (they would have waited for a message that never comes) and watch again.
+func (h *hub) followMaster() {
+	h.mu.Lock()
+	conn := h.conn
+	h.mu.Unlock()
+	if conn == nil || conn.sentinel == nil || masterAddr(conn.sentinel) == conn.master {
+		return
+	}
+	h.mu.Lock()
+	if h.conn == conn {
+		h.conn = nil
+		for _, t := range h.topics {
+			if t.on == conn {
+				t.on = nil
+			}
+		}
+	}
+	h.mu.Unlock()
+	conn.cancel() // its lost channel then wakes the watchers
 }
 
 // sweep forgets the channels idle since before idleBefore that are not subscribed, and closes

@@ -133,12 +133,33 @@ type Server struct {
 	port int
 	args []string
 	cmd  *exec.Cmd
+	// conf is the configuration file of a Sentinel (StartSentinel); "" for a redis-server.
+	conf string
 }
 
 // StartServer starts a redis-server (no persistence, plus args) on a free 127.0.0.1 port and
 // kills it when the test ends. It skips when redis-server is not installed, or fails when
 // IDEMSVC_TEST_REQUIRE_BACKENDS=1.
 func StartServer(t testing.TB, args ...string) *Server {
+	t.Helper()
+	return startServer(t, "", args)
+}
+
+// StartSentinel starts a Redis Sentinel (redis-server --sentinel) on a free 127.0.0.1 port,
+// with conf (sentinel monitor, ...) as its configuration file, written into a directory of its
+// own (Sentinel rewrites its file), and kills it when the test ends. It skips as StartServer
+// does.
+func StartSentinel(t testing.TB, conf string) *Server {
+	t.Helper()
+	dir := t.TempDir()
+	path := dir + "/sentinel.conf"
+	if err := os.WriteFile(path, []byte(conf), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return startServer(t, path, []string{"--dir", dir})
+}
+
+func startServer(t testing.TB, conf string, args []string) *Server {
 	t.Helper()
 	if _, err := exec.LookPath("redis-server"); err != nil {
 		msg := "redis-server is not installed: this test needs a server of its own"
@@ -147,11 +168,13 @@ func StartServer(t testing.TB, args ...string) *Server {
 		}
 		t.Skip(msg)
 	}
-	// A directory of its own: Redis loads dump.rdb from its directory at start, even with
-	// --save '', so a file left in the package's directory by a test that saved (SAVE, DEBUG
-	// RELOAD) made every later server start loading it.
-	args = append([]string{"--dir", t.TempDir()}, args...)
-	s := &Server{t: t, port: FreePort(t), args: args}
+	if conf == "" {
+		// A directory of its own: Redis loads dump.rdb from its directory at start, even with
+		// --save '', so a file left in the package's directory by a test that saved (SAVE, DEBUG
+		// RELOAD) made every later server start loading it.
+		args = append([]string{"--dir", t.TempDir()}, args...)
+	}
+	s := &Server{t: t, port: FreePort(t), args: args, conf: conf}
 	t.Cleanup(s.Stop)
 	for range 5 {
 		if s.start() {
@@ -186,6 +209,10 @@ func (s *Server) start() bool {
 	s.t.Helper()
 	args := append([]string{"--port", strconv.Itoa(s.port), "--bind", "127.0.0.1",
 		"--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"}, s.args...)
+	if s.conf != "" { // a Sentinel: the file first, and no persistence options
+		args = append([]string{s.conf, "--sentinel", "--port", strconv.Itoa(s.port), "--bind", "127.0.0.1",
+			"--daemonize", "no", "--loglevel", "warning"}, s.args...)
+	}
 	s.cmd = exec.Command("redis-server", args...)
 	if err := s.cmd.Start(); err != nil {
 		s.t.Fatal(err)
