@@ -15,7 +15,6 @@ import (
 
 	"github.com/idemsvc/idemsvc/internal/keys"
 	"github.com/idemsvc/idemsvc/internal/storage/redis/redistest"
-	"github.com/idemsvc/idemsvc/internal/storage/storagetest"
 )
 
 // The Store on Redis Cluster: three masters of the test's own, started by each test, that
@@ -198,27 +197,7 @@ func TestClusterSlotMigrating(t *testing.T) {
 func TestClusterConformance(t *testing.T) {
 	tc := startCluster(t)
 	urls := []string{tc.nodes[0].URL(), tc.nodes[1].URL()}
-	storagetest.Run(t, storagetest.Factory{
-		Open: func(t *testing.T, clock *storagetest.Clock) keys.Store {
-			return openTest(t, urls[0], "idemtest-"+keys.NewToken(), clock.Now)
-		},
-		Reopen: func(t *testing.T, s keys.Store, clock *storagetest.Clock) keys.Store {
-			prefix := s.(*Store).prefix
-			if err := s.Close(); err != nil {
-				t.Fatalf("Close: %v", err)
-			}
-			return openTest(t, urls[1], prefix, clock.Now)
-		},
-		ExpiresItself: true,
-	})
-	t.Run("OneWinnerAcrossStores", func(t *testing.T) {
-		prefix := "idemtest-" + keys.NewToken()
-		oneWinnerAcrossStores(t, openTest(t, urls[0], prefix, nil), openTest(t, urls[1], prefix, nil))
-	})
-	t.Run("WatchAcrossStores", func(t *testing.T) {
-		prefix := "idemtest-" + keys.NewToken()
-		watchAcrossStores(t, openTest(t, urls[0], prefix, nil), openTest(t, urls[1], prefix, nil))
-	})
+	conformanceOn(t, urls)
 }
 
 // TestClusterDataLossOnAnyNode: a loss of any master's data is noticed (FLUSHALL on each in turn):

@@ -57,6 +57,33 @@ func TestOneWinnerAcrossStores(t *testing.T) {
 	oneWinnerAcrossStores(t, openTest(t, url, prefix, nil), openTest(t, url, prefix, nil))
 }
 
+// conformanceOn runs the conformance suite, oneWinnerAcrossStores and watchAcrossStores on the
+// Redis of two URLs (a cluster's or Sentinel's, each given a different way in): a store opened on
+// the first and reopened on the second, and two stores of one prefix, one on each.
+func conformanceOn(t *testing.T, urls []string) {
+	storagetest.Run(t, storagetest.Factory{
+		Open: func(t *testing.T, clock *storagetest.Clock) keys.Store {
+			return openTest(t, urls[0], "idemtest-"+keys.NewToken(), clock.Now)
+		},
+		Reopen: func(t *testing.T, s keys.Store, clock *storagetest.Clock) keys.Store {
+			prefix := s.(*Store).prefix
+			if err := s.Close(); err != nil {
+				t.Fatalf("Close: %v", err)
+			}
+			return openTest(t, urls[1], prefix, clock.Now)
+		},
+		ExpiresItself: true,
+	})
+	t.Run("OneWinnerAcrossStores", func(t *testing.T) {
+		prefix := "idemtest-" + keys.NewToken()
+		oneWinnerAcrossStores(t, openTest(t, urls[0], prefix, nil), openTest(t, urls[1], prefix, nil))
+	})
+	t.Run("WatchAcrossStores", func(t *testing.T) {
+		prefix := "idemtest-" + keys.NewToken()
+		watchAcrossStores(t, openTest(t, urls[0], prefix, nil), openTest(t, urls[1], prefix, nil))
+	})
+}
+
 // oneWinnerAcrossStores is TestOneWinnerAcrossStores on two given stores of one prefix.
 func oneWinnerAcrossStores(t *testing.T, a, b *Store) {
 	stores := [2]*Store{a, b}

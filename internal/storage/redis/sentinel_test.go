@@ -16,7 +16,6 @@ import (
 
 	"github.com/idemsvc/idemsvc/internal/keys"
 	"github.com/idemsvc/idemsvc/internal/storage/redis/redistest"
-	"github.com/idemsvc/idemsvc/internal/storage/storagetest"
 )
 
 // The Store behind Redis Sentinel: a master and a replica of the test's own, and three
@@ -211,27 +210,7 @@ func TestSentinelConformance(t *testing.T) {
 	ts := startSentinels(t, sentinelSetup{})
 	other := fmt.Sprintf("redis://127.0.0.1:%d/0?master_set=%s&addr=127.0.0.1:%d", ts.sentinels[2].Port(), sentinelMaster, ts.sentinels[1].Port())
 	urls := []string{ts.url(""), other}
-	storagetest.Run(t, storagetest.Factory{
-		Open: func(t *testing.T, clock *storagetest.Clock) keys.Store {
-			return openTest(t, urls[0], "idemtest-"+keys.NewToken(), clock.Now)
-		},
-		Reopen: func(t *testing.T, s keys.Store, clock *storagetest.Clock) keys.Store {
-			prefix := s.(*Store).prefix
-			if err := s.Close(); err != nil {
-				t.Fatalf("Close: %v", err)
-			}
-			return openTest(t, urls[1], prefix, clock.Now)
-		},
-		ExpiresItself: true,
-	})
-	t.Run("OneWinnerAcrossStores", func(t *testing.T) {
-		prefix := "idemtest-" + keys.NewToken()
-		oneWinnerAcrossStores(t, openTest(t, urls[0], prefix, nil), openTest(t, urls[1], prefix, nil))
-	})
-	t.Run("WatchAcrossStores", func(t *testing.T) {
-		prefix := "idemtest-" + keys.NewToken()
-		watchAcrossStores(t, openTest(t, urls[0], prefix, nil), openTest(t, urls[1], prefix, nil))
-	})
+	conformanceOn(t, urls)
 }
 
 // TestSentinelFailover: a failover, forced (SENTINEL FAILOVER) or after the master was killed.
