@@ -43,20 +43,22 @@ type Config struct {
 	RedisSentinelUsername string `split_words:"true" desc:"user on the Sentinels (URL with master_set), when they have ACL users"`
 	RedisSentinelPassword string `split_words:"true" desc:"password of the Sentinels (URL with master_set), when they require one"`
 	// RedisAllowEviction serves a Redis whose maxmemory-policy may evict (see redis.Options).
-	RedisAllowEviction bool          `split_words:"true" default:"false" desc:"serve a Redis whose maxmemory-policy is not noeviction (evicted records run again)"`
-	Tokens             string        `split_words:"true" desc:"tenant:token,tenant:token; unset runs open as tenant 'default'; set but empty refuses to start"`
-	DefaultLease       time.Duration `split_words:"true" default:"30s" desc:"lease when lease_ms is absent"`
-	MaxLease           time.Duration `split_words:"true" default:"1h" desc:"upper bound of lease_ms"`
-	DefaultTTL         time.Duration `split_words:"true" default:"24h" desc:"retention when ttl_ms is absent"`
-	MaxTTL             time.Duration `split_words:"true" default:"720h" desc:"upper bound of ttl_ms"`
-	MaxWait            time.Duration `split_words:"true" default:"30s" desc:"upper bound of wait_ms"`
-	MaxBodyBytes       int           `split_words:"true" default:"1048576" desc:"largest stored response body, in bytes (at most 64 MiB)"`
-	SweepInterval      time.Duration `split_words:"true" default:"1m" desc:"how often expired records are removed"`
-	LogLevel           string        `split_words:"true" default:"info" desc:"debug, info, warn or error"`
-	ShutdownTimeout    time.Duration `split_words:"true" default:"15s" desc:"how long in-flight requests may take to finish at shutdown"`
-	DrainDelay         time.Duration `split_words:"true" default:"0s" desc:"at SIGTERM, how long /readyz answers 503 while requests are still served, before shutdown begins"`
-	MaxConns           int           `split_words:"true" default:"0" desc:"most connections open at once (0, or at least 4); 0: min(10000, RLIMIT_NOFILE - 256), or half of RLIMIT_NOFILE when that is 512 or less"`
-	MaxWaiters         int           `split_words:"true" default:"1000" desc:"most begins waiting for a holder (wait_ms) at once; half per tenant with several"`
+	RedisAllowEviction bool `split_words:"true" default:"false" desc:"serve a Redis whose maxmemory-policy is not noeviction (evicted records run again)"`
+	// RedisMinReplicas acknowledges a write only once that many replicas have it (redis.Options).
+	RedisMinReplicas int           `split_words:"true" default:"0" desc:"acknowledge a Redis write only once this many replicas have it (WAIT); 0: when the master has it"`
+	Tokens           string        `split_words:"true" desc:"tenant:token,tenant:token; unset runs open as tenant 'default'; set but empty refuses to start"`
+	DefaultLease     time.Duration `split_words:"true" default:"30s" desc:"lease when lease_ms is absent"`
+	MaxLease         time.Duration `split_words:"true" default:"1h" desc:"upper bound of lease_ms"`
+	DefaultTTL       time.Duration `split_words:"true" default:"24h" desc:"retention when ttl_ms is absent"`
+	MaxTTL           time.Duration `split_words:"true" default:"720h" desc:"upper bound of ttl_ms"`
+	MaxWait          time.Duration `split_words:"true" default:"30s" desc:"upper bound of wait_ms"`
+	MaxBodyBytes     int           `split_words:"true" default:"1048576" desc:"largest stored response body, in bytes (at most 64 MiB)"`
+	SweepInterval    time.Duration `split_words:"true" default:"1m" desc:"how often expired records are removed"`
+	LogLevel         string        `split_words:"true" default:"info" desc:"debug, info, warn or error"`
+	ShutdownTimeout  time.Duration `split_words:"true" default:"15s" desc:"how long in-flight requests may take to finish at shutdown"`
+	DrainDelay       time.Duration `split_words:"true" default:"0s" desc:"at SIGTERM, how long /readyz answers 503 while requests are still served, before shutdown begins"`
+	MaxConns         int           `split_words:"true" default:"0" desc:"most connections open at once (0, or at least 4); 0: min(10000, RLIMIT_NOFILE - 256), or half of RLIMIT_NOFILE when that is 512 or less"`
+	MaxWaiters       int           `split_words:"true" default:"1000" desc:"most begins waiting for a holder (wait_ms) at once; half per tenant with several"`
 
 	// tokensSet says whether IDEMSVC_TOKENS is in the environment at all: set but naming no
 	// token (a templating slip such as IDEMSVC_TOKENS=" ") refuses to start, where unset runs
@@ -99,7 +101,7 @@ func testVar(name string) bool {
 // knownVars lists every IDEMSVC_* variable that Config reads.
 func knownVars() []string {
 	return []string{
-		"IDEMSVC_ADDR", "IDEMSVC_BACKEND", "IDEMSVC_DATA_DIR", "IDEMSVC_REDIS_URL", "IDEMSVC_REDIS_ALLOW_EVICTION",
+		"IDEMSVC_ADDR", "IDEMSVC_BACKEND", "IDEMSVC_DATA_DIR", "IDEMSVC_REDIS_URL", "IDEMSVC_REDIS_ALLOW_EVICTION", "IDEMSVC_REDIS_MIN_REPLICAS",
 		"IDEMSVC_REDIS_TLS_CA_FILE", "IDEMSVC_REDIS_TLS_CERT_FILE", "IDEMSVC_REDIS_TLS_KEY_FILE",
 		"IDEMSVC_REDIS_SENTINEL_USERNAME", "IDEMSVC_REDIS_SENTINEL_PASSWORD", "IDEMSVC_TOKENS",
 		"IDEMSVC_DEFAULT_LEASE", "IDEMSVC_MAX_LEASE", "IDEMSVC_DEFAULT_TTL", "IDEMSVC_MAX_TTL",
@@ -177,6 +179,9 @@ func (c Config) validate() error {
 	}
 	if c.MaxBodyBytes < 1 || c.MaxBodyBytes > 64<<20 {
 		bad("MAX_BODY_BYTES", "must be between 1 and %d", 64<<20)
+	}
+	if c.RedisMinReplicas < 0 || c.RedisMinReplicas > 100 {
+		bad("REDIS_MIN_REPLICAS", "is %d; it must be from 0 to 100", c.RedisMinReplicas)
 	}
 	if c.MaxWaiters < 1 {
 		bad("MAX_WAITERS", "must be at least 1")
@@ -297,7 +302,7 @@ func (c Config) masked() map[string]any {
 		"default_ttl": c.DefaultTTL.String(), "max_ttl": c.MaxTTL.String(), "max_wait": c.MaxWait.String(),
 		"max_body_bytes": c.MaxBodyBytes, "sweep_interval": c.SweepInterval.String(),
 		"log_level": c.LogLevel, "shutdown_timeout": c.ShutdownTimeout.String(), "drain_delay": c.DrainDelay.String(), "max_conns": c.MaxConns, "max_waiters": c.MaxWaiters,
-		"redis_allow_eviction": c.RedisAllowEviction, "redis_tls_ca_file": c.RedisTlsCaFile,
+		"redis_allow_eviction": c.RedisAllowEviction, "redis_min_replicas": c.RedisMinReplicas, "redis_tls_ca_file": c.RedisTlsCaFile,
 		"redis_tls_cert_file": c.RedisTlsCertFile, "redis_tls_key_file": c.RedisTlsKeyFile,
 		"redis_sentinel_username": c.RedisSentinelUsername, "redis_sentinel_password": sentinelPassword,
 	}

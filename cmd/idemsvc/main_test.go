@@ -93,6 +93,8 @@ func TestConfig(t *testing.T) {
 		{"TinyMaxConns", []string{"IDEMSVC_MAX_CONNS=2"}, "IDEMSVC_MAX_CONNS"},
 		{"MaxWaiters", []string{"IDEMSVC_MAX_WAITERS=10"}, ""},
 		{"NoWaiters", []string{"IDEMSVC_MAX_WAITERS=0"}, "IDEMSVC_MAX_WAITERS"},
+		{"RedisMinReplicas", []string{"IDEMSVC_REDIS_MIN_REPLICAS=1"}, ""},
+		{"RedisMinReplicasNegative", []string{"IDEMSVC_REDIS_MIN_REPLICAS=-1"}, "IDEMSVC_REDIS_MIN_REPLICAS"},
 		// A private CA and a client certificate (tls-auth-clients yes) could not be given at all.
 		{"RedisTLSFiles", []string{"IDEMSVC_BACKEND=redis", "IDEMSVC_REDIS_URL=rediss://redis.internal:6380/0",
 			"IDEMSVC_REDIS_TLS_CA_FILE=/run/ca.pem", "IDEMSVC_REDIS_TLS_CERT_FILE=/run/c.pem", "IDEMSVC_REDIS_TLS_KEY_FILE=/run/k.pem"}, ""},
@@ -129,7 +131,7 @@ func TestConfigReadsOnlyPrefixedNames(t *testing.T) {
 		"ADDR": "127.0.0.1:1", "BACKEND": "redis", "DATA_DIR": "/elsewhere", "REDIS_URL": "redis://x:1",
 		"TOKENS": "a:0123456789abcdef", "DEFAULT_LEASE": "2s", "MAX_LEASE": "3s", "DEFAULT_TTL": "2h",
 		"MAX_TTL": "3h", "MAX_WAIT": "1s", "MAX_BODY_BYTES": "7", "SWEEP_INTERVAL": "9s",
-		"LOG_LEVEL": "error", "SHUTDOWN_TIMEOUT": "1s", "REDIS_ALLOW_EVICTION": "true", "MAX_CONNS": "5",
+		"LOG_LEVEL": "error", "SHUTDOWN_TIMEOUT": "1s", "REDIS_ALLOW_EVICTION": "true", "REDIS_MIN_REPLICAS": "1", "MAX_CONNS": "5",
 		"MAX_WAITERS": "3", "DRAIN_DELAY": "4s",
 		"REDIS_TLS_CA_FILE": "/x/ca.pem", "REDIS_TLS_CERT_FILE": "/x/c.pem", "REDIS_TLS_KEY_FILE": "/x/k.pem",
 		"REDIS_SENTINEL_USERNAME": "u", "REDIS_SENTINEL_PASSWORD": "p",

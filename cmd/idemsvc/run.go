@@ -180,6 +180,7 @@ func openStore(ctx context.Context, cfg Config, logger *zap.Logger, dataLoss pro
 		}
 		s, err := redis.Open(ctx, cfg.RedisURL, redis.Options{
 			AllowEviction: cfg.RedisAllowEviction,
+			MinReplicas:   cfg.RedisMinReplicas,
 			TLS:           redis.TLSFiles{CAFile: cfg.RedisTlsCaFile, CertFile: cfg.RedisTlsCertFile, KeyFile: cfg.RedisTlsKeyFile},
 			Sentinel:      redis.SentinelAuth{Username: cfg.RedisSentinelUsername, Password: cfg.RedisSentinelPassword},
 			OnDataLoss: func(found string) {

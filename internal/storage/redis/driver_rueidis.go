@@ -2,8 +2,10 @@ package redis
 
 import (
 	"context"
+	"crypto/sha1"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"maps"
@@ -32,6 +34,10 @@ import (
 type rueidisDriver struct {
 	readLua, casLua, beginLua, delLua *rueidis.Lua
 	main, sub                         lazyClient
+	// minReplicas is Options.MinReplicas; sources the scripts' text by their Lua, for the
+	// writes that go with a WAIT (replicated).
+	minReplicas int
+	sources     map[*rueidis.Lua]string
 }
 
 // lazyClient connects a rueidis client on first use.
@@ -99,14 +105,16 @@ func newRueidisDriver(url string, timeout time.Duration, files TLSFiles, sentine
 	// A negative KeepAlive turns rueidis's keepalive PING off (and Go's default TCP keepalive,
 	// which KeepAliveConfig turns back on).
 	sub.Dialer.KeepAlive, sub.Dialer.KeepAliveConfig = -1, subKeepAlive
-	return &rueidisDriver{
+	d := &rueidisDriver{
 		readLua:  rueidis.NewLuaScriptReadOnly(readScript),
 		casLua:   rueidis.NewLuaScript(casScript),
 		beginLua: rueidis.NewLuaScript(beginScript),
 		delLua:   rueidis.NewLuaScript(delScript),
 		main:     lazyClient{opt: opt},
 		sub:      lazyClient{opt: sub},
-	}, nil
+	}
+	d.sources = map[*rueidis.Lua]string{d.casLua: casScript, d.beginLua: beginScript, d.delLua: delScript}
+	return d, nil
 }
 
 // client returns the connected client for commands and scripts.
@@ -219,7 +227,7 @@ func (d *rueidisDriver) write(ctx context.Context, lua *rueidis.Lua, keys [2]str
 	if err != nil {
 		return reply{}, err
 	}
-	arr, err := lua.Exec(ctx, c, keys[:], args).ToArray()
+	arr, err := d.exec(ctx, c, lua, keys[:], args)
 	if err != nil {
 		return reply{}, err
 	}
@@ -240,6 +248,59 @@ func (d *rueidisDriver) write(ctx context.Context, lua *rueidis.Lua, keys [2]str
 		return r, err
 	}
 	return r, r.setValue(arr[1])
+}
+
+// exec runs a writing script, whose reply's first element is 1 when it wrote. With minReplicas
+// it runs it on a connection of its own and, when it wrote, a WAIT after it on that connection
+// (WAIT counts the replicas that have the connection's writes): a write that fewer replicas
+// acknowledged within the operation's time fails with errNotReplicated. It may be on the
+// master, but it is not answered, so a failover cannot lose an answered write
+// (Options.MinReplicas).
+func (d *rueidisDriver) exec(ctx context.Context, c rueidis.Client, lua *rueidis.Lua, keys, args []string) ([]rueidis.RedisMessage, error) {
+	if d.minReplicas <= 0 {
+		return lua.Exec(ctx, c, keys, args).ToArray()
+	}
+	src := d.sources[lua]
+	var arr []rueidis.RedisMessage
+	err := c.Dedicated(func(dc rueidis.DedicatedClient) error {
+		res := dc.Do(ctx, dc.B().Evalsha().Sha1(scriptSHA(src)).Numkeys(int64(len(keys))).Key(keys...).Arg(args...).Build())
+		if err := res.Error(); err != nil && strings.HasPrefix(err.Error(), "NOSCRIPT") {
+			res = dc.Do(ctx, dc.B().Eval().Script(src).Numkeys(int64(len(keys))).Key(keys...).Arg(args...).Build())
+		}
+		var err error
+		if arr, err = res.ToArray(); err != nil {
+			return err
+		}
+		if len(arr) == 0 {
+			return errors.New("redis: write script returned an empty reply")
+		}
+		if wrote, err := arr[0].AsInt64(); err != nil || wrote != 1 {
+			return err // nothing written: nothing to wait for
+		}
+		ms := int64(1000) // without a deadline (op always sets one)
+		if deadline, ok := ctx.Deadline(); ok {
+			ms = max(time.Until(deadline).Milliseconds()*9/10, 1) // its answer before the deadline
+		}
+		n, err := dc.Do(ctx, dc.B().Wait().Numreplicas(int64(d.minReplicas)).Timeout(ms).Build()).AsInt64()
+		if err != nil {
+			return err
+		}
+		if n < int64(d.minReplicas) {
+			return fmt.Errorf("%w: %d of %d replicas acknowledged it in time", errNotReplicated, n, d.minReplicas)
+		}
+		return nil
+	})
+	return arr, err
+}
+
+// errNotReplicated is a write that fewer replicas than Options.MinReplicas acknowledged: its
+// outcome is unknown (503), as a timeout's.
+var errNotReplicated = errors.New("redis: write not acknowledged by enough replicas")
+
+// scriptSHA is the SHA-1 of a script, in hex, as EVALSHA names it.
+func scriptSHA(src string) string {
+	sum := sha1.Sum([]byte(src))
+	return hex.EncodeToString(sum[:])
 }
 
 func (r *reply) setTime(sec, usec rueidis.RedisMessage) error {
@@ -281,7 +342,7 @@ func (d *rueidisDriver) del(ctx context.Context, key, channel, notAfter string) 
 	if err != nil {
 		return reply{}, err
 	}
-	arr, err := d.delLua.Exec(ctx, c, []string{key}, []string{channel, notAfter}).ToArray()
+	arr, err := d.exec(ctx, c, d.delLua, []string{key}, []string{channel, notAfter})
 	if err != nil {
 		return reply{}, err
 	}

@@ -27,10 +27,14 @@ func Open(ctx context.Context, url string, opts Options) (*Store, error) {
 	if opts.Timeout <= 0 {
 		opts.Timeout = defaultTimeout
 	}
+	if opts.MinReplicas < 0 {
+		return nil, fmt.Errorf("redis: MinReplicas %d is negative", opts.MinReplicas)
+	}
 	d, err := newRueidisDriver(url, opts.Timeout, opts.TLS, opts.Sentinel)
 	if err != nil {
 		return nil, fmt.Errorf("redis: %w", err)
 	}
+	d.minReplicas = opts.MinReplicas
 	s, err := newStore(d, opts)
 	if err != nil {
 		return nil, err

@@ -150,7 +150,9 @@
 // Options.Sentinel. The user needs +role besides the ACL above (sentinelACL), and a user on the
 // Sentinels SentinelACL. A forced failover loses the writes the old master acknowledged after
 // its replica's promotion and before the switch (TestSentinelFailover logs how many): Sentinel
-// does not stop the old master. TLS and unix sockets are refused with master_set.
+// does not stop the old master; with Options.MinReplicas none is lost (they answer 503: the old
+// master has no replica left to acknowledge them). TLS and unix sockets are refused with
+// master_set.
 //
 // # Redis Cluster
 //
@@ -207,6 +209,14 @@ type Options struct {
 	OnDataLoss func(found string)
 	// TLS: files that complete a rediss:// URL (see TLSFiles); zero for none.
 	TLS TLSFiles
+	// MinReplicas, when above 0, acknowledges a write (a begin that acquired, a complete, a
+	// renew, a release, a delete) only once that many replicas have it: each writing script
+	// goes with a WAIT, on a connection of its own, and a write that fewer replicas acknowledged
+	// within the operation's time answers keys.ErrUnavailable (503: it may be on the master, as
+	// after a timeout). A failover to the most advanced replica (Sentinel's and Cluster's
+	// choice) then loses no answered write; the price is a replication round trip per write, and
+	// 503 for every write while fewer replicas are connected.
+	MinReplicas int
 	// Sentinel: the credentials of the Sentinels, for a URL with master_set whose Sentinels
 	// require them (requirepass, or an ACL user, in sentinel.conf); zero for none. The URL's
 	// own credentials are the master's.
