@@ -8,6 +8,7 @@ import (
 	"io"
 	"math/rand/v2"
 	"net/http"
+	"net/http/httptrace"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -354,6 +355,11 @@ func (c *client) call(in Input, method, key, suffix string, body any) (Output, s
 		}
 		rd = bytes.NewReader(b)
 	}
+	// Where a call without an answer spent its time (a connection dialled or reused, the request
+	// written or not), for the report: such a call once waited 10 s on a server that bounds its
+	// store calls at 2 s, in a run on an overloaded machine.
+	var trace callTrace
+	ctx = httptrace.WithClientTrace(ctx, trace.hooks(time.Now()))
 	req, err := http.NewRequestWithContext(ctx, method, u, rd)
 	if err != nil {
 		panic(err)
@@ -366,7 +372,7 @@ func (c *client) call(in Input, method, key, suffix string, body any) (Output, s
 	retAt := c.rec.now()
 	if out.Unknown && out.Status == 0 && !fuse {
 		// Only a short fuse may cut a call off in a healthy run.
-		unexpected = "no answer: " + unexpected
+		unexpected = "no answer (" + trace.String() + "): " + unexpected
 	} else if out.Unknown && out.Status == 0 {
 		unexpected = ""
 	}
@@ -480,4 +486,52 @@ func (h history) unknowns() int {
 		}
 	}
 	return n
+}
+
+// callTrace records when a call reached each step of its exchange, as offsets from its start.
+type callTrace struct {
+	mu                                         sync.Mutex
+	start                                      time.Time
+	reused                                     bool
+	gotConn, dialStart, dialDone, wrote, first time.Duration
+	dialErr, writeErr                          error
+}
+
+func (c *callTrace) hooks(start time.Time) *httptrace.ClientTrace {
+	c.start = start
+	at := func(d *time.Duration) {
+		c.mu.Lock()
+		*d = time.Since(c.start)
+		c.mu.Unlock()
+	}
+	return &httptrace.ClientTrace{
+		GotConn: func(i httptrace.GotConnInfo) {
+			at(&c.gotConn)
+			c.mu.Lock()
+			c.reused = i.Reused
+			c.mu.Unlock()
+		},
+		ConnectStart: func(string, string) { at(&c.dialStart) },
+		ConnectDone: func(_, _ string, err error) {
+			at(&c.dialDone)
+			c.mu.Lock()
+			c.dialErr = err
+			c.mu.Unlock()
+		},
+		WroteRequest: func(i httptrace.WroteRequestInfo) {
+			at(&c.wrote)
+			c.mu.Lock()
+			c.writeErr = i.Err
+			c.mu.Unlock()
+		},
+		GotFirstResponseByte: func() { at(&c.first) },
+	}
+}
+
+// String says which steps the call reached, and when (0: not reached).
+func (c *callTrace) String() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return fmt.Sprintf("connection reused %v at %v, dial %v to %v (%v), request written at %v (%v), first byte at %v",
+		c.reused, c.gotConn, c.dialStart, c.dialDone, c.dialErr, c.wrote, c.writeErr, c.first)
 }
