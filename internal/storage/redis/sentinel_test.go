@@ -98,13 +98,7 @@ func (ts *testSentinel) url(userinfo string) string {
 
 func (ts *testSentinel) waitFor(t *testing.T, within time.Duration, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(within)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("waited %v for %s", within, what)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	waitUntil(t, within, what, cond)
 }
 
 // dataDo runs a command on data server i as its default user.
