@@ -32,8 +32,8 @@ import (
 // while it refuses writes after a failed save (TestMisconfWithWatchers). The kernel's TCP
 // keepalive watches those connections instead, and a watcher polls anyway (keys.BeginWait).
 type rueidisDriver struct {
-	readLua, casLua, beginLua, delLua *rueidis.Lua
-	main, sub                         lazyClient
+	readLua, casLua, beginLua, delLua, touchLua *rueidis.Lua
+	main, sub                                   lazyClient
 	// minReplicas is Options.MinReplicas; sources the scripts' text by their Lua, for the
 	// writes that go with a WAIT (replicated).
 	minReplicas int
@@ -110,10 +110,11 @@ func newRueidisDriver(url string, timeout time.Duration, files TLSFiles, sentine
 		casLua:   rueidis.NewLuaScript(casScript),
 		beginLua: rueidis.NewLuaScript(beginScript),
 		delLua:   rueidis.NewLuaScript(delScript),
+		touchLua: rueidis.NewLuaScript(touchScript),
 		main:     lazyClient{opt: opt},
 		sub:      lazyClient{opt: sub},
 	}
-	d.sources = map[*rueidis.Lua]string{d.casLua: casScript, d.beginLua: beginScript, d.delLua: delScript}
+	d.sources = map[*rueidis.Lua]string{d.casLua: casScript, d.beginLua: beginScript, d.delLua: delScript, d.touchLua: touchScript}
 	return d, nil
 }
 
@@ -291,6 +292,21 @@ func (d *rueidisDriver) exec(ctx context.Context, c rueidis.Client, lua *rueidis
 		return nil
 	})
 	return arr, err
+}
+
+// settle returns once Options.MinReplicas replicas have what the master holds for the key
+// (an answer taken from a record that a write reported unavailable may have left unreplicated):
+// touchScript rewrites the key's fence counter (or record) unchanged, and exec WAITs for it.
+func (d *rueidisDriver) settle(ctx context.Context, keys [2]string) error {
+	if d.minReplicas <= 0 {
+		return nil
+	}
+	c, err := d.client(ctx)
+	if err != nil {
+		return err
+	}
+	_, err = d.exec(ctx, c, d.touchLua, keys[:], nil)
+	return err
 }
 
 // errNotReplicated is a write that fewer replicas than Options.MinReplicas acknowledged: its

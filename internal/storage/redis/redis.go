@@ -332,6 +332,9 @@ type driver interface {
 	// del runs delScript: wrote reports whether it deleted (it does not once Redis's clock has
 	// reached notAfter).
 	del(ctx context.Context, key, channel, notAfter string) (reply, error)
+	// settle returns once Options.MinReplicas replicas have the key's record and fence as the
+	// master holds them (nil at once without MinReplicas).
+	settle(ctx context.Context, keys [2]string) error
 	// time runs TIME.
 	time(ctx context.Context) (sec, usec int64, err error)
 	ping(ctx context.Context) error
@@ -866,6 +869,11 @@ func (s *Store) Begin(ctx context.Context, tenant, key string, req keys.BeginReq
 		}
 		var w keys.Write
 		res, w, err = keys.DecideBegin(snap.rec, snap.now, key, req)
+		if err == nil && w == keys.WriteNone {
+			// A replay answers a record that a complete reported unavailable may have left on
+			// the master alone: not before the replicas have it (Options.MinReplicas).
+			return true, s.edge(s.d.settle(ctx, [2]string{n.rec, n.fence}))
+		}
 		if err != nil || w == keys.WriteNone {
 			return true, err
 		}
@@ -943,6 +951,10 @@ func (s *Store) update(ctx context.Context, name, key string, n names, decide fu
 			return false, err
 		}
 		w, write, err := decide(snap)
+		if err == nil && !write {
+			// The same complete again answers the record as read: see Begin's replay.
+			return true, s.edge(s.d.settle(ctx, [2]string{n.rec, n.fence}))
+		}
 		if err != nil || !write {
 			return true, err
 		}

@@ -190,3 +190,18 @@ redis.call('PUBLISH', ARGV[1], '')
 redis.call('DEL', KEYS[1])
 return {1, t[1], t[2]}
 `
+
+// touchScript: KEYS[1] the record, KEYS[2] its fence counter. It sets the counter (or, without
+// one, the record) again to its own value and TTL, a write that replicates, so that a WAIT after
+// it covers every earlier write of the key: {1} when it wrote, {0} when neither key exists.
+const touchScript = `
+local k = KEYS[2]
+local v = redis.call('GET', k)
+if not v then
+  k = KEYS[1]
+  v = redis.call('GET', k)
+end
+if not v then return {0} end
+redis.call('SET', k, v, 'KEEPTTL')
+return {1}
+`

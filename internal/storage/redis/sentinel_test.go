@@ -9,7 +9,6 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
@@ -518,57 +517,6 @@ func TestSentinelURL(t *testing.T) {
 	ts := redistest.StartServer(t)
 	_, err := Open(t.Context(), fmt.Sprintf("redis://127.0.0.1:%d/0?master_set=m", ts.Port()), Options{})
 	wantMisconfigured(t, "Open of a master_set on a server that is no Sentinel", err, "Sentinel", "master_set=m")
-}
-
-// TestMinReplicas: with Options.MinReplicas a write is answered once a replica has it; while the
-// replica does not answer (frozen), every write fails with keys.ErrUnavailable within the
-// operation's time (its outcome unknown), reads go on, and writes resume with the replica. A
-// write that finds nothing to write (a begin of a key in progress) does not wait.
-func TestMinReplicas(t *testing.T) {
-	t.Parallel()
-	master := redistest.StartServer(t)
-	replica := redistest.StartServer(t, "--replicaof", "127.0.0.1", strconv.Itoa(master.Port()))
-	s := openOn(t, master.URL(), Options{MinReplicas: 1, Timeout: time.Second})
-	ctx := t.Context()
-	var r keys.BeginResult
-	waitUntil(t, 10*time.Second, "the replica to sync", func() bool {
-		var err error
-		r, err = s.Begin(ctx, "t", "k", testReq)
-		return err == nil
-	})
-	if _, err := s.Complete(ctx, "t", "k", keys.CompleteRequest{Token: r.Record.Lease.Token, Response: testResp}); err != nil {
-		t.Fatal(err)
-	}
-	held, err := s.Begin(ctx, "t", "held", testReq)
-	if err != nil {
-		t.Fatal(err)
-	}
-	replica.Signal(syscall.SIGSTOP)
-	defer replica.Signal(syscall.SIGCONT)
-	start := time.Now()
-	if _, err := s.Begin(ctx, "t", "k2", testReq); !errors.Is(err, keys.ErrUnavailable) {
-		t.Errorf("Begin with the replica frozen = %v, want keys.ErrUnavailable", err)
-	}
-	if took := time.Since(start); took > 1500*time.Millisecond {
-		t.Errorf("Begin with the replica frozen took %v, beyond the 1 s timeout", took)
-	}
-	if _, err := s.Begin(ctx, "t", "held", testReq); !errors.Is(err, keys.ErrInProgress) {
-		t.Errorf("Begin of a held key with the replica frozen = %v, want keys.ErrInProgress (nothing written)", err)
-	}
-	if rec, err := s.Get(ctx, "t", "k"); err != nil || rec.State != keys.StateCompleted {
-		t.Errorf("Get with the replica frozen = %v, %v", rec.State, err)
-	}
-	replica.Signal(syscall.SIGCONT)
-	waitUntil(t, 10*time.Second, "writes to resume", func() bool {
-		_, err := s.Complete(ctx, "t", "held", keys.CompleteRequest{Token: held.Record.Lease.Token, Response: testResp})
-		return err == nil
-	})
-	// Without MinReplicas the frozen replica changes nothing.
-	plain := openOn(t, master.URL(), Options{Timeout: time.Second})
-	replica.Signal(syscall.SIGSTOP)
-	if _, err := plain.Begin(ctx, "t", "k3", testReq); err != nil {
-		t.Errorf("Begin without MinReplicas, the replica frozen: %v", err)
-	}
 }
 
 // waitUntil polls cond every 20 ms until it holds, or fails the test after d.
