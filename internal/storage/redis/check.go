@@ -304,10 +304,15 @@ func markerTag(lo, hi uint16) (string, bool) {
 	if best < 0 {
 		return "", false
 	}
-	if best == 0 {
-		return "%marker", true
+	return markerTagName(best), true
+}
+
+// markerTagName is the i-th candidate tag of a data marker: "%marker", "%marker-1", ...
+func markerTagName(i int) string {
+	if i == 0 {
+		return "%marker"
 	}
-	return "%marker-" + strconv.Itoa(best), true
+	return "%marker-" + strconv.Itoa(i)
 }
 
 // markerTagFirst is, for each hash slot, the least i whose tag ("%marker", "%marker-i") hashes
@@ -318,11 +323,7 @@ var markerTagFirst = sync.OnceValue(func() []int32 {
 		first[i] = -1
 	}
 	for i, left := 0, len(first); left > 0; i++ {
-		tag := "%marker"
-		if i > 0 {
-			tag += "-" + strconv.Itoa(i)
-		}
-		if sl := hashSlot(tag); first[sl] < 0 {
+		if sl := hashSlot(markerTagName(i)); first[sl] < 0 {
 			first[sl] = int32(i)
 			left--
 		}

@@ -281,11 +281,7 @@ func TestMarkerTagManyRanges(t *testing.T) {
 	for _, r := range [][2]uint16{{0, 16383}, {0, 5460}, {5461, 10922}, {10923, 16383}, {0, 1499}, {100, 110}} {
 		want := ""
 		for i := 0; want == ""; i++ {
-			tag := "%marker"
-			if i > 0 {
-				tag += "-" + strconv.Itoa(i)
-			}
-			if sl := hashSlot(tag); sl >= r[0] && sl <= r[1] {
+			if tag := markerTagName(i); hashSlot(tag) >= r[0] && hashSlot(tag) <= r[1] {
 				want = tag
 			}
 		}

@@ -34,10 +34,18 @@ import (
 type rueidisDriver struct {
 	readLua, casLua, beginLua, delLua, touchLua *rueidis.Lua
 	main, sub                                   lazyClient
-	// minReplicas is Options.MinReplicas; sources the scripts' text by their Lua, for the
-	// writes that go with a WAIT (replicated).
+	// minReplicas is Options.MinReplicas; sources the writing scripts' text and SHA-1 by their
+	// Lua, for the writes that go with a WAIT on a connection of their own (see exec).
 	minReplicas int
-	sources     map[*rueidis.Lua]string
+	sources     map[*rueidis.Lua]scriptSource
+}
+
+// scriptSource is a script's text and the SHA-1 that EVALSHA names it by.
+type scriptSource struct{ text, sha string }
+
+func newScriptSource(text string) scriptSource {
+	sum := sha1.Sum([]byte(text))
+	return scriptSource{text, hex.EncodeToString(sum[:])}
 }
 
 // lazyClient connects a rueidis client on first use.
@@ -114,7 +122,8 @@ func newRueidisDriver(url string, timeout time.Duration, files TLSFiles, sentine
 		main:     lazyClient{opt: opt},
 		sub:      lazyClient{opt: sub},
 	}
-	d.sources = map[*rueidis.Lua]string{d.casLua: casScript, d.beginLua: beginScript, d.delLua: delScript, d.touchLua: touchScript}
+	d.sources = map[*rueidis.Lua]scriptSource{d.casLua: newScriptSource(casScript), d.beginLua: newScriptSource(beginScript),
+		d.delLua: newScriptSource(delScript), d.touchLua: newScriptSource(touchScript)}
 	return d, nil
 }
 
@@ -264,9 +273,9 @@ func (d *rueidisDriver) exec(ctx context.Context, c rueidis.Client, lua *rueidis
 	src := d.sources[lua]
 	var arr []rueidis.RedisMessage
 	err := c.Dedicated(func(dc rueidis.DedicatedClient) error {
-		res := dc.Do(ctx, dc.B().Evalsha().Sha1(scriptSHA(src)).Numkeys(int64(len(keys))).Key(keys...).Arg(args...).Build())
+		res := dc.Do(ctx, dc.B().Evalsha().Sha1(src.sha).Numkeys(int64(len(keys))).Key(keys...).Arg(args...).Build())
 		if err := res.Error(); err != nil && strings.HasPrefix(err.Error(), "NOSCRIPT") {
-			res = dc.Do(ctx, dc.B().Eval().Script(src).Numkeys(int64(len(keys))).Key(keys...).Arg(args...).Build())
+			res = dc.Do(ctx, dc.B().Eval().Script(src.text).Numkeys(int64(len(keys))).Key(keys...).Arg(args...).Build())
 		}
 		var err error
 		if arr, err = res.ToArray(); err != nil {
@@ -312,12 +321,6 @@ func (d *rueidisDriver) settle(ctx context.Context, keys [2]string) error {
 // errNotReplicated is a write that fewer replicas than Options.MinReplicas acknowledged: its
 // outcome is unknown (503), as a timeout's.
 var errNotReplicated = errors.New("redis: write not acknowledged by enough replicas")
-
-// scriptSHA is the SHA-1 of a script, in hex, as EVALSHA names it.
-func scriptSHA(src string) string {
-	sum := sha1.Sum([]byte(src))
-	return hex.EncodeToString(sum[:])
-}
 
 func (r *reply) setTime(sec, usec rueidis.RedisMessage) error {
 	var err1, err2 error
@@ -405,13 +408,18 @@ func infoEvery(ctx context.Context, c rueidis.Client, section string) (string, e
 	nodes := slices.Collect(maps.Values(c.Nodes()))
 	nctx, cancel := shareOf(ctx, 3)
 	defer cancel()
-	answers := atOnce(nctx, len(nodes), func(i int) (string, error) {
-		return nodes[i].Do(nctx, nodes[i].B().Info().Section(section).Build()).ToString()
-	})
+	type answer struct {
+		info string
+		err  error
+	}
+	answers := atOnce(nctx, len(nodes), func(i int) answer {
+		info, err := nodes[i].Do(nctx, nodes[i].B().Info().Section(section).Build()).ToString()
+		return answer{info, err}
+	}, func(err error) answer { return answer{err: err} })
 	var bad, good []string
 	var lastErr error
 	for _, a := range answers {
-		s, err := a.value, a.err
+		s, err := a.info, a.err
 		if err != nil {
 			if _, reply := rueidis.IsRedisErr(err); reply {
 				return "", err
@@ -494,62 +502,46 @@ func (d *rueidisDriver) marker(ctx context.Context, key, candidate string) (curr
 // gets runs GET on every key at once (see atOnce: on Redis Cluster a node that does not
 // answer delays only its own keys, and none beyond ctx).
 func (d *rueidisDriver) gets(ctx context.Context, keys []string) []gotValue {
+	failed := func(err error) gotValue { return gotValue{err: err} }
 	c, err := d.client(ctx)
 	if err != nil {
 		got := make([]gotValue, len(keys))
 		for i := range got {
-			got[i].err = err
+			got[i] = failed(err)
 		}
 		return got
 	}
-	type value struct {
-		v  string
-		ok bool
-	}
-	answers := atOnce(ctx, len(keys), func(i int) (value, error) {
-		v, ok, err := getValue(c.Do(ctx, c.B().Get().Key(keys[i]).Build()))
-		return value{v, ok}, err
-	})
-	got := make([]gotValue, len(keys))
-	for i, a := range answers {
-		got[i] = gotValue{value: a.value.v, ok: a.value.ok, err: a.err}
-	}
-	return got
-}
-
-// answer is one call's result in atOnce.
-type answer[T any] struct {
-	value T
-	err   error
+	return atOnce(ctx, len(keys), func(i int) gotValue {
+		var g gotValue
+		g.value, g.ok, g.err = getValue(c.Do(ctx, c.B().Get().Key(keys[i]).Build()))
+		return g
+	}, failed)
 }
 
 // atOnce runs call(0) ... call(n-1) each in a goroutine of its own and returns their answers,
-// once all are in or ctx is done: those not in by then are ctx's error. rueidis does not always
-// return at ctx's end (a command to a node that stopped answering waits for the connection to be
-// dialled again, bounded by the dial timeout only), so the check does not wait for it; the
-// goroutine ends with that call.
-func atOnce[T any](ctx context.Context, n int, call func(i int) (T, error)) []answer[T] {
+// once all are in or ctx is done: those not in by then are late(ctx's error). rueidis does not
+// always return at ctx's end (a command to a node that stopped answering waits for the
+// connection to be dialled again, bounded by the dial timeout only), so the check does not wait
+// for it; the goroutine ends with that call.
+func atOnce[T any](ctx context.Context, n int, call func(i int) T, late func(error) T) []T {
 	type indexed struct {
 		i int
-		answer[T]
+		v T
 	}
 	in := make(chan indexed, n) // buffered: a late call's goroutine does not block
 	for i := range n {
-		go func() {
-			v, err := call(i)
-			in <- indexed{i, answer[T]{v, err}}
-		}()
+		go func() { in <- indexed{i, call(i)} }()
 	}
-	answers := make([]answer[T], n)
+	answers := make([]T, n)
 	got := make([]bool, n)
 	for left := n; left > 0; left-- {
 		select {
 		case a := <-in:
-			answers[a.i], got[a.i] = a.answer, true
+			answers[a.i], got[a.i] = a.v, true
 		case <-ctx.Done():
 			for i := range answers {
 				if !got[i] {
-					answers[i].err = ctx.Err()
+					answers[i] = late(ctx.Err())
 				}
 			}
 			return answers

@@ -18,16 +18,8 @@ import (
 // while the replica lacks it (a review's find: they did, and a failover then lost an answered
 // complete, and the key ran again). They settle first: a write of the key, then WAIT.
 func TestMinReplicasRetryWaits(t *testing.T) {
-	master := redistest.StartServer(t)
-	replica := redistest.StartServer(t, "--replicaof", "127.0.0.1", strconv.Itoa(master.Port()))
-	s := openOn(t, master.URL(), Options{MinReplicas: 1, Timeout: time.Second})
+	_, replica, s, r := replicated(t)
 	ctx := t.Context()
-	var r keys.BeginResult
-	waitUntil(t, 10*time.Second, "the replica to sync", func() bool {
-		var err error
-		r, err = s.Begin(ctx, "t", "k", testReq)
-		return err == nil
-	})
 	replica.Signal(syscall.SIGSTOP)
 	defer replica.Signal(syscall.SIGCONT)
 	req := keys.CompleteRequest{Token: r.Record.Lease.Token, Response: testResp}
@@ -108,14 +100,8 @@ func TestClusterMinReplicas(t *testing.T) {
 // answers 503, and so does the same delete again, on any connection, while the replica lacks the
 // first: the record is gone from the master, but not from what a failover would keep.
 func TestMinReplicasDeleteAgain(t *testing.T) {
-	master := redistest.StartServer(t)
-	replica := redistest.StartServer(t, "--replicaof", "127.0.0.1", strconv.Itoa(master.Port()))
-	s := openOn(t, master.URL(), Options{MinReplicas: 1, Timeout: time.Second})
+	master, replica, s, _ := replicated(t)
 	ctx := t.Context()
-	waitUntil(t, 10*time.Second, "the replica to sync", func() bool {
-		_, err := s.Begin(ctx, "t", "k", testReq)
-		return err == nil
-	})
 	replica.Signal(syscall.SIGSTOP)
 	defer replica.Signal(syscall.SIGCONT)
 	if err := s.Delete(ctx, "t", "k"); !errors.Is(err, keys.ErrUnavailable) {
@@ -137,16 +123,8 @@ func TestMinReplicasDeleteAgain(t *testing.T) {
 // write that finds nothing to write (a begin of a key in progress) does not wait.
 func TestMinReplicas(t *testing.T) {
 	t.Parallel()
-	master := redistest.StartServer(t)
-	replica := redistest.StartServer(t, "--replicaof", "127.0.0.1", strconv.Itoa(master.Port()))
-	s := openOn(t, master.URL(), Options{MinReplicas: 1, Timeout: time.Second})
+	master, replica, s, r := replicated(t)
 	ctx := t.Context()
-	var r keys.BeginResult
-	waitUntil(t, 10*time.Second, "the replica to sync", func() bool {
-		var err error
-		r, err = s.Begin(ctx, "t", "k", testReq)
-		return err == nil
-	})
 	if _, err := s.Complete(ctx, "t", "k", keys.CompleteRequest{Token: r.Record.Lease.Token, Response: testResp}); err != nil {
 		t.Fatal(err)
 	}
@@ -180,4 +158,20 @@ func TestMinReplicas(t *testing.T) {
 	if _, err := plain.Begin(ctx, "t", "k3", testReq); err != nil {
 		t.Errorf("Begin without MinReplicas, the replica frozen: %v", err)
 	}
+}
+
+// replicated starts a master and its replica, and a Store on the master with MinReplicas 1 and a
+// 1 s timeout; it returns once a begin of key "k" was answered (the replica in sync), and that
+// begin.
+func replicated(t *testing.T) (master, replica *redistest.Server, s *Store, k keys.BeginResult) {
+	t.Helper()
+	master = redistest.StartServer(t)
+	replica = redistest.StartServer(t, "--replicaof", "127.0.0.1", strconv.Itoa(master.Port()))
+	s = openOn(t, master.URL(), Options{MinReplicas: 1, Timeout: time.Second})
+	waitUntil(t, 10*time.Second, "the replica to sync", func() bool {
+		var err error
+		k, err = s.Begin(t.Context(), "t", "k", testReq)
+		return err == nil
+	})
+	return master, replica, s, k
 }

@@ -869,13 +869,13 @@ func (s *Store) Begin(ctx context.Context, tenant, key string, req keys.BeginReq
 		}
 		var w keys.Write
 		res, w, err = keys.DecideBegin(snap.rec, snap.now, key, req)
-		if err == nil && w == keys.WriteNone {
+		switch {
+		case err != nil:
+			return true, err
+		case w == keys.WriteNone:
 			// A replay answers a record that a complete reported unavailable may have left on
 			// the master alone: not before the replicas have it (Options.MinReplicas).
 			return true, s.edge(s.d.settle(ctx, [2]string{n.rec, n.fence}))
-		}
-		if err != nil || w == keys.WriteNone {
-			return true, err
 		}
 		out, err := s.cas(ctx, n, snap, casWrite{
 			rec: &res.Record, newFence: true, publish: res.Outcome == keys.TakenOver,
@@ -951,12 +951,12 @@ func (s *Store) update(ctx context.Context, name, key string, n names, decide fu
 			return false, err
 		}
 		w, write, err := decide(snap)
-		if err == nil && !write {
+		switch {
+		case err != nil:
+			return true, err
+		case !write:
 			// The same complete again answers the record as read: see Begin's replay.
 			return true, s.edge(s.d.settle(ctx, [2]string{n.rec, n.fence}))
-		}
-		if err != nil || !write {
-			return true, err
 		}
 		out, err := s.cas(ctx, n, snap, w)
 		return out.wrote, err
