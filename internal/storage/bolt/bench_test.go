@@ -30,21 +30,10 @@ import (
 //
 //	go test -run '^$' -bench BeginComplete -benchtime 3s -count 3 ./internal/storage/bolt/
 func BenchmarkBeginComplete(b *testing.B) {
-	configs := []struct {
-		name  string
-		size  int
-		delay time.Duration
-	}{
-		{"bbolt-batch-1000-10ms", 1000, 10 * time.Millisecond},
-		{"bbolt-batch-64-1ms", 64, time.Millisecond},
-		{fmt.Sprintf("group-commit-%d", DefaultMaxBatchSize), DefaultMaxBatchSize, 0},
-	}
-	for _, c := range configs {
-		for _, g := range []int{1, 64} {
-			b.Run(fmt.Sprintf("%s/goroutines=%d", c.name, g), func(b *testing.B) {
-				benchBeginComplete(b, Options{MaxBatchSize: c.size, MaxBatchDelay: c.delay}, g, false)
-			})
-		}
+	for _, g := range []int{1, 64} {
+		b.Run(fmt.Sprintf("group-commit-%d/goroutines=%d", DefaultMaxBatchSize, g), func(b *testing.B) {
+			benchBeginComplete(b, Options{}, g, false)
+		})
 	}
 	b.Run(fmt.Sprintf("group-commit-%d-writer-streams/goroutines=64", DefaultMaxBatchSize), func(b *testing.B) {
 		benchBeginComplete(b, Options{}, 64, true)

@@ -15,6 +15,7 @@ package bolt
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/binary"
@@ -26,6 +27,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -84,9 +86,12 @@ type Options struct {
 	// MaxBatchSize is how many writes join one transaction at most; zero means
 	// DefaultMaxBatchSize.
 	MaxBatchSize int
-	// MaxBatchDelay, when positive, switches from the timer-less group commit to bbolt's
-	// DB.Batch with this delay (and MaxBatchSize); it exists to compare the two.
-	MaxBatchDelay time.Duration
+	// CheckpointInterval is how often the writes in the write-ahead log are carried into the
+	// bbolt file, and CheckpointBytes how large the log may grow before that happens sooner;
+	// zero means DefaultCheckpointInterval and DefaultCheckpointBytes. Until then they are held
+	// in memory too (a second of writes, by default).
+	CheckpointInterval time.Duration
+	CheckpointBytes    int64
 	// SweepChunk and SweepChunkBusy are how many expired records one transaction of a sweep
 	// removes at most, alone and alongside writers; zero means DefaultSweepChunk and
 	// DefaultSweepChunkBusy.
@@ -101,10 +106,26 @@ type Store struct {
 	db   *bbolt.DB
 	path string
 	now  func() time.Time
-	// batch runs a write in a shared, committed transaction: the committer, or DB.Batch.
-	batch func(func(*bbolt.Tx) error) error
-	// comm is the group commit (nil with DB.Batch).
-	comm                       *committer
+	// comm is the group commit onto the write-ahead log, wal.
+	comm *committer
+	wal  *wal
+	// walMu is held by a group from its first read to its publication, and by a checkpoint
+	// while it starts a new segment and freezes the active memtable.
+	walMu sync.Mutex
+	// memMu guards active, frozen and frozenThrough (see memtable).
+	memMu         sync.RWMutex
+	active        *memtable
+	frozen        *memtable
+	frozenThrough uint64
+	// ckMu is held by a checkpoint; the checkpointer goroutine runs until ckStop is closed.
+	ckMu                  sync.Mutex
+	ckStop, ckDone, ckKick chan struct{}
+	ckErr                 ckErrHolder
+	checkpointEvery       time.Duration
+	checkpointBytes       int64
+	checkpoints           atomic.Uint64
+	checkpointNanos       atomic.Int64
+
 	sweepChunk, sweepChunkBusy int
 	// cache holds completed records for replays; nil when turned off.
 	cache *replayCache
@@ -154,13 +175,21 @@ func Open(path string, opts Options) (*Store, error) {
 		return nil, fmt.Errorf("open %s: %w", path, err)
 	}
 	err = updateSafely(db, nil, func(tx *bbolt.Tx) error {
-		for _, name := range [][]byte{bucketRecords, bucketExpiry, bucketFences} {
+		for _, name := range [][]byte{bucketRecords, bucketExpiry, bucketFences, bucketMeta} {
 			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
 				return err
 			}
 		}
 		return nil
 	})
+	var next uint64
+	if err == nil {
+		next, err = recoverWAL(db, path)
+	}
+	var log *wal
+	if err == nil {
+		log, err = openWAL(path, next)
+	}
 	if err != nil {
 		_ = db.Close()
 		return nil, fmt.Errorf("open %s: %w", path, err)
@@ -168,15 +197,15 @@ func Open(path string, opts Options) (*Store, error) {
 	st := &Store{
 		db: db, path: path, now: opts.Now,
 		sweepChunk: opts.SweepChunk, sweepChunkBusy: opts.SweepChunkBusy,
-		cache: newReplayCache(opts.CacheBytes),
+		cache:  newReplayCache(opts.CacheBytes),
+		wal:    log,
+		active: newMemtable(),
+		ckStop: make(chan struct{}), ckDone: make(chan struct{}), ckKick: make(chan struct{}, 1),
+		checkpointEvery: cmp.Or(opts.CheckpointInterval, DefaultCheckpointInterval),
+		checkpointBytes: cmp.Or(opts.CheckpointBytes, DefaultCheckpointBytes),
 	}
-	if opts.MaxBatchDelay > 0 {
-		db.MaxBatchSize, db.MaxBatchDelay = opts.MaxBatchSize, opts.MaxBatchDelay
-		st.batch = db.Batch
-	} else {
-		st.comm = &committer{db: db, max: opts.MaxBatchSize, damage: &st.damage}
-		st.batch = st.comm.do
-	}
+	st.comm = &committer{s: st, max: opts.MaxBatchSize}
+	go st.checkpointer()
 	return st, nil
 }
 
@@ -207,7 +236,7 @@ func create(path string, timeout time.Duration) error {
 			return err
 		}
 		err = db.Update(func(tx *bbolt.Tx) error {
-			for _, name := range [][]byte{bucketRecords, bucketExpiry, bucketFences} {
+			for _, name := range [][]byte{bucketRecords, bucketExpiry, bucketFences, bucketMeta} {
 				if _, err := tx.CreateBucketIfNotExists(name); err != nil {
 					return err
 				}
@@ -274,13 +303,22 @@ func OpenDir(dir string, opts Options) (*Store, error) {
 // CommitStats are cumulative counts since Open, for metrics: together they tell how many writes
 // share a commit, what a commit costs, and how much of that is the disk.
 type CommitStats struct {
-	// Commits is how many transactions the group commit committed, and Calls how many calls
-	// (writes and sweep chunks) they carried. Zero with DB.Batch (Options.MaxBatchDelay).
+	// Commits is how many groups the group commit wrote to the log, and Calls how many calls
+	// (writes, and reads that had to be ordered after writes) they carried.
 	Commits, Calls uint64
-	// CommitTime is the wall time of those transactions, from their start to their commit's end.
+	// CommitTime is the wall time of those groups, from their start to their sync's end.
 	CommitTime time.Duration
+	// WALBytes is what those groups appended to the log, and WALTime how long writing and
+	// syncing it took.
+	WALBytes uint64
+	WALTime  time.Duration
+	// Checkpoints is how many checkpoints carried the log into the bbolt file, and
+	// CheckpointTime their wall time.
+	Checkpoints    uint64
+	CheckpointTime time.Duration
 	// Pages is how many pages bbolt wrote (dirty pages, freelist and meta), and WriteTime how
-	// long it spent writing them and in fdatasync, over every read-write transaction.
+	// long it spent writing them and in fdatasync, over every read-write transaction: the
+	// checkpoints' and the sweeps'.
 	Pages     int64
 	WriteTime time.Duration
 }
@@ -288,12 +326,13 @@ type CommitStats struct {
 // CommitStats returns the store's commit counts so far.
 func (s *Store) CommitStats() CommitStats {
 	tx := s.db.Stats().TxStats
-	st := CommitStats{Pages: tx.GetWrite(), WriteTime: tx.GetWriteTime()}
-	if s.comm != nil {
-		st.Commits, st.Calls = s.comm.commits.Load(), s.comm.calls.Load()
-		st.CommitTime = time.Duration(s.comm.commitNanos.Load())
+	return CommitStats{
+		Commits: s.comm.commits.Load(), Calls: s.comm.calls.Load(),
+		CommitTime: time.Duration(s.comm.commitNanos.Load()),
+		WALBytes:   s.wal.bytes.Load(), WALTime: time.Duration(s.wal.nanos.Load()),
+		Checkpoints: s.checkpoints.Load(), CheckpointTime: time.Duration(s.checkpointNanos.Load()),
+		Pages: tx.GetWrite(), WriteTime: tx.GetWriteTime(),
 	}
-	return st
 }
 
 // Path returns the data file's path.
@@ -350,30 +389,23 @@ func (s *Store) begin(ctx context.Context, tenant, key string, req keys.BeginReq
 		rerr error // the rule's outcome, never returned from a transaction function
 	)
 	gen := s.cache.generation()
-	err := s.view(func(tx *bbolt.Tx) error {
-		cur, err := getRecord(tx, id)
-		if err != nil {
-			return err
-		}
-		res, w, rerr = keys.DecideBegin(cur, s.now(), key, req)
-		if res.Outcome == keys.Replayed {
-			s.cache.add(id, cur, gen)
-		}
-		return nil
-	})
+	cur, err := s.read(id)
 	if err != nil {
 		return keys.BeginResult{}, translate(err)
+	}
+	res, w, rerr = keys.DecideBegin(cur, s.now(), key, req)
+	if res.Outcome == keys.Replayed {
+		s.cache.add(id, cur, gen)
 	}
 	if w == keys.WriteNone {
 		return res, rerr
 	}
 
-	// Batch may run this function more than once: everything it decides is reset first, and
-	// only the run that committed counts.
+	// Decided again in the group, on what is there then.
 	marked := false
-	err = s.batch(func(tx *bbolt.Tx) error {
+	err = s.comm.do(func(tx *wtx) error {
 		res, w, rerr = keys.BeginResult{}, keys.WriteNone, nil
-		cur, err := getRecord(tx, id)
+		cur, err := tx.get(id)
 		if err != nil {
 			return err
 		}
@@ -382,12 +414,9 @@ func (s *Store) begin(ctx context.Context, tenant, key string, req keys.BeginReq
 			return nil
 		}
 		s.markReplaced(id, cur, &marked) // a completed one that expired, taken over
-		fence, err := nextFence(tx, tenant)
-		if err != nil {
-			return err
-		}
-		res.Record.Lease.Fence = fence
-		return putRecord(tx, id, cur, &res.Record)
+		res.Record.Lease.Fence = tx.nextFence(tenant)
+		tx.put(id, &res.Record)
+		return nil
 	})
 	if marked {
 		s.cache.unmark(id)
@@ -480,9 +509,9 @@ func (s *Store) update(ctx context.Context, tenant, key string, decide rule) (ke
 		rerr   error
 		marked bool
 	)
-	err := s.batch(func(tx *bbolt.Tx) error {
+	err := s.comm.do(func(tx *wtx) error {
 		rec, w, rerr = keys.Record{}, keys.WriteNone, nil
-		cur, err := getRecord(tx, id)
+		cur, err := tx.get(id)
 		if err != nil {
 			return err
 		}
@@ -492,9 +521,9 @@ func (s *Store) update(ctx context.Context, tenant, key string, decide rule) (ke
 		}
 		switch w {
 		case keys.WritePut:
-			return putRecord(tx, id, cur, &rec)
+			tx.put(id, &rec)
 		case keys.WriteDelete:
-			return deleteRecord(tx, id, cur)
+			tx.del(id)
 		}
 		return nil
 	})
@@ -536,24 +565,18 @@ func (s *Store) get(ctx context.Context, tenant, key string) (keys.Record, error
 		expired bool
 	)
 	gen := s.cache.generation()
-	err := s.view(func(tx *bbolt.Tx) error {
-		cur, err := getRecord(tx, id)
-		if err != nil {
-			return err
-		}
-		now := s.now()
-		rec, rerr = keys.DecideGet(cur, now)
-		// Only an in-progress record can come back: a complete or renew decided before it
-		// expired. An expired completed record stays gone whatever is queued (a takeover makes
-		// a new record, which a get ordered before it rightly does not see).
-		expired = cur != nil && !cur.Live(now) && cur.State == keys.StateInProgress
-		if rerr == nil {
-			s.cache.add(id, cur, gen)
-		}
-		return nil
-	})
+	cur, err := s.read(id)
 	if err != nil {
 		return keys.Record{}, translate(err)
+	}
+	now := s.now()
+	rec, rerr = keys.DecideGet(cur, now)
+	// Only an in-progress record can come back: a complete or renew decided before it
+	// expired. An expired completed record stays gone whatever is queued (a takeover makes
+	// a new record, which a get ordered before it rightly does not see).
+	expired = cur != nil && !cur.Live(now) && cur.State == keys.StateInProgress
+	if rerr == nil {
+		s.cache.add(id, cur, gen)
 	}
 	if !expired {
 		return rec, rerr
@@ -562,8 +585,8 @@ func (s *Store) get(ctx context.Context, tenant, key string) (keys.Record, error
 	// holder's complete, say) and be waiting for its commit: answering "gone" now, and that
 	// write being acknowledged after, would be no order of the two. Decided in the group
 	// commit instead, after every write queued so far, a get sees what they did.
-	err = s.batch(func(tx *bbolt.Tx) error {
-		cur, err := getRecord(tx, id)
+	err = s.comm.do(func(tx *wtx) error {
+		cur, err := tx.get(id)
 		if err != nil {
 			return err
 		}
@@ -595,6 +618,16 @@ func (s *Store) Sweep(ctx context.Context, limit int) (int, error) {
 		return 0, fmt.Errorf("sweep: %w", err)
 	}
 	defer s.mu.RUnlock()
+	// A record that expired while in the log is swept once a checkpoint has carried it into
+	// the file: now, when one may be there (the frozen memtable, then the active one).
+	for range 2 {
+		if !s.anyDueInMemory(s.now()) {
+			break
+		}
+		if err := s.checkpoint(); err != nil {
+			return 0, fmt.Errorf("sweep: %w", err)
+		}
+	}
 	// Most sweeps find nothing due: a read of the index's first entry says so, where a write
 	// transaction would commit, and sync, a new meta page for nothing.
 	if due, err := s.anyDue(); err != nil || !due {
@@ -623,12 +656,7 @@ func (s *Store) Sweep(ctx context.Context, limit int) (int, error) {
 			marked = append(marked, gone...) // every run's, however many runs there are
 			return err
 		}
-		var err error
-		if s.comm != nil {
-			err = s.comm.doBackground(fn)
-		} else {
-			err = s.batch(fn)
-		}
+		err := updateSafely(s.db, &s.damage, fn)
 		for _, id := range marked {
 			s.cache.unmark(id)
 		}
@@ -650,8 +678,8 @@ func (s *Store) Sweep(ctx context.Context, limit int) (int, error) {
 // it adds to a commit at most about as much work as the writers brought.
 func (s *Store) sweepBudget(want int) int {
 	budget := min(want, s.sweepChunk)
-	if s.comm != nil && s.comm.busy() {
-		budget = min(budget, s.sweepChunkBusy, max(minSweepChunkBusy, s.comm.foreground))
+	if s.comm.busy() {
+		budget = min(budget, s.sweepChunkBusy)
 	}
 	return budget
 }
@@ -723,24 +751,6 @@ func sweep(tx *bbolt.Tx, now time.Time, max int) (removed [][]byte, seen int, er
 	return removed, len(due), nil
 }
 
-// nextFence returns the next fence of tenant: larger than every fence the tenant's keys had.
-// A tenant's sequence starts where the records bucket's stands, the store-wide sequence that
-// files written before the per-tenant ones used, so fences never go back.
-func nextFence(tx *bbolt.Tx, tenant string) (uint64, error) {
-	fences := tx.Bucket(bucketFences)
-	b := fences.Bucket([]byte(tenant))
-	if b == nil {
-		var err error
-		if b, err = fences.CreateBucket([]byte(tenant)); err != nil {
-			return 0, err
-		}
-		if err := b.SetSequence(tx.Bucket(bucketRecords).Sequence()); err != nil {
-			return 0, err
-		}
-	}
-	return b.NextSequence()
-}
-
 // Ping returns nil when the data file can be read, else an error; see keys.Store.
 func (s *Store) Ping(ctx context.Context) error {
 	if err := s.enter(ctx); err != nil {
@@ -772,7 +782,22 @@ func (s *Store) Close() error {
 	}
 	s.closed = true
 	s.watch.closeAll()
+	close(s.ckStop)
+	<-s.ckDone
+	// Carry the log into the file (a frozen memtable first, if a checkpoint left one), so that
+	// the file alone holds every record.
+	var errs []error
+	for range 2 {
+		if err := s.checkpoint(); err != nil {
+			errs = append(errs, err)
+			break
+		}
+	}
+	errs = append(errs, s.wal.close())
 	if err := s.db.Close(); err != nil {
+		errs = append(errs, err)
+	}
+	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("close %s: %w", s.path, err)
 	}
 	return nil
@@ -804,8 +829,9 @@ func getRecord(tx *bbolt.Tx, id []byte) (*keys.Record, error) {
 	return &rec, nil
 }
 
-// putRecord stores next in place of old (nil when none) and moves its expiry index entry.
-func putRecord(tx *bbolt.Tx, id []byte, old, next *keys.Record) error {
+// putRecord stores next in place of the record that expires at oldExpiry (nil when none) and
+// moves its expiry index entry.
+func putRecord(tx *bbolt.Tx, id []byte, oldExpiry *time.Time, next *keys.Record) error {
 	if err := tx.Bucket(bucketRecords).Put(id, keys.AppendRecord(nil, next)); err != nil {
 		return err
 	}
@@ -813,20 +839,20 @@ func putRecord(tx *bbolt.Tx, id []byte, old, next *keys.Record) error {
 	// Expiry keys start with the time, so they mostly arrive in order: fill pages fuller than
 	// the default half, which suits random inserts.
 	idx.FillPercent = 0.9
-	if old != nil && !old.ExpiresAt.Equal(next.ExpiresAt) {
-		if err := idx.Delete(expiryKey(old.ExpiresAt, id)); err != nil {
+	if oldExpiry != nil && !oldExpiry.Equal(next.ExpiresAt) {
+		if err := idx.Delete(expiryKey(*oldExpiry, id)); err != nil {
 			return err
 		}
 	}
 	return idx.Put(expiryKey(next.ExpiresAt, id), []byte{})
 }
 
-// deleteRecord removes the stored record old and its expiry index entry.
-func deleteRecord(tx *bbolt.Tx, id []byte, old *keys.Record) error {
+// deleteRecord removes the stored record that expires at expiry, and its expiry index entry.
+func deleteRecord(tx *bbolt.Tx, id []byte, expiry time.Time) error {
 	if err := tx.Bucket(bucketRecords).Delete(id); err != nil {
 		return err
 	}
-	return tx.Bucket(bucketExpiry).Delete(expiryKey(old.ExpiresAt, id))
+	return tx.Bucket(bucketExpiry).Delete(expiryKey(expiry, id))
 }
 
 // expiryKey is the index key of a record: expires_at as 8 big-endian bytes of Unix

@@ -1,75 +1,63 @@
 package bolt
 
 import (
+	"encoding/binary"
+	"fmt"
+	"runtime/debug"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"go.etcd.io/bbolt"
+
+	"github.com/idemsvc/idemsvc/internal/keys"
 )
 
-// committer is a group commit without a timer. A write joins the pending queue; when no commit
-// is running, a committer goroutine starts and commits everything pending in one transaction
-// (at most max writes), then everything that queued up meanwhile, and so on until the queue is
-// empty. A lone writer therefore never waits for others, and under load each fsync is shared by
-// all the writes that arrived during the previous one. bbolt's DB.Batch, by contrast, holds
-// every batch open for MaxBatchDelay unless MaxBatchSize writes arrive first, which a closed
-// loop of N writers rarely fills exactly (see BenchmarkBeginComplete).
+// committer is a group commit without a timer, onto the write-ahead log. A write joins the
+// pending queue; when no group is running, a committer goroutine starts and runs everything
+// pending as one group (at most max writes), then everything that queued up meanwhile, and so on
+// until the queue is empty. A lone writer therefore never waits for others, and under load each
+// fdatasync is shared by all the writes that arrived during the previous one. (bbolt's
+// DB.Batch, by contrast, holds every batch open for MaxBatchDelay unless MaxBatchSize writes
+// arrive first, which a closed loop of N writers rarely fills exactly.)
 //
-// Its rules are DB.Batch's: a function may run more than once, so it must reset what it
-// decides at its start; when one function fails, the transaction is rolled back, that function
-// is run alone (its error is its caller's), and the others are committed again without it.
+// A group's calls run one after the other on a wtx: they read what the memtables and the bbolt
+// file hold, and what the calls before them in the group wrote. Their writes are appended to the
+// log as one frame and synced; only then are they published to the active memtable, where
+// readers find them, and the callers answered. A call whose function fails (or panics) leaves
+// nothing of itself in the group: its writes are undone, and its error is its own caller's.
 type committer struct {
-	db     *bbolt.DB
-	max    int
-	damage *damage
+	s   *Store
+	max int
 
 	mu      sync.Mutex
 	pending []*call
 	running bool
 
-	// foreground is how many of the running transaction's calls are not background ones; only
-	// the committer goroutine touches it, and a background function reads it from inside the
-	// transaction to size its share (see Store.Sweep).
-	foreground int
-	// lastForeground is when the committer last started a transaction with writers' calls.
-	lastForeground time.Time
+	// lastForeground is when the committer last ran a group (Unix nanoseconds), for the sweep's
+	// sizing (busy).
+	lastForeground atomic.Int64
 
-	// Cumulative counts of committed transactions, for CommitStats.
+	// Cumulative counts of groups that wrote, for CommitStats.
 	commits, calls atomic.Uint64
 	commitNanos    atomic.Int64
 }
 
-// quietAfter is how long after the last writer a transaction counts as idle for background
-// work: a closed loop of writers resubmits within microseconds of its answer, so a background
-// call that finds itself alone right after their commit must not take that for idleness.
+// quietAfter is how long after the last writer the store counts as idle for background
+// work: a closed loop of writers resubmits within microseconds of its answer, so a sweep that
+// finds no group running right after one must not take that for idleness.
 const quietAfter = 10 * time.Millisecond
 
 type call struct {
-	fn         func(*bbolt.Tx) error
-	done       chan error
-	background bool
+	fn   func(*wtx) error
+	done chan error
+	err  error
 }
 
-// do runs fn in a committed read-write transaction, shared with other writers, and returns
-// fn's error or the commit's.
-func (c *committer) do(fn func(*bbolt.Tx) error) error {
-	return c.enqueue(&call{fn: fn, done: make(chan error, 1)})
-}
-
-// doBackground is do for housekeeping (the sweep): fn may ask busy() whether writers share its
-// transaction, and then do less.
-func (c *committer) doBackground(fn func(*bbolt.Tx) error) error {
-	return c.enqueue(&call{fn: fn, done: make(chan error, 1), background: true})
-}
-
-// busy reports, from inside a function that the committer runs, whether the transaction also
-// carries writers' calls, or writers committed within quietAfter.
-func (c *committer) busy() bool {
-	return c.foreground > 0 || time.Since(c.lastForeground) < quietAfter
-}
-
-func (c *committer) enqueue(cl *call) error {
+// do runs fn in a group and returns fn's error, or the group's when its writes could not be
+// made durable. fn runs once.
+func (c *committer) do(fn func(*wtx) error) error {
+	cl := &call{fn: fn, done: make(chan error, 1)}
 	c.mu.Lock()
 	c.pending = append(c.pending, cl)
 	if !c.running {
@@ -78,6 +66,11 @@ func (c *committer) enqueue(cl *call) error {
 	}
 	c.mu.Unlock()
 	return <-cl.done
+}
+
+// busy reports whether writers are about: a group ran within quietAfter.
+func (c *committer) busy() bool {
+	return time.Since(time.Unix(0, c.lastForeground.Load())) < quietAfter
 }
 
 func (c *committer) loop() {
@@ -92,64 +85,198 @@ func (c *committer) loop() {
 		batch := c.pending[:n:n]
 		c.pending = append([]*call(nil), c.pending[n:]...)
 		c.mu.Unlock()
+		c.lastForeground.Store(time.Now().UnixNano())
 		c.commit(batch)
 	}
 }
 
 func (c *committer) commit(batch []*call) {
-	for len(batch) > 0 {
-		c.foreground = 0
-		for _, cl := range batch {
-			if !cl.background {
-				c.foreground++
-			}
+	s := c.s
+	start := time.Now()
+	s.walMu.Lock()
+	w := s.newWtx()
+	for _, cl := range batch {
+		w.run(cl)
+	}
+	w.rtx.Rollback()
+	err := w.err
+	if err == nil && len(w.ops) > 0 {
+		err = s.wal.append(w.ops)
+	}
+	if err == nil {
+		s.publish(w)
+	}
+	s.walMu.Unlock()
+	if err == nil && len(w.ops) > 0 {
+		c.commits.Add(1)
+		c.calls.Add(uint64(len(batch)))
+		c.commitNanos.Add(int64(time.Since(start)))
+	}
+	for _, cl := range batch {
+		if cl.err == nil {
+			cl.err = err
 		}
-		if c.foreground > 0 {
-			c.lastForeground = time.Now()
-		}
-		failed, current, ranAll := -1, -1, false
-		start := time.Now()
-		err := updateSafely(c.db, c.damage, func(tx *bbolt.Tx) error {
-			for i, cl := range batch {
-				current = i
-				if err := cl.fn(tx); err != nil {
-					failed = i
-					return err
-				}
-			}
-			ranAll = true
-			return nil
-		})
-		if failed < 0 && err != nil && !ranAll && current >= 0 {
-			failed = current // it panicked: like a failure, it runs alone and the others again
-		}
-		if failed < 0 { // committed, or the commit itself failed for everyone
-			if err == nil {
-				c.count(len(batch), start)
-			}
-			for _, cl := range batch {
-				cl.done <- err
-			}
-			return
-		}
-		bad := batch[failed]
-		c.foreground = 0
-		if !bad.background {
-			c.foreground = 1
-		}
-		start = time.Now()
-		err = updateSafely(c.db, c.damage, bad.fn)
-		if err == nil {
-			c.count(1, start) // a background call that gave up partway commits what it did
-		}
-		bad.done <- err
-		batch = append(batch[:failed:failed], batch[failed+1:]...)
+		cl.done <- cl.err
 	}
 }
 
-// count notes a committed transaction of n calls that started at start.
-func (c *committer) count(n int, start time.Time) {
-	c.commits.Add(1)
-	c.calls.Add(uint64(n))
-	c.commitNanos.Add(int64(time.Since(start)))
+// wtx is what a group's calls decide on and write to: the calls' writes so far (recs, fences),
+// then the active memtable, the frozen one and the bbolt file as they were when the group
+// started.
+type wtx struct {
+	s              *Store
+	active, frozen *memtable
+	rtx            *bbolt.Tx
+	err            error // the bbolt file could not be read at all
+
+	recs   map[string]*keys.Record // the group's writes: a nil record is a delete
+	fences map[string]uint64
+	ops    []byte // the frame's payload
+	enc    []byte // scratch for a record's encoding
+
+	// undo holds, for the running call, what its writes replaced, to restore if it fails.
+	undo []undoEntry
+}
+
+type undoEntry struct {
+	fence   bool
+	id      string
+	rec     *keys.Record
+	seq     uint64
+	present bool
+}
+
+func (s *Store) newWtx() *wtx {
+	w := &wtx{s: s, recs: make(map[string]*keys.Record), fences: make(map[string]uint64)}
+	// The frozen memtable is taken before the read transaction starts: a checkpoint drops it
+	// only once the bbolt file holds it, so what this group does not find in it, the file has.
+	s.memMu.RLock()
+	w.active, w.frozen = s.active, s.frozen
+	s.memMu.RUnlock()
+	var err error
+	if w.rtx, err = s.db.Begin(false); err != nil {
+		w.err = translate(err)
+	}
+	return w
+}
+
+// run runs cl's function on w; when it fails or panics, its writes are undone.
+func (w *wtx) run(cl *call) {
+	if w.err != nil {
+		cl.err = w.err
+		return
+	}
+	w.undo = w.undo[:0]
+	opsLen := len(w.ops)
+	cl.err = w.safely(cl.fn)
+	if cl.err == nil {
+		return
+	}
+	w.ops = w.ops[:opsLen]
+	for i := len(w.undo) - 1; i >= 0; i-- {
+		u := w.undo[i]
+		switch {
+		case u.fence && u.present:
+			w.fences[u.id] = u.seq
+		case u.fence:
+			delete(w.fences, u.id)
+		case u.present:
+			w.recs[u.id] = u.rec
+		default:
+			delete(w.recs, u.id)
+		}
+	}
+}
+
+// safely runs fn with a panic or a memory fault (a damaged page of the file) turned into an
+// error wrapping ErrDamaged, recorded for Ping.
+func (w *wtx) safely(fn func(*wtx) error) (err error) {
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	defer func() {
+		if v := recover(); v != nil {
+			err = fmt.Errorf("%w: a write failed: %v", ErrDamaged, v)
+			w.s.damage.set(err)
+		}
+	}()
+	return fn(w)
+}
+
+// get returns the record of id, expired or not, or nil when there is none.
+func (w *wtx) get(id []byte) (*keys.Record, error) {
+	if rec, ok := w.recs[string(id)]; ok {
+		return rec, nil
+	}
+	if rec, ok := w.active.recs[string(id)]; ok {
+		return rec, nil
+	}
+	if w.frozen != nil {
+		if rec, ok := w.frozen.recs[string(id)]; ok {
+			return rec, nil
+		}
+	}
+	return getRecord(w.rtx, id)
+}
+
+// put stores (a copy of) rec as the record of id.
+func (w *wtx) put(id []byte, rec *keys.Record) {
+	w.note(id)
+	w.enc = keys.AppendRecord(w.enc[:0], rec)
+	w.ops = appendOp(w.ops, opPut, id, w.enc)
+	// What the memtable keeps is a copy that shares nothing with the caller's (whose response
+	// body may be a buffer it reuses), with a Memo of its own: it is never modified.
+	kept, err := keys.DecodeRecord(w.enc)
+	if err != nil {
+		panic(fmt.Sprintf("bolt: a record does not decode from its own encoding: %v", err))
+	}
+	kept.Memo = new(keys.Memo)
+	w.recs[string(id)] = &kept
+}
+
+// del removes the record of id.
+func (w *wtx) del(id []byte) {
+	w.note(id)
+	w.recs[string(id)] = nil
+	w.ops = appendOp(w.ops, opDel, id, nil)
+}
+
+func (w *wtx) note(id []byte) {
+	prev, ok := w.recs[string(id)]
+	w.undo = append(w.undo, undoEntry{id: string(id), rec: prev, present: ok})
+}
+
+// nextFence returns the next fence of tenant: larger than every fence the tenant's keys had.
+// A tenant's sequence starts where the records bucket's stands, the store-wide sequence that
+// files written before the per-tenant ones used, so fences never go back.
+func (w *wtx) nextFence(tenant string) uint64 {
+	seq, ok := w.fences[tenant]
+	w.undo = append(w.undo, undoEntry{fence: true, id: tenant, seq: seq, present: ok})
+	if !ok {
+		seq = w.storedFence(tenant)
+	}
+	seq++
+	w.fences[tenant] = seq
+	var v [8]byte
+	binary.BigEndian.PutUint64(v[:], seq)
+	w.ops = appendOp(w.ops, opFence, []byte(tenant), v[:])
+	return seq
+}
+
+func (w *wtx) storedFence(tenant string) uint64 {
+	if seq, ok := w.active.fences[tenant]; ok {
+		return seq
+	}
+	if w.frozen != nil {
+		if seq, ok := w.frozen.fences[tenant]; ok {
+			return seq
+		}
+	}
+	return boltFence(w.rtx, tenant)
+}
+
+// boltFence is tenant's fence sequence in the bbolt file.
+func boltFence(tx *bbolt.Tx, tenant string) uint64 {
+	if b := tx.Bucket(bucketFences).Bucket([]byte(tenant)); b != nil {
+		return b.Sequence()
+	}
+	return tx.Bucket(bucketRecords).Sequence()
 }

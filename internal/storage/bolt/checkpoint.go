@@ -1,0 +1,302 @@
+package bolt
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"slices"
+	"sync/atomic"
+	"time"
+
+	"go.etcd.io/bbolt"
+
+	"github.com/idemsvc/idemsvc/internal/keys"
+)
+
+// DefaultCheckpointInterval is how often, by default, the writes in the log are carried into the
+// bbolt file; see Options.CheckpointInterval.
+const DefaultCheckpointInterval = time.Second
+
+// DefaultCheckpointBytes is how large, by default, the log may grow before a checkpoint starts
+// early; see Options.CheckpointBytes.
+const DefaultCheckpointBytes = 64 << 20
+
+var (
+	bucketMeta     = []byte("meta")
+	metaWALThrough = []byte("wal_through") // the last segment of the log whose writes the file holds
+)
+
+// memtable holds the writes that are in the log and not yet in the bbolt file: records (nil for
+// a delete) by storage id, and fence sequences by tenant. Writers publish to the active one;
+// a checkpoint freezes it, starts a new one, and drops the frozen one once the file holds it.
+// Its records are never modified once published.
+type memtable struct {
+	recs   map[string]*keys.Record
+	fences map[string]uint64
+	// minExpiry is no later than the expiry of every record published to it (zero when none
+	// was), so that a sweep can tell whether it holds one that has expired.
+	minExpiry time.Time
+}
+
+func newMemtable() *memtable {
+	return &memtable{recs: make(map[string]*keys.Record), fences: make(map[string]uint64)}
+}
+
+func (m *memtable) empty() bool { return len(m.recs) == 0 && len(m.fences) == 0 }
+
+// apply adds a frame's writes.
+func (m *memtable) apply(ops []walOp) error {
+	for _, op := range ops {
+		switch op.kind {
+		case opPut:
+			rec, err := keys.DecodeRecord(op.value)
+			if err != nil {
+				return fmt.Errorf("record %x: %w", op.id, err)
+			}
+			m.recs[string(op.id)] = &rec
+		case opDel:
+			m.recs[string(op.id)] = nil
+		case opFence:
+			m.fences[string(op.id)] = max(m.fences[string(op.id)], binary.BigEndian.Uint64(op.value))
+		}
+	}
+	return nil
+}
+
+// publish makes a durable group's writes visible to readers.
+func (s *Store) publish(w *wtx) {
+	if len(w.recs) == 0 && len(w.fences) == 0 {
+		return
+	}
+	s.memMu.Lock()
+	m := s.active
+	for id, rec := range w.recs {
+		m.recs[id] = rec
+		if rec != nil && (m.minExpiry.IsZero() || rec.ExpiresAt.Before(m.minExpiry)) {
+			m.minExpiry = rec.ExpiresAt
+		}
+	}
+	for tenant, seq := range w.fences {
+		s.active.fences[tenant] = seq
+	}
+	s.memMu.Unlock()
+	if s.wal.size >= s.checkpointBytes {
+		select {
+		case s.ckKick <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// anyDueInMemory reports whether a memtable may hold a record that has expired at now.
+func (s *Store) anyDueInMemory(now time.Time) bool {
+	s.memMu.RLock()
+	defer s.memMu.RUnlock()
+	due := func(m *memtable) bool { return m != nil && !m.minExpiry.IsZero() && !now.Before(m.minExpiry) }
+	return due(s.active) || due(s.frozen)
+}
+
+// read returns the record of id, expired or not, or nil, for a reader outside the group commit.
+func (s *Store) read(id []byte) (rec *keys.Record, err error) {
+	s.memMu.RLock()
+	rec, ok := s.active.recs[string(id)]
+	if !ok && s.frozen != nil {
+		rec, ok = s.frozen.recs[string(id)]
+	}
+	s.memMu.RUnlock()
+	if ok {
+		return rec, nil
+	}
+	// Read after the memtables: a checkpoint drops the frozen one only once the file holds it.
+	err = s.view(func(tx *bbolt.Tx) error {
+		rec, err = getRecord(tx, id)
+		return err
+	})
+	return rec, err
+}
+
+// checkpointer carries the log into the bbolt file every checkpointEvery, and sooner when the
+// log has grown past checkpointBytes, until Close.
+func (s *Store) checkpointer() {
+	defer close(s.ckDone)
+	t := time.NewTicker(s.checkpointEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.ckStop:
+			return
+		case <-t.C:
+		case <-s.ckKick:
+		}
+		if err := s.checkpoint(); err != nil {
+			s.ckErr.Store(&err)
+		} else {
+			s.ckErr.Store(nil)
+		}
+	}
+}
+
+// checkpoint carries what the log holds into the bbolt file: it freezes the active memtable and
+// starts a new segment of the log (a moment's pause for writers), writes the frozen memtable
+// into the file in one transaction, synced, that also records the last segment it covers, then
+// drops the frozen memtable and removes the segments the file now holds. When the transaction
+// fails (a full disk), the frozen memtable stays, read by everyone, and the next checkpoint tries
+// it again before it freezes anything else.
+func (s *Store) checkpoint() error {
+	s.ckMu.Lock()
+	defer s.ckMu.Unlock()
+	start := time.Now()
+	s.memMu.RLock()
+	frozen, through := s.frozen, s.frozenThrough
+	s.memMu.RUnlock()
+	if frozen == nil {
+		s.walMu.Lock()
+		s.memMu.RLock()
+		empty := s.active.empty()
+		s.memMu.RUnlock()
+		if empty {
+			s.walMu.Unlock()
+			return nil
+		}
+		num, err := s.wal.rotate()
+		if err != nil {
+			s.walMu.Unlock()
+			return fmt.Errorf("checkpoint: %w", err)
+		}
+		s.memMu.Lock()
+		frozen, through = s.active, num
+		s.frozen, s.frozenThrough, s.active = frozen, num, newMemtable()
+		s.memMu.Unlock()
+		s.walMu.Unlock()
+	}
+	err := updateSafely(s.db, &s.damage, func(tx *bbolt.Tx) error { return applyMemtable(tx, frozen, through) })
+	if err != nil {
+		return fmt.Errorf("checkpoint: %w", translate(err))
+	}
+	s.memMu.Lock()
+	s.frozen = nil
+	s.memMu.Unlock()
+	s.checkpoints.Add(1)
+	s.checkpointNanos.Add(int64(time.Since(start)))
+	return removeSegmentsThrough(s.path, through)
+}
+
+// removeSegmentsThrough removes base's segments up to through.
+func removeSegmentsThrough(base string, through uint64) error {
+	nums, err := segments(base)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, n := range nums {
+		if n <= through {
+			errs = append(errs, removeSegment(base, n))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// applyMemtable writes m into the file, in key order, and notes through as the last segment of
+// the log that the file holds.
+func applyMemtable(tx *bbolt.Tx, m *memtable, through uint64) error {
+	ids := make([]string, 0, len(m.recs))
+	for id := range m.recs {
+		ids = append(ids, id)
+	}
+	slices.Sort(ids)
+	recs := tx.Bucket(bucketRecords)
+	for _, id := range ids {
+		bid := []byte(id)
+		var oldExpiry *time.Time
+		if v := recs.Get(bid); v != nil {
+			t, err := keys.DecodeExpiry(v)
+			if err != nil {
+				return fmt.Errorf("record %x: %w", bid, err)
+			}
+			oldExpiry = &t
+		}
+		if rec := m.recs[id]; rec != nil {
+			if err := putRecord(tx, bid, oldExpiry, rec); err != nil {
+				return err
+			}
+		} else if oldExpiry != nil {
+			if err := deleteRecord(tx, bid, *oldExpiry); err != nil {
+				return err
+			}
+		}
+	}
+	fences := tx.Bucket(bucketFences)
+	for tenant, seq := range m.fences {
+		b := fences.Bucket([]byte(tenant))
+		if b == nil {
+			var err error
+			if b, err = fences.CreateBucket([]byte(tenant)); err != nil {
+				return err
+			}
+		}
+		if seq > b.Sequence() {
+			if err := b.SetSequence(seq); err != nil {
+				return err
+			}
+		}
+	}
+	var v [8]byte
+	binary.BigEndian.PutUint64(v[:], through)
+	return tx.Bucket(bucketMeta).Put(metaWALThrough, v[:])
+}
+
+// recoverWAL carries the segments of the log that the file does not hold yet into it, in order,
+// each in a transaction of its own, removes every segment, and returns the number for the next
+// one. A missing or damaged segment stops it with ErrDamaged (see readSegment).
+func recoverWAL(db *bbolt.DB, base string) (next uint64, err error) {
+	var through uint64
+	err = db.View(func(tx *bbolt.Tx) error {
+		if v := tx.Bucket(bucketMeta).Get(metaWALThrough); len(v) == 8 {
+			through = binary.BigEndian.Uint64(v)
+		}
+		return nil
+	})
+	if err != nil {
+		return 0, err
+	}
+	nums, err := segments(base)
+	if err != nil {
+		return 0, err
+	}
+	for i, n := range nums {
+		if n <= through {
+			if err := removeSegment(base, n); err != nil {
+				return 0, err
+			}
+			continue
+		}
+		if n != through+1 {
+			return 0, fmt.Errorf("%w: segment %d of the write-ahead log is missing (%s holds up to %d)", ErrDamaged, through+1, base, through)
+		}
+		frames, err := readSegment(base, n, i == len(nums)-1)
+		if err != nil {
+			return 0, err
+		}
+		m := newMemtable()
+		for _, f := range frames {
+			ops, err := decodeOps(f)
+			if err == nil {
+				err = m.apply(ops)
+			}
+			if err != nil {
+				return 0, fmt.Errorf("%w: segment %d of the write-ahead log: %w", ErrDamaged, n, err)
+			}
+		}
+		if err := updateSafely(db, nil, func(tx *bbolt.Tx) error { return applyMemtable(tx, m, n) }); err != nil {
+			return 0, err
+		}
+		if err := removeSegment(base, n); err != nil {
+			return 0, err
+		}
+		through = n
+	}
+	return through + 1, nil
+}
+
+// ckErrHolder keeps the last checkpoint's error, nil after one succeeds.
+type ckErrHolder = atomic.Pointer[error]

@@ -1,0 +1,9 @@
+package bolt
+
+import (
+	"os"
+	"syscall"
+)
+
+// fdatasync flushes f's data, and the metadata needed to read it back (its size), to the disk.
+func fdatasync(f *os.File) error { return syscall.Fdatasync(int(f.Fd())) }

@@ -1,0 +1,303 @@
+package bolt
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"time"
+)
+
+// The write-ahead log. A write is acknowledged once it is in the log and the log is synced:
+// one append and one fdatasync per group of writes, where a bbolt commit writes every page the
+// group touched and syncs twice. The records reach the bbolt file later, in a checkpoint that
+// carries the writes of a second or so in one transaction (see Store.checkpoint); until then
+// they are read from memory (see memtable).
+//
+// The log is a run of segment files beside the data file, named after it: "idemsvc.db.wal-"
+// and the segment's number in 16 hex digits. A segment starts with walMagic and its number
+// (8 bytes, big-endian), then frames: the payload's length and its CRC-32C (4 bytes each,
+// little-endian), then the payload, the encoded writes of one group. The bbolt file remembers
+// (bucketMeta, metaWALThrough) the last segment whose writes it holds; Open applies the later
+// ones, in order, and removes the rest.
+//
+// A frame is synced before the next one is written, so only the last frame of the last segment
+// can be cut short by a crash: it was never acknowledged, and Open drops it. A damaged frame
+// anywhere else, or a segment that is not one, stops Open with ErrDamaged: records that were
+// acknowledged would be lost.
+
+const (
+	walMagic      = "IDEMWAL1"
+	walHeaderSize = len(walMagic) + 8
+	frameHeader   = 8
+	// maxFrame bounds a frame's payload: a group is at most MaxBatchSize writes of records of
+	// at most about a megabyte each.
+	maxFrame = 1 << 30
+)
+
+// Kinds of write in a frame's payload.
+const (
+	opPut   = 1 // id, then the record's encoding (keys.AppendRecord)
+	opDel   = 2 // id
+	opFence = 3 // tenant, then the tenant's fence sequence (8 bytes, big-endian)
+)
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+// errWALBroken wraps the error that made the log unusable: a failed sync leaves what is on
+// disk unknown, and no later sync can be trusted to say otherwise (the kernel may have dropped
+// the pages it could not write), so the store takes no more writes until it is opened again.
+var errWALBroken = errors.New("bolt: the write-ahead log failed; restart to recover from it")
+
+// wal appends frames to the current segment. Only one goroutine at a time calls append and
+// rotate (the committer, under Store.walMu).
+type wal struct {
+	base string // the data file's path; segments are base + ".wal-" + number
+	f    *os.File
+	num  uint64 // the current segment's number
+	size int64  // bytes in the current segment, all synced
+	buf  []byte
+
+	broken atomic.Pointer[error]
+
+	// Cumulative, for CommitStats.
+	frames, bytes atomic.Uint64
+	nanos         atomic.Int64
+}
+
+func segmentPath(base string, num uint64) string {
+	return fmt.Sprintf("%s.wal-%016x", base, num)
+}
+
+// segments lists the numbers of base's segments, in order.
+func segments(base string) ([]uint64, error) {
+	dir, name := filepath.Split(base)
+	if dir == "" {
+		dir = "."
+	}
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	var nums []uint64
+	for _, e := range entries {
+		rest, ok := strings.CutPrefix(e.Name(), name+".wal-")
+		if !ok || len(rest) != 16 {
+			continue
+		}
+		n, err := strconv.ParseUint(rest, 16, 64)
+		if err != nil {
+			continue
+		}
+		nums = append(nums, n)
+	}
+	slices.Sort(nums)
+	return nums, nil
+}
+
+// createSegment makes segment num of base, with its header, synced, and its name synced in the
+// directory.
+func createSegment(base string, num uint64) (*os.File, error) {
+	path := segmentPath(base, num)
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	hdr := make([]byte, walHeaderSize)
+	copy(hdr, walMagic)
+	binary.BigEndian.PutUint64(hdr[len(walMagic):], num)
+	if _, err := f.WriteAt(hdr, 0); err != nil {
+		_ = f.Close()
+		_ = os.Remove(path)
+		return nil, err
+	}
+	if err := fdatasync(f); err != nil {
+		_ = f.Close()
+		_ = os.Remove(path)
+		return nil, err
+	}
+	if err := syncDir(filepath.Dir(path)); err != nil {
+		_ = f.Close()
+		return nil, err
+	}
+	return f, nil
+}
+
+// openWAL starts a new segment, num, for appends.
+func openWAL(base string, num uint64) (*wal, error) {
+	f, err := createSegment(base, num)
+	if err != nil {
+		return nil, fmt.Errorf("write-ahead log: %w", err)
+	}
+	return &wal{base: base, f: f, num: num, size: int64(walHeaderSize)}, nil
+}
+
+func (w *wal) err() error {
+	if p := w.broken.Load(); p != nil {
+		return *p
+	}
+	return nil
+}
+
+// append writes payload as a frame and syncs it. When the write fails (a full disk), the frame
+// is cut off again and the log goes on; when that or the sync fails, the log is broken.
+func (w *wal) append(payload []byte) error {
+	if err := w.err(); err != nil {
+		return err
+	}
+	if len(payload) > maxFrame {
+		return fmt.Errorf("bolt: a group of writes of %d bytes is too large for the log", len(payload))
+	}
+	start := time.Now()
+	w.buf = slices.Grow(w.buf[:0], frameHeader+len(payload))
+	w.buf = binary.LittleEndian.AppendUint32(w.buf, uint32(len(payload)))
+	w.buf = binary.LittleEndian.AppendUint32(w.buf, crc32.Checksum(payload, castagnoli))
+	w.buf = append(w.buf, payload...)
+	if _, err := w.f.WriteAt(w.buf, w.size); err != nil {
+		if terr := w.f.Truncate(w.size); terr != nil {
+			w.fail(fmt.Errorf("writing the log: %w; cutting the frame off again: %w", err, terr))
+		}
+		return fmt.Errorf("writing the log: %w", err)
+	}
+	if err := fdatasync(w.f); err != nil {
+		w.fail(fmt.Errorf("syncing the log: %w", err))
+		return w.err()
+	}
+	w.size += int64(len(w.buf))
+	w.frames.Add(1)
+	w.bytes.Add(uint64(len(w.buf)))
+	w.nanos.Add(int64(time.Since(start)))
+	if cap(w.buf) > 1<<20 {
+		w.buf = nil
+	}
+	return nil
+}
+
+func (w *wal) fail(err error) {
+	err = fmt.Errorf("%w: %w", errWALBroken, err)
+	w.broken.CompareAndSwap(nil, &err)
+}
+
+// rotate starts segment num+1 and returns the number of the segment it closed.
+func (w *wal) rotate() (uint64, error) {
+	if err := w.err(); err != nil {
+		return 0, err
+	}
+	f, err := createSegment(w.base, w.num+1)
+	if err != nil {
+		return 0, fmt.Errorf("write-ahead log: %w", err)
+	}
+	old := w.num
+	_ = w.f.Close()
+	w.f, w.num, w.size = f, w.num+1, int64(walHeaderSize)
+	return old, nil
+}
+
+func (w *wal) close() error { return w.f.Close() }
+
+// readSegment returns the payloads of segment num's frames. last says whether it is the last
+// segment, whose last frame may be cut short by a crash (it is dropped, with what follows it);
+// anywhere else a frame that does not check is damage.
+func readSegment(base string, num uint64, last bool) ([][]byte, error) {
+	path := segmentPath(base, num)
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	if len(b) < walHeaderSize || string(b[:len(walMagic)]) != walMagic || binary.BigEndian.Uint64(b[len(walMagic):walHeaderSize]) != num {
+		if last && len(b) < walHeaderSize && bytes.Equal(b, []byte(walMagic)[:min(len(b), len(walMagic))]) {
+			return nil, nil // made, and cut short, as the process died: no frame was written
+		}
+		return nil, fmt.Errorf("%w: %s is not a segment of the write-ahead log", ErrDamaged, path)
+	}
+	var frames [][]byte
+	for off := walHeaderSize; off < len(b); {
+		ok := len(b)-off >= frameHeader
+		var n int
+		if ok {
+			n = int(binary.LittleEndian.Uint32(b[off:]))
+			ok = n <= maxFrame && len(b)-off-frameHeader >= n &&
+				crc32.Checksum(b[off+frameHeader:off+frameHeader+n], castagnoli) == binary.LittleEndian.Uint32(b[off+4:])
+		}
+		if !ok {
+			if last {
+				return frames, nil
+			}
+			return nil, fmt.Errorf("%w: %s has a damaged frame at byte %d (acknowledged writes may be lost)", ErrDamaged, path, off)
+		}
+		frames = append(frames, b[off+frameHeader:off+frameHeader+n])
+		off += frameHeader + n
+	}
+	return frames, nil
+}
+
+// walOp is one write of a frame, as decodeOps returns it.
+type walOp struct {
+	kind  byte
+	id    []byte // storage id, or tenant for opFence
+	value []byte // the record's encoding, or the fence sequence
+}
+
+func appendOp(b []byte, kind byte, id, value []byte) []byte {
+	b = append(b, kind)
+	b = binary.AppendUvarint(b, uint64(len(id)))
+	b = append(b, id...)
+	if kind != opDel {
+		b = binary.AppendUvarint(b, uint64(len(value)))
+		b = append(b, value...)
+	}
+	return b
+}
+
+func decodeOps(p []byte) ([]walOp, error) {
+	var ops []walOp
+	next := func() ([]byte, error) {
+		n, k := binary.Uvarint(p)
+		if k <= 0 || uint64(len(p)-k) < n {
+			return nil, io.ErrUnexpectedEOF
+		}
+		v := p[k : k+int(n)]
+		p = p[k+int(n):]
+		return v, nil
+	}
+	for len(p) > 0 {
+		op := walOp{kind: p[0]}
+		p = p[1:]
+		var err error
+		if op.id, err = next(); err != nil {
+			return nil, err
+		}
+		switch op.kind {
+		case opPut, opFence:
+			if op.value, err = next(); err != nil {
+				return nil, err
+			}
+			if op.kind == opFence && len(op.value) != 8 {
+				return nil, errors.New("a fence of the wrong size")
+			}
+		case opDel:
+		default:
+			return nil, fmt.Errorf("an unknown kind of write, %d", op.kind)
+		}
+		ops = append(ops, op)
+	}
+	return ops, nil
+}
+
+// removeSegment removes segment num of base; a segment already gone is not an error.
+func removeSegment(base string, num uint64) error {
+	err := os.Remove(segmentPath(base, num))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	return err
+}
