@@ -9,24 +9,35 @@ import (
 // boltCollector shows the bbolt store's group commit on /metrics: writes per commit are
 // idemsvc_bolt_commit_calls_total over idemsvc_bolt_commits_total, a commit's time is
 // idemsvc_bolt_commit_seconds_total over the commits, and the disk's share of it is
-// idemsvc_bolt_write_seconds_total (writing pages and fdatasync) with the pages it wrote.
+// idemsvc_bolt_wal_seconds_total (writing the log and fdatasync) with the bytes it wrote. The
+// checkpoints that carry the log into the bbolt file, and the sweeps, write pages:
+// idemsvc_bolt_pages_written_total, in idemsvc_bolt_write_seconds_total.
 type boltCollector struct{ store *bolt.Store }
 
 var (
 	boltCommitsDesc = prometheus.NewDesc("idemsvc_bolt_commits_total",
-		"Transactions committed by the bbolt store's group commit.", nil, nil)
+		"Groups of writes the bbolt store's group commit appended to its write-ahead log, each synced once.", nil, nil)
 	boltCallsDesc = prometheus.NewDesc("idemsvc_bolt_commit_calls_total",
-		"Writes (and sweep chunks) carried by those transactions.", nil, nil)
+		"Writes carried by those groups.", nil, nil)
 	boltCommitSecondsDesc = prometheus.NewDesc("idemsvc_bolt_commit_seconds_total",
-		"Wall time of those transactions, from start to the end of their commit.", nil, nil)
+		"Wall time of those groups, from start to the end of their sync.", nil, nil)
+	boltWALBytesDesc = prometheus.NewDesc("idemsvc_bolt_wal_bytes_total",
+		"Bytes those groups appended to the write-ahead log.", nil, nil)
+	boltWALSecondsDesc = prometheus.NewDesc("idemsvc_bolt_wal_seconds_total",
+		"Time spent writing those bytes and in fdatasync.", nil, nil)
+	boltCheckpointsDesc = prometheus.NewDesc("idemsvc_bolt_checkpoints_total",
+		"Checkpoints that carried the write-ahead log into the bbolt file.", nil, nil)
+	boltCheckpointSecondsDesc = prometheus.NewDesc("idemsvc_bolt_checkpoint_seconds_total",
+		"Wall time of those checkpoints.", nil, nil)
 	boltPagesDesc = prometheus.NewDesc("idemsvc_bolt_pages_written_total",
-		"Pages bbolt wrote (dirty pages, freelist and meta), in every read-write transaction.", nil, nil)
+		"Pages bbolt wrote (dirty pages, freelist and meta), in every read-write transaction: checkpoints and sweeps.", nil, nil)
 	boltWriteSecondsDesc = prometheus.NewDesc("idemsvc_bolt_write_seconds_total",
 		"Time bbolt spent writing those pages and in fdatasync.", nil, nil)
 )
 
 func (boltCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{boltCommitsDesc, boltCallsDesc, boltCommitSecondsDesc, boltPagesDesc, boltWriteSecondsDesc} {
+	for _, d := range []*prometheus.Desc{boltCommitsDesc, boltCallsDesc, boltCommitSecondsDesc, boltWALBytesDesc,
+		boltWALSecondsDesc, boltCheckpointsDesc, boltCheckpointSecondsDesc, boltPagesDesc, boltWriteSecondsDesc} {
 		ch <- d
 	}
 }
@@ -40,6 +51,10 @@ func (c boltCollector) Collect(ch chan<- prometheus.Metric) {
 		{boltCommitsDesc, float64(st.Commits)},
 		{boltCallsDesc, float64(st.Calls)},
 		{boltCommitSecondsDesc, st.CommitTime.Seconds()},
+		{boltWALBytesDesc, float64(st.WALBytes)},
+		{boltWALSecondsDesc, st.WALTime.Seconds()},
+		{boltCheckpointsDesc, float64(st.Checkpoints)},
+		{boltCheckpointSecondsDesc, st.CheckpointTime.Seconds()},
 		{boltPagesDesc, float64(st.Pages)},
 		{boltWriteSecondsDesc, st.WriteTime.Seconds()},
 	} {

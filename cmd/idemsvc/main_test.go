@@ -342,8 +342,9 @@ func TestRunEndToEnd(t *testing.T) {
 	metricsText, _ := io.ReadAll(mresp.Body)
 	mresp.Body.Close()
 	for name, least := range map[string]float64{
-		"idemsvc_bolt_commits_total": 1, "idemsvc_bolt_commit_calls_total": 5, "idemsvc_bolt_pages_written_total": 5,
-		"idemsvc_bolt_commit_seconds_total": 1e-9, "idemsvc_bolt_write_seconds_total": 1e-9,
+		"idemsvc_bolt_commits_total": 1, "idemsvc_bolt_commit_calls_total": 5, "idemsvc_bolt_wal_bytes_total": 100,
+		"idemsvc_bolt_commit_seconds_total": 1e-9, "idemsvc_bolt_wal_seconds_total": 1e-9,
+		"idemsvc_bolt_checkpoints_total": 0, "idemsvc_bolt_pages_written_total": 0, "idemsvc_bolt_write_seconds_total": 0,
 	} {
 		m := regexp.MustCompile(`(?m)^` + name + ` (\S+)$`).FindSubmatch(metricsText)
 		if m == nil {

@@ -389,12 +389,12 @@ func (s *Store) begin(ctx context.Context, tenant, key string, req keys.BeginReq
 		rerr error // the rule's outcome, never returned from a transaction function
 	)
 	gen := s.cache.generation()
-	cur, err := s.read(id)
+	cur, fromFile, err := s.read(id)
 	if err != nil {
 		return keys.BeginResult{}, translate(err)
 	}
 	res, w, rerr = keys.DecideBegin(cur, s.now(), key, req)
-	if res.Outcome == keys.Replayed {
+	if res.Outcome == keys.Replayed && fromFile {
 		s.cache.add(id, cur, gen)
 	}
 	if w == keys.WriteNone {
@@ -565,7 +565,7 @@ func (s *Store) get(ctx context.Context, tenant, key string) (keys.Record, error
 		expired bool
 	)
 	gen := s.cache.generation()
-	cur, err := s.read(id)
+	cur, fromFile, err := s.read(id)
 	if err != nil {
 		return keys.Record{}, translate(err)
 	}
@@ -575,7 +575,7 @@ func (s *Store) get(ctx context.Context, tenant, key string) (keys.Record, error
 	// expired. An expired completed record stays gone whatever is queued (a takeover makes
 	// a new record, which a get ordered before it rightly does not see).
 	expired = cur != nil && !cur.Live(now) && cur.State == keys.StateInProgress
-	if rerr == nil {
+	if rerr == nil && fromFile {
 		s.cache.add(id, cur, gen)
 	}
 	if !expired {
@@ -645,7 +645,7 @@ func (s *Store) Sweep(ctx context.Context, limit int) (int, error) {
 		fn := func(tx *bbolt.Tx) error {
 			budget = s.sweepBudget(limit - removed)
 			var err error
-			gone, seen, err = sweep(tx, s.now(), budget)
+			gone, seen, err = sweep(tx, s.now(), budget, s.inMemory)
 			n = len(gone)
 			// Mark inside the transaction, as every writer does: a later call of the same
 			// batch (a begin of a swept key) must not leave the old entry for a reader to
@@ -656,7 +656,11 @@ func (s *Store) Sweep(ctx context.Context, limit int) (int, error) {
 			marked = append(marked, gone...) // every run's, however many runs there are
 			return err
 		}
+		// Not beside a checkpoint: between its commit and its dropping the frozen memtable, a
+		// record there is in the file as well, and inMemory would leave it unswept for good.
+		s.ckMu.Lock()
 		err := updateSafely(s.db, &s.damage, fn)
+		s.ckMu.Unlock()
 		for _, id := range marked {
 			s.cache.unmark(id)
 		}
@@ -699,8 +703,10 @@ func (s *Store) anyDue() (due bool, err error) {
 
 // sweep removes up to max records that have expired at now, and returns the storage ids of
 // those it removed (copies) and how many index entries it took. An index entry whose record is
-// gone or live again (which a consistent index never has) is dropped without counting.
-func sweep(tx *bbolt.Tx, now time.Time, max int) (removed [][]byte, seen int, err error) {
+// gone or live again (which a consistent index never has) is dropped without counting. So is
+// one whose record was written again since, in the log (inLog says so): what the file holds of
+// it is stale, and the checkpoint that carries the new write replaces it and its index entry.
+func sweep(tx *bbolt.Tx, now time.Time, max int, inLog func(id []byte) bool) (removed [][]byte, seen int, err error) {
 	limit := expiryNanos(now) // expired means expires_at <= now
 	// Take the due entries off the front of the index: First after each Delete, because a
 	// cursor's Next after a Delete can skip a key. First walks down the left edge only, with no
@@ -725,6 +731,9 @@ func sweep(tx *bbolt.Tx, now time.Time, max int) (removed [][]byte, seen int, er
 			continue
 		}
 		id := k[8:]
+		if inLog(id) {
+			continue
+		}
 		found, v := recs.Seek(id)
 		if !bytes.Equal(found, id) {
 			continue

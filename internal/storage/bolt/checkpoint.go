@@ -96,8 +96,24 @@ func (s *Store) anyDueInMemory(now time.Time) bool {
 	return due(s.active) || due(s.frozen)
 }
 
-// read returns the record of id, expired or not, or nil, for a reader outside the group commit.
-func (s *Store) read(id []byte) (rec *keys.Record, err error) {
+// inMemory reports whether a memtable holds a write of id.
+func (s *Store) inMemory(id []byte) bool {
+	s.memMu.RLock()
+	defer s.memMu.RUnlock()
+	if _, ok := s.active.recs[string(id)]; ok {
+		return true
+	}
+	if s.frozen != nil {
+		_, ok := s.frozen.recs[string(id)]
+		return ok
+	}
+	return false
+}
+
+// read returns the record of id, expired or not, or nil, for a reader outside the group commit;
+// fromFile says it was read from the bbolt file, a copy of its own that the replay cache may
+// keep (a memtable's record is shared, and the cache sets a Memo on what it keeps).
+func (s *Store) read(id []byte) (rec *keys.Record, fromFile bool, err error) {
 	s.memMu.RLock()
 	rec, ok := s.active.recs[string(id)]
 	if !ok && s.frozen != nil {
@@ -105,14 +121,14 @@ func (s *Store) read(id []byte) (rec *keys.Record, err error) {
 	}
 	s.memMu.RUnlock()
 	if ok {
-		return rec, nil
+		return rec, false, nil
 	}
 	// Read after the memtables: a checkpoint drops the frozen one only once the file holds it.
 	err = s.view(func(tx *bbolt.Tx) error {
 		rec, err = getRecord(tx, id)
 		return err
 	})
-	return rec, err
+	return rec, true, err
 }
 
 // checkpointer carries the log into the bbolt file every checkpointEvery, and sooner when the

@@ -223,12 +223,12 @@ func (w *wtx) put(id []byte, rec *keys.Record) {
 	w.enc = keys.AppendRecord(w.enc[:0], rec)
 	w.ops = appendOp(w.ops, opPut, id, w.enc)
 	// What the memtable keeps is a copy that shares nothing with the caller's (whose response
-	// body may be a buffer it reuses), with a Memo of its own: it is never modified.
+	// body may be a buffer it reuses). It has no Memo: it does not go into the replay cache,
+	// whose byte budget bounds what replays' encodings keep (see read).
 	kept, err := keys.DecodeRecord(w.enc)
 	if err != nil {
 		panic(fmt.Sprintf("bolt: a record does not decode from its own encoding: %v", err))
 	}
-	kept.Memo = new(keys.Memo)
 	w.recs[string(id)] = &kept
 }
 
