@@ -54,11 +54,13 @@ type Config struct {
 	MaxWait          time.Duration `split_words:"true" default:"30s" desc:"upper bound of wait_ms"`
 	MaxBodyBytes     int           `split_words:"true" default:"1048576" desc:"largest stored response body, in bytes (at most 64 MiB)"`
 	SweepInterval    time.Duration `split_words:"true" default:"1m" desc:"how often expired records are removed"`
-	LogLevel         string        `split_words:"true" default:"info" desc:"debug, info, warn or error"`
-	ShutdownTimeout  time.Duration `split_words:"true" default:"15s" desc:"how long in-flight requests may take to finish at shutdown"`
-	DrainDelay       time.Duration `split_words:"true" default:"0s" desc:"at SIGTERM, how long /readyz answers 503 while requests are still served, before shutdown begins"`
-	MaxConns         int           `split_words:"true" default:"0" desc:"most connections open at once (0, or at least 4); 0: min(10000, RLIMIT_NOFILE - 256), or half of RLIMIT_NOFILE when that is 512 or less"`
-	MaxWaiters       int           `split_words:"true" default:"1000" desc:"most begins waiting for a holder (wait_ms) at once; half per tenant with several"`
+	// BoltCheckpointInterval is bolt.Options.CheckpointInterval.
+	BoltCheckpointInterval time.Duration `split_words:"true" default:"1s" desc:"bolt: how often the write-ahead log is carried into the data file (writes since are also held in memory)"`
+	LogLevel               string        `split_words:"true" default:"info" desc:"debug, info, warn or error"`
+	ShutdownTimeout        time.Duration `split_words:"true" default:"15s" desc:"how long in-flight requests may take to finish at shutdown"`
+	DrainDelay             time.Duration `split_words:"true" default:"0s" desc:"at SIGTERM, how long /readyz answers 503 while requests are still served, before shutdown begins"`
+	MaxConns               int           `split_words:"true" default:"0" desc:"most connections open at once (0, or at least 4); 0: min(10000, RLIMIT_NOFILE - 256), or half of RLIMIT_NOFILE when that is 512 or less"`
+	MaxWaiters             int           `split_words:"true" default:"1000" desc:"most begins waiting for a holder (wait_ms) at once; half per tenant with several"`
 
 	// tokensSet says whether IDEMSVC_TOKENS is in the environment at all: set but naming no
 	// token (a templating slip such as IDEMSVC_TOKENS=" ") refuses to start, where unset runs
@@ -107,6 +109,7 @@ func knownVars() []string {
 		"IDEMSVC_DEFAULT_LEASE", "IDEMSVC_MAX_LEASE", "IDEMSVC_DEFAULT_TTL", "IDEMSVC_MAX_TTL",
 		"IDEMSVC_MAX_WAIT", "IDEMSVC_MAX_BODY_BYTES", "IDEMSVC_SWEEP_INTERVAL", "IDEMSVC_LOG_LEVEL",
 		"IDEMSVC_SHUTDOWN_TIMEOUT", "IDEMSVC_DRAIN_DELAY", "IDEMSVC_MAX_CONNS", "IDEMSVC_MAX_WAITERS",
+		"IDEMSVC_BOLT_CHECKPOINT_INTERVAL",
 	}
 }
 
@@ -149,6 +152,7 @@ func (c Config) validate() error {
 	}{
 		{"DEFAULT_LEASE", c.DefaultLease}, {"MAX_LEASE", c.MaxLease}, {"DEFAULT_TTL", c.DefaultTTL},
 		{"MAX_TTL", c.MaxTTL}, {"SWEEP_INTERVAL", c.SweepInterval}, {"SHUTDOWN_TIMEOUT", c.ShutdownTimeout},
+		{"BOLT_CHECKPOINT_INTERVAL", c.BoltCheckpointInterval},
 	}
 	for _, p := range positive {
 		if p.d < time.Millisecond {
@@ -301,7 +305,8 @@ func (c Config) masked() map[string]any {
 		"tokens": tenants, "default_lease": c.DefaultLease.String(), "max_lease": c.MaxLease.String(),
 		"default_ttl": c.DefaultTTL.String(), "max_ttl": c.MaxTTL.String(), "max_wait": c.MaxWait.String(),
 		"max_body_bytes": c.MaxBodyBytes, "sweep_interval": c.SweepInterval.String(),
-		"log_level": c.LogLevel, "shutdown_timeout": c.ShutdownTimeout.String(), "drain_delay": c.DrainDelay.String(), "max_conns": c.MaxConns, "max_waiters": c.MaxWaiters,
+		"bolt_checkpoint_interval": c.BoltCheckpointInterval.String(),
+		"log_level":                c.LogLevel, "shutdown_timeout": c.ShutdownTimeout.String(), "drain_delay": c.DrainDelay.String(), "max_conns": c.MaxConns, "max_waiters": c.MaxWaiters,
 		"redis_allow_eviction": c.RedisAllowEviction, "redis_min_replicas": c.RedisMinReplicas, "redis_tls_ca_file": c.RedisTlsCaFile,
 		"redis_tls_cert_file": c.RedisTlsCertFile, "redis_tls_key_file": c.RedisTlsKeyFile,
 		"redis_sentinel_username": c.RedisSentinelUsername, "redis_sentinel_password": sentinelPassword,

@@ -134,7 +134,7 @@ func TestConfigReadsOnlyPrefixedNames(t *testing.T) {
 		"LOG_LEVEL": "error", "SHUTDOWN_TIMEOUT": "1s", "REDIS_ALLOW_EVICTION": "true", "REDIS_MIN_REPLICAS": "1", "MAX_CONNS": "5",
 		"MAX_WAITERS": "3", "DRAIN_DELAY": "4s",
 		"REDIS_TLS_CA_FILE": "/x/ca.pem", "REDIS_TLS_CERT_FILE": "/x/c.pem", "REDIS_TLS_KEY_FILE": "/x/k.pem",
-		"REDIS_SENTINEL_USERNAME": "u", "REDIS_SENTINEL_PASSWORD": "p",
+		"REDIS_SENTINEL_USERNAME": "u", "REDIS_SENTINEL_PASSWORD": "p", "BOLT_CHECKPOINT_INTERVAL": "5s",
 	}
 	if len(bare) != len(knownVars()) {
 		t.Fatalf("%d bare names for %d variables", len(bare), len(knownVars()))

@@ -209,7 +209,7 @@ func openStore(ctx context.Context, cfg Config, logger *zap.Logger, dataLoss pro
 		}
 		return s, nil
 	default:
-		s, err := bolt.OpenDir(cfg.DataDir, bolt.Options{Timeout: 2 * time.Second})
+		s, err := bolt.OpenDir(cfg.DataDir, bolt.Options{Timeout: 2 * time.Second, CheckpointInterval: cfg.BoltCheckpointInterval})
 		if err != nil {
 			return nil, fmt.Errorf("IDEMSVC_DATA_DIR %s: open bolt store: %w", cfg.DataDir, err)
 		}

@@ -45,8 +45,15 @@ func TestKill9(t *testing.T) {
 	}
 	bin := buildServer(t)
 	dir := t.TempDir()
+	starts := 0
 	cfg.command = func() *exec.Cmd {
 		cmd := exec.Command(bin)
+		// Every other start carries the write-ahead log into the bbolt file every 5 ms, so that
+		// kills land during checkpoints too (the default, 1 s, is longer than most loads here).
+		interval := "1s"
+		if starts++; starts%2 == 0 {
+			interval = "5ms"
+		}
 		// Only what the service reads: an unknown IDEMSVC_* variable (IDEMSVC_TEST_*, say)
 		// would stop it at start.
 		cmd.Env = []string{
@@ -54,6 +61,7 @@ func TestKill9(t *testing.T) {
 			"IDEMSVC_BACKEND=bolt",
 			"IDEMSVC_DATA_DIR=" + dir,
 			"IDEMSVC_LOG_LEVEL=info", // the "listening" line is at info
+			"IDEMSVC_BOLT_CHECKPOINT_INTERVAL=" + interval,
 		}
 		return cmd
 	}

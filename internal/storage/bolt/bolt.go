@@ -118,13 +118,13 @@ type Store struct {
 	frozen        *memtable
 	frozenThrough uint64
 	// ckMu is held by a checkpoint; the checkpointer goroutine runs until ckStop is closed.
-	ckMu                  sync.Mutex
+	ckMu                   sync.Mutex
 	ckStop, ckDone, ckKick chan struct{}
-	ckErr                 ckErrHolder
-	checkpointEvery       time.Duration
-	checkpointBytes       int64
-	checkpoints           atomic.Uint64
-	checkpointNanos       atomic.Int64
+	ckErr                  ckErrHolder
+	checkpointEvery        time.Duration
+	checkpointBytes        int64
+	checkpoints            atomic.Uint64
+	checkpointNanos        atomic.Int64
 
 	sweepChunk, sweepChunkBusy int
 	// cache holds completed records for replays; nil when turned off.

@@ -166,15 +166,19 @@ func (s *Store) checkpoint() error {
 	frozen, through := s.frozen, s.frozenThrough
 	s.memMu.RUnlock()
 	if frozen == nil {
-		s.walMu.Lock()
 		s.memMu.RLock()
 		empty := s.active.empty()
 		s.memMu.RUnlock()
-		if empty {
-			s.walMu.Unlock()
+		if empty { // only a group publishes, and a group that published wrote to the log
 			return nil
 		}
-		num, err := s.wal.rotate()
+		// The next segment is made, and synced, before the writers pause.
+		next, err := s.wal.prepare()
+		if err != nil {
+			return fmt.Errorf("checkpoint: %w", err)
+		}
+		s.walMu.Lock()
+		num, err := s.wal.rotate(next)
 		if err != nil {
 			s.walMu.Unlock()
 			return fmt.Errorf("checkpoint: %w", err)
@@ -279,6 +283,16 @@ func recoverWAL(db *bbolt.DB, base string) (next uint64, err error) {
 	if err != nil {
 		return 0, err
 	}
+	// Read every segment first: a frame that does not check is the end of the log, cut short by
+	// a crash, only when no later segment has a frame (a checkpoint makes the next segment
+	// before the writers move to it, so an empty one may follow the segment a crash cut).
+	// Anywhere else it is damage, and records that were acknowledged would be lost.
+	type segment struct {
+		num    uint64
+		frames [][]byte
+	}
+	var segs []segment
+	tornAt := -1
 	for i, n := range nums {
 		if n <= through {
 			if err := removeSegment(base, n); err != nil {
@@ -286,13 +300,23 @@ func recoverWAL(db *bbolt.DB, base string) (next uint64, err error) {
 			}
 			continue
 		}
-		if n != through+1 {
-			return 0, fmt.Errorf("%w: segment %d of the write-ahead log is missing (%s holds up to %d)", ErrDamaged, through+1, base, through)
+		if want := through + 1 + uint64(len(segs)); n != want {
+			return 0, fmt.Errorf("%w: segment %d of the write-ahead log is missing (%s holds up to %d)", ErrDamaged, want, base, through)
 		}
-		frames, err := readSegment(base, n, i == len(nums)-1)
+		frames, torn, err := readSegment(base, n, i == len(nums)-1)
 		if err != nil {
 			return 0, err
 		}
+		if len(frames) > 0 && tornAt >= 0 {
+			return 0, fmt.Errorf("%w: segment %d of the write-ahead log has a damaged frame, and later segments have writes (acknowledged writes may be lost)", ErrDamaged, segs[tornAt].num)
+		}
+		if torn {
+			tornAt = len(segs)
+		}
+		segs = append(segs, segment{n, frames})
+	}
+	for _, sg := range segs {
+		n, frames := sg.num, sg.frames
 		m := newMemtable()
 		for _, f := range frames {
 			ops, err := decodeOps(f)

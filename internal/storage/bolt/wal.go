@@ -187,39 +187,47 @@ func (w *wal) fail(err error) {
 	w.broken.CompareAndSwap(nil, &err)
 }
 
-// rotate starts segment num+1 and returns the number of the segment it closed.
-func (w *wal) rotate() (uint64, error) {
-	if err := w.err(); err != nil {
-		return 0, err
-	}
+// prepare makes the next segment, for rotate; it may run beside append (only rotate changes
+// num).
+func (w *wal) prepare() (*os.File, error) {
 	f, err := createSegment(w.base, w.num+1)
 	if err != nil {
-		return 0, fmt.Errorf("write-ahead log: %w", err)
+		return nil, fmt.Errorf("write-ahead log: %w", err)
+	}
+	return f, nil
+}
+
+// rotate continues in next, the segment that prepare made, and returns the number of the
+// segment it closed.
+func (w *wal) rotate(next *os.File) (uint64, error) {
+	if err := w.err(); err != nil {
+		_ = next.Close()
+		return 0, err
 	}
 	old := w.num
 	_ = w.f.Close()
-	w.f, w.num, w.size = f, w.num+1, int64(walHeaderSize)
+	w.f, w.num, w.size = next, w.num+1, int64(walHeaderSize)
 	return old, nil
 }
 
 func (w *wal) close() error { return w.f.Close() }
 
-// readSegment returns the payloads of segment num's frames. last says whether it is the last
-// segment, whose last frame may be cut short by a crash (it is dropped, with what follows it);
-// anywhere else a frame that does not check is damage.
-func readSegment(base string, num uint64, last bool) ([][]byte, error) {
+// readSegment returns the payloads of segment num's frames, up to the first that does not check
+// (torn says there is one: a crash cut it short, or it is damage; see recoverWAL). last says
+// whether it is the last segment, whose header may be cut short too (the process died making
+// it).
+func readSegment(base string, num uint64, last bool) (frames [][]byte, torn bool, err error) {
 	path := segmentPath(base, num)
 	b, err := os.ReadFile(path)
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
 	if len(b) < walHeaderSize || string(b[:len(walMagic)]) != walMagic || binary.BigEndian.Uint64(b[len(walMagic):walHeaderSize]) != num {
 		if last && len(b) < walHeaderSize && bytes.Equal(b, []byte(walMagic)[:min(len(b), len(walMagic))]) {
-			return nil, nil // made, and cut short, as the process died: no frame was written
+			return nil, false, nil // made, and cut short, as the process died: no frame was written
 		}
-		return nil, fmt.Errorf("%w: %s is not a segment of the write-ahead log", ErrDamaged, path)
+		return nil, false, fmt.Errorf("%w: %s is not a segment of the write-ahead log", ErrDamaged, path)
 	}
-	var frames [][]byte
 	for off := walHeaderSize; off < len(b); {
 		ok := len(b)-off >= frameHeader
 		var n int
@@ -229,15 +237,12 @@ func readSegment(base string, num uint64, last bool) ([][]byte, error) {
 				crc32.Checksum(b[off+frameHeader:off+frameHeader+n], castagnoli) == binary.LittleEndian.Uint32(b[off+4:])
 		}
 		if !ok {
-			if last {
-				return frames, nil
-			}
-			return nil, fmt.Errorf("%w: %s has a damaged frame at byte %d (acknowledged writes may be lost)", ErrDamaged, path, off)
+			return frames, true, nil
 		}
 		frames = append(frames, b[off+frameHeader:off+frameHeader+n])
 		off += frameHeader + n
 	}
-	return frames, nil
+	return frames, false, nil
 }
 
 // walOp is one write of a frame, as decodeOps returns it.
