@@ -769,6 +769,9 @@ func (s *Store) Ping(ctx context.Context) error {
 	if err := s.damage.get(); err != nil {
 		return fmt.Errorf("ping: %w", err)
 	}
+	if err := s.wal.err(); err != nil {
+		return fmt.Errorf("ping: %w", err)
+	}
 	err := s.view(func(tx *bbolt.Tx) error {
 		if tx.Bucket(bucketRecords) == nil || tx.Bucket(bucketExpiry) == nil || tx.Bucket(bucketFences) == nil {
 			return errors.New("bolt: a bucket is missing")

@@ -15,6 +15,8 @@ import (
 	"strings"
 	"sync/atomic"
 	"time"
+
+	"github.com/idemsvc/idemsvc/internal/keys"
 )
 
 // The write-ahead log. A write is acknowledged once it is in the log and the log is synced:
@@ -56,7 +58,10 @@ var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 // errWALBroken wraps the error that made the log unusable: a failed sync leaves what is on
 // disk unknown, and no later sync can be trusted to say otherwise (the kernel may have dropped
 // the pages it could not write), so the store takes no more writes until it is opened again.
-var errWALBroken = errors.New("bolt: the write-ahead log failed; restart to recover from it")
+var errWALBroken = fmt.Errorf("%w: bolt: the write-ahead log failed; restart to recover from it", keys.ErrUnavailable)
+
+// syncLog is fdatasync, for the log; tests replace it to make a sync fail.
+var syncLog = fdatasync
 
 // wal appends frames to the current segment. Only one goroutine at a time calls append and
 // rotate (the committer, under Store.walMu).
@@ -166,9 +171,10 @@ func (w *wal) append(payload []byte) error {
 		if terr := w.f.Truncate(w.size); terr != nil {
 			w.fail(fmt.Errorf("writing the log: %w; cutting the frame off again: %w", err, terr))
 		}
-		return fmt.Errorf("writing the log: %w", err)
+		// Not written, so not acknowledged: the caller may try again (503).
+		return fmt.Errorf("%w: writing the log: %w", keys.ErrUnavailable, err)
 	}
-	if err := fdatasync(w.f); err != nil {
+	if err := syncLog(w.f); err != nil {
 		w.fail(fmt.Errorf("syncing the log: %w", err))
 		return w.err()
 	}

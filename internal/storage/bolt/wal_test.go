@@ -1,0 +1,341 @@
+package bolt
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"go.etcd.io/bbolt"
+
+	"github.com/idemsvc/idemsvc/internal/keys"
+	"github.com/idemsvc/idemsvc/internal/storage/storagetest"
+)
+
+// crashCopy copies the data file and the log of the open store s into a new directory, as a
+// kill -9 would leave them (the page cache is what the files hold), and returns the copy's data
+// file. s stays open.
+func crashCopy(t *testing.T, s *Store) string {
+	t.Helper()
+	s.walMu.Lock() // no group half-way through its frame
+	defer s.walMu.Unlock()
+	dir := t.TempDir()
+	src := filepath.Dir(s.path)
+	entries, err := os.ReadDir(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range entries {
+		if e.Name() != FileName && !strings.HasPrefix(e.Name(), FileName+".wal-") {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(src, e.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, e.Name()), b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return filepath.Join(dir, FileName)
+}
+
+// inFile reports whether the bbolt file at path (closed) holds a record for (tenant, key).
+func inFile(t *testing.T, path, tenant, key string) bool {
+	t.Helper()
+	db, err := bbolt.Open(path, 0o600, &bbolt.Options{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	found := false
+	_ = db.View(func(tx *bbolt.Tx) error {
+		found = tx.Bucket(bucketRecords).Get(keys.StorageID(tenant, key)) != nil
+		return nil
+	})
+	return found
+}
+
+// TestLogRecoversWhatTheFileLacks: what was acknowledged and is only in the log (no checkpoint
+// ran) is all there after a crash: completes, a delete, a release, and fences that keep growing.
+func TestLogRecoversWhatTheFileLacks(t *testing.T) {
+	t.Parallel()
+	clock := storagetest.NewClock(time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC))
+	s := openWith(t, filepath.Join(t.TempDir(), FileName), clock, Options{CheckpointInterval: time.Hour})
+	ctx := context.Background()
+	for i := range 50 {
+		pairOf(t, s, "t", fmt.Sprintf("k%d", i), fmt.Sprintf("body %d", i), time.Hour)
+	}
+	if err := s.Delete(ctx, "t", "k7"); err != nil {
+		t.Fatal(err)
+	}
+	held, err := s.Begin(ctx, "t", "held", keys.BeginRequest{Lease: time.Minute, TTL: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	released, err := s.Begin(ctx, "u", "released", keys.BeginRequest{Lease: time.Minute, TTL: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Release(ctx, "u", "released", released.Record.Lease.Token); err != nil {
+		t.Fatal(err)
+	}
+
+	path := crashCopy(t, s)
+	if inFile(t, path, "t", "k0") {
+		t.Fatal("the record is in the bbolt file already: this test does not test the log")
+	}
+	c := openWith(t, path, clock, Options{CheckpointInterval: time.Hour})
+	for i := range 50 {
+		want := fmt.Sprintf("body %d", i)
+		if i == 7 {
+			want = "<none>"
+		}
+		if got := bodyOf(t, c, "t", fmt.Sprintf("k%d", i)); got != want {
+			t.Errorf("k%d after the crash: %q, want %q", i, got, want)
+		}
+	}
+	if got := bodyOf(t, c, "t", "held"); got != "<in progress>" {
+		t.Errorf("the held key after the crash: %q", got)
+	}
+	if got := bodyOf(t, c, "u", "released"); got != "<none>" {
+		t.Errorf("the released key after the crash: %q", got)
+	}
+	for _, x := range []struct {
+		tenant string
+		last   uint64
+	}{{"t", held.Record.Lease.Fence}, {"u", released.Record.Lease.Fence}} {
+		res, err := c.Begin(ctx, x.tenant, "next", keys.BeginRequest{Lease: time.Minute, TTL: time.Hour})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if res.Record.Lease.Fence <= x.last {
+			t.Errorf("tenant %s: fence %d after the crash, not above %d before it", x.tenant, res.Record.Lease.Fence, x.last)
+		}
+	}
+	// Recovery carried the log into the file and removed it.
+	if nums, _ := segments(path); len(nums) != 1 {
+		t.Errorf("segments after recovery: %v, want the new one alone", nums)
+	}
+}
+
+// TestLogCutShort: a frame cut short by a crash (never acknowledged: its sync had not returned)
+// is dropped, and everything before it is kept; so is a segment the crash cut in its header.
+func TestLogCutShort(t *testing.T) {
+	t.Parallel()
+	clock := storagetest.NewClock(time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC))
+	s := openWith(t, filepath.Join(t.TempDir(), FileName), clock, Options{CheckpointInterval: time.Hour})
+	pairOf(t, s, "t", "a", "kept", time.Hour)
+	for _, cut := range []struct {
+		name string
+		tail []byte
+	}{
+		{"header", []byte{200, 0}},
+		{"payload", append(binary.LittleEndian.AppendUint32(binary.LittleEndian.AppendUint32(nil, 100), 7), "partial"...)},
+		{"checksum", append(binary.LittleEndian.AppendUint32(binary.LittleEndian.AppendUint32(nil, 3), 7), "abc"...)},
+	} {
+		t.Run(cut.name, func(t *testing.T) {
+			path := crashCopy(t, s)
+			nums, _ := segments(path)
+			f, err := os.OpenFile(segmentPath(path, nums[len(nums)-1]), os.O_APPEND|os.O_WRONLY, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			f.Write(cut.tail)
+			f.Close()
+			// And a next segment that the crash cut in its header.
+			if err := os.WriteFile(segmentPath(path, nums[len(nums)-1]+1), []byte(walMagic[:3]), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			c := openWith(t, path, clock, Options{})
+			if got := bodyOf(t, c, "t", "a"); got != "kept" {
+				t.Errorf("after a frame cut short: %q, want kept", got)
+			}
+		})
+	}
+}
+
+// TestLogDamageStopsOpen: a damaged frame followed by writes in a later segment, or a missing
+// segment, stops Open with ErrDamaged: records that were acknowledged would be lost. Without the
+// damage, both segments' writes are there.
+func TestLogDamageStopsOpen(t *testing.T) {
+	t.Parallel()
+	clock := storagetest.NewClock(time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC))
+	s := openWith(t, filepath.Join(t.TempDir(), FileName), clock, Options{CheckpointInterval: time.Hour})
+	pairOf(t, s, "t", "first", "in the first segment", time.Hour)
+	// The log moves to a new segment, as a checkpoint would before it writes the file; a
+	// crash comes before the file holds anything.
+	next, err := s.wal.prepare()
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.walMu.Lock()
+	first, err := s.wal.rotate(next)
+	s.walMu.Unlock()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pairOf(t, s, "t", "second", "in the second segment", time.Hour)
+
+	t.Run("Intact", func(t *testing.T) {
+		c := openWith(t, crashCopy(t, s), clock, Options{})
+		for k, want := range map[string]string{"first": "in the first segment", "second": "in the second segment"} {
+			if got := bodyOf(t, c, "t", k); got != want {
+				t.Errorf("%s: %q, want %q", k, got, want)
+			}
+		}
+	})
+	t.Run("DamagedFrame", func(t *testing.T) {
+		path := crashCopy(t, s)
+		seg := segmentPath(path, first)
+		b, err := os.ReadFile(seg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b[walHeaderSize+frameHeader+3] ^= 0xff
+		if err := os.WriteFile(seg, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if c, err := Open(path, Options{}); !errors.Is(err, ErrDamaged) {
+			if c != nil {
+				c.Close()
+			}
+			t.Errorf("open with a damaged frame before a segment with writes: %v, want ErrDamaged", err)
+		}
+	})
+	t.Run("MissingSegment", func(t *testing.T) {
+		path := crashCopy(t, s)
+		if err := os.Remove(segmentPath(path, first)); err != nil {
+			t.Fatal(err)
+		}
+		if c, err := Open(path, Options{}); !errors.Is(err, ErrDamaged) {
+			if c != nil {
+				c.Close()
+			}
+			t.Errorf("open with a segment missing: %v, want ErrDamaged", err)
+		}
+	})
+}
+
+// TestLogSyncFails: a write whose log sync fails is not acknowledged (503), and the log takes
+// no more writes (a failed fdatasync leaves what is on disk unknown, and a later one may not
+// say so): Ping reports it; what was acknowledged before is still read, and after a restart.
+func TestLogSyncFails(t *testing.T) {
+	clock := storagetest.NewClock(time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC))
+	path := filepath.Join(t.TempDir(), FileName)
+	s, err := Open(path, Options{Now: clock.Now, CheckpointInterval: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	pairOf(t, s, "t", "before", "acknowledged", time.Hour)
+	syncLog = func(*os.File) error { return syscall.EIO }
+	t.Cleanup(func() { syncLog = fdatasync })
+	if _, err := s.Begin(ctx, "t", "during", keys.BeginRequest{Lease: time.Minute, TTL: time.Hour}); !errors.Is(err, keys.ErrUnavailable) {
+		t.Fatalf("begin whose sync failed: %v, want keys.ErrUnavailable", err)
+	}
+	syncLog = fdatasync
+	if _, err := s.Begin(ctx, "t", "after", keys.BeginRequest{Lease: time.Minute, TTL: time.Hour}); !errors.Is(err, keys.ErrUnavailable) {
+		t.Errorf("begin after a failed sync: %v, want keys.ErrUnavailable", err)
+	}
+	if err := s.Ping(ctx); !errors.Is(err, errWALBroken) {
+		t.Errorf("Ping after a failed sync: %v", err)
+	}
+	if got := bodyOf(t, s, "t", "before"); got != "acknowledged" {
+		t.Errorf("a record acknowledged before: %q", got)
+	}
+	if got := bodyOf(t, s, "t", "during"); got != "<none>" {
+		t.Errorf("the begin that was not acknowledged is seen: %q", got)
+	}
+	if err := s.Close(); !errors.Is(err, errWALBroken) {
+		t.Errorf("Close with the log broken: %v, want the log's error", err)
+	}
+	c := openWith(t, path, clock, Options{})
+	if got := bodyOf(t, c, "t", "before"); got != "acknowledged" {
+		t.Errorf("a record acknowledged before, after a restart: %q", got)
+	}
+}
+
+// TestCheckpointsBesideWriters: writers, readers and sweeps beside checkpoints every
+// millisecond; every writer reads its own writes back at once, whether they are in the active
+// memtable, the frozen one, or the file, and fences only grow. Run it with -race.
+func TestCheckpointsBesideWriters(t *testing.T) {
+	t.Parallel()
+	s, err := Open(filepath.Join(t.TempDir(), FileName), Options{CheckpointInterval: time.Millisecond, CacheBytes: 1 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer checkAndClose(t, s)
+	ctx := context.Background()
+	deadline := time.Now().Add(1500 * time.Millisecond)
+	var wg sync.WaitGroup
+	for w := range 6 {
+		wg.Go(func() {
+			var lastFence uint64 // of this writer's begins, one after the other
+			for i := 0; time.Now().Before(deadline); i++ {
+				key := fmt.Sprintf("w%d-%d", w, i%20)
+				res, err := s.Begin(ctx, "t", key, keys.BeginRequest{Fingerprint: "f", Lease: time.Minute, TTL: time.Hour})
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				if res.Outcome == keys.Replayed {
+					// Done before: delete it, and it must be gone at once.
+					if err := s.Delete(ctx, "t", key); err != nil {
+						t.Error(err)
+						return
+					}
+					if _, err := s.Get(ctx, "t", key); !errors.Is(err, keys.ErrNotFound) {
+						t.Errorf("%s right after its delete: %v", key, err)
+						return
+					}
+					continue
+				}
+				if res.Outcome != keys.Acquired {
+					t.Errorf("%s: %v", key, res.Outcome)
+					return
+				}
+				if res.Record.Lease.Fence <= lastFence {
+					t.Errorf("fence %d after %d", res.Record.Lease.Fence, lastFence)
+				}
+				lastFence = res.Record.Lease.Fence
+				body := fmt.Sprintf("%s/%d", key, i)
+				if _, err := s.Complete(ctx, "t", key, keys.CompleteRequest{Token: res.Record.Lease.Token, Response: keys.Response{Status: 200, Body: []byte(body)}}); err != nil {
+					t.Error(err)
+					return
+				}
+				for range 2 { // a get, and a replay
+					got, err := s.Get(ctx, "t", key)
+					if err != nil || got.Response == nil || string(got.Response.Body) != body {
+						t.Errorf("%s right after its complete: %+v, %v", key, got.Response, err)
+						return
+					}
+				}
+				rep, err := s.Begin(ctx, "t", key, keys.BeginRequest{Fingerprint: "f", Lease: time.Minute, TTL: time.Hour})
+				if err != nil || rep.Outcome != keys.Replayed || string(rep.Record.Response.Body) != body {
+					t.Errorf("%s replayed right after its complete: %v, %v", key, rep.Outcome, err)
+					return
+				}
+			}
+		})
+	}
+	wg.Go(func() {
+		for time.Now().Before(deadline) {
+			if _, err := s.Sweep(ctx, 100); err != nil {
+				t.Error(err)
+				return
+			}
+		}
+	})
+	wg.Wait()
+	if st := s.CommitStats(); st.Checkpoints < 10 {
+		t.Errorf("%d checkpoints ran beside the writers: the test tested little", st.Checkpoints)
+	}
+}
