@@ -45,9 +45,11 @@ type summary struct {
 	coreBusy            []float64         // per core, every process
 	statuses            map[string]uint64 // summed over the runs
 	// idemsvc on bbolt: medians of its group commit's figures (commitRuns > 0)
-	commitRuns                     int
-	callsPerCommit, pagesPerCommit float64
-	commitMS, writeMS, commitsBusy float64
+	commitRuns                      int
+	callsPerCommit, pagesPerCommit  float64
+	commitMS, writeMS, commitsBusy  float64
+	walRuns                         int // of them with a write-ahead log
+	checkpointsPerSec, checkpointMS float64
 }
 
 type groupKey struct {
@@ -63,7 +65,7 @@ func summarize(rs []result) map[groupKey]*summary {
 		serverUS, redisUS, genUS, share     []float64
 		busy                                [][]float64
 		calls, pages, commitMS, writeMS     []float64
-		commitsBusy                         []float64
+		commitsBusy, ckPerSec, ckMS         []float64
 		runs, failed                        int
 		statuses                            map[string]uint64
 	}
@@ -105,6 +107,10 @@ func summarize(rs []result) map[groupKey]*summary {
 			a.commitMS = append(a.commitMS, c.CommitMS)
 			a.writeMS = append(a.writeMS, c.WriteMS)
 			a.commitsBusy = append(a.commitsBusy, c.CommitsBusyFrac)
+			if c.WAL {
+				a.ckPerSec = append(a.ckPerSec, c.CheckpointsPerSec)
+				a.ckMS = append(a.ckMS, c.CheckpointMS)
+			}
 		}
 		for i, b := range r.CPU.CoreBusy {
 			if i >= len(a.busy) {
@@ -129,6 +135,9 @@ func summarize(rs []result) map[groupKey]*summary {
 			if s.commitRuns = len(a.calls); s.commitRuns > 0 {
 				s.callsPerCommit, s.pagesPerCommit = median(a.calls), median(a.pages)
 				s.commitMS, s.writeMS, s.commitsBusy = median(a.commitMS), median(a.writeMS), median(a.commitsBusy)
+				if s.walRuns = len(a.ckPerSec); s.walRuns > 0 {
+					s.checkpointsPerSec, s.checkpointMS = median(a.ckPerSec), median(a.ckMS)
+				}
 			}
 		}
 		out[k] = s
