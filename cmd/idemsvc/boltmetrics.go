@@ -29,6 +29,8 @@ var (
 		"Checkpoints that carried the write-ahead log into the bbolt file.", nil, nil)
 	boltCheckpointSecondsDesc = prometheus.NewDesc("idemsvc_bolt_checkpoint_seconds_total",
 		"Wall time of those checkpoints.", nil, nil)
+	boltCheckpointFailuresDesc = prometheus.NewDesc("idemsvc_bolt_checkpoint_failures_total",
+		"Checkpoints that failed (a full disk, say): the writes stay in the log and in memory until one succeeds.", nil, nil)
 	boltPagesDesc = prometheus.NewDesc("idemsvc_bolt_pages_written_total",
 		"Pages bbolt wrote (dirty pages, freelist and meta), in every read-write transaction: checkpoints and sweeps.", nil, nil)
 	boltWriteSecondsDesc = prometheus.NewDesc("idemsvc_bolt_write_seconds_total",
@@ -37,7 +39,7 @@ var (
 
 func (boltCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{boltCommitsDesc, boltCallsDesc, boltCommitSecondsDesc, boltWALBytesDesc,
-		boltWALSecondsDesc, boltCheckpointsDesc, boltCheckpointSecondsDesc, boltPagesDesc, boltWriteSecondsDesc} {
+		boltWALSecondsDesc, boltCheckpointsDesc, boltCheckpointSecondsDesc, boltCheckpointFailuresDesc, boltPagesDesc, boltWriteSecondsDesc} {
 		ch <- d
 	}
 }
@@ -55,6 +57,7 @@ func (c boltCollector) Collect(ch chan<- prometheus.Metric) {
 		{boltWALSecondsDesc, st.WALTime.Seconds()},
 		{boltCheckpointsDesc, float64(st.Checkpoints)},
 		{boltCheckpointSecondsDesc, st.CheckpointTime.Seconds()},
+		{boltCheckpointFailuresDesc, float64(st.CheckpointFailures)},
 		{boltPagesDesc, float64(st.Pages)},
 		{boltWriteSecondsDesc, st.WriteTime.Seconds()},
 	} {

@@ -120,11 +120,11 @@ type Store struct {
 	// ckMu is held by a checkpoint; the checkpointer goroutine runs until ckStop is closed.
 	ckMu                   sync.Mutex
 	ckStop, ckDone, ckKick chan struct{}
-	ckErr                  ckErrHolder
 	checkpointEvery        time.Duration
 	checkpointBytes        int64
 	checkpoints            atomic.Uint64
 	checkpointNanos        atomic.Int64
+	checkpointFailures     atomic.Uint64
 
 	sweepChunk, sweepChunkBusy int
 	// cache holds completed records for replays; nil when turned off.
@@ -316,6 +316,9 @@ type CommitStats struct {
 	// CheckpointTime their wall time.
 	Checkpoints    uint64
 	CheckpointTime time.Duration
+	// CheckpointFailures is how many checkpoints failed (a full disk, say); the writes stay in
+	// the log and in memory, and the next checkpoint tries again.
+	CheckpointFailures uint64
 	// Pages is how many pages bbolt wrote (dirty pages, freelist and meta), and WriteTime how
 	// long it spent writing them and in fdatasync, over every read-write transaction: the
 	// checkpoints' and the sweeps'.
@@ -331,7 +334,8 @@ func (s *Store) CommitStats() CommitStats {
 		CommitTime: time.Duration(s.comm.commitNanos.Load()),
 		WALBytes:   s.wal.bytes.Load(), WALTime: time.Duration(s.wal.nanos.Load()),
 		Checkpoints: s.checkpoints.Load(), CheckpointTime: time.Duration(s.checkpointNanos.Load()),
-		Pages: tx.GetWrite(), WriteTime: tx.GetWriteTime(),
+		CheckpointFailures: s.checkpointFailures.Load(),
+		Pages:              tx.GetWrite(), WriteTime: tx.GetWriteTime(),
 	}
 }
 
@@ -620,12 +624,11 @@ func (s *Store) Sweep(ctx context.Context, limit int) (int, error) {
 	defer s.mu.RUnlock()
 	// A record that expired while in the log is swept once a checkpoint has carried it into
 	// the file: now, when one may be there (the frozen memtable, then the active one).
+	// A checkpoint that fails (a full disk) does not stop the sweep: what it removes from the
+	// file may be the room the checkpoint needs, and inMemory keeps what the log holds.
 	for range 2 {
-		if !s.anyDueInMemory(s.now()) {
+		if !s.anyDueInMemory(s.now()) || s.checkpoint() != nil {
 			break
-		}
-		if err := s.checkpoint(); err != nil {
-			return 0, fmt.Errorf("sweep: %w", err)
 		}
 	}
 	// Most sweeps find nothing due: a read of the index's first entry says so, where a write

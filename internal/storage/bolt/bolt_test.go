@@ -25,6 +25,28 @@ func TestConformanceSmallSweepChunks(t *testing.T) {
 	conformance(t, Options{SweepChunk: 2, SweepChunkBusy: 1})
 }
 
+// TestConformanceFrequentCheckpoints runs the suite with the log carried into the file every
+// millisecond, so that its operations meet checkpoints in every state.
+func TestConformanceFrequentCheckpoints(t *testing.T) {
+	conformance(t, Options{CheckpointInterval: time.Millisecond})
+}
+
+// TestConformanceCrashReopen runs the suite with every reopen made from a copy of the files as a
+// kill -9 leaves them, without Close: what the reopened store knows comes from the log.
+func TestConformanceCrashReopen(t *testing.T) {
+	opts := Options{CheckpointInterval: time.Hour}
+	storagetest.Run(t, storagetest.Factory{
+		Open: func(t *testing.T, clock *storagetest.Clock) keys.Store {
+			return openWith(t, filepath.Join(t.TempDir(), FileName), clock, opts)
+		},
+		Reopen: func(t *testing.T, s keys.Store, clock *storagetest.Clock) keys.Store {
+			path := crashCopy(t, s.(*Store))
+			checkAndClose(t, s.(*Store))
+			return openWith(t, path, clock, opts)
+		},
+	})
+}
+
 func conformance(t *testing.T, opts Options) {
 	storagetest.Run(t, storagetest.Factory{
 		Open: func(t *testing.T, clock *storagetest.Clock) keys.Store {

@@ -98,7 +98,9 @@ func (c *committer) commit(batch []*call) {
 	for _, cl := range batch {
 		w.run(cl)
 	}
-	w.rtx.Rollback()
+	if w.rtx != nil {
+		_ = w.rtx.Rollback()
+	}
 	err := w.err
 	if err == nil && len(w.ops) > 0 {
 		err = s.wal.append(w.ops)

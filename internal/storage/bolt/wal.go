@@ -32,10 +32,11 @@ import (
 // (bucketMeta, metaWALThrough) the last segment whose writes it holds; Open applies the later
 // ones, in order, and removes the rest.
 //
-// A frame is synced before the next one is written, so only the last frame of the last segment
-// can be cut short by a crash: it was never acknowledged, and Open drops it. A damaged frame
-// anywhere else, or a segment that is not one, stops Open with ErrDamaged: records that were
-// acknowledged would be lost.
+// A frame is synced before the next one is written, so only the last frame of the log can be
+// cut short by a crash: it was never acknowledged, and Open drops it. It runs to the segment's
+// end (or the segment ends in zeros, where a file system noted the new size before the data). A
+// damaged frame anywhere else, or a segment that is not one, stops Open with ErrDamaged: records
+// that were acknowledged would be lost.
 
 const (
 	walMagic      = "IDEMWAL1"
@@ -218,10 +219,11 @@ func (w *wal) rotate(next *os.File) (uint64, error) {
 
 func (w *wal) close() error { return w.f.Close() }
 
-// readSegment returns the payloads of segment num's frames, up to the first that does not check
-// (torn says there is one: a crash cut it short, or it is damage; see recoverWAL). last says
-// whether it is the last segment, whose header may be cut short too (the process died making
-// it).
+// readSegment returns the payloads of segment num's frames, up to one cut short by a crash (torn
+// says there is one; whether that may be is recoverWAL's to say): a frame that does not check
+// and runs to the segment's end, or zeros to the end. A frame that does not check with more
+// after it is damage. last says whether it is the last segment, whose header may be cut short
+// or zero too (the process died making it).
 func readSegment(base string, num uint64, last bool) (frames [][]byte, torn bool, err error) {
 	path := segmentPath(base, num)
 	b, err := os.ReadFile(path)
@@ -229,26 +231,41 @@ func readSegment(base string, num uint64, last bool) (frames [][]byte, torn bool
 		return nil, false, err
 	}
 	if len(b) < walHeaderSize || string(b[:len(walMagic)]) != walMagic || binary.BigEndian.Uint64(b[len(walMagic):walHeaderSize]) != num {
-		if last && len(b) < walHeaderSize && bytes.Equal(b, []byte(walMagic)[:min(len(b), len(walMagic))]) {
-			return nil, false, nil // made, and cut short, as the process died: no frame was written
+		// A header is synced before any frame is written: a last segment whose header is cut
+		// short, or zeros, was being made as the process died, and holds nothing.
+		head := binary.BigEndian.AppendUint64([]byte(walMagic), num)
+		if last && (allZero(b) || len(b) < walHeaderSize && bytes.Equal(b, head[:len(b)])) {
+			return nil, false, nil
 		}
 		return nil, false, fmt.Errorf("%w: %s is not a segment of the write-ahead log", ErrDamaged, path)
 	}
 	for off := walHeaderSize; off < len(b); {
-		ok := len(b)-off >= frameHeader
-		var n int
-		if ok {
+		rest := len(b) - off
+		n := 0
+		if rest >= frameHeader {
 			n = int(binary.LittleEndian.Uint32(b[off:]))
-			ok = n <= maxFrame && len(b)-off-frameHeader >= n &&
-				crc32.Checksum(b[off+frameHeader:off+frameHeader+n], castagnoli) == binary.LittleEndian.Uint32(b[off+4:])
 		}
-		if !ok {
-			return frames, true, nil
+		complete := rest >= frameHeader && n > 0 && n <= maxFrame && rest-frameHeader >= n
+		if !complete || crc32.Checksum(b[off+frameHeader:off+frameHeader+n], castagnoli) != binary.LittleEndian.Uint32(b[off+4:]) {
+			zeroLength := rest >= frameHeader && n == 0
+			if allZero(b[off:]) || !complete && !zeroLength || complete && off+frameHeader+n == len(b) {
+				return frames, true, nil // cut short, or zeros: the size was noted before the data
+			}
+			return nil, false, fmt.Errorf("%w: %s has a damaged frame at byte %d, with more after it (acknowledged writes may be lost)", ErrDamaged, path, off)
 		}
 		frames = append(frames, b[off+frameHeader:off+frameHeader+n])
 		off += frameHeader + n
 	}
 	return frames, false, nil
+}
+
+func allZero(b []byte) bool {
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
 }
 
 // walOp is one write of a frame, as decodeOps returns it.
