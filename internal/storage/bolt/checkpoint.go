@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"slices"
-	"sync/atomic"
 	"time"
 
 	"go.etcd.io/bbolt"
@@ -144,11 +143,7 @@ func (s *Store) checkpointer() {
 		case <-t.C:
 		case <-s.ckKick:
 		}
-		if err := s.checkpoint(); err != nil {
-			s.ckErr.Store(&err)
-		} else {
-			s.ckErr.Store(nil)
-		}
+		_ = s.checkpoint() // counted in checkpointFailures; the next one tries again
 	}
 }
 
@@ -175,6 +170,7 @@ func (s *Store) checkpoint() error {
 		// The next segment is made, and synced, before the writers pause.
 		next, err := s.wal.prepare()
 		if err != nil {
+			s.checkpointFailures.Add(1)
 			return fmt.Errorf("checkpoint: %w", err)
 		}
 		s.walMu.Lock()
@@ -191,6 +187,7 @@ func (s *Store) checkpoint() error {
 	}
 	err := updateSafely(s.db, &s.damage, func(tx *bbolt.Tx) error { return applyMemtable(tx, frozen, through) })
 	if err != nil {
+		s.checkpointFailures.Add(1)
 		return fmt.Errorf("checkpoint: %w", translate(err))
 	}
 	s.memMu.Lock()
@@ -337,6 +334,3 @@ func recoverWAL(db *bbolt.DB, base string) (next uint64, err error) {
 	}
 	return through + 1, nil
 }
-
-// ckErrHolder keeps the last checkpoint's error, nil after one succeeds.
-type ckErrHolder = atomic.Pointer[error]
