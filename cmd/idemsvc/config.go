@@ -55,7 +55,7 @@ type Config struct {
 	MaxBodyBytes     int           `split_words:"true" default:"1048576" desc:"largest stored response body, in bytes (at most 64 MiB)"`
 	SweepInterval    time.Duration `split_words:"true" default:"1m" desc:"how often expired records are removed"`
 	// BoltCheckpointInterval is bolt.Options.CheckpointInterval.
-	BoltCheckpointInterval time.Duration `split_words:"true" default:"1s" desc:"bolt: how often the write-ahead log is carried into the data file (writes since are also held in memory)"`
+	BoltCheckpointInterval time.Duration `split_words:"true" default:"100ms" desc:"bolt: how often the write-ahead log is carried into the data file (writes since are also held in memory)"`
 	LogLevel               string        `split_words:"true" default:"info" desc:"debug, info, warn or error"`
 	ShutdownTimeout        time.Duration `split_words:"true" default:"15s" desc:"how long in-flight requests may take to finish at shutdown"`
 	DrainDelay             time.Duration `split_words:"true" default:"0s" desc:"at SIGTERM, how long /readyz answers 503 while requests are still served, before shutdown begins"`

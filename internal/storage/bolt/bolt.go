@@ -89,7 +89,7 @@ type Options struct {
 	// CheckpointInterval is how often the writes in the write-ahead log are carried into the
 	// bbolt file, and CheckpointBytes how large the log may grow before that happens sooner;
 	// zero means DefaultCheckpointInterval and DefaultCheckpointBytes. Until then they are held
-	// in memory too (a second of writes, by default).
+	// in memory too (a tenth of a second of writes, by default).
 	CheckpointInterval time.Duration
 	CheckpointBytes    int64
 	// SweepChunk and SweepChunkBusy are how many expired records one transaction of a sweep

@@ -22,7 +22,7 @@ import (
 // The write-ahead log. A write is acknowledged once it is in the log and the log is synced:
 // one append and one fdatasync per group of writes, where a bbolt commit writes every page the
 // group touched and syncs twice. The records reach the bbolt file later, in a checkpoint that
-// carries the writes of a second or so in one transaction (see Store.checkpoint); until then
+// carries the writes of the last interval (100 ms by default) in one transaction (see Store.checkpoint); until then
 // they are read from memory (see memtable).
 //
 // The log is a run of segment files beside the data file, named after it: "idemsvc.db.wal-"
