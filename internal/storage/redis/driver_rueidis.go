@@ -109,12 +109,6 @@ func newRueidisDriver(url string, timeout time.Duration, files TLSFiles, sentine
 	// The store fails fast and the caller retries; a retry here would only hide an outage.
 	opt.DisableRetry = true
 	opt.DisableCache = true
-	// After each write to a connection, rueidis waits up to this long for more commands to send
-	// in the same write: under load, fewer system calls per command (A/B at 64 connections,
-	// scripts/ab.sh, three rounds each: replays 1.21, 1.01, 1.15 times as many; pairs 1.25,
-	// 1.07, 1.06; server CPU per request lower in every round), at the price of up to 20 µs on
-	// a lone command. rueidis's documentation suggests this figure.
-	opt.MaxFlushDelay = 20 * time.Microsecond
 	sub := opt
 	// A negative KeepAlive turns rueidis's keepalive PING off (and Go's default TCP keepalive,
 	// which KeepAliveConfig turns back on).
