@@ -152,8 +152,21 @@ func (s *Store) checkpointer() {
 		case <-t.C:
 		case <-s.ckKick:
 		}
-		_ = s.checkpoint() // counted in checkpointFailures; the next one tries again
+		select {
+		case job := <-s.sweepJobs: // a sweep's chunk rides along, sharing the sync
+			job.err = s.checkpointWith(job.fn)
+			close(job.done)
+		default:
+			_ = s.checkpoint() // counted in checkpointFailures; the next one tries again
+		}
 	}
+}
+
+// sweepJob is a chunk of a sweep that the checkpointer runs in its next checkpoint's transaction.
+type sweepJob struct {
+	fn   func(tx *bbolt.Tx, writes int) error
+	err  error
+	done chan struct{}
 }
 
 // checkpoint carries what the log holds into the bbolt file: it freezes the active memtable and
@@ -162,42 +175,58 @@ func (s *Store) checkpointer() {
 // drops the frozen memtable and removes the segments the file now holds. When the transaction
 // fails (a full disk), the frozen memtable stays, read by everyone, and the next checkpoint tries
 // it again before it freezes anything else.
-func (s *Store) checkpoint() error {
+func (s *Store) checkpoint() error { return s.checkpointWith(nil) }
+
+// checkpointWith is checkpoint with sw, a chunk of a sweep, run in the same transaction after the
+// frozen memtable is written, so that the two share bbolt's syncs: sw is given how many records
+// the checkpoint wrote, and sweeps beside writers as many (see Store.Sweep). It runs even when
+// there is nothing to checkpoint, and when the checkpoint cannot be made (a full disk), alone,
+// since what it removes may be the room the checkpoint needs.
+func (s *Store) checkpointWith(sw func(tx *bbolt.Tx, writes int) error) error {
 	s.ckMu.Lock()
 	defer s.ckMu.Unlock()
 	start := time.Now()
 	s.memMu.RLock()
 	frozen, through := s.frozen, s.frozenThrough
+	empty := s.active.empty() // only a group publishes, and a group that published wrote to the log
 	s.memMu.RUnlock()
-	if frozen == nil {
-		s.memMu.RLock()
-		empty := s.active.empty()
-		s.memMu.RUnlock()
-		if empty { // only a group publishes, and a group that published wrote to the log
-			return nil
-		}
-		// The next segment is made, and synced, before the writers pause.
-		next, err := s.wal.prepare()
-		if err != nil {
+	var cutErr error
+	if frozen == nil && !empty {
+		frozen, through, cutErr = s.cut()
+		if cutErr != nil {
 			s.checkpointFailures.Add(1)
-			return fmt.Errorf("checkpoint: %w", err)
 		}
-		s.walMu.Lock()
-		num, err := s.wal.rotate(next)
-		if err != nil {
-			s.walMu.Unlock()
-			return fmt.Errorf("checkpoint: %w", err)
-		}
-		s.memMu.Lock()
-		frozen, through = s.active, num
-		s.frozen, s.frozenThrough, s.active = frozen, num, newMemtable()
-		s.memMu.Unlock()
-		s.walMu.Unlock()
 	}
-	err := updateSafely(s.db, &s.damage, func(tx *bbolt.Tx) error { return applyMemtable(tx, frozen, through) })
-	if err != nil {
+	if frozen == nil && sw == nil {
+		return cutErr
+	}
+	err := updateSafely(s.db, &s.damage, func(tx *bbolt.Tx) error {
+		writes := 0
+		if frozen != nil {
+			if err := applyMemtable(tx, frozen, through); err != nil {
+				return err
+			}
+			writes = len(frozen.recs)
+		}
+		if sw != nil {
+			return sw(tx, writes)
+		}
+		return nil
+	})
+	if err != nil && frozen != nil {
 		s.checkpointFailures.Add(1)
+		if sw != nil { // the sweep alone, which may free the room
+			if serr := updateSafely(s.db, &s.damage, func(tx *bbolt.Tx) error { return sw(tx, 0) }); serr != nil {
+				return fmt.Errorf("checkpoint: %w", translate(errors.Join(err, serr)))
+			}
+		}
 		return fmt.Errorf("checkpoint: %w", translate(err))
+	}
+	if err != nil {
+		return fmt.Errorf("checkpoint: %w", translate(err))
+	}
+	if frozen == nil {
+		return cutErr
 	}
 	s.memMu.Lock()
 	s.frozen = nil
@@ -205,6 +234,36 @@ func (s *Store) checkpoint() error {
 	s.checkpoints.Add(1)
 	s.checkpointNanos.Add(int64(time.Since(start)))
 	return removeSegmentsThrough(s.path, through)
+}
+
+// cut freezes the active memtable and moves the log to a new segment; it returns the frozen
+// memtable and the number of the last segment it covers. The caller holds ckMu.
+func (s *Store) cut() (*memtable, uint64, error) {
+	// The next segment is made, and synced, before the writers pause.
+	next, err := s.wal.prepare()
+	if err != nil {
+		return nil, 0, fmt.Errorf("checkpoint: %w", err)
+	}
+	s.walMu.Lock()
+	defer s.walMu.Unlock()
+	num, err := s.wal.rotate(next)
+	if err != nil {
+		return nil, 0, fmt.Errorf("checkpoint: %w", err)
+	}
+	s.memMu.Lock()
+	frozen := s.active
+	s.frozen, s.frozenThrough, s.active = frozen, num, newMemtable()
+	s.memMu.Unlock()
+	return frozen, num, nil
+}
+
+// inActive reports whether the active memtable holds a write of id: what a sweep in a
+// checkpoint's transaction must leave (the frozen one is in the file by then).
+func (s *Store) inActive(id []byte) bool {
+	s.memMu.RLock()
+	defer s.memMu.RUnlock()
+	_, ok := s.active.recs[string(id)]
+	return ok
 }
 
 // removeSegmentsThrough removes base's segments up to through.

@@ -14,9 +14,9 @@ import (
 	"github.com/idemsvc/idemsvc/internal/storage/storagetest"
 )
 
-// TestSweepShareBesideWriters: a sweep's transaction takes a whole chunk only when no group of
-// writers has run for quietAfter, and SweepChunkBusy records while writers are about, right
-// after a group too.
+// TestSweepShareBesideWriters: a sweep's chunk takes a whole chunk only when no group of writers
+// has run for quietAfter; beside writers, twice the records its checkpoint wrote, at least
+// SweepChunkBusy, at most SweepChunk.
 func TestSweepShareBesideWriters(t *testing.T) {
 	s, err := Open(filepath.Join(t.TempDir(), FileName), Options{SweepChunk: 1000, SweepChunkBusy: 128})
 	if err != nil {
@@ -24,14 +24,14 @@ func TestSweepShareBesideWriters(t *testing.T) {
 	}
 	defer s.Close()
 	var budgets []int
-	budgets = append(budgets, s.sweepBudget(500)) // no writer has ever run: idle
+	budgets = append(budgets, s.sweepBudget(500, 0)) // no writer has ever run: idle
 	if _, err := s.Begin(t.Context(), "t", "k", keys.BeginRequest{Lease: time.Minute, TTL: time.Hour}); err != nil {
 		t.Fatal(err)
 	}
-	budgets = append(budgets, s.sweepBudget(500), s.sweepBudget(100))
+	budgets = append(budgets, s.sweepBudget(500, 3), s.sweepBudget(500, 200), s.sweepBudget(100, 200), s.sweepBudget(5000, 900))
 	s.comm.lastForeground.Store(time.Now().Add(-2 * quietAfter).UnixNano())
-	budgets = append(budgets, s.sweepBudget(500))
-	if want := []int{500, 128, 100, 500}; !slices.Equal(budgets, want) {
+	budgets = append(budgets, s.sweepBudget(500, 200))
+	if want := []int{500, 128, 400, 100, 1000, 500}; !slices.Equal(budgets, want) {
 		t.Errorf("budgets %v, want %v", budgets, want)
 	}
 }
