@@ -58,7 +58,6 @@ const DefaultMaxBatchSize = 256
 const (
 	DefaultSweepChunk     = 1000
 	DefaultSweepChunkBusy = 128
-	minSweepChunkBusy     = 16
 )
 
 // ErrLocked is returned by Open when another process holds the data file.
@@ -614,11 +613,11 @@ func (s *Store) Watch(tenant, key string) (<-chan struct{}, func()) {
 // Sweep removes at most limit expired records, oldest first, reading only the expired part of
 // the expiry index; see keys.Store.
 //
-// It takes them in chunks, each in a transaction of the group commit, where it rides along
-// with the writers' calls and shares their fsync. A chunk is SweepChunk records when no writer
-// has committed for a while, and beside writers only as many records as the transaction has
-// writers' calls (between 16 and SweepChunkBusy), so that a sweep of a large backlog adds
-// little to any writer's latency yet keeps pace with the writes under load.
+// It takes them in chunks, each in a checkpoint's transaction (see checkpointWith). A chunk is
+// SweepChunk records when no writer has run for a while; beside writers it waits for the next
+// periodic checkpoint, shares its syncs, and takes twice as many records as that checkpoint
+// wrote (at least SweepChunkBusy), so that a sweep of a large backlog adds little to any
+// writer's latency yet keeps pace with the writes under load.
 func (s *Store) Sweep(ctx context.Context, limit int) (int, error) {
 	if err := s.enter(ctx); err != nil {
 		return 0, fmt.Errorf("sweep: %w", err)
@@ -627,7 +626,7 @@ func (s *Store) Sweep(ctx context.Context, limit int) (int, error) {
 	// A record that expired while in the log is swept once a checkpoint has carried it into
 	// the file: now, when one may be there (the frozen memtable, then the active one).
 	// A checkpoint that fails (a full disk) does not stop the sweep: what it removes from the
-	// file may be the room the checkpoint needs, and inMemory keeps what the log holds.
+	// file may be the room the checkpoint needs, and inActive keeps what the log holds.
 	for range 2 {
 		if !s.anyDueInMemory(s.now()) || s.checkpoint() != nil {
 			break

@@ -104,20 +104,6 @@ func (s *Store) anyDueInMemory(now time.Time) bool {
 	return due(s.active) || due(s.frozen)
 }
 
-// inMemory reports whether a memtable holds a write of id.
-func (s *Store) inMemory(id []byte) bool {
-	s.memMu.RLock()
-	defer s.memMu.RUnlock()
-	if _, ok := s.active.recs[string(id)]; ok {
-		return true
-	}
-	if s.frozen != nil {
-		_, ok := s.frozen.recs[string(id)]
-		return ok
-	}
-	return false
-}
-
 // read returns the record of id, expired or not, or nil, for a reader outside the group commit;
 // fromFile says it was read from the bbolt file, a copy of its own that the replay cache may
 // keep (a memtable's record is shared, and the cache sets a Memo on what it keeps).
