@@ -18,7 +18,7 @@ import (
 // A checkpoint writes each page that its writes touched once, so the longer the interval, the
 // fewer pages per write; but it writes them all at once, and the writers' log syncs wait behind
 // that burst. Measured at 64 connections on this project's 2-core VM (scripts/ab.sh, pairs, two
-// rounds each, alternately): at 1 s, checkpoints of 250 to 320 ms, p99 19 to 20 ms and p99.9 48
+// rounds each, alternately): at 1 s, checkpoints of 255 to 325 ms, p99 19 to 20 ms and p99.9 48
 // to 70 ms; at 250 ms, p99 15 ms, p99.9 22 to 26 ms; at 100 ms, 27 to 29 ms each, 0.24 pages
 // per write, p99 12.6 to 15.3 ms and p99.9 17 to 22 ms, as many pairs or more; 50 ms was no
 // better. (The code before the log: p99 12 to 17 ms, p99.9 14 to 24 ms, 2.3 pages per write,
