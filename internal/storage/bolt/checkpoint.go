@@ -205,6 +205,7 @@ func (s *Store) checkpointWith(sw func(tx *bbolt.Tx, writes int) error) error {
 			if serr := updateSafely(s.db, &s.damage, func(tx *bbolt.Tx) error { return sw(tx, 0) }); serr != nil {
 				return fmt.Errorf("checkpoint: %w", translate(errors.Join(err, serr)))
 			}
+			return nil // the sweep committed; the failed checkpoint is counted, the next retries
 		}
 		return fmt.Errorf("checkpoint: %w", translate(err))
 	}
@@ -212,7 +213,7 @@ func (s *Store) checkpointWith(sw func(tx *bbolt.Tx, writes int) error) error {
 		return fmt.Errorf("checkpoint: %w", translate(err))
 	}
 	if frozen == nil {
-		return cutErr
+		return nil // only the sweep ran (sw != nil here); a failed cut is counted
 	}
 	s.memMu.Lock()
 	s.frozen = nil
