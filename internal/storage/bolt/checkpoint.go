@@ -104,15 +104,21 @@ func (s *Store) anyDueInMemory(now time.Time) bool {
 	return due(s.active) || due(s.frozen)
 }
 
+// lookup returns what the memtables hold of id (nil for a delete); ok is false when neither
+// holds a write of it. frozen may be nil.
+func lookup(active, frozen *memtable, id []byte) (rec *keys.Record, ok bool) {
+	if rec, ok = active.recs[string(id)]; !ok && frozen != nil {
+		rec, ok = frozen.recs[string(id)]
+	}
+	return rec, ok
+}
+
 // read returns the record of id, expired or not, or nil, for a reader outside the group commit;
 // fromFile says it was read from the bbolt file, a copy of its own that the replay cache may
 // keep (a memtable's record is shared, and the cache sets a Memo on what it keeps).
 func (s *Store) read(id []byte) (rec *keys.Record, fromFile bool, err error) {
 	s.memMu.RLock()
-	rec, ok := s.active.recs[string(id)]
-	if !ok && s.frozen != nil {
-		rec, ok = s.frozen.recs[string(id)]
-	}
+	rec, ok := lookup(s.active, s.frozen, id)
 	s.memMu.RUnlock()
 	if ok {
 		return rec, false, nil
@@ -199,17 +205,17 @@ func (s *Store) checkpointWith(sw func(tx *bbolt.Tx, writes int) error) error {
 		}
 		return nil
 	})
-	if err != nil && frozen != nil {
-		s.checkpointFailures.Add(1)
-		if sw != nil { // the sweep alone, which may free the room
-			if serr := updateSafely(s.db, &s.damage, func(tx *bbolt.Tx) error { return sw(tx, 0) }); serr != nil {
-				return fmt.Errorf("checkpoint: %w", translate(errors.Join(err, serr)))
-			}
-			return nil // the sweep committed; the failed checkpoint is counted, the next retries
-		}
-		return fmt.Errorf("checkpoint: %w", translate(err))
-	}
 	if err != nil {
+		if frozen != nil {
+			s.checkpointFailures.Add(1) // the next checkpoint tries the frozen memtable again
+			if sw != nil {              // the sweep alone, which may free the room
+				serr := updateSafely(s.db, &s.damage, func(tx *bbolt.Tx) error { return sw(tx, 0) })
+				if serr == nil {
+					return nil
+				}
+				err = errors.Join(err, serr)
+			}
+		}
 		return fmt.Errorf("checkpoint: %w", translate(err))
 	}
 	if frozen == nil {

@@ -208,13 +208,8 @@ func (w *wtx) get(id []byte) (*keys.Record, error) {
 	if rec, ok := w.recs[string(id)]; ok {
 		return rec, nil
 	}
-	if rec, ok := w.active.recs[string(id)]; ok {
+	if rec, ok := lookup(w.active, w.frozen, id); ok {
 		return rec, nil
-	}
-	if w.frozen != nil {
-		if rec, ok := w.frozen.recs[string(id)]; ok {
-			return rec, nil
-		}
 	}
 	return getRecord(w.rtx, id)
 }

@@ -76,8 +76,13 @@ type wal struct {
 	broken atomic.Pointer[error]
 
 	// Cumulative, for CommitStats.
-	frames, bytes atomic.Uint64
-	nanos         atomic.Int64
+	bytes atomic.Uint64
+	nanos atomic.Int64
+}
+
+// segmentHeader is the first walHeaderSize bytes of segment num.
+func segmentHeader(num uint64) []byte {
+	return binary.BigEndian.AppendUint64([]byte(walMagic), num)
 }
 
 func segmentPath(base string, num uint64) string {
@@ -118,10 +123,7 @@ func createSegment(base string, num uint64) (*os.File, error) {
 	if err != nil {
 		return nil, err
 	}
-	hdr := make([]byte, walHeaderSize)
-	copy(hdr, walMagic)
-	binary.BigEndian.PutUint64(hdr[len(walMagic):], num)
-	if _, err := f.WriteAt(hdr, 0); err != nil {
+	if _, err := f.WriteAt(segmentHeader(num), 0); err != nil {
 		_ = f.Close()
 		_ = os.Remove(path)
 		return nil, err
@@ -180,7 +182,6 @@ func (w *wal) append(payload []byte) error {
 		return w.err()
 	}
 	w.size += int64(len(w.buf))
-	w.frames.Add(1)
 	w.bytes.Add(uint64(len(w.buf)))
 	w.nanos.Add(int64(time.Since(start)))
 	if cap(w.buf) > 1<<20 {
@@ -230,10 +231,9 @@ func readSegment(base string, num uint64, last bool) (frames [][]byte, torn bool
 	if err != nil {
 		return nil, false, err
 	}
-	if len(b) < walHeaderSize || string(b[:len(walMagic)]) != walMagic || binary.BigEndian.Uint64(b[len(walMagic):walHeaderSize]) != num {
+	if head := segmentHeader(num); !bytes.HasPrefix(b, head) {
 		// A header is synced before any frame is written: a last segment whose header is cut
 		// short, or zeros, was being made as the process died, and holds nothing.
-		head := binary.BigEndian.AppendUint64([]byte(walMagic), num)
 		if last && (allZero(b) || len(b) < walHeaderSize && bytes.Equal(b, head[:len(b)])) {
 			return nil, false, nil
 		}

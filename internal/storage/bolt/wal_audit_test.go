@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/idemsvc/idemsvc/internal/keys"
+	"github.com/idemsvc/idemsvc/internal/storage/storagetest"
 )
 
 func openT(t *testing.T, path string) *Store {
@@ -305,9 +306,8 @@ func lastLines(s string, n int) string {
 // pages would let the checkpoint fit are never removed, and the store stays stuck.
 func TestAuditSweepOnFullDisk(t *testing.T) {
 	dir := smallTmpfs(t, "600k")
-	clk := &epochClock{}
-	clk.t.Store(time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC).UnixNano())
-	s, err := Open(filepath.Join(dir, FileName), Options{Now: clk.now, CheckpointInterval: time.Hour})
+	clock := storagetest.NewClock(time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC))
+	s, err := Open(filepath.Join(dir, FileName), Options{Now: clock.Now, CheckpointInterval: time.Hour})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -330,7 +330,7 @@ func TestAuditSweepOnFullDisk(t *testing.T) {
 		}
 	}
 	t.Logf("%d records; checkpoint: %v; frozen stuck: %v", n, ckErr, s.frozen != nil)
-	clk.t.Add(int64(time.Hour)) // everything has expired
+	clock.Advance(time.Hour) // everything has expired
 	swept, err := s.Sweep(ctx, 100000)
 	t.Logf("sweep: %d, %v", swept, err)
 	if err != nil {
