@@ -90,7 +90,10 @@ type Options struct {
 	// CheckpointInterval is how often the writes in the write-ahead log are carried into the
 	// bbolt file, and CheckpointBytes how large the log may grow before that happens sooner;
 	// zero means DefaultCheckpointInterval and DefaultCheckpointBytes. Until then they are held
-	// in memory too (a tenth of a second of writes, by default).
+	// in memory too (a tenth of a second of writes, by default). While checkpoints fail (the
+	// data file cannot be written), the log and that memory grow until the log holds
+	// logLimitFactor times CheckpointBytes that the file lacks; writes then fail with
+	// keys.ErrUnavailable (503) until a checkpoint succeeds, and reads go on.
 	CheckpointInterval time.Duration
 	CheckpointBytes    int64
 	// SweepChunk and SweepChunkBusy are how many expired records one transaction of a sweep
@@ -124,6 +127,7 @@ type Store struct {
 	sweepJobs              chan *sweepJob // a sweep chunk for the next checkpoint (Store.Sweep)
 	checkpointEvery        time.Duration
 	checkpointBytes        int64
+	logLimit               int64 // see Options.CheckpointBytes and errLogFull
 	checkpoints            atomic.Uint64
 	checkpointNanos        atomic.Int64
 	checkpointFailures     atomic.Uint64
@@ -206,6 +210,7 @@ func Open(path string, opts Options) (*Store, error) {
 		sweepJobs:       make(chan *sweepJob, 1),
 		checkpointEvery: cmp.Or(opts.CheckpointInterval, DefaultCheckpointInterval),
 		checkpointBytes: cmp.Or(opts.CheckpointBytes, DefaultCheckpointBytes),
+		logLimit:        logLimitFactor * cmp.Or(opts.CheckpointBytes, DefaultCheckpointBytes),
 	}
 	st.comm = &committer{s: st, max: opts.MaxBatchSize}
 	go st.checkpointer()

@@ -29,6 +29,16 @@ const DefaultCheckpointInterval = 100 * time.Millisecond
 // early; see Options.CheckpointBytes.
 const DefaultCheckpointBytes = 64 << 20
 
+// logLimitFactor times CheckpointBytes is as much as the log may hold beyond the bbolt file:
+// a group of writes that finds the current segment this large is refused (errLogFull). Checkpoints
+// cut a segment every interval, or once it holds CheckpointBytes, so only checkpoints that fail
+// (or one that takes as long as writers need to write this much) let it grow so far. Without the
+// bound, the log and the memtable that mirrors it grew until the disk, or the memory, ran out.
+const logLimitFactor = 4
+
+// errLogFull is a group's error when the log has reached logLimit.
+var errLogFull = fmt.Errorf("%w: bolt: the write-ahead log is full: checkpoints have not carried it into the data file (see idemsvc_bolt_checkpoint_failures_total); writes resume once one does", keys.ErrUnavailable)
+
 var (
 	bucketMeta     = []byte("meta")
 	metaWALThrough = []byte("wal_through") // the last segment of the log whose writes the file holds

@@ -103,7 +103,11 @@ func (c *committer) commit(batch []*call) {
 	}
 	err := w.err
 	if err == nil && len(w.ops) > 0 {
-		err = s.wal.append(w.ops)
+		if s.wal.size >= s.logLimit {
+			err = errLogFull
+		} else {
+			err = s.wal.append(w.ops)
+		}
 	}
 	if err == nil {
 		s.publish(w)

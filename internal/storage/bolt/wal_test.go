@@ -339,3 +339,82 @@ func TestCheckpointsBesideWriters(t *testing.T) {
 		t.Errorf("%d checkpoints ran beside the writers: the test tested little", st.Checkpoints)
 	}
 }
+
+// TestLogBoundWhileCheckpointsFail: while checkpoints fail, the log (and the memtable that
+// mirrors it) grows only to logLimit; the group that finds it there is refused with
+// ErrUnavailable, reads go on, and writes resume once a checkpoint succeeds. Nothing answered
+// is lost, before or after, across a reopen.
+func TestLogBoundWhileCheckpointsFail(t *testing.T) {
+	path := filepath.Join(t.TempDir(), FileName)
+	const ckBytes = 4 << 10
+	s, err := Open(path, Options{CheckpointInterval: time.Hour, CheckpointBytes: ckBytes})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = s.Close() }()
+	body := strings.Repeat("b", 200)
+	pairOf(t, s, "t", "before", body, time.Hour)
+	if err := s.checkpoint(); err != nil {
+		t.Fatal(err)
+	}
+	// A frozen memtable whose apply fails (bbolt refuses a bucket with an empty name), standing
+	// in for a data file that cannot be written: every checkpoint from here fails.
+	bad := newMemtable()
+	bad.fences[""] = 1
+	s.memMu.Lock()
+	s.frozen, s.frozenThrough = bad, 0
+	s.memMu.Unlock()
+
+	ctx := context.Background()
+	var acked []string
+	var refused error
+	for i := 0; i < 10*logLimitFactor*ckBytes/200 && refused == nil; i++ {
+		key := fmt.Sprintf("k%d", i)
+		res, err := s.Begin(ctx, "t", key, keys.BeginRequest{Fingerprint: "f", Lease: time.Minute, TTL: time.Hour})
+		if err == nil {
+			_, err = s.Complete(ctx, "t", key, keys.CompleteRequest{Token: res.Record.Lease.Token, Response: keys.Response{Status: 200, Body: []byte(body)}})
+		}
+		if err != nil {
+			refused = err
+			break
+		}
+		acked = append(acked, key)
+		_ = s.checkpoint() // fails: the frozen memtable cannot be applied
+	}
+	if !errors.Is(refused, keys.ErrUnavailable) || !errors.Is(refused, errLogFull) {
+		t.Fatalf("after %d pairs with checkpoints failing: %v; want errLogFull (ErrUnavailable)", len(acked), refused)
+	}
+	if size := s.wal.size; size < s.logLimit || size > s.logLimit+2<<10 {
+		t.Errorf("the log stopped at %d bytes; its limit is %d", size, s.logLimit)
+	}
+	if s.checkpointFailures.Load() == 0 {
+		t.Error("no checkpoint failure counted")
+	}
+	t.Logf("%d pairs answered, then %v; the log holds %d bytes (limit %d)", len(acked), refused, s.wal.size, s.logLimit)
+	for _, k := range append([]string{"before"}, acked...) {
+		if got := bodyOf(t, s, "t", k); got != body {
+			t.Fatalf("%s reads %q while the log is full", k, got)
+		}
+	}
+
+	// The data file can be written again: the next checkpoint carries the log, and writes resume.
+	s.memMu.Lock()
+	s.frozen = nil
+	s.memMu.Unlock()
+	if err := s.checkpoint(); err != nil {
+		t.Fatal(err)
+	}
+	pairOf(t, s, "t", "after", body, time.Hour)
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s, err = Open(path, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range append([]string{"before", "after"}, acked...) {
+		if got := bodyOf(t, s, "t", k); got != body {
+			t.Fatalf("%s reads %q after a reopen", k, got)
+		}
+	}
+}
