@@ -387,7 +387,8 @@ func (c *Client) keepAlive(ctx context.Context, key, token string, lease time.Du
 const minTry = 250 * time.Millisecond
 
 // persist calls op, a complete or release after fn, again while it fails with ErrUnavailable,
-// until ctx (the cleanup timeout) ends, spaced by the retry policy's backoff. The client's retry
+// until ctx (the cleanup timeout) ends, spaced as the retry policy spaces attempts (a 503's
+// Retry-After, else the backoff). The client's retry
 // policy alone gave up within a second, and a restart of idemsvc takes longer: fn's side effect
 // then went unrecorded, and a retry ran fn again (a chaos audit: 6 of 10 runs). Both are safe to
 // repeat. per, when not nil, bounds each call of op (0: no bound but ctx's); a call it cut short
@@ -414,7 +415,11 @@ func (c *Client) persist(ctx context.Context, per func() time.Duration, op func(
 			return err
 		}
 		last = err
-		t := time.NewTimer(c.retry.backoff(attempt))
+		var retryAfter time.Duration // as asked by a 503's Retry-After, as every call honours it
+		if apiErr := (*Error)(nil); errors.As(err, &apiErr) {
+			retryAfter = apiErr.RetryAfter
+		}
+		t := time.NewTimer(c.retry.delay(attempt, retryAfter))
 		select {
 		case <-ctx.Done():
 			t.Stop()

@@ -426,6 +426,45 @@ func TestDoCompleteOutlastsARestart(t *testing.T) {
 	}
 }
 
+// TestDoCompleteHonoursRetryAfter: between its rounds, the complete after fn waits as long as
+// idemsvc's 503 asks (Retry-After), as every single call does, not the retry policy's millisecond
+// backoff: a server that is starting or overloaded asked for a second and got a retry at once.
+func TestDoCompleteHonoursRetryAfter(t *testing.T) {
+	t.Parallel()
+	f, _ := newFake(t)
+	var mu sync.Mutex
+	var completes []time.Time
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if strings.HasSuffix(r.URL.Path, "/complete") {
+			mu.Lock()
+			completes = append(completes, time.Now())
+			first := len(completes) == 1
+			mu.Unlock()
+			if first {
+				w.Header().Set("Retry-After", "1")
+				f.problem(w, http.StatusServiceUnavailable, "unavailable")
+				return
+			}
+		}
+		f.ServeHTTP(w, r)
+	}))
+	t.Cleanup(srv.Close)
+	// One attempt per call: each of persist's rounds is one request.
+	c := newTestClient(t, srv.URL, WithRetry(RetryPolicy{MaxAttempts: 1, BaseDelay: time.Millisecond, MaxDelay: 5 * time.Millisecond, AttemptTimeout: 5 * time.Second}))
+	res, err := c.Do(t.Context(), "k", "", func(context.Context) (Response, error) { return okResponse("x"), nil })
+	if err != nil || res.Record == nil || res.Record.State != StateCompleted {
+		t.Fatalf("Do = %+v, %v; want the response recorded", res, err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(completes) != 2 {
+		t.Fatalf("%d completes; want 2", len(completes))
+	}
+	if gap := completes[1].Sub(completes[0]); gap < 900*time.Millisecond {
+		t.Errorf("the complete was sent again %v after a 503 with Retry-After: 1", gap)
+	}
+}
+
 // delayBegin wraps f so that a begin's answer, once decided, reaches the client delay late (a
 // slow path, or a server frozen while writing it) while armed is set.
 func delayBegin(f *fakeSvc, delay time.Duration, armed *atomic.Bool) http.Handler {
