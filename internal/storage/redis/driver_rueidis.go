@@ -134,8 +134,9 @@ func newRueidisDriver(url string, timeout time.Duration, files TLSFiles, sentine
 // of concurrent requests share a write. Without it, on this project's 2-core VM at 64
 // connections, every command was a write system call of its own (idemsvc's writes per HTTP
 // request, counted in /proc/PID/io: 1.88 for pairs, 1.90 for replays, one of them the HTTP
-// answer); with 100 µs, 1.29 and 1.25, and the server's CPU per request fell by about a tenth
-// (scripts/ab.sh, 8 rounds alternately: medians 47 and 41.7 µs per pair request). 20 µs,
+// answer); with 100 µs, 1.29 and 1.25. Alternately with the code before (scripts/ab.sh, both
+// orders, 12 rounds of pairs and 6 of replays), pairs/s 1.11 times, replays/s 1.16, and the
+// server's CPU per request 0.88 and 0.85 (medians). 20 µs,
 // tried before, was too short to catch a second command, and measured as noise. A lone caller
 // is not delayed: rueidis waits only when more than one command is outstanding (1 connection: p50
 // 267 µs with the delay, 273 without).
