@@ -2,6 +2,7 @@ package bolt
 
 import (
 	"bytes"
+	"crypto/rand"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -26,21 +27,30 @@ import (
 // they are read from memory (see memtable).
 //
 // The log is a run of segment files beside the data file, named after it: "idemsvc.db.wal-"
-// and the segment's number in 16 hex digits. A segment starts with walMagic and its number
-// (8 bytes, big-endian), then frames: the payload's length and its CRC-32C (4 bytes each,
-// little-endian), then the payload, the encoded writes of one group. The bbolt file remembers
+// and the segment's number in 16 hex digits. A segment starts with walMagic, its number (8
+// bytes, big-endian) and 8 random bytes, its salt; then frames: the payload's length and its
+// checksum (4 bytes each, little-endian), then the payload, the encoded writes of one group. The
+// checksum is the CRC-32C of the segment's header followed by the payload, so that only a frame
+// written to this segment checks in it: not one that a response body carries (its bytes are a
+// tenant's to choose), nor one left by an earlier segment. The bbolt file remembers
 // (bucketMeta, metaWALThrough) the last segment whose writes it holds; Open applies the later
 // ones, in order, and removes the rest.
 //
 // A frame is synced before the next one is written, so only the last frame of the log can be
 // cut short by a crash: it was never acknowledged, and Open drops it. It runs to the segment's
 // end (or the segment ends in zeros, where a file system noted the new size before the data). A
-// damaged frame anywhere else, or a segment that is not one, stops Open with ErrDamaged: records
-// that were acknowledged would be lost.
+// damaged frame anywhere else, one whose damaged length runs past the end while a frame that
+// checks follows it, or a segment that is not one, stops Open with ErrDamaged: records that were
+// acknowledged would be lost.
+//
+// Segments of the first format (walMagicV1: no salt, the CRC-32C of the payload alone), left by
+// the release before this one, are read as before.
 
 const (
-	walMagic      = "IDEMWAL1"
-	walHeaderSize = len(walMagic) + 8
+	walMagic      = "IDEMWAL2"
+	walHeaderSize = len(walMagic) + 8 + 8
+	walMagicV1    = "IDEMWAL1"
+	walHeaderV1   = len(walMagicV1) + 8
 	frameHeader   = 8
 	// maxFrame bounds a frame's payload: a group is at most MaxBatchSize writes of records of
 	// at most about a megabyte each.
@@ -70,6 +80,7 @@ type wal struct {
 	base string // the data file's path; segments are base + ".wal-" + number
 	f    *os.File
 	num  uint64 // the current segment's number
+	seed uint32 // the CRC-32C of the current segment's header, where each frame's checksum starts
 	size int64  // bytes in the current segment, all synced
 	buf  []byte
 
@@ -80,9 +91,20 @@ type wal struct {
 	nanos atomic.Int64
 }
 
-// segmentHeader is the first walHeaderSize bytes of segment num.
-func segmentHeader(num uint64) []byte {
-	return binary.BigEndian.AppendUint64([]byte(walMagic), num)
+// segmentHeader is the first walHeaderSize bytes of segment num, with salt.
+func segmentHeader(num uint64, salt [8]byte) []byte {
+	return append(segmentPrefix(walMagic, num), salt[:]...)
+}
+
+// segmentPrefix is magic and num, as a segment's header starts.
+func segmentPrefix(magic string, num uint64) []byte {
+	return binary.BigEndian.AppendUint64([]byte(magic), num)
+}
+
+// segment is a segment file open for appends, and the seed of its frames' checksums.
+type segment struct {
+	f    *os.File
+	seed uint32
 }
 
 func segmentPath(base string, num uint64) string {
@@ -115,38 +137,43 @@ func segments(base string) ([]uint64, error) {
 	return nums, nil
 }
 
-// createSegment makes segment num of base, with its header, synced, and its name synced in the
-// directory.
-func createSegment(base string, num uint64) (*os.File, error) {
+// createSegment makes segment num of base, with its header and a new salt, synced, and its name
+// synced in the directory.
+func createSegment(base string, num uint64) (segment, error) {
+	var salt [8]byte
+	if _, err := rand.Read(salt[:]); err != nil {
+		return segment{}, err
+	}
+	head := segmentHeader(num, salt)
 	path := segmentPath(base, num)
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {
-		return nil, err
+		return segment{}, err
 	}
-	if _, err := f.WriteAt(segmentHeader(num), 0); err != nil {
+	if _, err := f.WriteAt(head, 0); err != nil {
 		_ = f.Close()
 		_ = os.Remove(path)
-		return nil, err
+		return segment{}, err
 	}
 	if err := fdatasync(f); err != nil {
 		_ = f.Close()
 		_ = os.Remove(path)
-		return nil, err
+		return segment{}, err
 	}
 	if err := syncDir(filepath.Dir(path)); err != nil {
 		_ = f.Close()
-		return nil, err
+		return segment{}, err
 	}
-	return f, nil
+	return segment{f: f, seed: crc32.Checksum(head, castagnoli)}, nil
 }
 
 // openWAL starts a new segment, num, for appends.
 func openWAL(base string, num uint64) (*wal, error) {
-	f, err := createSegment(base, num)
+	sg, err := createSegment(base, num)
 	if err != nil {
 		return nil, fmt.Errorf("write-ahead log: %w", err)
 	}
-	return &wal{base: base, f: f, num: num, size: int64(walHeaderSize)}, nil
+	return &wal{base: base, f: sg.f, seed: sg.seed, num: num, size: int64(walHeaderSize)}, nil
 }
 
 func (w *wal) err() error {
@@ -168,7 +195,7 @@ func (w *wal) append(payload []byte) error {
 	start := time.Now()
 	w.buf = slices.Grow(w.buf[:0], frameHeader+len(payload))
 	w.buf = binary.LittleEndian.AppendUint32(w.buf, uint32(len(payload)))
-	w.buf = binary.LittleEndian.AppendUint32(w.buf, crc32.Checksum(payload, castagnoli))
+	w.buf = binary.LittleEndian.AppendUint32(w.buf, crc32.Update(w.seed, castagnoli, payload))
 	w.buf = append(w.buf, payload...)
 	if _, err := w.f.WriteAt(w.buf, w.size); err != nil {
 		if terr := w.f.Truncate(w.size); terr != nil {
@@ -197,24 +224,24 @@ func (w *wal) fail(err error) {
 
 // prepare makes the next segment, for rotate; it may run beside append (only rotate changes
 // num).
-func (w *wal) prepare() (*os.File, error) {
-	f, err := createSegment(w.base, w.num+1)
+func (w *wal) prepare() (segment, error) {
+	sg, err := createSegment(w.base, w.num+1)
 	if err != nil {
-		return nil, fmt.Errorf("write-ahead log: %w", err)
+		return segment{}, fmt.Errorf("write-ahead log: %w", err)
 	}
-	return f, nil
+	return sg, nil
 }
 
 // rotate continues in next, the segment that prepare made, and returns the number of the
 // segment it closed.
-func (w *wal) rotate(next *os.File) (uint64, error) {
+func (w *wal) rotate(next segment) (uint64, error) {
 	if err := w.err(); err != nil {
-		_ = next.Close()
+		_ = next.f.Close()
 		return 0, err
 	}
 	old := w.num
 	_ = w.f.Close()
-	w.f, w.num, w.size = next, w.num+1, int64(walHeaderSize)
+	w.f, w.seed, w.num, w.size = next.f, next.seed, w.num+1, int64(walHeaderSize)
 	return old, nil
 }
 
@@ -231,25 +258,46 @@ func readSegment(base string, num uint64, last bool) (frames [][]byte, torn bool
 	if err != nil {
 		return nil, false, err
 	}
-	if head := segmentHeader(num); !bytes.HasPrefix(b, head) {
+	var start int   // where the frames start
+	var seed uint32 // where their checksums start
+	switch prefix, v1 := segmentPrefix(walMagic, num), segmentPrefix(walMagicV1, num); {
+	case len(b) >= walHeaderSize && bytes.HasPrefix(b, prefix):
+		start, seed = walHeaderSize, crc32.Checksum(b[:walHeaderSize], castagnoli)
+	case bytes.HasPrefix(b, v1):
+		start, seed = walHeaderV1, 0 // the first format: the payload's CRC-32C alone
+	case last && (allZero(b) || len(b) < walHeaderSize && bytes.HasPrefix(prefix, b[:min(len(b), len(prefix))]) ||
+		len(b) < walHeaderV1 && bytes.HasPrefix(v1, b)):
 		// A header is synced before any frame is written: a last segment whose header is cut
 		// short, or zeros, was being made as the process died, and holds nothing.
-		if last && (allZero(b) || len(b) < walHeaderSize && bytes.Equal(b, head[:len(b)])) {
-			return nil, false, nil
-		}
+		return nil, false, nil
+	default:
 		return nil, false, fmt.Errorf("%w: %s is not a segment of the write-ahead log", ErrDamaged, path)
 	}
-	for off := walHeaderSize; off < len(b); {
+	for off := start; off < len(b); {
 		rest := len(b) - off
 		n := 0
 		if rest >= frameHeader {
 			n = int(binary.LittleEndian.Uint32(b[off:]))
 		}
 		complete := rest >= frameHeader && n > 0 && n <= maxFrame && rest-frameHeader >= n
-		if !complete || crc32.Checksum(b[off+frameHeader:off+frameHeader+n], castagnoli) != binary.LittleEndian.Uint32(b[off+4:]) {
+		if !complete || crc32.Update(seed, castagnoli, b[off+frameHeader:off+frameHeader+n]) != binary.LittleEndian.Uint32(b[off+4:]) {
 			zeroLength := rest >= frameHeader && n == 0
-			if allZero(b[off:]) || !complete && !zeroLength || complete && off+frameHeader+n == len(b) {
+			if allZero(b[off:]) || complete && off+frameHeader+n == len(b) {
 				return frames, true, nil // cut short, or zeros: the size was noted before the data
+			}
+			if !complete && !zeroLength {
+				// The length runs past the end: a frame cut short, unless the length itself is
+				// damaged and frames synced after it follow. Only this segment's frames check
+				// with its seed; in the first format, whose checksums have no seed, a response
+				// body could carry one, so there the frame is taken for cut short, as before.
+				if seed == 0 {
+					return frames, true, nil
+				}
+				at := nextFrame(b, off+frameHeader, seed)
+				if at < 0 {
+					return frames, true, nil
+				}
+				return nil, false, fmt.Errorf("%w: %s has a frame at byte %d whose length is damaged, and a frame at byte %d after it (acknowledged writes may be lost)", ErrDamaged, path, off, at)
 			}
 			return nil, false, fmt.Errorf("%w: %s has a damaged frame at byte %d, with more after it (acknowledged writes may be lost)", ErrDamaged, path, off)
 		}
@@ -257,6 +305,31 @@ func readSegment(base string, num uint64, last bool) (frames [][]byte, torn bool
 		off += frameHeader + n
 	}
 	return frames, false, nil
+}
+
+// nextFrameBudget bounds the bytes that nextFrame checksums: a frame cut short that holds random
+// bytes (a binary response body) offers a plausible length at about one offset in 2^32/len(b).
+const nextFrameBudget = 256 << 20
+
+// nextFrame returns the offset of the first frame at or after from in b that checks with seed,
+// or -1 when there is none, or when the search checksummed nextFrameBudget bytes without finding
+// one (then the frame before is taken for cut short, as it was before this search). Bytes that
+// were never a frame of this segment check with a chance of 2^-32 for each offset tried.
+func nextFrame(b []byte, from int, seed uint32) int {
+	budget := nextFrameBudget
+	for o := from; len(b)-o > frameHeader; o++ {
+		n := int(binary.LittleEndian.Uint32(b[o:]))
+		if n == 0 || n > len(b)-o-frameHeader {
+			continue
+		}
+		if budget -= n; budget < 0 {
+			return -1
+		}
+		if crc32.Update(seed, castagnoli, b[o+frameHeader:o+frameHeader+n]) == binary.LittleEndian.Uint32(b[o+4:]) {
+			return o
+		}
+	}
+	return -1
 }
 
 func allZero(b []byte) bool {

@@ -221,7 +221,7 @@ func TestAuditCrashPoints(t *testing.T) {
 	f, _ := os.OpenFile(seg, os.O_WRONLY|os.O_APPEND, 0)
 	f.Write([]byte{0x40, 0, 0, 0, 1, 2, 3, 4, 5, 6})
 	f.Close()
-	_ = next.Close()
+	_ = next.f.Close()
 	_ = os.Remove(segmentPath(s.path, s.wal.num+1))
 	s.ckMu.Unlock()
 	// (2) checkpoint committed, segments not removed: keep a copy of the segments first.

@@ -1,10 +1,12 @@
 package bolt
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash/crc32"
 	"os"
 	"path/filepath"
 	"strings"
@@ -416,5 +418,117 @@ func TestLogBoundWhileCheckpointsFail(t *testing.T) {
 		if got := bodyOf(t, s, "t", k); got != body {
 			t.Fatalf("%s reads %q after a reopen", k, got)
 		}
+	}
+}
+
+// TestLogDamagedLengthStopsOpen: a frame whose length field is damaged so that it runs past the
+// segment's end looks like a frame cut short by a crash; but frames synced after it follow, and
+// they check with the segment's seed, so Open refuses (ErrDamaged) instead of dropping them,
+// acknowledged writes among them.
+func TestLogDamagedLengthStopsOpen(t *testing.T) {
+	t.Parallel()
+	clock := storagetest.NewClock(time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC))
+	s := openWith(t, filepath.Join(t.TempDir(), FileName), clock, Options{CheckpointInterval: time.Hour})
+	for i := range 3 {
+		pairOf(t, s, "t", fmt.Sprintf("k%d", i), "acknowledged", time.Hour)
+	}
+	for _, length := range []uint32{0xfffffff0, 1 << 20} { // past maxFrame, and merely past the end
+		t.Run(fmt.Sprint(length), func(t *testing.T) {
+			path := crashCopy(t, s)
+			seg := segmentPath(path, s.wal.num)
+			b, err := os.ReadFile(seg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			offs := frameOffsets(b)
+			if len(offs) < 4 {
+				t.Fatalf("%d frames, want 6 (three pairs)", len(offs))
+			}
+			binary.LittleEndian.PutUint32(b[offs[1]:], length)
+			if err := os.WriteFile(seg, b, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			c, err := Open(path, Options{})
+			if c != nil {
+				c.Close()
+			}
+			if !errors.Is(err, ErrDamaged) {
+				t.Errorf("open with the second frame's length damaged: %v, want ErrDamaged", err)
+			}
+		})
+	}
+}
+
+// TestLogBodyIsNotAFrame: a response body is bytes a tenant chooses, and one may hold a frame
+// made to check. When the frame that carries it is cut short by a crash (and so was never
+// acknowledged), Open drops it as it drops any other, and starts: the frame in the body does not
+// check, because each segment's checksums start from its own random salt.
+func TestLogBodyIsNotAFrame(t *testing.T) {
+	t.Parallel()
+	clock := storagetest.NewClock(time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC))
+	s := openWith(t, filepath.Join(t.TempDir(), FileName), clock, Options{CheckpointInterval: time.Hour})
+	pairOf(t, s, "t", "before", "kept", time.Hour)
+	// The best a tenant can do without the salt: a frame that checks with the first format's
+	// checksum (no salt), or with a salt of its own.
+	payload := appendOp(nil, opDel, []byte("someone else's record"), nil)
+	var forged []byte
+	for _, seed := range []uint32{0, crc32.Checksum([]byte("a guess"), castagnoli)} {
+		forged = binary.LittleEndian.AppendUint32(forged, uint32(len(payload)))
+		forged = binary.LittleEndian.AppendUint32(forged, crc32.Update(seed, castagnoli, payload))
+		forged = append(forged, payload...)
+	}
+	pairOf(t, s, "t", "forger", string(forged)+strings.Repeat("x", 64), time.Hour)
+	path := crashCopy(t, s)
+	seg := segmentPath(path, s.wal.num)
+	b, err := os.ReadFile(seg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	offs := frameOffsets(b)
+	last := offs[len(offs)-1]
+	at := bytes.Index(b[last:], forged)
+	if at < 0 {
+		t.Fatal("the forged frames are not in the last frame")
+	}
+	// The crash cut the last frame (the complete that stored the body) after the forged frames.
+	if err := os.WriteFile(seg, b[:last+at+len(forged)+8], 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c := openWith(t, path, clock, Options{})
+	if got := bodyOf(t, c, "t", "before"); got != "kept" {
+		t.Errorf("before: %q, want kept", got)
+	}
+	if got := bodyOf(t, c, "t", "forger"); got != "<in progress>" {
+		t.Errorf("forger: %q, want <in progress> (its complete was cut short)", got)
+	}
+}
+
+// TestLogFirstFormatRecovers: a segment of the first format (IDEMWAL1: no salt, the payload's
+// CRC-32C alone), as the release before this one left it at a crash, is applied at Open.
+func TestLogFirstFormatRecovers(t *testing.T) {
+	t.Parallel()
+	clock := storagetest.NewClock(time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC))
+	path := filepath.Join(t.TempDir(), FileName)
+	s := openWith(t, path, clock, Options{CheckpointInterval: time.Hour})
+	num := s.wal.num
+	if err := s.Close(); err != nil { // the file holds everything; the log is empty
+		t.Fatal(err)
+	}
+	now := clock.Now()
+	rec := keys.Record{Key: "old", State: keys.StateCompleted, Fingerprint: "f",
+		Lease:    keys.Lease{Token: "tok", Fence: 1, ExpiresAt: now.Add(time.Minute)},
+		Response: &keys.Response{Status: 200, Body: []byte("from the first format")},
+		CreatedAt: now, CompletedAt: now, ExpiresAt: now.Add(time.Hour), TTL: time.Hour}
+	payload := appendOp(nil, opPut, keys.StorageID("t", "old"), keys.AppendRecord(nil, &rec))
+	seg := segmentPrefix(walMagicV1, num+1)
+	seg = binary.LittleEndian.AppendUint32(seg, uint32(len(payload)))
+	seg = binary.LittleEndian.AppendUint32(seg, crc32.Checksum(payload, castagnoli))
+	seg = append(seg, payload...)
+	if err := os.WriteFile(segmentPath(path, num+1), seg, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c := openWith(t, path, clock, Options{})
+	if got := bodyOf(t, c, "t", "old"); got != "from the first format" {
+		t.Errorf("a write in a first-format segment: %q after Open", got)
 	}
 }
