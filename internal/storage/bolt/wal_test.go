@@ -516,8 +516,8 @@ func TestLogFirstFormatRecovers(t *testing.T) {
 	}
 	now := clock.Now()
 	rec := keys.Record{Key: "old", State: keys.StateCompleted, Fingerprint: "f",
-		Lease:    keys.Lease{Token: "tok", Fence: 1, ExpiresAt: now.Add(time.Minute)},
-		Response: &keys.Response{Status: 200, Body: []byte("from the first format")},
+		Lease:     keys.Lease{Token: "tok", Fence: 1, ExpiresAt: now.Add(time.Minute)},
+		Response:  &keys.Response{Status: 200, Body: []byte("from the first format")},
 		CreatedAt: now, CompletedAt: now, ExpiresAt: now.Add(time.Hour), TTL: time.Hour}
 	payload := appendOp(nil, opPut, keys.StorageID("t", "old"), keys.AppendRecord(nil, &rec))
 	seg := segmentPrefix(walMagicV1, num+1)
