@@ -836,6 +836,12 @@ func (s *Store) Close() error {
 		}
 	}
 	errs = append(errs, s.wal.close())
+	if len(errs) == 1 && errs[0] == nil && s.frozen == nil && s.active.empty() {
+		// The file holds every write, and the current segment none: it goes too, so that a
+		// clean stop leaves the data file alone, which an older release can open (the first
+		// release with the log refuses segments of this one's format).
+		errs = append(errs, removeSegment(s.path, s.wal.num))
+	}
 	if err := s.db.Close(); err != nil {
 		errs = append(errs, err)
 	}

@@ -510,7 +510,7 @@ func TestLogFirstFormatRecovers(t *testing.T) {
 	clock := storagetest.NewClock(time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC))
 	path := filepath.Join(t.TempDir(), FileName)
 	s := openWith(t, path, clock, Options{CheckpointInterval: time.Hour})
-	num := s.wal.num
+	num := s.wal.num // Close removes it, empty; the next Open would make it again
 	if err := s.Close(); err != nil { // the file holds everything; the log is empty
 		t.Fatal(err)
 	}
@@ -520,15 +520,43 @@ func TestLogFirstFormatRecovers(t *testing.T) {
 		Response:  &keys.Response{Status: 200, Body: []byte("from the first format")},
 		CreatedAt: now, CompletedAt: now, ExpiresAt: now.Add(time.Hour), TTL: time.Hour}
 	payload := appendOp(nil, opPut, keys.StorageID("t", "old"), keys.AppendRecord(nil, &rec))
-	seg := segmentPrefix(walMagicV1, num+1)
+	seg := segmentPrefix(walMagicV1, num)
 	seg = binary.LittleEndian.AppendUint32(seg, uint32(len(payload)))
 	seg = binary.LittleEndian.AppendUint32(seg, crc32.Checksum(payload, castagnoli))
 	seg = append(seg, payload...)
-	if err := os.WriteFile(segmentPath(path, num+1), seg, 0o600); err != nil {
+	if err := os.WriteFile(segmentPath(path, num), seg, 0o600); err != nil {
 		t.Fatal(err)
 	}
 	c := openWith(t, path, clock, Options{})
 	if got := bodyOf(t, c, "t", "old"); got != "from the first format" {
 		t.Errorf("a write in a first-format segment: %q after Open", got)
+	}
+}
+
+// TestCloseLeavesNoLog: a clean Close carries the log into the file and removes it, the empty
+// current segment included, so that the data file alone holds everything (an older release,
+// which cannot read this one's segments, can open it); the next Open starts a new segment.
+func TestCloseLeavesNoLog(t *testing.T) {
+	t.Parallel()
+	clock := storagetest.NewClock(time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC))
+	path := filepath.Join(t.TempDir(), FileName)
+	s, err := Open(path, Options{Now: clock.Now, CheckpointInterval: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pairOf(t, s, "t", "k", "kept", time.Hour)
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if nums, err := segments(path); err != nil || len(nums) != 0 {
+		t.Fatalf("segments after a clean Close: %v, %v; want none", nums, err)
+	}
+	c := openWith(t, path, clock, Options{})
+	if got := bodyOf(t, c, "t", "k"); got != "kept" {
+		t.Errorf("after a clean Close and Open: %q, want kept", got)
+	}
+	pairOf(t, c, "t", "k2", "kept too", time.Hour)
+	if got := bodyOf(t, c, "t", "k2"); got != "kept too" {
+		t.Errorf("a write after the reopen: %q", got)
 	}
 }
