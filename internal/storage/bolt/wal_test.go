@@ -510,7 +510,7 @@ func TestLogFirstFormatRecovers(t *testing.T) {
 	clock := storagetest.NewClock(time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC))
 	path := filepath.Join(t.TempDir(), FileName)
 	s := openWith(t, path, clock, Options{CheckpointInterval: time.Hour})
-	num := s.wal.num // Close removes it, empty; the next Open would make it again
+	num := s.wal.num                  // Close removes it, empty; the next Open would make it again
 	if err := s.Close(); err != nil { // the file holds everything; the log is empty
 		t.Fatal(err)
 	}
