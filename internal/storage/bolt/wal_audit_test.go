@@ -257,18 +257,24 @@ func TestAuditCrashPoints(t *testing.T) {
 // new (last) segment with a partial header or a header-sized run of zeros (file systems that
 // log the size before the data): no frame can be in it, yet Open refuses to start.
 func TestAuditCrashInCreateSegment(t *testing.T) {
-	for _, tail := range [][]byte{[]byte("IDEMWAL1\x00\x00"), make([]byte, walHeaderSize)} {
+	// The first format's header cut short; zeros; this format's cut in the number, and in the salt.
+	for _, tail := range []func(num uint64) []byte{
+		func(uint64) []byte { return []byte("IDEMWAL1\x00\x00") },
+		func(uint64) []byte { return make([]byte, walHeaderSize) },
+		func(num uint64) []byte { return segmentPrefix(walMagic, num)[:len(walMagic)+3] },
+		func(num uint64) []byte { return append(segmentPrefix(walMagic, num), 1, 2, 3) },
+	} {
 		s := openT(t, filepath.Join(t.TempDir(), FileName))
 		beginN(t, s, "a", 3)
 		img := crashCopy(t, s)
 		num := s.wal.num
 		s.Close()
-		if err := os.WriteFile(segmentPath(img, num+1), tail, 0o600); err != nil {
+		if err := os.WriteFile(segmentPath(img, num+1), tail(num+1), 0o600); err != nil {
 			t.Fatal(err)
 		}
 		s2, err := Open(img, Options{CheckpointInterval: time.Hour})
 		if err != nil {
-			t.Errorf("last segment %q: Open: %v", tail, err)
+			t.Errorf("last segment %q: Open: %v", tail(num+1), err)
 			continue
 		}
 		expectN(t, s2, "a", 3)
