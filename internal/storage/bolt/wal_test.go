@@ -196,19 +196,8 @@ func TestLogDamageStopsOpen(t *testing.T) {
 	})
 	t.Run("DamagedFrame", func(t *testing.T) {
 		path := crashCopy(t, s)
-		seg := segmentPath(path, first)
-		b, err := os.ReadFile(seg)
-		if err != nil {
-			t.Fatal(err)
-		}
-		b[walHeaderSize+frameHeader+3] ^= 0xff
-		if err := os.WriteFile(seg, b, 0o600); err != nil {
-			t.Fatal(err)
-		}
-		if c, err := Open(path, Options{}); !errors.Is(err, ErrDamaged) {
-			if c != nil {
-				c.Close()
-			}
+		rewriteSegment(t, path, first, func(b []byte) []byte { b[walHeaderSize+frameHeader+3] ^= 0xff; return b })
+		if err := openErr(path); !errors.Is(err, ErrDamaged) {
 			t.Errorf("open with a damaged frame before a segment with writes: %v, want ErrDamaged", err)
 		}
 	})
@@ -217,13 +206,33 @@ func TestLogDamageStopsOpen(t *testing.T) {
 		if err := os.Remove(segmentPath(path, first)); err != nil {
 			t.Fatal(err)
 		}
-		if c, err := Open(path, Options{}); !errors.Is(err, ErrDamaged) {
-			if c != nil {
-				c.Close()
-			}
+		if err := openErr(path); !errors.Is(err, ErrDamaged) {
 			t.Errorf("open with a segment missing: %v, want ErrDamaged", err)
 		}
 	})
+}
+
+// rewriteSegment replaces segment num of the data file at path with what edit makes of it.
+func rewriteSegment(t *testing.T, path string, num uint64, edit func([]byte) []byte) {
+	t.Helper()
+	seg := segmentPath(path, num)
+	b, err := os.ReadFile(seg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(seg, edit(b), 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// openErr opens the data file at path, closes the store at once when it opened, and returns
+// Open's error.
+func openErr(path string) error {
+	c, err := Open(path, Options{})
+	if c != nil {
+		c.Close()
+	}
+	return err
 }
 
 // TestLogSyncFails: a write whose log sync fails is not acknowledged (503), and the log takes
@@ -435,24 +444,15 @@ func TestLogDamagedLengthStopsOpen(t *testing.T) {
 	for _, length := range []uint32{0xfffffff0, 1 << 20} { // past maxFrame, and merely past the end
 		t.Run(fmt.Sprint(length), func(t *testing.T) {
 			path := crashCopy(t, s)
-			seg := segmentPath(path, s.wal.num)
-			b, err := os.ReadFile(seg)
-			if err != nil {
-				t.Fatal(err)
-			}
-			offs := frameOffsets(b)
-			if len(offs) < 4 {
-				t.Fatalf("%d frames, want 6 (three pairs)", len(offs))
-			}
-			binary.LittleEndian.PutUint32(b[offs[1]:], length)
-			if err := os.WriteFile(seg, b, 0o600); err != nil {
-				t.Fatal(err)
-			}
-			c, err := Open(path, Options{})
-			if c != nil {
-				c.Close()
-			}
-			if !errors.Is(err, ErrDamaged) {
+			rewriteSegment(t, path, s.wal.num, func(b []byte) []byte {
+				offs := frameOffsets(b)
+				if len(offs) < 4 {
+					t.Fatalf("%d frames, want 6 (three pairs)", len(offs))
+				}
+				binary.LittleEndian.PutUint32(b[offs[1]:], length)
+				return b
+			})
+			if err := openErr(path); !errors.Is(err, ErrDamaged) {
 				t.Errorf("open with the second frame's length damaged: %v, want ErrDamaged", err)
 			}
 		})
@@ -479,21 +479,16 @@ func TestLogBodyIsNotAFrame(t *testing.T) {
 	}
 	pairOf(t, s, "t", "forger", string(forged)+strings.Repeat("x", 64), time.Hour)
 	path := crashCopy(t, s)
-	seg := segmentPath(path, s.wal.num)
-	b, err := os.ReadFile(seg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	offs := frameOffsets(b)
-	last := offs[len(offs)-1]
-	at := bytes.Index(b[last:], forged)
-	if at < 0 {
-		t.Fatal("the forged frames are not in the last frame")
-	}
 	// The crash cut the last frame (the complete that stored the body) after the forged frames.
-	if err := os.WriteFile(seg, b[:last+at+len(forged)+8], 0o600); err != nil {
-		t.Fatal(err)
-	}
+	rewriteSegment(t, path, s.wal.num, func(b []byte) []byte {
+		offs := frameOffsets(b)
+		last := offs[len(offs)-1]
+		at := bytes.Index(b[last:], forged)
+		if at < 0 {
+			t.Fatal("the forged frames are not in the last frame")
+		}
+		return b[:last+at+len(forged)+8]
+	})
 	c := openWith(t, path, clock, Options{})
 	if got := bodyOf(t, c, "t", "before"); got != "kept" {
 		t.Errorf("before: %q, want kept", got)
