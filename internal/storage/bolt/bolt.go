@@ -210,7 +210,7 @@ func Open(path string, opts Options) (*Store, error) {
 		sweepJobs:       make(chan *sweepJob, 1),
 		checkpointEvery: cmp.Or(opts.CheckpointInterval, DefaultCheckpointInterval),
 		checkpointBytes: cmp.Or(opts.CheckpointBytes, DefaultCheckpointBytes),
-		logLimit:        logLimitFactor * cmp.Or(opts.CheckpointBytes, DefaultCheckpointBytes),
+		logLimit:        max(logLimitFactor*cmp.Or(opts.CheckpointBytes, DefaultCheckpointBytes), minLogLimit),
 	}
 	st.comm = &committer{s: st, max: opts.MaxBatchSize}
 	go st.checkpointer()
@@ -840,7 +840,7 @@ func (s *Store) Close() error {
 		// The file holds every write, and the current segment none: it goes too, so that a
 		// clean stop leaves the data file alone, which an older release can open (the first
 		// release with the log refuses segments of this one's format).
-		errs = append(errs, removeSegment(s.path, s.wal.num))
+		errs = append(errs, removeSegment(s.path, s.wal.num), syncDir(filepath.Dir(s.path)))
 	}
 	if err := s.db.Close(); err != nil {
 		errs = append(errs, err)

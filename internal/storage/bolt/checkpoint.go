@@ -36,6 +36,11 @@ const DefaultCheckpointBytes = 64 << 20
 // bound, the log and the memtable that mirrors it grew until the disk, or the memory, ran out.
 const logLimitFactor = 4
 
+// minLogLimit is the least logLimit, whatever CheckpointBytes: the bound is for memory, and a log
+// of a few KiB (tests set CheckpointBytes so small) is outrun by writers between two checkpoints
+// that succeed.
+const minLogLimit = 64 << 20
+
 // errLogFull is a group's error when the log has reached logLimit.
 var errLogFull = fmt.Errorf("%w: bolt: the write-ahead log is full: checkpoints have not carried it into the data file (see idemsvc_bolt_checkpoint_failures_total); writes resume once one does", keys.ErrUnavailable)
 

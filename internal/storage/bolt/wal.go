@@ -39,9 +39,10 @@ import (
 // A frame is synced before the next one is written, so only the last frame of the log can be
 // cut short by a crash: it was never acknowledged, and Open drops it. It runs to the segment's
 // end (or the segment ends in zeros, where a file system noted the new size before the data). A
-// damaged frame anywhere else, one whose damaged length runs past the end while a frame that
-// checks follows it, or a segment that is not one, stops Open with ErrDamaged: records that were
-// acknowledged would be lost.
+// frame that does not check with a frame after it that does (a damaged length that runs past the
+// end, or damaged bytes), or a segment that is not one, stops Open with ErrDamaged: records that
+// were acknowledged would be lost. A frame that does not check with none after it that does is
+// the end of the log, whichever of its pages reached the disk.
 //
 // Segments of the first format (walMagicV1: no salt, the CRC-32C of the payload alone), left by
 // the release before this one, are read as before.
@@ -285,19 +286,25 @@ func readSegment(base string, num uint64, last bool) (frames [][]byte, torn bool
 			if allZero(b[off:]) || complete && off+frameHeader+n == len(b) {
 				return frames, true, nil // cut short, or zeros: the size was noted before the data
 			}
+			if seed != 0 {
+				// Only this segment's frames check with its seed. A frame that does not, with no
+				// frame after it that does, is the end of the log, cut short by a crash however
+				// the pages of that last write reached the disk (its header lost, or split
+				// across two pages, one of them lost). With one after it, it is damage: a
+				// damaged length that runs past the end, or damaged bytes.
+				at, exhausted := nextFrame(b, off+frameHeader, seed)
+				switch {
+				case at >= 0:
+					return nil, false, fmt.Errorf("%w: %s has a frame at byte %d that does not check, and one at byte %d after it that does (acknowledged writes may be lost)", ErrDamaged, path, off, at)
+				case !exhausted:
+					return frames, true, nil
+				}
+				// The search ran out of its budget: decide as for the first format.
+			}
+			// The first format has no seed, and a response body could carry a frame that checks:
+			// a length past the end is a frame cut short, and anything else damage.
 			if !complete && !zeroLength {
-				// The length runs past the end: a frame cut short, unless the length itself is
-				// damaged and frames synced after it follow. Only this segment's frames check
-				// with its seed; in the first format, whose checksums have no seed, a response
-				// body could carry one, so there the frame is taken for cut short, as before.
-				if seed == 0 {
-					return frames, true, nil
-				}
-				at := nextFrame(b, off+frameHeader, seed)
-				if at < 0 {
-					return frames, true, nil
-				}
-				return nil, false, fmt.Errorf("%w: %s has a frame at byte %d whose length is damaged, and a frame at byte %d after it (acknowledged writes may be lost)", ErrDamaged, path, off, at)
+				return frames, true, nil
 			}
 			return nil, false, fmt.Errorf("%w: %s has a damaged frame at byte %d, with more after it (acknowledged writes may be lost)", ErrDamaged, path, off)
 		}
@@ -312,10 +319,10 @@ func readSegment(base string, num uint64, last bool) (frames [][]byte, torn bool
 const nextFrameBudget = 256 << 20
 
 // nextFrame returns the offset of the first frame at or after from in b that checks with seed,
-// or -1 when there is none, or when the search checksummed nextFrameBudget bytes without finding
-// one (then the frame before is taken for cut short, as it was before this search). Bytes that
-// were never a frame of this segment check with a chance of 2^-32 for each offset tried.
-func nextFrame(b []byte, from int, seed uint32) int {
+// or -1 when there is none; exhausted says the search checksummed nextFrameBudget bytes and gave
+// up. Bytes that were never a frame of this segment check with a chance of 2^-32 for each offset
+// tried.
+func nextFrame(b []byte, from int, seed uint32) (at int, exhausted bool) {
 	budget := nextFrameBudget
 	for o := from; len(b)-o > frameHeader; o++ {
 		n := int(binary.LittleEndian.Uint32(b[o:]))
@@ -323,13 +330,13 @@ func nextFrame(b []byte, from int, seed uint32) int {
 			continue
 		}
 		if budget -= n; budget < 0 {
-			return -1
+			return -1, true
 		}
 		if crc32.Update(seed, castagnoli, b[o+frameHeader:o+frameHeader+n]) == binary.LittleEndian.Uint32(b[o+4:]) {
-			return o
+			return o, false
 		}
 	}
-	return -1
+	return -1, false
 }
 
 func allZero(b []byte) bool {

@@ -363,6 +363,7 @@ func TestLogBoundWhileCheckpointsFail(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer func() { _ = s.Close() }()
+	s.logLimit = logLimitFactor * ckBytes // below minLogLimit, to reach it in a few writes
 	body := strings.Repeat("b", 200)
 	pairOf(t, s, "t", "before", body, time.Hour)
 	if err := s.checkpoint(); err != nil {
