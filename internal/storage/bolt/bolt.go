@@ -92,8 +92,8 @@ type Options struct {
 	// zero means DefaultCheckpointInterval and DefaultCheckpointBytes. Until then they are held
 	// in memory too (a tenth of a second of writes, by default). While checkpoints fail (the
 	// data file cannot be written), the log and that memory grow until the log holds
-	// logLimitFactor times CheckpointBytes that the file lacks; writes then fail with
-	// keys.ErrUnavailable (503) until a checkpoint succeeds, and reads go on.
+	// logLimitFactor times CheckpointBytes (at least minLogLimit) that the file lacks; writes
+	// then fail with keys.ErrUnavailable (503) until a checkpoint succeeds, and reads go on.
 	CheckpointInterval time.Duration
 	CheckpointBytes    int64
 	// SweepChunk and SweepChunkBusy are how many expired records one transaction of a sweep

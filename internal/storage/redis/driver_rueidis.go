@@ -136,10 +136,9 @@ func newRueidisDriver(url string, timeout time.Duration, files TLSFiles, sentine
 // request, counted in /proc/PID/io: 1.88 for pairs, 1.90 for replays, one of them the HTTP
 // answer); with 100 µs, 1.29 and 1.25. Alternately with the code before (scripts/ab.sh, both
 // orders, 12 rounds of pairs and 6 of replays), pairs/s 1.11 times, replays/s 1.16, and the
-// server's CPU per request 0.88 and 0.85 (medians). 20 µs,
-// tried before, was too short to catch a second command, and measured as noise. A lone caller
-// is not delayed: rueidis waits only when more than one command is outstanding (1 connection: p50
-// 267 µs with the delay, 273 without).
+// server's CPU per request 0.88 and 0.85 (medians). 20 µs, tried before, was too short to catch a
+// second command, and measured as noise. A lone caller is not delayed: rueidis waits only when
+// more than one command is outstanding (1 connection: p50 267 µs with the delay, 273 without).
 const flushDelay = 100 * time.Microsecond
 
 // client returns the connected client for commands and scripts.
