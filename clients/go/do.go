@@ -390,8 +390,8 @@ const minTry = 250 * time.Millisecond
 // until ctx (the cleanup timeout) ends, spaced as the retry policy spaces attempts (a 503's
 // Retry-After, else the backoff). The client's retry policy alone gave up within a second, and a
 // restart of idemsvc takes longer: fn's side effect then went unrecorded, and a retry ran fn
-// again (a chaos audit: 6 of 10 runs). Both are safe to repeat. per, when not nil, bounds each call of op (0: no bound but ctx's); a call it cut short
-// counts as unavailable.
+// again (a chaos audit: 6 of 10 runs). Both are safe to repeat. per, when not nil, bounds each
+// call of op (0: no bound but ctx's); a call it cut short counts as unavailable.
 func (c *Client) persist(ctx context.Context, per func() time.Duration, op func(context.Context) error) error {
 	var last error // the last unavailable answer
 	for attempt := 1; ; attempt++ {
