@@ -250,9 +250,10 @@ func (w *wal) close() error { return w.f.Close() }
 
 // readSegment returns the payloads of segment num's frames, up to one cut short by a crash (torn
 // says there is one; whether that may be is recoverWAL's to say): a frame that does not check
-// and runs to the segment's end, or zeros to the end. A frame that does not check with more
-// after it is damage. last says whether it is the last segment, whose header may be cut short
-// or zero too (the process died making it).
+// and runs to the segment's end, or zeros to the end, or (in a salted segment) any frame that
+// does not check with none after it that does. A frame that does not check with a frame after it
+// that does (in the first format: with anything after it but zeros) is damage. last says whether
+// it is the last segment, whose header may be cut short or zero too (the process died making it).
 func readSegment(base string, num uint64, last bool) (frames [][]byte, torn bool, err error) {
 	path := segmentPath(base, num)
 	b, err := os.ReadFile(path)
