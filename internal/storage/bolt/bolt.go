@@ -200,6 +200,7 @@ func Open(path string, opts Options) (*Store, error) {
 		_ = db.Close()
 		return nil, fmt.Errorf("open %s: %w", path, err)
 	}
+	ckBytes := cmp.Or(opts.CheckpointBytes, DefaultCheckpointBytes)
 	st := &Store{
 		db: db, path: path, now: opts.Now,
 		sweepChunk: opts.SweepChunk, sweepChunkBusy: opts.SweepChunkBusy,
@@ -209,8 +210,8 @@ func Open(path string, opts Options) (*Store, error) {
 		ckStop: make(chan struct{}), ckDone: make(chan struct{}), ckKick: make(chan struct{}, 1),
 		sweepJobs:       make(chan *sweepJob, 1),
 		checkpointEvery: cmp.Or(opts.CheckpointInterval, DefaultCheckpointInterval),
-		checkpointBytes: cmp.Or(opts.CheckpointBytes, DefaultCheckpointBytes),
-		logLimit:        max(logLimitFactor*cmp.Or(opts.CheckpointBytes, DefaultCheckpointBytes), minLogLimit),
+		checkpointBytes: ckBytes,
+		logLimit:        max(logLimitFactor*ckBytes, minLogLimit),
 	}
 	st.comm = &committer{s: st, max: opts.MaxBatchSize}
 	go st.checkpointer()
@@ -835,8 +836,10 @@ func (s *Store) Close() error {
 			break
 		}
 	}
-	errs = append(errs, s.wal.close())
-	if len(errs) == 1 && errs[0] == nil && s.frozen == nil && s.active.empty() {
+	if err := s.wal.close(); err != nil {
+		errs = append(errs, err)
+	}
+	if len(errs) == 0 && s.frozen == nil && s.active.empty() {
 		// The file holds every write, and the current segment none: it goes too, so that a
 		// clean stop leaves the data file alone, which an older release can open (the first
 		// release with the log refuses segments of this one's format).

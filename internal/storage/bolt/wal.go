@@ -260,13 +260,16 @@ func readSegment(base string, num uint64, last bool) (frames [][]byte, torn bool
 	if err != nil {
 		return nil, false, err
 	}
-	var start int   // where the frames start
-	var seed uint32 // where their checksums start
+	var (
+		start  int    // where the frames start
+		seed   uint32 // where their checksums start
+		salted bool   // this format, not the first
+	)
 	switch prefix, v1 := segmentPrefix(walMagic, num), segmentPrefix(walMagicV1, num); {
 	case len(b) >= walHeaderSize && bytes.HasPrefix(b, prefix):
-		start, seed = walHeaderSize, crc32.Checksum(b[:walHeaderSize], castagnoli)
+		start, seed, salted = walHeaderSize, crc32.Checksum(b[:walHeaderSize], castagnoli), true
 	case bytes.HasPrefix(b, v1):
-		start, seed = walHeaderV1, 0 // the first format: the payload's CRC-32C alone
+		start = walHeaderV1 // the first format: the payload's CRC-32C alone, from seed 0
 	case last && (allZero(b) || len(b) < walHeaderSize && bytes.HasPrefix(prefix, b[:min(len(b), len(prefix))]) ||
 		len(b) < walHeaderV1 && bytes.HasPrefix(v1, b)):
 		// A header is synced before any frame is written: a last segment whose header is cut
@@ -287,7 +290,7 @@ func readSegment(base string, num uint64, last bool) (frames [][]byte, torn bool
 			if allZero(b[off:]) || complete && off+frameHeader+n == len(b) {
 				return frames, true, nil // cut short, or zeros: the size was noted before the data
 			}
-			if seed != 0 {
+			if salted {
 				// Only this segment's frames check with its seed. A frame that does not, with no
 				// frame after it that does, is the end of the log, cut short by a crash however
 				// the pages of that last write reached the disk (its header lost, or split

@@ -37,7 +37,7 @@ func FuzzReadSegment(f *testing.F) {
 	f.Add(uint32(40), byte(0xff), uint32(len(written)), uint16(0))
 	f.Add(uint32(24), byte(0x10), uint32(len(written)), uint16(0)) // the first length
 	f.Add(uint32(5000), byte(0), uint32(5000), uint16(8192))       // cut in a frame, zeros after
-	f.Add(uint32(uint32(len(written))-3), byte(1), uint32(len(written)), uint16(0))
+	f.Add(uint32(len(written)-3), byte(1), uint32(len(written)), uint16(0))
 	f.Fuzz(func(t *testing.T, at uint32, xor byte, cut uint32, zeros uint16) {
 		b := bytes.Clone(written)
 		if int(at) < len(b) {

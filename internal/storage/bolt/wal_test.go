@@ -65,12 +65,19 @@ func inFile(t *testing.T, path, tenant, key string) bool {
 	return found
 }
 
+// openLogStore opens a store in a new directory, on a clock that stands still, whose
+// checkpoints wait for the test (one an hour), so that its writes stay in the log.
+func openLogStore(t *testing.T) (*Store, *storagetest.Clock) {
+	t.Helper()
+	clock := storagetest.NewClock(time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC))
+	return openWith(t, filepath.Join(t.TempDir(), FileName), clock, Options{CheckpointInterval: time.Hour}), clock
+}
+
 // TestLogRecoversWhatTheFileLacks: what was acknowledged and is only in the log (no checkpoint
 // ran) is all there after a crash: completes, a delete, a release, and fences that keep growing.
 func TestLogRecoversWhatTheFileLacks(t *testing.T) {
 	t.Parallel()
-	clock := storagetest.NewClock(time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC))
-	s := openWith(t, filepath.Join(t.TempDir(), FileName), clock, Options{CheckpointInterval: time.Hour})
+	s, clock := openLogStore(t)
 	ctx := context.Background()
 	for i := range 50 {
 		pairOf(t, s, "t", fmt.Sprintf("k%d", i), fmt.Sprintf("body %d", i), time.Hour)
@@ -132,8 +139,7 @@ func TestLogRecoversWhatTheFileLacks(t *testing.T) {
 // is dropped, and everything before it is kept; so is a segment the crash cut in its header.
 func TestLogCutShort(t *testing.T) {
 	t.Parallel()
-	clock := storagetest.NewClock(time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC))
-	s := openWith(t, filepath.Join(t.TempDir(), FileName), clock, Options{CheckpointInterval: time.Hour})
+	s, clock := openLogStore(t)
 	pairOf(t, s, "t", "a", "kept", time.Hour)
 	for _, cut := range []struct {
 		name string
@@ -169,8 +175,7 @@ func TestLogCutShort(t *testing.T) {
 // damage, both segments' writes are there.
 func TestLogDamageStopsOpen(t *testing.T) {
 	t.Parallel()
-	clock := storagetest.NewClock(time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC))
-	s := openWith(t, filepath.Join(t.TempDir(), FileName), clock, Options{CheckpointInterval: time.Hour})
+	s, clock := openLogStore(t)
 	pairOf(t, s, "t", "first", "in the first segment", time.Hour)
 	// The log moves to a new segment, as a checkpoint would before it writes the file; a
 	// crash comes before the file holds anything.
@@ -437,8 +442,7 @@ func TestLogBoundWhileCheckpointsFail(t *testing.T) {
 // acknowledged writes among them.
 func TestLogDamagedLengthStopsOpen(t *testing.T) {
 	t.Parallel()
-	clock := storagetest.NewClock(time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC))
-	s := openWith(t, filepath.Join(t.TempDir(), FileName), clock, Options{CheckpointInterval: time.Hour})
+	s, _ := openLogStore(t)
 	for i := range 3 {
 		pairOf(t, s, "t", fmt.Sprintf("k%d", i), "acknowledged", time.Hour)
 	}
@@ -466,8 +470,7 @@ func TestLogDamagedLengthStopsOpen(t *testing.T) {
 // check, because each segment's checksums start from its own random salt.
 func TestLogBodyIsNotAFrame(t *testing.T) {
 	t.Parallel()
-	clock := storagetest.NewClock(time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC))
-	s := openWith(t, filepath.Join(t.TempDir(), FileName), clock, Options{CheckpointInterval: time.Hour})
+	s, clock := openLogStore(t)
 	pairOf(t, s, "t", "before", "kept", time.Hour)
 	// The best a tenant can do without the salt: a frame that checks with the first format's
 	// checksum (no salt), or with a salt of its own.
