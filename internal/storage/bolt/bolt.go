@@ -144,6 +144,8 @@ type Store struct {
 	closed bool
 
 	watch watchers
+	// fresh scores whether begins mostly find no record: see learnFresh.
+	fresh atomic.Int32
 }
 
 var _ keys.Store = (*Store)(nil)
@@ -401,27 +403,40 @@ func (s *Store) begin(ctx context.Context, tenant, key string, req keys.BeginReq
 		w    keys.Write
 		rerr error // the rule's outcome, never returned from a transaction function
 	)
-	gen := s.cache.generation()
-	cur, fromFile, err := s.read(id)
-	if err != nil {
-		return keys.BeginResult{}, translate(err)
-	}
-	res, w, rerr = keys.DecideBegin(cur, s.now(), key, req)
-	if res.Outcome == keys.Replayed && fromFile {
-		s.cache.add(id, cur, gen)
-	}
-	if w == keys.WriteNone {
-		return res, rerr
+	// A key that the memtables do not hold is read from the file, and decided on, before the
+	// group, so that a replay or a conflict does not wait for a commit; but not while most
+	// begins find no record (fresh keys, the usual case): the group reads it then, and a
+	// read before it would be a second one (a bbolt transaction and a search of the tree,
+	// about 6% of a begin's CPU).
+	cur, inMemory := s.readMemory(id)
+	skipped := !inMemory && s.fresh.Load() >= 0
+	if !skipped {
+		gen := s.cache.generation()
+		var err error
+		if !inMemory {
+			if cur, err = s.readFile(id); err != nil {
+				return keys.BeginResult{}, translate(err)
+			}
+			s.learnFresh(cur == nil)
+		}
+		res, w, rerr = keys.DecideBegin(cur, s.now(), key, req)
+		if res.Outcome == keys.Replayed && !inMemory {
+			s.cache.add(id, cur, gen)
+		}
+		if w == keys.WriteNone {
+			return res, rerr
+		}
 	}
 
 	// Decided again in the group, on what is there then.
-	marked := false
-	err = s.comm.do(func(tx *wtx) error {
+	marked, found := false, false
+	err := s.comm.do(func(tx *wtx) error {
 		res, w, rerr = keys.BeginResult{}, keys.WriteNone, nil
 		cur, err := tx.get(id)
 		if err != nil {
 			return err
 		}
+		found = cur != nil
 		res, w, rerr = keys.DecideBegin(cur, s.now(), key, req)
 		if w != keys.WritePut {
 			return nil
@@ -437,10 +452,38 @@ func (s *Store) begin(ctx context.Context, tenant, key string, req keys.BeginReq
 	if err != nil {
 		return keys.BeginResult{}, translate(err)
 	}
+	if skipped {
+		s.learnFresh(!found)
+	}
 	if w != keys.WriteNone {
 		s.watch.notify(id)
 	}
 	return res, rerr
+}
+
+// How begin learns whether most keys are fresh: fresh rises by freshUp, to freshCap at most,
+// for each begin that found no record in the file, and falls by freshDown, to -freshCap at
+// least, for each that found one. Below zero, begin reads the file before the group. So it
+// reads in the group only while fewer than 1 begin in 9 finds a record there: a replay or a
+// conflict that goes to the group waits for a commit (a few ms), where a read saves a few µs.
+const (
+	freshUp   = 1
+	freshDown = 8
+	freshCap  = 64
+)
+
+func (s *Store) learnFresh(absent bool) {
+	for {
+		cur := s.fresh.Load()
+		next := cur - freshDown
+		if absent {
+			next = cur + freshUp
+		}
+		next = min(max(next, -freshCap), freshCap)
+		if next == cur || s.fresh.CompareAndSwap(cur, next) {
+			return
+		}
+	}
 }
 
 // Complete stores the response of the current lease holder; see keys.Store. The returned

@@ -132,18 +132,29 @@ func lookup(active, frozen *memtable, id []byte) (rec *keys.Record, ok bool) {
 // fromFile says it was read from the bbolt file, a copy of its own that the replay cache may
 // keep (a memtable's record is shared, and the cache sets a Memo on what it keeps).
 func (s *Store) read(id []byte) (rec *keys.Record, fromFile bool, err error) {
-	s.memMu.RLock()
-	rec, ok := lookup(s.active, s.frozen, id)
-	s.memMu.RUnlock()
-	if ok {
+	if rec, ok := s.readMemory(id); ok {
 		return rec, false, nil
 	}
-	// Read after the memtables: a checkpoint drops the frozen one only once the file holds it.
+	rec, err = s.readFile(id)
+	return rec, true, err
+}
+
+// readMemory returns what the memtables hold of id (see lookup).
+func (s *Store) readMemory(id []byte) (rec *keys.Record, ok bool) {
+	s.memMu.RLock()
+	rec, ok = lookup(s.active, s.frozen, id)
+	s.memMu.RUnlock()
+	return rec, ok
+}
+
+// readFile returns the record of id that the file holds, or nil. Call it after readMemory: a
+// checkpoint drops the frozen memtable only once the file holds it.
+func (s *Store) readFile(id []byte) (rec *keys.Record, err error) {
 	err = s.view(func(tx *bbolt.Tx) error {
 		rec, err = getRecord(tx, id)
 		return err
 	})
-	return rec, true, err
+	return rec, err
 }
 
 // checkpointer carries the log into the bbolt file every checkpointEvery, and sooner when the
