@@ -146,6 +146,9 @@ type Store struct {
 	watch watchers
 	// fresh scores whether begins mostly find no record: see learnFresh.
 	fresh atomic.Int32
+	// afterMemoryRead, when set (by tests), runs in begin between its reads of the memtables
+	// and of the file.
+	afterMemoryRead func()
 }
 
 var _ keys.Store = (*Store)(nil)
@@ -408,10 +411,17 @@ func (s *Store) begin(ctx context.Context, tenant, key string, req keys.BeginReq
 	// begins find no record (fresh keys, the usual case): the group reads it then, and a
 	// read before it would be a second one (a bbolt transaction and a search of the tree,
 	// about 6% of a begin's CPU).
+	//
+	// The cache's generation is noted before the memtables are read, as every reader does (see
+	// replayCache): a Delete that ran between the two reads would otherwise let a record read
+	// from the file before the Delete's checkpoint into the cache after it (an audit's find).
+	gen := s.cache.generation()
 	cur, inMemory := s.readMemory(id)
+	if s.afterMemoryRead != nil {
+		s.afterMemoryRead()
+	}
 	skipped := !inMemory && s.fresh.Load() >= 0
 	if !skipped {
-		gen := s.cache.generation()
 		var err error
 		if !inMemory {
 			if cur, err = s.readFile(id); err != nil {

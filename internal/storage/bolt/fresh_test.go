@@ -81,3 +81,38 @@ func TestBeginReadsTheFileOnceForFreshKeys(t *testing.T) {
 		t.Errorf("after %d fresh keys, fresh is %d, want 0 or more", 2*freshCap, s.fresh.Load())
 	}
 }
+
+// TestDeleteBetweenBeginsReadsIsNotCached: a Delete that runs whole between begin's read of the
+// memtables and its read of the file (a completed key that only the file holds, begins reading
+// first) may make that begin replay the old record, which overlapped the Delete; but the record
+// must not reach the replay cache, where a begin after the Delete returned would find it. An
+// audit found begin noting the cache's generation after its memtable read, which let it in.
+func TestDeleteBetweenBeginsReadsIsNotCached(t *testing.T) {
+	t.Parallel()
+	s, _ := openLogStore(t)
+	ctx := context.Background()
+	req := keys.BeginRequest{Fingerprint: "f", Lease: time.Minute, TTL: time.Hour}
+	pairOf(t, s, "t", "k", "old", time.Hour)
+	if err := s.checkpoint(); err != nil { // only the file holds k now
+		t.Fatal(err)
+	}
+	s.fresh.Store(-freshCap) // replays dominate: begin reads the file before the group
+	deleted := false
+	s.afterMemoryRead = func() {
+		if !deleted {
+			deleted = true
+			if err := s.Delete(ctx, "t", "k"); err != nil {
+				t.Error(err)
+			}
+		}
+	}
+	res, err := s.Begin(ctx, "t", "k", req)
+	if err != nil || !deleted {
+		t.Fatalf("begin overlapping the Delete: %v, %v (deleted %v)", res.Outcome, err, deleted)
+	}
+	s.afterMemoryRead = nil
+	res, err = s.Begin(ctx, "t", "k", req)
+	if err != nil || res.Outcome != keys.Acquired {
+		t.Errorf("begin after the Delete returned: %v, %v; want acquired, not the deleted record", res.Outcome, err)
+	}
+}
