@@ -75,31 +75,25 @@ func newSlowPath(t *testing.T, target string, delay time.Duration) *slowPath {
 // lateStores are two replicas on one Redis: a, whose path to Redis turns slow (400 ms, past
 // its 100 ms timeout), and b, whose path is not.
 func lateStores(t *testing.T) (a, b *Store, path *slowPath) {
-	a, path = slowStore(t, 400*time.Millisecond, 100*time.Millisecond)
-	return a, openTest(t, redistest.URL(t), a.prefix, nil), path
-}
-
-// slowStore is a Store with timeout that reaches Redis through a slowPath of delay (not slow
-// yet), and has served once, so that it knows where Redis's clock is.
-func slowStore(t *testing.T, delay, timeout time.Duration) (*Store, *slowPath) {
-	t.Helper()
 	url := redistest.URL(t)
+	prefix := redistest.Prefix(t)
 	host := strings.TrimPrefix(url, "redis://")
 	host = host[:strings.IndexByte(host, '/')]
-	path := newSlowPath(t, host, delay)
-	s, err := Open(context.Background(), strings.Replace(url, host, path.addr, 1), Options{Prefix: redistest.Prefix(t), Timeout: timeout})
+	path = newSlowPath(t, host, 400*time.Millisecond)
+	a, err := Open(context.Background(), strings.Replace(url, host, path.addr, 1), Options{Prefix: prefix, Timeout: 100 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { s.Close() })
-	if c, err := s.rd.client(t.Context()); err == nil && c.Mode() == rueidis.ClientModeCluster {
+	t.Cleanup(func() { a.Close() })
+	if c, err := a.rd.client(t.Context()); err == nil && c.Mode() == rueidis.ClientModeCluster {
 		// The client learns the nodes' own addresses from the cluster and goes around the proxy.
 		t.Skip("the slow path proxies one Redis; IDEMSVC_TEST_REDIS_URL is a cluster")
 	}
-	if _, err := s.Get(t.Context(), "t", "warm-up"); !errors.Is(err, keys.ErrNotFound) {
+	// A replica that has served knows where Redis's clock is.
+	if _, err := a.Get(t.Context(), "t", "warm-up"); !errors.Is(err, keys.ErrNotFound) {
 		t.Fatalf("Get = %v, want not found", err)
 	}
-	return s, path
+	return a, openTest(t, url, prefix, nil), path
 }
 
 // TestLateDeleteDoesNotLand: a Delete answered unavailable (its deadline passed while its
