@@ -188,9 +188,8 @@ type Options struct {
 	// Prefix namespaces every Redis key and channel of the store, so that tests (or several
 	// deployments on one Redis) stay apart. It must not contain '{' or '}'. Default "idem".
 	Prefix string
-	// Timeout bounds each operation, all its round trips included, within the caller's
-	// deadline. Default 2s. A caller's context without a deadline (an HTTP request's) does not
-	// end an operation early when it is cancelled: see Store.op.
+	// Timeout bounds each operation, all its round trips included, within the caller's context.
+	// Default 2s.
 	Timeout time.Duration
 	// AllowEviction lets the Store serve a Redis whose maxmemory-policy may evict keys (any but
 	// noeviction). Redis then drops stored responses and held leases when memory runs short,
@@ -763,21 +762,8 @@ func microsArg(us int64) string {
 
 // op runs one operation: it bounds ctx by the store's timeout and retries attempt while it
 // reports a lost compare-and-set, with jittered backoff.
-//
-// A caller's context without a deadline only bounds the operation's start: once begun, it runs
-// to its end or to the timeout, as it does on bbolt, and as it would if the cancellation came a
-// moment later, after the script was sent. Such a context is an HTTP request's, cancelled when
-// its client goes; following it cost each operation a channel and a map on the request's
-// context and two more locks, 2.5% of a replay's CPU in a profile.
 func (s *Store) op(ctx context.Context, name, key string, attempt func(ctx context.Context) (done bool, err error)) error {
-	if err := ctx.Err(); err != nil {
-		return s.wrap(ctx, name, key, s.edge(err))
-	}
-	bounded := ctx
-	if _, ok := ctx.Deadline(); !ok {
-		bounded = context.WithoutCancel(ctx)
-	}
-	opCtx, cancel := context.WithTimeout(bounded, s.timeout)
+	opCtx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
 	if !s.checked.Load() {
 		if err := s.ready(opCtx); err != nil {
