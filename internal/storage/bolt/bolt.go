@@ -409,8 +409,9 @@ func (s *Store) begin(ctx context.Context, tenant, key string, req keys.BeginReq
 	// A key that the memtables do not hold is read from the file, and decided on, before the
 	// group, so that a replay or a conflict does not wait for a commit; but not while most
 	// begins find no record (fresh keys, the usual case): the group reads it then, and a
-	// read before it would be a second one (a bbolt transaction and a search of the tree,
-	// about 6% of a begin's CPU).
+	// read before it would be a second one (a bbolt read transaction and a search of the tree:
+	// in CPU profiles of pairs, old and new one after the other, a fresh begin's own CPU fell
+	// from 13.4 to 3.4 µs, and a pair request's, the group's share included, by about 4.6 µs).
 	//
 	// The cache's generation is noted before the memtables are read, as every reader does (see
 	// replayCache): a Delete that ran between the two reads would otherwise let a record read
@@ -472,8 +473,9 @@ func (s *Store) begin(ctx context.Context, tenant, key string, req keys.BeginReq
 }
 
 // How begin learns whether most keys are fresh: fresh rises by freshUp, to freshCap at most,
-// for each begin that found no record in the file, and falls by freshDown, to -freshCap at
-// least, for each that found one. Below zero, begin reads the file before the group. So it
+// for each begin that found no record (in the file, or, when the group read, wherever the group
+// looked), and falls by freshDown, to -freshCap at least, for each that found one. A key the
+// memtables hold before the group does not count. Below zero, begin reads the file before the group. So it
 // reads in the group only while fewer than 1 begin in 9 finds a record there: a replay or a
 // conflict that goes to the group waits for a commit (a few ms), where a read saves a few µs.
 const (
