@@ -485,17 +485,7 @@ const (
 )
 
 func (s *Store) learnFresh(absent bool) {
-	for {
-		cur := s.fresh.Load()
-		next := cur - freshDown
-		if absent {
-			next = cur + freshUp
-		}
-		next = min(max(next, -freshCap), freshCap)
-		if next == cur || s.fresh.CompareAndSwap(cur, next) {
-			return
-		}
-	}
+	keys.LearnFresh(&s.fresh, absent, freshUp, freshDown, freshCap)
 }
 
 // Complete stores the response of the current lease holder; see keys.Store. The returned

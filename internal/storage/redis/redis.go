@@ -306,19 +306,7 @@ const (
 )
 
 // learnFresh scores one begin's key: absent or stored.
-func (s *Store) learnFresh(absent bool) {
-	for {
-		cur := s.fresh.Load()
-		next := cur - 1
-		if absent {
-			next = cur + freshUp
-		}
-		next = min(max(next, -freshCap), freshCap)
-		if next == cur || s.fresh.CompareAndSwap(cur, next) {
-			return
-		}
-	}
-}
+func (s *Store) learnFresh(absent bool) { keys.LearnFresh(&s.fresh, absent, freshUp, 1, freshCap) }
 
 // driver is the little that Store needs from a Redis client: rueidisDriver; tests wrap it to
 // lose replies or count round trips.
