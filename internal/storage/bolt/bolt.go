@@ -888,7 +888,7 @@ func (s *Store) Close() error {
 		// The file holds every write, and the current segment none: it goes too, so that a
 		// clean stop leaves the data file alone, which an older release can open (the first
 		// release with the log refuses segments of this one's format).
-		errs = append(errs, removeSegment(s.path, s.wal.num), syncDir(filepath.Dir(s.path)))
+		errs = append(errs, removeSegment(s.path, s.wal.num), removeSpare(s.path), syncDir(filepath.Dir(s.path)))
 	}
 	if err := s.db.Close(); err != nil {
 		errs = append(errs, err)

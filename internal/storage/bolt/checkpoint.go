@@ -285,16 +285,17 @@ func (s *Store) inActive(id []byte) bool {
 	return ok
 }
 
-// removeSegmentsThrough removes base's segments up to through.
+// removeSegmentsThrough retires base's segments up to through: the last of them may be kept as
+// the spare (see retireSegment), the others are removed.
 func removeSegmentsThrough(base string, through uint64) error {
 	nums, err := segments(base)
 	if err != nil {
 		return err
 	}
 	var errs []error
-	for _, n := range nums {
+	for _, n := range slices.Backward(nums) {
 		if n <= through {
-			errs = append(errs, removeSegment(base, n))
+			errs = append(errs, retireSegment(base, n))
 		}
 	}
 	return errors.Join(errs...)

@@ -29,30 +29,43 @@ import (
 // The log is a run of segment files beside the data file, named after it: "idemsvc.db.wal-"
 // and the segment's number in 16 hex digits. A segment starts with walMagic, its number (8
 // bytes, big-endian) and 8 random bytes, its salt; then frames: the payload's length and its
-// checksum (4 bytes each, little-endian), then the payload, the encoded writes of one group. The
-// checksum is the CRC-32C of the segment's header followed by the payload, so that only a frame
-// written to this segment checks in it: not one that a response body carries (its bytes are a
-// tenant's to choose), nor one left by an earlier segment. The bbolt file remembers
-// (bucketMeta, metaWALThrough) the last segment whose writes it holds; Open applies the later
-// ones, in order, and removes the rest.
+// checksum (4 bytes each, little-endian) and the salt, then the payload, the encoded writes of
+// one group. The checksum is the CRC-32C of the segment's header followed by the payload, so
+// that only a frame written to this segment checks in it: not one that a response body carries
+// (its bytes are a tenant's to choose), nor one left by an earlier segment. After the last frame
+// (after the header, in a segment with none) comes the end: a length of zero, the CRC-32C of the
+// header followed by the end's offset (8 bytes, little-endian), and the salt. Each append writes
+// its frame over the end and a new end after it, in one write, synced once.
+//
+// The end is what lets a segment be a file used before (see spareName): a retired segment is
+// kept, given a new header and a new salt, and written over, so that a commit's sync writes data
+// in place and does not also journal the file's new size (on ext4, an append's fdatasync
+// commits a journal transaction). What the file held before ends nowhere: its frames and ends do
+// not check with the new header, and its bytes do not carry the new salt.
+//
+// The bbolt file remembers (bucketMeta, metaWALThrough) the last segment whose writes it holds;
+// Open applies the later ones, in order, and removes the rest.
 //
 // A frame is synced before the next one is written, so only the last frame of the log can be
-// cut short by a crash: it was never acknowledged, and Open drops it. It runs to the segment's
-// end (or the segment ends in zeros, where a file system noted the new size before the data). A
-// frame that does not check with a frame after it that does (a damaged length that runs past the
-// end, or damaged bytes), or a segment that is not one, stops Open with ErrDamaged: records that
-// were acknowledged would be lost. A frame that does not check with none after it that does is
-// the end of the log, whichever of its pages reached the disk.
+// cut short by a crash: it was never acknowledged, and Open drops it. It does not check, and no
+// frame after it does (where a crash left its end, or bytes from before, or zeros where a file
+// system noted the new size before the data). A frame that does not check with a frame after it
+// that does (a damaged length that runs past the end, or damaged bytes), or a segment that is
+// not one, stops Open with ErrDamaged: records that were acknowledged would be lost.
 //
-// Segments of the first format (walMagicV1: no salt, the CRC-32C of the payload alone), left by
-// the release before this one, are read as before.
+// Segments of the two earlier formats are read as before: walMagicV2 (frames without the salt,
+// no end: the log ends where the file does, or in zeros, or at a frame that does not check with
+// none after it that does) and walMagicV1 (no salt at all, the CRC-32C of the payload alone).
 
 const (
-	walMagic      = "IDEMWAL2"
+	walMagic      = "IDEMWAL3"
 	walHeaderSize = len(walMagic) + 8 + 8
+	walMagicV2    = "IDEMWAL2" // the same header; frames of frameHeaderV2, no end
 	walMagicV1    = "IDEMWAL1"
 	walHeaderV1   = len(walMagicV1) + 8
-	frameHeader   = 8
+	saltSize      = 8
+	frameHeader   = 8 + saltSize // length, checksum, salt; an end is as long
+	frameHeaderV2 = 8
 	// maxFrame bounds a frame's payload: a group is at most MaxBatchSize writes of records of
 	// at most about a megabyte each.
 	maxFrame = 1 << 30
@@ -82,7 +95,8 @@ type wal struct {
 	f    *os.File
 	num  uint64 // the current segment's number
 	seed uint32 // the CRC-32C of the current segment's header, where each frame's checksum starts
-	size int64  // bytes in the current segment, all synced
+	salt [saltSize]byte
+	size int64 // bytes of the current segment's header and frames, all synced; its end is here
 	buf  []byte
 
 	broken atomic.Pointer[error]
@@ -102,11 +116,34 @@ func segmentPrefix(magic string, num uint64) []byte {
 	return binary.BigEndian.AppendUint64([]byte(magic), num)
 }
 
-// segment is a segment file open for appends, and the seed of its frames' checksums.
+// segment is a segment file open for appends, the seed of its frames' checksums, and its salt.
 type segment struct {
 	f    *os.File
 	seed uint32
+	salt [saltSize]byte
 }
+
+// appendEnd appends the end of a segment at off, whose header's CRC-32C is seed.
+func appendEnd(b []byte, seed uint32, salt [saltSize]byte, off int64) []byte {
+	b = binary.LittleEndian.AppendUint32(b, 0)
+	b = binary.LittleEndian.AppendUint32(b, endCheck(seed, off))
+	return append(b, salt[:]...)
+}
+
+// endCheck is the checksum of a segment's end at off.
+func endCheck(seed uint32, off int64) uint32 {
+	var b [8]byte
+	binary.LittleEndian.PutUint64(b[:], uint64(off))
+	return crc32.Update(seed, castagnoli, b[:])
+}
+
+// spareName is where a segment that a checkpoint retired waits to be the next one (createSegment
+// takes it): one file at most, of at most maxSpare bytes. See retireSegment.
+func spareName(base string) string { return base + ".wal-spare" }
+
+// maxSpare bounds the size of a spare segment: a larger one (a burst of writes, or checkpoints
+// that failed for a while) is removed, not kept.
+const maxSpare = 32 << 20
 
 func segmentPath(base string, num uint64) string {
 	return fmt.Sprintf("%s.wal-%016x", base, num)
@@ -138,34 +175,72 @@ func segments(base string) ([]uint64, error) {
 	return nums, nil
 }
 
-// createSegment makes segment num of base, with its header and a new salt, synced, and its name
-// synced in the directory.
+// createSegment makes segment num of base, with its header, a new salt and its end, synced,
+// and its name synced in the directory. It takes the spare segment when there is one: the new
+// header and end are written, and synced, before the file takes the segment's name, so a crash
+// never leaves a segment of that name with the header of another.
 func createSegment(base string, num uint64) (segment, error) {
-	var salt [8]byte
+	var salt [saltSize]byte
 	if _, err := rand.Read(salt[:]); err != nil {
 		return segment{}, err
 	}
 	head := segmentHeader(num, salt)
+	seed := crc32.Checksum(head, castagnoli)
+	head = appendEnd(head, seed, salt, int64(walHeaderSize))
 	path := segmentPath(base, num)
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
+	spare := spareName(base)
+	f, err := os.OpenFile(spare, os.O_RDWR, 0)
+	if err == nil {
+		if _, err = f.WriteAt(head, 0); err == nil {
+			err = fdatasync(f)
+		}
+		if err == nil {
+			err = os.Rename(spare, path)
+		}
+		if err != nil {
+			_ = f.Close()
+		}
+	}
 	if err != nil {
-		return segment{}, err
-	}
-	if _, err := f.WriteAt(head, 0); err != nil {
-		_ = f.Close()
-		_ = os.Remove(path)
-		return segment{}, err
-	}
-	if err := fdatasync(f); err != nil {
-		_ = f.Close()
-		_ = os.Remove(path)
-		return segment{}, err
+		// No spare, or one of no use: the segment is made anew.
+		if !errors.Is(err, fs.ErrNotExist) {
+			_ = os.Remove(spare)
+		}
+		if f, err = os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600); err != nil {
+			return segment{}, err
+		}
+		if _, err := f.WriteAt(head, 0); err != nil {
+			_ = f.Close()
+			_ = os.Remove(path)
+			return segment{}, err
+		}
+		if err := fdatasync(f); err != nil {
+			_ = f.Close()
+			_ = os.Remove(path)
+			return segment{}, err
+		}
 	}
 	if err := syncDir(filepath.Dir(path)); err != nil {
 		_ = f.Close()
 		return segment{}, err
 	}
-	return segment{f: f, seed: crc32.Checksum(head, castagnoli)}, nil
+	return segment{f: f, seed: seed, salt: salt}, nil
+}
+
+// retireSegment removes segment num of base, which the bbolt file holds, or keeps it as the
+// spare when there is none and it is not too large (see spareName). Removed or kept, it is not
+// a segment any more once this returns (its name is gone); the directory is not synced, as a
+// segment the file holds is removed at Open anyway.
+func retireSegment(base string, num uint64) error {
+	path := segmentPath(base, num)
+	if fi, err := os.Stat(path); err == nil && fi.Size() <= maxSpare {
+		if _, err := os.Lstat(spareName(base)); errors.Is(err, fs.ErrNotExist) {
+			if os.Rename(path, spareName(base)) == nil {
+				return nil
+			}
+		}
+	}
+	return removeSegment(base, num)
 }
 
 // openWAL starts a new segment, num, for appends.
@@ -174,7 +249,7 @@ func openWAL(base string, num uint64) (*wal, error) {
 	if err != nil {
 		return nil, fmt.Errorf("write-ahead log: %w", err)
 	}
-	return &wal{base: base, f: sg.f, seed: sg.seed, num: num, size: int64(walHeaderSize)}, nil
+	return &wal{base: base, f: sg.f, seed: sg.seed, salt: sg.salt, num: num, size: int64(walHeaderSize)}, nil
 }
 
 func (w *wal) err() error {
@@ -184,8 +259,10 @@ func (w *wal) err() error {
 	return nil
 }
 
-// append writes payload as a frame and syncs it. When the write fails (a full disk), the frame
-// is cut off again and the log goes on; when that or the sync fails, the log is broken.
+// append writes payload as a frame, over the segment's end and with a new end after it, and
+// syncs it. When the write fails (a full disk), the file is cut at the old end (a segment that
+// ends where its file does ends there) and the log goes on; when that or the sync fails, the log
+// is broken.
 func (w *wal) append(payload []byte) error {
 	if err := w.err(); err != nil {
 		return err
@@ -194,10 +271,13 @@ func (w *wal) append(payload []byte) error {
 		return fmt.Errorf("bolt: a group of writes of %d bytes is too large for the log", len(payload))
 	}
 	start := time.Now()
-	w.buf = slices.Grow(w.buf[:0], frameHeader+len(payload))
+	w.buf = slices.Grow(w.buf[:0], 2*frameHeader+len(payload))
 	w.buf = binary.LittleEndian.AppendUint32(w.buf, uint32(len(payload)))
 	w.buf = binary.LittleEndian.AppendUint32(w.buf, crc32.Update(w.seed, castagnoli, payload))
+	w.buf = append(w.buf, w.salt[:]...)
 	w.buf = append(w.buf, payload...)
+	frame := len(w.buf)
+	w.buf = appendEnd(w.buf, w.seed, w.salt, w.size+int64(frame))
 	if _, err := w.f.WriteAt(w.buf, w.size); err != nil {
 		if terr := w.f.Truncate(w.size); terr != nil {
 			w.fail(fmt.Errorf("writing the log: %w; cutting the frame off again: %w", err, terr))
@@ -209,7 +289,7 @@ func (w *wal) append(payload []byte) error {
 		w.fail(fmt.Errorf("syncing the log: %w", err))
 		return w.err()
 	}
-	w.size += int64(len(w.buf))
+	w.size += int64(frame)
 	w.bytes.Add(uint64(len(w.buf)))
 	w.nanos.Add(int64(time.Since(start)))
 	if cap(w.buf) > 1<<20 {
@@ -242,18 +322,19 @@ func (w *wal) rotate(next segment) (uint64, error) {
 	}
 	old := w.num
 	_ = w.f.Close()
-	w.f, w.seed, w.num, w.size = next.f, next.seed, w.num+1, int64(walHeaderSize)
+	w.f, w.seed, w.salt, w.num, w.size = next.f, next.seed, next.salt, w.num+1, int64(walHeaderSize)
 	return old, nil
 }
 
 func (w *wal) close() error { return w.f.Close() }
 
-// readSegment returns the payloads of segment num's frames, up to one cut short by a crash (torn
-// says there is one; whether that may be is recoverWAL's to say): a frame that does not check
-// and runs to the segment's end, or zeros to the end, or (in a salted segment) any frame that
-// does not check with none after it that does. A frame that does not check with a frame after it
-// that does (in the first format: with anything after it but zeros) is damage. last says whether
-// it is the last segment, whose header may be cut short or zero too (the process died making it).
+// readSegment returns the payloads of segment num's frames, up to its end or one cut short by a
+// crash (torn says there is one; whether that may be is recoverWAL's to say): a frame that does
+// not check and runs to the segment's end, or zeros to the end, or (in a salted segment) any
+// frame that does not check with none after it that does. A frame that does not check with a
+// frame after it that does (in the first format: with anything after it but zeros) is damage.
+// last says whether it is the last segment, whose header may be cut short or zero too (the
+// process died making it).
 func readSegment(base string, num uint64, last bool) (frames [][]byte, torn bool, err error) {
 	path := segmentPath(base, num)
 	b, err := os.ReadFile(path)
@@ -263,14 +344,20 @@ func readSegment(base string, num uint64, last bool) (frames [][]byte, torn bool
 	var (
 		start  int    // where the frames start
 		seed   uint32 // where their checksums start
-		salted bool   // this format, not the first
+		salted bool   // the second format or this one, not the first
+		salt   []byte // this format's: in every frame and end
+		fh     int    // the size of a frame's header
 	)
-	switch prefix, v1 := segmentPrefix(walMagic, num), segmentPrefix(walMagicV1, num); {
+	switch prefix, v2, v1 := segmentPrefix(walMagic, num), segmentPrefix(walMagicV2, num), segmentPrefix(walMagicV1, num); {
 	case len(b) >= walHeaderSize && bytes.HasPrefix(b, prefix):
-		start, seed, salted = walHeaderSize, crc32.Checksum(b[:walHeaderSize], castagnoli), true
+		start, seed, salted, fh = walHeaderSize, crc32.Checksum(b[:walHeaderSize], castagnoli), true, frameHeader
+		salt = b[walHeaderSize-saltSize : walHeaderSize]
+	case len(b) >= walHeaderSize && bytes.HasPrefix(b, v2):
+		start, seed, salted, fh = walHeaderSize, crc32.Checksum(b[:walHeaderSize], castagnoli), true, frameHeaderV2
 	case bytes.HasPrefix(b, v1):
-		start = walHeaderV1 // the first format: the payload's CRC-32C alone, from seed 0
+		start, fh = walHeaderV1, frameHeaderV2 // the first format: the payload's CRC-32C alone, from seed 0
 	case last && (allZero(b) || len(b) < walHeaderSize && bytes.HasPrefix(prefix, b[:min(len(b), len(prefix))]) ||
+		len(b) < walHeaderSize && bytes.HasPrefix(v2, b[:min(len(b), len(v2))]) ||
 		len(b) < walHeaderV1 && bytes.HasPrefix(v1, b)):
 		// A header is synced before any frame is written: a last segment whose header is cut
 		// short, or zeros, was being made as the process died, and holds nothing.
@@ -281,13 +368,17 @@ func readSegment(base string, num uint64, last bool) (frames [][]byte, torn bool
 	for off := start; off < len(b); {
 		rest := len(b) - off
 		n := 0
-		if rest >= frameHeader {
+		if rest >= fh {
 			n = int(binary.LittleEndian.Uint32(b[off:]))
 		}
-		complete := rest >= frameHeader && n > 0 && n <= maxFrame && rest-frameHeader >= n
-		if !complete || crc32.Update(seed, castagnoli, b[off+frameHeader:off+frameHeader+n]) != binary.LittleEndian.Uint32(b[off+4:]) {
-			zeroLength := rest >= frameHeader && n == 0
-			if allZero(b[off:]) || complete && off+frameHeader+n == len(b) {
+		if salt != nil && rest >= fh && n == 0 && bytes.Equal(b[off+8:off+fh], salt) &&
+			binary.LittleEndian.Uint32(b[off+4:]) == endCheck(seed, int64(off)) {
+			return frames, false, nil // the end: what follows is from before, if anything
+		}
+		complete := rest >= fh && n > 0 && n <= maxFrame && rest-fh >= n && (salt == nil || bytes.Equal(b[off+8:off+fh], salt))
+		if !complete || crc32.Update(seed, castagnoli, b[off+fh:off+fh+n]) != binary.LittleEndian.Uint32(b[off+4:]) {
+			zeroLength := rest >= fh && n == 0
+			if allZero(b[off:]) || complete && off+fh+n == len(b) {
 				return frames, true, nil // cut short, or zeros: the size was noted before the data
 			}
 			if salted {
@@ -296,7 +387,7 @@ func readSegment(base string, num uint64, last bool) (frames [][]byte, torn bool
 				// the pages of that last write reached the disk (its header lost, or split
 				// across two pages, one of them lost). With one after it, it is damage: a
 				// damaged length that runs past the end, or damaged bytes.
-				at, exhausted := nextFrame(b, off+frameHeader, seed)
+				at, exhausted := nextFrame(b, off+fh, seed, salt, fh)
 				switch {
 				case at >= 0:
 					return nil, false, fmt.Errorf("%w: %s has a frame at byte %d that does not check, and one at byte %d after it that does (acknowledged writes may be lost)", ErrDamaged, path, off, at)
@@ -312,31 +403,47 @@ func readSegment(base string, num uint64, last bool) (frames [][]byte, torn bool
 			}
 			return nil, false, fmt.Errorf("%w: %s has a damaged frame at byte %d, with more after it (acknowledged writes may be lost)", ErrDamaged, path, off)
 		}
-		frames = append(frames, b[off+frameHeader:off+frameHeader+n])
-		off += frameHeader + n
+		frames = append(frames, b[off+fh:off+fh+n])
+		off += fh + n
 	}
 	return frames, false, nil
 }
 
-// nextFrameBudget bounds the bytes that nextFrame checksums: a frame cut short that holds random
-// bytes (a binary response body) offers a plausible length at about one offset in 2^32/len(b).
+// nextFrameBudget bounds the bytes that nextFrame checksums in a segment of the second format: a
+// frame cut short that holds random bytes (a binary response body) offers a plausible length at
+// about one offset in 2^32/len(b).
 const nextFrameBudget = 256 << 20
 
 // nextFrame returns the offset of the first frame at or after from in b that checks with seed,
 // or -1 when there is none; exhausted says the search checksummed nextFrameBudget bytes and gave
 // up. Bytes that were never a frame of this segment check with a chance of 2^-32 for each offset
-// tried.
-func nextFrame(b []byte, from int, seed uint32) (at int, exhausted bool) {
+// tried. In this format (salt not nil, fh frameHeader) only the offsets where the salt follows
+// the length and checksum are tried: bytes from before the file was this segment (a spare's)
+// carry another salt, and a tenant's body does not know this one, so the search checksums next
+// to nothing and is never exhausted.
+func nextFrame(b []byte, from int, seed uint32, salt []byte, fh int) (at int, exhausted bool) {
 	budget := nextFrameBudget
-	for o := from; len(b)-o > frameHeader; o++ {
+	for o := from; len(b)-o > fh; o++ {
+		if salt != nil {
+			i := bytes.Index(b[o+8:], salt)
+			if i < 0 {
+				return -1, false
+			}
+			o += i
+			if len(b)-o <= fh {
+				return -1, false
+			}
+		}
 		n := int(binary.LittleEndian.Uint32(b[o:]))
-		if n == 0 || n > len(b)-o-frameHeader {
+		if n == 0 || n > len(b)-o-fh {
 			continue
 		}
-		if budget -= n; budget < 0 {
-			return -1, true
+		if salt == nil {
+			if budget -= n; budget < 0 {
+				return -1, true
+			}
 		}
-		if crc32.Update(seed, castagnoli, b[o+frameHeader:o+frameHeader+n]) == binary.LittleEndian.Uint32(b[o+4:]) {
+		if crc32.Update(seed, castagnoli, b[o+fh:o+fh+n]) == binary.LittleEndian.Uint32(b[o+4:]) {
 			return o, false
 		}
 	}
@@ -403,6 +510,15 @@ func decodeOps(p []byte) ([]walOp, error) {
 		ops = append(ops, op)
 	}
 	return ops, nil
+}
+
+// removeSpare removes base's spare segment, if there is one.
+func removeSpare(base string) error {
+	err := os.Remove(spareName(base))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	return err
 }
 
 // removeSegment removes segment num of base; a segment already gone is not an error.

@@ -25,15 +25,32 @@ func openT(t *testing.T, path string) *Store {
 	return s
 }
 
-// frameOffsets returns the offsets of the frames of a segment file.
+// frameOffsets returns the offsets of the frames of a segment file, up to its end.
 func frameOffsets(b []byte) []int {
 	var offs []int
 	for off := walHeaderSize; off+frameHeader <= len(b); {
 		n := int(binary.LittleEndian.Uint32(b[off:]))
+		if n == 0 { // the end
+			break
+		}
 		offs = append(offs, off)
 		off += frameHeader + n
 	}
 	return offs
+}
+
+// writeAtEnd writes tail into segment file seg over its end, at size (the wal's size when the
+// file was copied), as an append that a crash cut would have.
+func writeAtEnd(t *testing.T, seg string, size int64, tail []byte) {
+	t.Helper()
+	f, err := os.OpenFile(seg, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.WriteAt(tail, size); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // TestAuditDamagedFrameMidSegment: a damaged frame followed by intact, acknowledged frames in
@@ -217,10 +234,7 @@ func TestAuditCrashPoints(t *testing.T) {
 	img1 := crashCopy(t, s)
 	// (3) and a torn frame at the end of the current segment.
 	img3 := crashCopy(t, s)
-	seg := segmentPath(img3, s.wal.num)
-	f, _ := os.OpenFile(seg, os.O_WRONLY|os.O_APPEND, 0)
-	f.Write([]byte{0x40, 0, 0, 0, 1, 2, 3, 4, 5, 6})
-	f.Close()
+	writeAtEnd(t, segmentPath(img3, s.wal.num), s.wal.size, []byte{0x40, 0, 0, 0, 1, 2, 3, 4, 5, 6})
 	_ = next.f.Close()
 	_ = os.Remove(segmentPath(s.path, s.wal.num+1))
 	s.ckMu.Unlock()

@@ -8,7 +8,8 @@ import (
 )
 
 // FuzzReadSegment: whatever a crash or the disk does to a segment (bytes changed, the file cut
-// short or grown with zeros), readSegment never panics and never returns a frame that was not
+// short or grown with zeros), in a new file or in a spare written over (the bytes of an older
+// segment after its end), readSegment never panics and never returns a frame that was not
 // written: it returns a prefix of the frames written, or ErrDamaged.
 //
 //	go test -run '^$' -fuzz FuzzReadSegment -fuzztime 60s ./internal/storage/bolt/
@@ -34,12 +35,34 @@ func FuzzReadSegment(f *testing.F) {
 	if err != nil {
 		f.Fatal(err)
 	}
-	f.Add(uint32(40), byte(0xff), uint32(len(written)), uint16(0))
-	f.Add(uint32(24), byte(0x10), uint32(len(written)), uint16(0)) // the first length
-	f.Add(uint32(5000), byte(0), uint32(5000), uint16(8192))       // cut in a frame, zeros after
-	f.Add(uint32(len(written)-3), byte(1), uint32(len(written)), uint16(0))
-	f.Fuzz(func(t *testing.T, at uint32, xor byte, cut uint32, zeros uint16) {
+	// An older segment, longer, whose file the spare was: its frames, with its own salt, after
+	// the new segment's end.
+	old, err := openWAL(filepath.Join(dir, "old.db"), 3)
+	if err != nil {
+		f.Fatal(err)
+	}
+	for i := range 40 {
+		if err := old.append(payloads[i%len(payloads)]); err != nil {
+			f.Fatal(err)
+		}
+	}
+	_ = old.close()
+	older, err := os.ReadFile(segmentPath(filepath.Join(dir, "old.db"), 3))
+	if err != nil {
+		f.Fatal(err)
+	}
+	over := append(bytes.Clone(written), older[len(written):]...)
+	f.Add(uint32(40), byte(0xff), uint32(len(written)), uint16(0), false)
+	f.Add(uint32(24), byte(0x10), uint32(len(written)), uint16(0), false) // the first length
+	f.Add(uint32(5000), byte(0), uint32(5000), uint16(8192), false)       // cut in a frame, zeros after
+	f.Add(uint32(len(written)-3), byte(1), uint32(len(written)), uint16(0), false)
+	f.Add(uint32(len(written)-frameHeader+1), byte(1), uint32(len(over)), uint16(0), true) // the end, damaged
+	f.Add(uint32(5000), byte(0x80), uint32(len(over)), uint16(0), true)
+	f.Fuzz(func(t *testing.T, at uint32, xor byte, cut uint32, zeros uint16, spare bool) {
 		b := bytes.Clone(written)
+		if spare {
+			b = bytes.Clone(over)
+		}
 		if int(at) < len(b) {
 			b[at] ^= xor
 		}

@@ -152,12 +152,10 @@ func TestLogCutShort(t *testing.T) {
 		t.Run(cut.name, func(t *testing.T) {
 			path := crashCopy(t, s)
 			nums, _ := segments(path)
-			f, err := os.OpenFile(segmentPath(path, nums[len(nums)-1]), os.O_APPEND|os.O_WRONLY, 0)
-			if err != nil {
-				t.Fatal(err)
+			if nums[len(nums)-1] != s.wal.num {
+				t.Fatalf("the last segment is %d, the current one %d", nums[len(nums)-1], s.wal.num)
 			}
-			f.Write(cut.tail)
-			f.Close()
+			writeAtEnd(t, segmentPath(path, s.wal.num), s.wal.size, cut.tail)
 			// And a next segment that the crash cut in its header.
 			if err := os.WriteFile(segmentPath(path, nums[len(nums)-1]+1), []byte(walMagic[:3]), 0o600); err != nil {
 				t.Fatal(err)
@@ -533,7 +531,7 @@ func TestLogFirstFormatRecovers(t *testing.T) {
 }
 
 // TestCloseLeavesNoLog: a clean Close carries the log into the file and removes it, the empty
-// current segment included, so that the data file alone holds everything (an older release,
+// current segment and the spare included, so that the data file alone holds everything (an older release,
 // which cannot read this one's segments, can open it); the next Open starts a new segment.
 func TestCloseLeavesNoLog(t *testing.T) {
 	t.Parallel()
@@ -549,6 +547,9 @@ func TestCloseLeavesNoLog(t *testing.T) {
 	}
 	if nums, err := segments(path); err != nil || len(nums) != 0 {
 		t.Fatalf("segments after a clean Close: %v, %v; want none", nums, err)
+	}
+	if _, err := os.Stat(spareName(path)); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the spare segment after a clean Close: %v; want none", err)
 	}
 	c := openWith(t, path, clock, Options{})
 	if got := bodyOf(t, c, "t", "k"); got != "kept" {
