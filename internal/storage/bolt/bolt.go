@@ -885,9 +885,9 @@ func (s *Store) Close() error {
 		errs = append(errs, err)
 	}
 	if len(errs) == 0 && s.frozen == nil && s.active.empty() {
-		// The file holds every write, and the current segment none: it goes too, so that a
-		// clean stop leaves the data file alone, which an older release can open (the first
-		// release with the log refuses segments of this one's format).
+		// The file holds every write, and the current segment none: it goes too, and the
+		// spare, so that a clean stop leaves the data file alone, which an older release can
+		// open (the releases with the log before this one refuse segments of its format).
 		errs = append(errs, removeSegment(s.path, s.wal.num), removeSpare(s.path), syncDir(filepath.Dir(s.path)))
 	}
 	if err := s.db.Close(); err != nil {

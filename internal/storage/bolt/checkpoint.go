@@ -232,6 +232,7 @@ func (s *Store) checkpointWith(sw func(tx *bbolt.Tx, writes int) error) error {
 		return nil
 	})
 	if err != nil {
+		_ = removeSpare(s.path) // a full disk, likely: the room the spare holds is the file's
 		if frozen != nil {
 			s.checkpointFailures.Add(1) // the next checkpoint tries the frozen memtable again
 			if sw != nil {              // the sweep alone, which may free the room

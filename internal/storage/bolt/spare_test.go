@@ -1,13 +1,17 @@
 package bolt
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
+
+	"github.com/idemsvc/idemsvc/internal/keys"
 )
 
 // TestSpareSegmentRecovers: a checkpoint keeps the segment it retired as the spare, and the next
@@ -126,4 +130,145 @@ func copyImage(t *testing.T, path string) string {
 		}
 	}
 	return filepath.Join(dir, FileName)
+}
+
+// TestLostWriteOverAnEndStopsOpen: each append writes its frame over the end that the last one
+// synced. When the disk loses that write (the sector reads as it was), the old end is back, with
+// acknowledged frames after it: Open refuses (ErrDamaged), in the last segment or with a later
+// one, rather than stop at the old end and drop them. (An audit's find: it stopped there.)
+func TestLostWriteOverAnEndStopsOpen(t *testing.T) {
+	t.Parallel()
+	now := time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC)
+	for _, withNext := range []bool{false, true} {
+		t.Run(fmt.Sprint("later segment ", withNext), func(t *testing.T) {
+			base := filepath.Join(t.TempDir(), FileName)
+			w, err := openWAL(base, 1)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := w.append(auditPut(now, "k1", "one")); err != nil {
+				t.Fatal(err)
+			}
+			seg := segmentPath(base, 1)
+			before, err := os.ReadFile(seg) // the disk after k1's sync
+			if err != nil {
+				t.Fatal(err)
+			}
+			at := int(w.size) // k2's frame, over k1's end
+			for _, k := range []string{"k2", "k3"} {
+				if err := w.append(auditPut(now, k, strings.Repeat(k, 1000))); err != nil {
+					t.Fatal(err)
+				}
+			}
+			_ = w.close()
+			if withNext {
+				w2, err := openWAL(base, 2)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if err := w2.append(auditPut(now, "k4", "four")); err != nil {
+					t.Fatal(err)
+				}
+				_ = w2.close()
+			}
+			b, err := os.ReadFile(seg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			// The 512-byte sector that holds k2's header reads as before k2's append.
+			for i := at &^ 511; i < at&^511+512 && i < len(b); i++ {
+				b[i] = 0
+				if i < len(before) {
+					b[i] = before[i]
+				}
+			}
+			if err := os.WriteFile(seg, b, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			if err := openErr(base); !errors.Is(err, ErrDamaged) {
+				t.Errorf("Open with k1's end back over k2's header, k2 and k3 acknowledged after it: %v, want ErrDamaged", err)
+			}
+		})
+	}
+}
+
+// TestFailedWriteKeepsTheEnd: a write to the log that fails part-way (a full disk) may have put
+// part of its frame over the segment's end. The end is written back and synced, and the log goes
+// on: the segment reads to its end with nothing cut short, so a later segment's writes (here in
+// the spare, whose syncs write in place and carry no other change of the file with them) do not
+// make it look damaged after a power loss, which keeps of the segment what its last sync wrote,
+// and what was written after it, or not. (An audit's find: the failed write's frame was cut off
+// with a truncate that nothing synced, and a power loss could keep the frame's head instead.)
+func TestFailedWriteKeepsTheEnd(t *testing.T) {
+	s, clock := openLogStore(t)
+	pairOf(t, s, "t", "a", "A", time.Hour)
+	if err := s.checkpoint(); err != nil { // the first segment becomes the spare
+		t.Fatal(err)
+	}
+	pairOf(t, s, "t", "b", "B", time.Hour)
+	s.walMu.Lock()
+	num, seg, size := s.wal.num, segmentPath(s.path, s.wal.num), s.wal.size
+	var (
+		synced  []byte // the segment as its last sync left it on disk
+		partial []byte // what the failed write wrote, at size
+		after   bool   // written after that sync
+	)
+	synced, err := os.ReadFile(seg) // b's append synced it
+	if err != nil {
+		t.Fatal(err)
+	}
+	syncLog = func(f *os.File) error {
+		err := fdatasync(f)
+		if f.Name() == seg {
+			synced, _ = os.ReadFile(seg)
+			after = false
+		}
+		return err
+	}
+	defer func() { syncLog = fdatasync }()
+	writeFrame = func(f *os.File, b []byte, off int64) (int, error) {
+		partial, after = bytes.Clone(b[:frameHeader+3]), true
+		n, _ := f.WriteAt(partial, off) // the frame's header over the end, and no more
+		return n, syscall.ENOSPC
+	}
+	err = s.wal.append(appendOp(nil, opDel, []byte("refused"), nil))
+	writeFrame = (*os.File).WriteAt
+	s.walMu.Unlock()
+	if !errors.Is(err, keys.ErrUnavailable) || s.wal.err() != nil {
+		t.Fatalf("append: %v, broken %v; want ErrUnavailable and a log that goes on", err, s.wal.err())
+	}
+	if _, err := os.Stat(spareName(s.path)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the spare after a failed write: %v; want it removed, to give its room", err)
+	}
+	// The next segment takes acknowledged writes (the checkpoint's cut, its transaction not run).
+	s.ckMu.Lock()
+	_, _, err = s.cut()
+	s.ckMu.Unlock()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pairOf(t, s, "t", "c", "C", time.Hour)
+	killed := crashCopy(t, s) // the page cache as it is
+	lost := copyImage(t, killed)
+	rewriteSegment(t, lost, num, func([]byte) []byte {
+		b := bytes.Clone(synced)
+		if after { // the failed write reached the disk, whatever came after it did not
+			b = append(b[:size], partial...)
+			b = append(b, synced[min(len(synced), int(size)+len(partial)):]...)
+		}
+		return b
+	})
+	for name, path := range map[string]string{"kill -9": killed, "power loss": lost} {
+		c, err := Open(copyImage(t, path), Options{Now: clock.Now})
+		if err != nil {
+			t.Errorf("%s: Open: %v; want a, b and c, all acknowledged", name, err)
+			continue
+		}
+		for k, want := range map[string]string{"a": "A", "b": "B", "c": "C", "refused": "<none>"} {
+			if got := bodyOf(t, c, "t", k); got != want {
+				t.Errorf("%s: %s = %q, want %q", name, k, got, want)
+			}
+		}
+		_ = c.Close()
+	}
 }

@@ -50,8 +50,9 @@ import (
 // cut short by a crash: it was never acknowledged, and Open drops it. It does not check, and no
 // frame after it does (where a crash left its end, or bytes from before, or zeros where a file
 // system noted the new size before the data). A frame that does not check with a frame after it
-// that does (a damaged length that runs past the end, or damaged bytes), or a segment that is
-// not one, stops Open with ErrDamaged: records that were acknowledged would be lost.
+// that does (a damaged length that runs past the end, or damaged bytes), an end with a frame
+// after it that checks (the disk lost the write of the frame over it), or a segment that is not
+// one, stops Open with ErrDamaged: records that were acknowledged would be lost.
 //
 // Segments of the two earlier formats are read as before: walMagicV2 (frames without the salt,
 // no end: the log ends where the file does, or in zeros, or at a frame that does not check with
@@ -87,6 +88,10 @@ var errWALBroken = fmt.Errorf("%w: bolt: the write-ahead log failed; restart to 
 
 // syncLog is fdatasync, for the log; tests replace it to make a sync fail.
 var syncLog = fdatasync
+
+// writeFrame writes a frame and the end after it into the log; tests replace it to make the
+// write fail part-way.
+var writeFrame = (*os.File).WriteAt
 
 // wal appends frames to the current segment. Only one goroutine at a time calls append and
 // rotate (the committer, under Store.walMu).
@@ -228,9 +233,9 @@ func createSegment(base string, num uint64) (segment, error) {
 }
 
 // retireSegment removes segment num of base, which the bbolt file holds, or keeps it as the
-// spare when there is none and it is not too large (see spareName). Removed or kept, it is not
-// a segment any more once this returns (its name is gone); the directory is not synced, as a
-// segment the file holds is removed at Open anyway.
+// spare when there is none and it is not too large (see spareName). The directory is not
+// synced: after a crash the segment's name may be back, holding the header of a later segment,
+// and that is harmless, as Open removes the segments that the file holds without reading them.
 func retireSegment(base string, num uint64) error {
 	path := segmentPath(base, num)
 	if fi, err := os.Stat(path); err == nil && fi.Size() <= maxSpare {
@@ -260,9 +265,9 @@ func (w *wal) err() error {
 }
 
 // append writes payload as a frame, over the segment's end and with a new end after it, and
-// syncs it. When the write fails (a full disk), the file is cut at the old end (a segment that
-// ends where its file does ends there) and the log goes on; when that or the sync fails, the log
-// is broken.
+// syncs it. When the write fails (a full disk), the end is written back and synced (see
+// restoreEnd), the spare is removed, to give its room to a checkpoint, and the log goes on; when
+// the sync fails, or the end cannot be restored, the log is broken.
 func (w *wal) append(payload []byte) error {
 	if err := w.err(); err != nil {
 		return err
@@ -278,10 +283,11 @@ func (w *wal) append(payload []byte) error {
 	w.buf = append(w.buf, payload...)
 	frame := len(w.buf)
 	w.buf = appendEnd(w.buf, w.seed, w.salt, w.size+int64(frame))
-	if _, err := w.f.WriteAt(w.buf, w.size); err != nil {
-		if terr := w.f.Truncate(w.size); terr != nil {
-			w.fail(fmt.Errorf("writing the log: %w; cutting the frame off again: %w", err, terr))
+	if _, err := writeFrame(w.f, w.buf, w.size); err != nil {
+		if rerr := w.restoreEnd(); rerr != nil {
+			w.fail(fmt.Errorf("writing the log: %w; writing its end back: %w", err, rerr))
 		}
+		_ = removeSpare(w.base)
 		// Not written, so not acknowledged: the caller may try again (503).
 		return fmt.Errorf("%w: writing the log: %w", keys.ErrUnavailable, err)
 	}
@@ -295,6 +301,24 @@ func (w *wal) append(payload []byte) error {
 	if cap(w.buf) > 1<<20 {
 		w.buf = nil
 	}
+	return nil
+}
+
+// restoreEnd writes the current segment's end back at w.size, after a write that failed, and
+// syncs it: the write may have put part of its frame over the end, and a segment without its
+// end reads as cut short by a crash, which stops Open (ErrDamaged) once a later segment holds
+// writes. The end's blocks were written before, so a full disk still takes it. The file is then
+// cut after the end, to give back what the failed write took; that needs no sync, as what
+// follows an end is never read as frames.
+func (w *wal) restoreEnd() error {
+	end := appendEnd(nil, w.seed, w.salt, w.size)
+	if _, err := w.f.WriteAt(end, w.size); err != nil {
+		return err
+	}
+	if err := syncLog(w.f); err != nil {
+		return err
+	}
+	_ = w.f.Truncate(w.size + int64(len(end)))
 	return nil
 }
 
@@ -373,7 +397,13 @@ func readSegment(base string, num uint64, last bool) (frames [][]byte, torn bool
 		}
 		if salt != nil && rest >= fh && n == 0 && bytes.Equal(b[off+8:off+fh], salt) &&
 			binary.LittleEndian.Uint32(b[off+4:]) == endCheck(seed, int64(off)) {
-			return frames, false, nil // the end: what follows is from before, if anything
+			// The end: what follows is from before, if anything, and never checks. Unless the
+			// disk lost the write that put a frame over this end (a sector that reads as it was):
+			// then the frames written after it follow, and check.
+			if at, _ := nextFrame(b, off+fh, seed, salt, fh); at >= 0 {
+				return nil, false, fmt.Errorf("%w: %s has an end at byte %d that a frame was written over, and a frame at byte %d after it that checks (acknowledged writes may be lost)", ErrDamaged, path, off, at)
+			}
+			return frames, false, nil
 		}
 		complete := rest >= fh && n > 0 && n <= maxFrame && rest-fh >= n && (salt == nil || bytes.Equal(b[off+8:off+fh], salt))
 		if !complete || crc32.Update(seed, castagnoli, b[off+fh:off+fh+n]) != binary.LittleEndian.Uint32(b[off+4:]) {

@@ -137,7 +137,7 @@ func TestAuditPingWithBrokenLog(t *testing.T) {
 }
 
 // TestAuditDiskFullLog: a full disk fails a log append with ErrUnavailable; the frame is cut off
-// (the segment is as long as what was synced), writes resume once there is room, and a crash
+// (the segment is as long as what was synced, and its end), writes resume once there is room, and a crash
 // image keeps every acknowledged write and none of the refused ones.
 func TestAuditDiskFullLog(t *testing.T) {
 	dir := smallTmpfs(t, "300k")
@@ -175,8 +175,8 @@ func TestAuditDiskFullLog(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if fi.Size() != s.wal.size {
-		t.Errorf("segment holds %d bytes after ENOSPC, synced %d", fi.Size(), s.wal.size)
+	if fi.Size() != s.wal.size+frameHeader {
+		t.Errorf("segment holds %d bytes after ENOSPC, synced %d and its end", fi.Size(), s.wal.size)
 	}
 	if s.wal.err() != nil {
 		t.Errorf("log broken by ENOSPC: %v", s.wal.err())
