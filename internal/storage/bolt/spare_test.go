@@ -142,13 +142,7 @@ func TestLostWriteOverAnEndStopsOpen(t *testing.T) {
 	for _, withNext := range []bool{false, true} {
 		t.Run(fmt.Sprint("later segment ", withNext), func(t *testing.T) {
 			base := filepath.Join(t.TempDir(), FileName)
-			w, err := openWAL(base, 1)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := w.append(auditPut(now, "k1", "one")); err != nil {
-				t.Fatal(err)
-			}
+			w := walWith(t, base, 1, auditPut(now, "k1", "one"))
 			seg := segmentPath(base, 1)
 			before, err := os.ReadFile(seg) // the disk after k1's sync
 			if err != nil {
@@ -162,14 +156,7 @@ func TestLostWriteOverAnEndStopsOpen(t *testing.T) {
 			}
 			_ = w.close()
 			if withNext {
-				w2, err := openWAL(base, 2)
-				if err != nil {
-					t.Fatal(err)
-				}
-				if err := w2.append(auditPut(now, "k4", "four")); err != nil {
-					t.Fatal(err)
-				}
-				_ = w2.close()
+				_ = walWith(t, base, 2, auditPut(now, "k4", "four")).close()
 			}
 			b, err := os.ReadFile(seg)
 			if err != nil {
@@ -271,4 +258,19 @@ func TestFailedWriteKeepsTheEnd(t *testing.T) {
 		}
 		_ = c.Close()
 	}
+}
+
+// walWith starts segment num of base and appends payloads to it.
+func walWith(t *testing.T, base string, num uint64, payloads ...[]byte) *wal {
+	t.Helper()
+	w, err := openWAL(base, num)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range payloads {
+		if err := w.append(p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return w
 }

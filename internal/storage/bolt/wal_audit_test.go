@@ -450,13 +450,7 @@ func TestAuditPageTornLastFrame(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			base := filepath.Join(t.TempDir(), FileName)
-			w, err := openWAL(base, 1)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := w.append(auditPut(now, "acked", "kept")); err != nil {
-				t.Fatal(err)
-			}
+			w := walWith(t, base, 1, auditPut(now, "acked", "kept"))
 			// Pad (an acknowledged delete of an id of a chosen length) so the torn frame starts at tc.start.
 			for w.size < int64(tc.start) {
 				need := tc.start - int(w.size) - frameHeader - 1 - 2 // kind, 2-byte varint
