@@ -133,14 +133,28 @@ func copyImage(t *testing.T, path string) string {
 }
 
 // TestLostWriteOverAnEndStopsOpen: each append writes its frame over the end that the last one
-// synced. When the disk loses that write (the sector reads as it was), the old end is back, with
-// acknowledged frames after it: Open refuses (ErrDamaged), in the last segment or with a later
-// one, rather than stop at the old end and drop them. (An audit's find: it stopped there.)
+// synced, and a new end after it. When the disk loses that write (the sector reads as it was),
+// the old end is back, with acknowledged writes after it: frames that check, or (the segment's
+// last frame lost) the end that its append wrote. Open refuses (ErrDamaged) rather than stop at
+// the old end and drop them: with frames after it, or with a later segment that has writes. When
+// the lost frame is the last of the whole log, the image is that of a crash in an append that
+// was never acknowledged, and Open starts, as it does then. (Two audits' finds: reading stopped
+// at the old end.)
 func TestLostWriteOverAnEndStopsOpen(t *testing.T) {
 	t.Parallel()
 	now := time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC)
-	for _, withNext := range []bool{false, true} {
-		t.Run(fmt.Sprint("later segment ", withNext), func(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		after   []string // acknowledged in the segment after the lost one, k2
+		next    bool     // a later segment with an acknowledged write
+		damaged bool
+	}{
+		{"frames after it", []string{"k3"}, false, true},
+		{"frames after it, a later segment", []string{"k3"}, true, true},
+		{"the segment's last frame, a later segment", nil, true, true},
+		{"the log's last frame", nil, false, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
 			base := filepath.Join(t.TempDir(), FileName)
 			w := walWith(t, base, 1, auditPut(now, "k1", "one"))
 			seg := segmentPath(base, 1)
@@ -149,13 +163,13 @@ func TestLostWriteOverAnEndStopsOpen(t *testing.T) {
 				t.Fatal(err)
 			}
 			at := int(w.size) // k2's frame, over k1's end
-			for _, k := range []string{"k2", "k3"} {
+			for _, k := range append([]string{"k2"}, tc.after...) {
 				if err := w.append(auditPut(now, k, strings.Repeat(k, 1000))); err != nil {
 					t.Fatal(err)
 				}
 			}
 			_ = w.close()
-			if withNext {
+			if tc.next {
 				_ = walWith(t, base, 2, auditPut(now, "k4", "four")).close()
 			}
 			b, err := os.ReadFile(seg)
@@ -172,8 +186,12 @@ func TestLostWriteOverAnEndStopsOpen(t *testing.T) {
 			if err := os.WriteFile(seg, b, 0o600); err != nil {
 				t.Fatal(err)
 			}
-			if err := openErr(base); !errors.Is(err, ErrDamaged) {
-				t.Errorf("Open with k1's end back over k2's header, k2 and k3 acknowledged after it: %v, want ErrDamaged", err)
+			err = openErr(base)
+			switch {
+			case tc.damaged && !errors.Is(err, ErrDamaged):
+				t.Errorf("Open with k1's end back over k2's header, and acknowledged writes after it: %v, want ErrDamaged", err)
+			case !tc.damaged && err != nil:
+				t.Errorf("Open with k1's end back over k2's header, the log's last write: %v, want it to start", err)
 			}
 		})
 	}
@@ -181,10 +199,10 @@ func TestLostWriteOverAnEndStopsOpen(t *testing.T) {
 
 // TestFailedWriteKeepsTheEnd: a write to the log that fails part-way (a full disk) may have put
 // part of its frame over the segment's end. The end is written back and synced, and the log goes
-// on: the segment reads to its end with nothing cut short, so a later segment's writes (here in
-// the spare, whose syncs write in place and carry no other change of the file with them) do not
+// on: the segment reads to its end with nothing cut short, so a later segment's writes do not
 // make it look damaged after a power loss, which keeps of the segment what its last sync wrote,
-// and what was written after it, or not. (An audit's find: the failed write's frame was cut off
+// and what was written after it, or not (a spare's syncs, written in place, no longer carry a
+// truncate with them; here the failed write removed the spare, and the next segment is new). (An audit's find: the failed write's frame was cut off
 // with a truncate that nothing synced, and a power loss could keep the frame's head instead.)
 func TestFailedWriteKeepsTheEnd(t *testing.T) {
 	s, clock := openLogStore(t)

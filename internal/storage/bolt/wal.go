@@ -93,8 +93,8 @@ var syncLog = fdatasync
 // write fail part-way.
 var writeFrame = (*os.File).WriteAt
 
-// wal appends frames to the current segment. Only one goroutine at a time calls append and
-// rotate (the committer, under Store.walMu).
+// wal appends frames to the current segment. append (the committer) and rotate (a checkpoint)
+// run under Store.walMu, one at a time; prepare may run beside append.
 type wal struct {
 	base string // the data file's path; segments are base + ".wal-" + number
 	f    *os.File
@@ -202,8 +202,9 @@ func createSegment(base string, num uint64) (segment, error) {
 		if err == nil {
 			err = os.Rename(spare, path)
 		}
-		if err != nil {
-			_ = f.Close()
+		_ = f.Close()
+		if err == nil { // opened again by its name, which errors then give
+			f, err = os.OpenFile(path, os.O_RDWR, 0)
 		}
 	}
 	if err != nil {
@@ -307,9 +308,11 @@ func (w *wal) append(payload []byte) error {
 // restoreEnd writes the current segment's end back at w.size, after a write that failed, and
 // syncs it: the write may have put part of its frame over the end, and a segment without its
 // end reads as cut short by a crash, which stops Open (ErrDamaged) once a later segment holds
-// writes. The end's blocks were written before, so a full disk still takes it. The file is then
-// cut after the end, to give back what the failed write took; that needs no sync, as what
-// follows an end is never read as frames.
+// writes. The end's blocks were written before, so a full disk still takes it on a file system
+// that writes in place (ext4, xfs); one that writes every block anew (btrfs, ZFS) may refuse it,
+// and the log then breaks. The file is then cut after the end, to give back what the failed
+// write took; that needs no sync: the end is as long as a frame's header and covers the failed
+// frame's, and a failed write never wrote its own end, so what may stay after it never checks.
 func (w *wal) restoreEnd() error {
 	end := appendEnd(nil, w.seed, w.salt, w.size)
 	if _, err := w.f.WriteAt(end, w.size); err != nil {
@@ -398,12 +401,15 @@ func readSegment(base string, num uint64, last bool) (frames [][]byte, torn bool
 		if salt != nil && rest >= fh && n == 0 && bytes.Equal(b[off+8:off+fh], salt) &&
 			binary.LittleEndian.Uint32(b[off+4:]) == endCheck(seed, int64(off)) {
 			// The end: what follows is from before, if anything, and never checks. Unless the
-			// disk lost the write that put a frame over this end (a sector that reads as it was):
-			// then the frames written after it follow, and check.
+			// write that put a frame over this end did not reach the disk (a sector that reads as
+			// it was): then the frames written after it follow, and check, and damage is what
+			// that is; or only the end that the write put after its frame, which a crash in an
+			// append never acknowledged leaves too: the end of the log, cut short, which is
+			// damage if a later segment has writes (recoverWAL).
 			if at, _ := nextFrame(b, off+fh, seed, salt, fh); at >= 0 {
 				return nil, false, fmt.Errorf("%w: %s has an end at byte %d that a frame was written over, and a frame at byte %d after it that checks (acknowledged writes may be lost)", ErrDamaged, path, off, at)
 			}
-			return frames, false, nil
+			return frames, laterEnd(b, off+fh, seed, salt), nil
 		}
 		complete := rest >= fh && n > 0 && n <= maxFrame && rest-fh >= n && (salt == nil || bytes.Equal(b[off+8:off+fh], salt))
 		if !complete || crc32.Update(seed, castagnoli, b[off+fh:off+fh+n]) != binary.LittleEndian.Uint32(b[off+4:]) {
@@ -478,6 +484,24 @@ func nextFrame(b []byte, from int, seed uint32, salt []byte, fh int) (at int, ex
 		}
 	}
 	return -1, false
+}
+
+// laterEnd reports whether b holds, at or after from, an end of the segment whose header's
+// CRC-32C is seed and whose salt is salt, that checks at its own offset.
+func laterEnd(b []byte, from int, seed uint32, salt []byte) bool {
+	for o := from; len(b)-o >= frameHeader; o++ {
+		i := bytes.Index(b[o+8:], salt)
+		if i < 0 {
+			return false
+		}
+		if o += i; len(b)-o < frameHeader {
+			return false
+		}
+		if binary.LittleEndian.Uint32(b[o:]) == 0 && binary.LittleEndian.Uint32(b[o+4:]) == endCheck(seed, int64(o)) {
+			return true
+		}
+	}
+	return false
 }
 
 func allZero(b []byte) bool {
