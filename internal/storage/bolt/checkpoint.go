@@ -369,10 +369,11 @@ func recoverWAL(db *bbolt.DB, base string) (next uint64, err error) {
 	if err != nil {
 		return 0, err
 	}
-	// Read every segment first: a frame that does not check is the end of the log, cut short by
-	// a crash, only when no later segment has a frame (a checkpoint makes the next segment
-	// before the writers move to it, so an empty one may follow the segment a crash cut).
-	// Anywhere else it is damage, and records that were acknowledged would be lost.
+	// Read every segment first: a segment cut short (a frame that does not check, or an end with
+	// a later one after it: see readSegment) is the end of the log, cut by a crash, only when no
+	// later segment has a frame (a checkpoint makes the next segment before the writers move to
+	// it, so an empty one may follow the segment a crash cut). Anywhere else it is damage, or a
+	// write the disk lost, and records that were acknowledged would be lost.
 	type segment struct {
 		num    uint64
 		frames [][]byte
@@ -394,7 +395,7 @@ func recoverWAL(db *bbolt.DB, base string) (next uint64, err error) {
 			return 0, err
 		}
 		if len(frames) > 0 && tornAt >= 0 {
-			return 0, fmt.Errorf("%w: segment %d of the write-ahead log has a damaged frame, and later segments have writes (acknowledged writes may be lost)", ErrDamaged, segs[tornAt].num)
+			return 0, fmt.Errorf("%w: segment %d of the write-ahead log ends in a damaged frame or a lost write, and later segments have writes (acknowledged writes may be lost)", ErrDamaged, segs[tornAt].num)
 		}
 		if torn {
 			tornAt = len(segs)

@@ -49,10 +49,14 @@ import (
 // A frame is synced before the next one is written, so only the last frame of the log can be
 // cut short by a crash: it was never acknowledged, and Open drops it. It does not check, and no
 // frame after it does (where a crash left its end, or bytes from before, or zeros where a file
-// system noted the new size before the data). A frame that does not check with a frame after it
-// that does (a damaged length that runs past the end, or damaged bytes), an end with a frame
-// after it that checks (the disk lost the write of the frame over it), or a segment that is not
-// one, stops Open with ErrDamaged: records that were acknowledged would be lost.
+// system noted the new size before the data); or its header's sector was not written, and the
+// end it was written over is back, with the frame's own end after it. A frame that does not
+// check with a frame after it that does (a damaged length that runs past the end, or damaged
+// bytes), an end with a frame after it that checks (the disk lost the write of the frame over
+// it), or a segment that is not one, stops Open with ErrDamaged: records that were acknowledged
+// would be lost. So does a segment cut short, in any of these ways, with a later segment that
+// has writes (recoverWAL): only the log's very last write can be cut, and a lost write of a
+// segment's last frame shows so.
 //
 // Segments of the two earlier formats are read as before: walMagicV2 (frames without the salt,
 // no end: the log ends where the file does, or in zeros, or at a frame that does not check with
@@ -311,7 +315,7 @@ func (w *wal) append(payload []byte) error {
 // writes. The end's blocks were written before, so a full disk still takes it on a file system
 // that writes in place (ext4, xfs); one that writes every block anew (btrfs, ZFS) may refuse it,
 // and the log then breaks. The file is then cut after the end, to give back what the failed
-// write took; that needs no sync: the end is as long as a frame's header and covers the failed
+// write took (and a spare's unused tail with it); that needs no sync: the end is as long as a frame's header and covers the failed
 // frame's, and a failed write never wrote its own end, so what may stay after it never checks.
 func (w *wal) restoreEnd() error {
 	end := appendEnd(nil, w.seed, w.salt, w.size)
@@ -358,8 +362,10 @@ func (w *wal) close() error { return w.f.Close() }
 // readSegment returns the payloads of segment num's frames, up to its end or one cut short by a
 // crash (torn says there is one; whether that may be is recoverWAL's to say): a frame that does
 // not check and runs to the segment's end, or zeros to the end, or (in a salted segment) any
-// frame that does not check with none after it that does. A frame that does not check with a
-// frame after it that does (in the first format: with anything after it but zeros) is damage.
+// frame that does not check with none after it that does, or (in this format) an end with a
+// later end of the segment after it. A frame that does not check with a frame after it that does
+// (in the first format: with anything after it but zeros), or an end with one after it that
+// checks, is damage.
 // last says whether it is the last segment, whose header may be cut short or zero too (the
 // process died making it).
 func readSegment(base string, num uint64, last bool) (frames [][]byte, torn bool, err error) {
@@ -494,9 +500,7 @@ func laterEnd(b []byte, from int, seed uint32, salt []byte) bool {
 		if i < 0 {
 			return false
 		}
-		if o += i; len(b)-o < frameHeader {
-			return false
-		}
+		o += i // the salt is whole at o+8: an end's 16 bytes are there
 		if binary.LittleEndian.Uint32(b[o:]) == 0 && binary.LittleEndian.Uint32(b[o+4:]) == endCheck(seed, int64(o)) {
 			return true
 		}
