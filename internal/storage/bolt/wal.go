@@ -315,8 +315,9 @@ func (w *wal) append(payload []byte) error {
 // writes. The end's blocks were written before, so a full disk still takes it on a file system
 // that writes in place (ext4, xfs); one that writes every block anew (btrfs, ZFS) may refuse it,
 // and the log then breaks. The file is then cut after the end, to give back what the failed
-// write took (and a spare's unused tail with it); that needs no sync: the end is as long as a frame's header and covers the failed
-// frame's, and a failed write never wrote its own end, so what may stay after it never checks.
+// write took (and a spare's unused tail with it). That needs no sync: the end is as long as a
+// frame's header and covers the failed frame's, and a failed write never wrote its own end, so
+// what may stay after it never checks.
 func (w *wal) restoreEnd() error {
 	end := appendEnd(nil, w.seed, w.salt, w.size)
 	if _, err := w.f.WriteAt(end, w.size); err != nil {
@@ -365,9 +366,8 @@ func (w *wal) close() error { return w.f.Close() }
 // frame that does not check with none after it that does, or (in this format) an end with a
 // later end of the segment after it. A frame that does not check with a frame after it that does
 // (in the first format: with anything after it but zeros), or an end with one after it that
-// checks, is damage.
-// last says whether it is the last segment, whose header may be cut short or zero too (the
-// process died making it).
+// checks, is damage. last says whether it is the last segment, whose header may be cut short or
+// zero too (the process died making it).
 func readSegment(base string, num uint64, last bool) (frames [][]byte, torn bool, err error) {
 	path := segmentPath(base, num)
 	b, err := os.ReadFile(path)
