@@ -202,8 +202,9 @@ func TestLostWriteOverAnEndStopsOpen(t *testing.T) {
 // on: the segment reads to its end with nothing cut short, so a later segment's writes do not
 // make it look damaged after a power loss, which keeps of the segment what its last sync wrote,
 // and what was written after it, or not (a spare's syncs, written in place, no longer carry a
-// truncate with them; here the failed write removed the spare, and the next segment is new). (An audit's find: the failed write's frame was cut off
-// with a truncate that nothing synced, and a power loss could keep the frame's head instead.)
+// truncate with them; here the failed write removed the spare, and the next segment is new).
+// (An audit's find: the failed write's frame was cut off with a truncate that nothing synced,
+// and a power loss could keep the frame's head instead.)
 func TestFailedWriteKeepsTheEnd(t *testing.T) {
 	s, clock := openLogStore(t)
 	pairOf(t, s, "t", "a", "A", time.Hour)
