@@ -145,14 +145,6 @@ func BenchmarkSweep(b *testing.B) {
 	}
 }
 
-// BenchmarkDiskFlush measures what a commit's fdatasync costs on the disk under b.TempDir (set
-// TMPDIR to probe another one): one op writes N 4 KiB pages at random page offsets of a 64 MiB
-// file, as a bbolt commit writes its dirty pages, then fdatasyncs; sync-µs/op is the
-// fdatasync's time. Where it grows with N (sync-µs/page stops falling), a commit costs in
-// proportion to the pages it writes, and the pages/op of BenchmarkBeginComplete are the cost.
-//
-//	go test -run '^$' -bench DiskFlush ./internal/storage/bolt/
-//
 // BenchmarkLogAppend: the log's append (a frame of about 1 KiB, written and synced, as one
 // connection's commits are) into a new segment file, which each append grows, and into the
 // spare, a file written before, which each append writes over. On ext4 a sync that grows a file
@@ -200,6 +192,13 @@ func BenchmarkLogAppend(b *testing.B) {
 	}
 }
 
+// BenchmarkDiskFlush measures what a commit's fdatasync costs on the disk under b.TempDir (set
+// TMPDIR to probe another one): one op writes N 4 KiB pages at random page offsets of a 64 MiB
+// file, as a bbolt commit writes its dirty pages, then fdatasyncs; sync-µs/op is the
+// fdatasync's time. Where it grows with N (sync-µs/page stops falling), a commit costs in
+// proportion to the pages it writes, and the pages/op of BenchmarkBeginComplete are the cost.
+//
+//	go test -run '^$' -bench DiskFlush ./internal/storage/bolt/
 func BenchmarkDiskFlush(b *testing.B) {
 	const fileSize = 64 << 20
 	for _, n := range []int{1, 8, 32, 80} {
