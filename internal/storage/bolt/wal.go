@@ -404,18 +404,18 @@ func readSegment(base string, num uint64, last bool) (frames [][]byte, torn bool
 		if rest >= fh {
 			n = int(binary.LittleEndian.Uint32(b[off:]))
 		}
-		if salt != nil && rest >= fh && n == 0 && bytes.Equal(b[off+8:off+fh], salt) &&
-			binary.LittleEndian.Uint32(b[off+4:]) == endCheck(seed, int64(off)) {
+		if salt != nil && endAt(b, off, seed, salt) {
 			// The end: what follows is from before, if anything, and never checks. Unless the
 			// write that put a frame over this end did not reach the disk (a sector that reads as
 			// it was): then the frames written after it follow, and check, and damage is what
 			// that is; or only the end that the write put after its frame, which a crash in an
 			// append never acknowledged leaves too: the end of the log, cut short, which is
 			// damage if a later segment has writes (recoverWAL).
-			if at, _ := nextFrame(b, off+fh, seed, salt, fh); at >= 0 {
+			at, end := scanSalted(b, off+fh, seed, salt)
+			if at >= 0 {
 				return nil, false, fmt.Errorf("%w: %s has an end at byte %d that a frame was written over, and a frame at byte %d after it that checks (acknowledged writes may be lost)", ErrDamaged, path, off, at)
 			}
-			return frames, laterEnd(b, off+fh, seed, salt), nil
+			return frames, end, nil
 		}
 		complete := rest >= fh && n > 0 && n <= maxFrame && rest-fh >= n && (salt == nil || bytes.Equal(b[off+8:off+fh], salt))
 		if !complete || crc32.Update(seed, castagnoli, b[off+fh:off+fh+n]) != binary.LittleEndian.Uint32(b[off+4:]) {
@@ -429,7 +429,12 @@ func readSegment(base string, num uint64, last bool) (frames [][]byte, torn bool
 				// the pages of that last write reached the disk (its header lost, or split
 				// across two pages, one of them lost). With one after it, it is damage: a
 				// damaged length that runs past the end, or damaged bytes.
-				at, exhausted := nextFrame(b, off+fh, seed, salt, fh)
+				at, exhausted := -1, false
+				if salt != nil {
+					at, _ = scanSalted(b, off+fh, seed, salt)
+				} else {
+					at, exhausted = nextFrame(b, off+fh, seed)
+				}
 				switch {
 				case at >= 0:
 					return nil, false, fmt.Errorf("%w: %s has a frame at byte %d that does not check, and one at byte %d after it that does (acknowledged writes may be lost)", ErrDamaged, path, off, at)
@@ -456,56 +461,56 @@ func readSegment(base string, num uint64, last bool) (frames [][]byte, torn bool
 // about one offset in 2^32/len(b).
 const nextFrameBudget = 256 << 20
 
-// nextFrame returns the offset of the first frame at or after from in b that checks with seed,
-// or -1 when there is none; exhausted says the search checksummed nextFrameBudget bytes and gave
-// up. Bytes that were never a frame of this segment check with a chance of 2^-32 for each offset
-// tried. In this format (salt not nil, fh frameHeader) only the offsets where the salt follows
-// the length and checksum are tried: bytes from before the file was this segment (a spare's)
-// carry another salt, and a tenant's body does not know this one, so the search checksums next
-// to nothing and is never exhausted.
-func nextFrame(b []byte, from int, seed uint32, salt []byte, fh int) (at int, exhausted bool) {
+// nextFrame returns the offset of the first frame at or after from in b, a segment of the second
+// format, that checks with seed, or -1 when there is none; exhausted says the search checksummed
+// nextFrameBudget bytes and gave up. Bytes that were never a frame of this segment check with a
+// chance of 2^-32 for each offset tried.
+func nextFrame(b []byte, from int, seed uint32) (at int, exhausted bool) {
 	budget := nextFrameBudget
-	for o := from; len(b)-o > fh; o++ {
-		if salt != nil {
-			i := bytes.Index(b[o+8:], salt)
-			if i < 0 {
-				return -1, false
-			}
-			o += i
-			if len(b)-o <= fh {
-				return -1, false
-			}
-		}
+	for o := from; len(b)-o > frameHeaderV2; o++ {
 		n := int(binary.LittleEndian.Uint32(b[o:]))
-		if n == 0 || n > len(b)-o-fh {
+		if n == 0 || n > len(b)-o-frameHeaderV2 {
 			continue
 		}
-		if salt == nil {
-			if budget -= n; budget < 0 {
-				return -1, true
-			}
+		if budget -= n; budget < 0 {
+			return -1, true
 		}
-		if crc32.Update(seed, castagnoli, b[o+fh:o+fh+n]) == binary.LittleEndian.Uint32(b[o+4:]) {
+		if crc32.Update(seed, castagnoli, b[o+frameHeaderV2:o+frameHeaderV2+n]) == binary.LittleEndian.Uint32(b[o+4:]) {
 			return o, false
 		}
 	}
 	return -1, false
 }
 
-// laterEnd reports whether b holds, at or after from, an end of the segment whose header's
-// CRC-32C is seed and whose salt is salt, that checks at its own offset.
-func laterEnd(b []byte, from int, seed uint32, salt []byte) bool {
+// scanSalted looks at or after from in b, a segment of this format whose header's CRC-32C is
+// seed, at what carries its salt: it returns the offset of the first frame that checks, or -1,
+// and whether an end that checks at its own offset came before it. Only the offsets where the
+// salt follows a length and a checksum are tried: bytes from before the file was this segment
+// (a spare's) carry another salt, and a tenant's body does not know this one, so the scan
+// checksums next to nothing.
+func scanSalted(b []byte, from int, seed uint32, salt []byte) (frameAt int, end bool) {
 	for o := from; len(b)-o >= frameHeader; o++ {
 		i := bytes.Index(b[o+8:], salt)
 		if i < 0 {
-			return false
+			break
 		}
-		o += i // the salt is whole at o+8: an end's 16 bytes are there
-		if binary.LittleEndian.Uint32(b[o:]) == 0 && binary.LittleEndian.Uint32(b[o+4:]) == endCheck(seed, int64(o)) {
-			return true
+		o += i // the salt is whole at o+8: a header's 16 bytes are there
+		n := int(binary.LittleEndian.Uint32(b[o:]))
+		switch {
+		case n == 0:
+			end = end || endAt(b, o, seed, salt)
+		case n <= len(b)-o-frameHeader && crc32.Update(seed, castagnoli, b[o+frameHeader:o+frameHeader+n]) == binary.LittleEndian.Uint32(b[o+4:]):
+			return o, end
 		}
 	}
-	return false
+	return -1, end
+}
+
+// endAt reports whether b holds at off the end of the segment whose header's CRC-32C is seed
+// and whose salt is salt.
+func endAt(b []byte, off int, seed uint32, salt []byte) bool {
+	return len(b)-off >= frameHeader && binary.LittleEndian.Uint32(b[off:]) == 0 &&
+		bytes.Equal(b[off+8:off+frameHeader], salt) && binary.LittleEndian.Uint32(b[off+4:]) == endCheck(seed, int64(off))
 }
 
 func allZero(b []byte) bool {
