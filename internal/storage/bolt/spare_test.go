@@ -108,30 +108,6 @@ func TestSpareSegmentRecovers(t *testing.T) {
 	}
 }
 
-// copyImage copies the data file at path (not open) and its log into a new directory, and
-// returns the copy's data file: Open recovers, and changes, what it opens.
-func copyImage(t *testing.T, path string) string {
-	t.Helper()
-	dir := t.TempDir()
-	entries, err := os.ReadDir(filepath.Dir(path))
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, e := range entries {
-		if e.Name() != FileName && !strings.HasPrefix(e.Name(), FileName+".wal-") {
-			continue
-		}
-		b, err := os.ReadFile(filepath.Join(filepath.Dir(path), e.Name()))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(filepath.Join(dir, e.Name()), b, 0o600); err != nil {
-			t.Fatal(err)
-		}
-	}
-	return filepath.Join(dir, FileName)
-}
-
 // TestLostWriteOverAnEndStopsOpen: each append writes its frame over the end that the last one
 // synced, and a new end after it. When the disk loses that write (the sector reads as it was),
 // the old end is back, with acknowledged writes after it: frames that check, or (the segment's

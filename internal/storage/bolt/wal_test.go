@@ -28,9 +28,16 @@ func crashCopy(t *testing.T, s *Store) string {
 	t.Helper()
 	s.walMu.Lock() // no group half-way through its frame
 	defer s.walMu.Unlock()
+	return copyImage(t, s.path)
+}
+
+// copyImage copies the data file at path and its log (the spare included) into a new directory,
+// and returns the copy's data file: Open recovers, and changes, what it opens, so each Open of an
+// image takes a copy. A store open on path must not be writing (see crashCopy).
+func copyImage(t *testing.T, path string) string {
+	t.Helper()
 	dir := t.TempDir()
-	src := filepath.Dir(s.path)
-	entries, err := os.ReadDir(src)
+	entries, err := os.ReadDir(filepath.Dir(path))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -38,7 +45,7 @@ func crashCopy(t *testing.T, s *Store) string {
 		if e.Name() != FileName && !strings.HasPrefix(e.Name(), FileName+".wal-") {
 			continue
 		}
-		b, err := os.ReadFile(filepath.Join(src, e.Name()))
+		b, err := os.ReadFile(filepath.Join(filepath.Dir(path), e.Name()))
 		if err != nil {
 			t.Fatal(err)
 		}
