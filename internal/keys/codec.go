@@ -120,6 +120,64 @@ func DecodeRecord(b []byte) (Record, error) {
 	return r, nil
 }
 
+// CloneRecord returns what DecodeRecord(AppendRecord(nil, r)) returns, without making the
+// encoding and reading it back: a record that shares no memory its caller may change (the
+// response's body and header values are copied; strings cannot change and are shared), with
+// the codec's times (nanoseconds in UTC, no monotonic reading, and the zero time for the Unix
+// epoch as for an unset time), its states (anything but completed is in progress), no Memo,
+// and a nil header map when there are no headers. TestCloneRecordIsTheRoundTrip and
+// FuzzCloneRecord hold it to that.
+func CloneRecord(r *Record) Record {
+	c := Record{
+		Key:         r.Key,
+		State:       StateInProgress,
+		Fingerprint: r.Fingerprint,
+		Lease: Lease{
+			Token:     r.Lease.Token,
+			Fence:     r.Lease.Fence,
+			ExpiresAt: codecTime(r.Lease.ExpiresAt),
+		},
+		CreatedAt:   codecTime(r.CreatedAt),
+		CompletedAt: codecTime(r.CompletedAt),
+		ExpiresAt:   codecTime(r.ExpiresAt),
+		TTL:         r.TTL,
+	}
+	if r.State == StateCompleted {
+		c.State = StateCompleted
+	}
+	if r.Response == nil {
+		return c
+	}
+	resp := &Response{Status: r.Response.Status, Body: append(make([]byte, 0, len(r.Response.Body)), r.Response.Body...)}
+	if len(r.Response.Headers) > 0 {
+		n := 0
+		for _, values := range r.Response.Headers {
+			n += len(values)
+		}
+		all := make([]string, 0, n) // one allocation for every name's values, as DecodeRecord
+		resp.Headers = make(map[string][]string, len(r.Response.Headers))
+		for name, values := range r.Response.Headers {
+			start := len(all)
+			all = append(all, values...)
+			resp.Headers[name] = all[start:len(all):len(all)]
+		}
+	}
+	c.Response = resp
+	return c
+}
+
+// codecTime is t as the codec carries it: see appendTime and decoder.time.
+func codecTime(t time.Time) time.Time {
+	if t.IsZero() {
+		return time.Time{}
+	}
+	n := t.UnixNano()
+	if n == 0 {
+		return time.Time{}
+	}
+	return time.Unix(0, n).UTC()
+}
+
 // DecodeExpiry reads only what a sweep needs of an encoding, the record's ExpiresAt, without
 // copying anything. It checks less than DecodeRecord: an encoding it accepts may still be
 // corrupt further on.

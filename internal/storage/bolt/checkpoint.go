@@ -1,6 +1,7 @@
 package bolt
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -61,8 +62,12 @@ type memtable struct {
 	minExpiry time.Time
 }
 
-func newMemtable() *memtable {
-	return &memtable{recs: make(map[string]*keys.Record), fences: make(map[string]uint64)}
+func newMemtable() *memtable { return newMemtableFor(0) }
+
+// newMemtableFor returns a memtable with room for about records: a map that grows as writes
+// arrive rehashes all it holds at each doubling.
+func newMemtableFor(records int) *memtable {
+	return &memtable{recs: make(map[string]*keys.Record, records), fences: make(map[string]uint64)}
 }
 
 func (m *memtable) empty() bool { return len(m.recs) == 0 && len(m.fences) == 0 }
@@ -272,7 +277,7 @@ func (s *Store) cut() (*memtable, uint64, error) {
 	}
 	s.memMu.Lock()
 	frozen := s.active
-	s.frozen, s.frozenThrough, s.active = frozen, num, newMemtable()
+	s.frozen, s.frozenThrough, s.active = frozen, num, newMemtableFor(min(len(frozen.recs), 1<<16)) // the next interval writes about as much
 	s.memMu.Unlock()
 	return frozen, num, nil
 }
@@ -311,22 +316,30 @@ func applyMemtable(tx *bbolt.Tx, m *memtable, through uint64) error {
 	}
 	slices.Sort(ids)
 	recs := tx.Bucket(bucketRecords)
+	c := recs.Cursor() // one for every lookup: see recordAt. Each Seek starts at the root, so the puts between them do not matter.
+	var (
+		a   arena
+		bid []byte // bbolt's Put copies a key, and Seek and Delete keep none
+	)
 	for _, id := range ids {
-		bid := []byte(id)
-		var oldExpiry *time.Time
-		if v := recs.Get(bid); v != nil {
+		bid = append(bid[:0], id...)
+		var (
+			oldExpiry time.Time
+			found     bool
+		)
+		if k, v := c.Seek(bid); v != nil && bytes.Equal(k, bid) {
 			t, err := keys.DecodeExpiry(v)
 			if err != nil {
 				return fmt.Errorf("record %x: %w", bid, err)
 			}
-			oldExpiry = &t
+			oldExpiry, found = t, true
 		}
 		if rec := m.recs[id]; rec != nil {
-			if err := putRecord(tx, bid, oldExpiry, rec); err != nil {
+			if err := putRecord(tx, &a, bid, oldExpiry, found, rec); err != nil {
 				return err
 			}
-		} else if oldExpiry != nil {
-			if err := deleteRecord(tx, bid, *oldExpiry); err != nil {
+		} else if found {
+			if err := deleteRecord(tx, bid, oldExpiry); err != nil {
 				return err
 			}
 		}
