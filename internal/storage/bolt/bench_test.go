@@ -112,14 +112,14 @@ func BenchmarkSweep(b *testing.B) {
 	body := make([]byte, 200)
 	fill := func(from, to int, expires time.Time) {
 		err := s.db.Update(func(tx *bbolt.Tx) error {
-			var a arena
+			var a keyScratch
 			for i := from; i < to; i++ {
 				key := fmt.Sprintf("%016x-%d", mix(uint64(i)), i)
 				rec := keys.Record{Key: key, State: keys.StateCompleted, Fingerprint: "sha256:0123456789abcdef",
 					Lease:     keys.Lease{Token: "tok", Fence: uint64(i + 1)},
 					Response:  &keys.Response{Status: 201, Headers: map[string][]string{"Content-Type": {"application/json"}}, Body: body},
 					CreatedAt: now, CompletedAt: now, ExpiresAt: expires, TTL: time.Hour}
-				if err := putRecord(tx, &a, keys.StorageID("tenant", key), time.Time{}, false, &rec); err != nil {
+				if err := putRecord(tx, keys.StorageID("tenant", key), keys.AppendRecord(nil, &rec), time.Time{}, false, rec.ExpiresAt, &a); err != nil {
 					return err
 				}
 			}

@@ -943,46 +943,29 @@ func decodeStored(id, v []byte) (*keys.Record, error) {
 	return &rec, nil
 }
 
-// putRecord stores next in place of the record that expires at oldExpiry (found: there is one)
-// and moves its expiry index entry. The encoding is held in a: bbolt keeps a value, not a copy,
-// until the transaction commits.
-func putRecord(tx *bbolt.Tx, a *arena, id []byte, oldExpiry time.Time, found bool, next *keys.Record) error {
-	a.scratch = keys.AppendRecord(a.scratch[:0], next)
-	if err := tx.Bucket(bucketRecords).Put(id, a.hold(a.scratch)); err != nil {
+// putRecord stores enc, the encoding of a record that expires at expiry, in place of the record
+// that expires at oldExpiry (found: there is one), and moves its expiry index entry. enc must
+// stay as it is until the transaction commits: bbolt keeps a value, not a copy.
+func putRecord(tx *bbolt.Tx, id, enc []byte, oldExpiry time.Time, found bool, expiry time.Time, a *keyScratch) error {
+	if err := tx.Bucket(bucketRecords).Put(id, enc); err != nil {
 		return err
 	}
 	idx := tx.Bucket(bucketExpiry)
 	// Expiry keys start with the time, so they mostly arrive in order: fill pages fuller than
 	// the default half, which suits random inserts.
 	idx.FillPercent = 0.9
-	if found && !oldExpiry.Equal(next.ExpiresAt) {
+	if found && !oldExpiry.Equal(expiry) {
 		a.key = appendExpiryKey(a.key[:0], oldExpiry, id)
 		if err := idx.Delete(a.key); err != nil {
 			return err
 		}
 	}
-	a.key = appendExpiryKey(a.key[:0], next.ExpiresAt, id) // Put copies its key
+	a.key = appendExpiryKey(a.key[:0], expiry, id) // Put copies its key
 	return idx.Put(a.key, []byte{})
 }
 
-// arena holds the values of a transaction's puts, many to a chunk, where each was an allocation
-// of its own; and scratch space for keys and encodings, which bbolt copies or does not keep.
-type arena struct {
-	chunk, scratch, key []byte
-}
-
-// arenaChunk is the size of an arena's chunks: about 160 records of a 200-byte response.
-const arenaChunk = 64 << 10
-
-// hold returns a copy of b that stays as it is while the arena is reachable.
-func (a *arena) hold(b []byte) []byte {
-	if cap(a.chunk)-len(a.chunk) < len(b) {
-		a.chunk = make([]byte, 0, max(arenaChunk, len(b)))
-	}
-	start := len(a.chunk)
-	a.chunk = append(a.chunk, b...)
-	return a.chunk[start:len(a.chunk):len(a.chunk)]
-}
+// keyScratch is scratch space for a transaction's index keys, which bbolt copies or does not keep.
+type keyScratch struct{ key []byte }
 
 // deleteRecord removes the stored record that expires at expiry, and its expiry index entry.
 func deleteRecord(tx *bbolt.Tx, id []byte, expiry time.Time) error {

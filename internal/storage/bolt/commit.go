@@ -143,9 +143,9 @@ type wtx struct {
 	cur            *bbolt.Cursor // of rtx's records bucket, made by the first get that reads the file
 	err            error         // the bbolt file could not be read at all
 
-	recs   map[string]*keys.Record // the group's writes: a nil record is a delete
+	recs   map[string]entry // the group's writes
 	fences map[string]uint64
-	ops    []byte // the frame's payload
+	ops    []byte // the frame's payload: the entries' encodings are parts of it
 	enc    []byte // scratch for a record's encoding
 
 	// undo holds, for the running call, what its writes replaced, to restore if it fails.
@@ -155,14 +155,14 @@ type wtx struct {
 type undoEntry struct {
 	fence   bool
 	id      string
-	rec     *keys.Record
+	rec     entry
 	seq     uint64
 	present bool
 }
 
 // newWtx returns a wtx for a group of calls (a hint: they write about as many records).
 func (s *Store) newWtx(calls int) *wtx {
-	w := &wtx{s: s, recs: make(map[string]*keys.Record, calls), fences: make(map[string]uint64)}
+	w := &wtx{s: s, recs: make(map[string]entry, calls), fences: make(map[string]uint64)}
 	// The frozen memtable is taken before the read transaction starts: a checkpoint drops it
 	// only once the bbolt file holds it, so what this group does not find in it, the file has.
 	s.memMu.RLock()
@@ -218,8 +218,8 @@ func (w *wtx) safely(fn func(*wtx) error) (err error) {
 
 // get returns the record of id, expired or not, or nil when there is none.
 func (w *wtx) get(id []byte) (*keys.Record, error) {
-	if rec, ok := w.recs[string(id)]; ok {
-		return rec, nil
+	if e, ok := w.recs[string(id)]; ok {
+		return e.rec, nil
 	}
 	if rec, ok := lookup(w.active, w.frozen, id); ok {
 		return rec, nil
@@ -235,19 +235,21 @@ func (w *wtx) put(id []byte, rec *keys.Record) {
 	w.note(id)
 	w.enc = keys.AppendRecord(w.enc[:0], rec)
 	w.ops = appendOp(w.ops, opPut, id, w.enc)
+	enc := w.ops[len(w.ops)-len(w.enc) : len(w.ops) : len(w.ops)] // a group's ops are never written over: each group has its own
+
 	// What the memtable keeps is a copy that shares nothing with the caller's (whose response
 	// body may be a buffer it reuses), equal to what the file will give back (CloneRecord is the
 	// codec's round trip, without the decoding: in CPU profiles of pairs, decoding the encoding
 	// again was 2.6% of the server's time). It has no Memo: it does not go into the replay cache,
 	// whose byte budget bounds what replays' encodings keep (see read).
 	kept := keys.CloneRecord(rec)
-	w.recs[string(id)] = &kept
+	w.recs[string(id)] = entry{&kept, enc}
 }
 
 // del removes the record of id.
 func (w *wtx) del(id []byte) {
 	w.note(id)
-	w.recs[string(id)] = nil
+	w.recs[string(id)] = entry{}
 	w.ops = appendOp(w.ops, opDel, id, nil)
 }
 

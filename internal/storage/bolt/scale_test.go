@@ -43,7 +43,7 @@ func TestScale(t *testing.T) {
 		t.Helper()
 		for lo := from; lo < to; lo += 10_000 {
 			err := s.db.Update(func(tx *bbolt.Tx) error {
-				var a arena
+				var a keyScratch
 				for i := lo; i < min(lo+10_000, to); i++ {
 					// Keys in random order, as clients make them: the records that expire
 					// together are scattered over the tree, not side by side.
@@ -52,7 +52,7 @@ func TestScale(t *testing.T) {
 						Lease:     keys.Lease{Token: "tok", Fence: uint64(i + 1)},
 						Response:  &keys.Response{Status: 201, Headers: map[string][]string{"Content-Type": {"application/json"}}, Body: body},
 						CreatedAt: now, CompletedAt: now, ExpiresAt: expires, TTL: 24 * time.Hour}
-					if err := putRecord(tx, &a, keys.StorageID("tenant", key), time.Time{}, false, &rec); err != nil {
+					if err := putRecord(tx, keys.StorageID("tenant", key), keys.AppendRecord(nil, &rec), time.Time{}, false, rec.ExpiresAt, &a); err != nil {
 						return err
 					}
 				}
