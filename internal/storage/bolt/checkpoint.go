@@ -279,6 +279,12 @@ func (s *Store) cut() (*memtable, uint64, error) {
 	if err != nil {
 		return nil, 0, fmt.Errorf("checkpoint: %w", err)
 	}
+	// So is the next memtable, with room for about as many writes as the one it follows: made
+	// under the pause, a map of 64k entries took 445 µs (an audit's measure).
+	s.memMu.RLock()
+	hint := min(len(s.active.recs), 1<<16)
+	s.memMu.RUnlock()
+	fresh := newMemtableFor(hint)
 	s.walMu.Lock()
 	defer s.walMu.Unlock()
 	num, err := s.wal.rotate(next)
@@ -287,7 +293,7 @@ func (s *Store) cut() (*memtable, uint64, error) {
 	}
 	s.memMu.Lock()
 	frozen := s.active
-	s.frozen, s.frozenThrough, s.active = frozen, num, newMemtableFor(min(len(frozen.recs), 1<<16)) // the next interval writes about as much
+	s.frozen, s.frozenThrough, s.active = frozen, num, fresh
 	s.memMu.Unlock()
 	return frozen, num, nil
 }

@@ -162,7 +162,7 @@ type undoEntry struct {
 
 // newWtx returns a wtx for a group of calls (a hint: they write about as many records).
 func (s *Store) newWtx(calls int) *wtx {
-	w := &wtx{s: s, recs: make(map[string]entry, calls), fences: make(map[string]uint64)}
+	w := &wtx{s: s, recs: make(map[string]entry, min(calls, DefaultMaxBatchSize)), fences: make(map[string]uint64)}
 	// The frozen memtable is taken before the read transaction starts: a checkpoint drops it
 	// only once the bbolt file holds it, so what this group does not find in it, the file has.
 	s.memMu.RLock()
