@@ -90,7 +90,7 @@ func (m *memtable) apply(ops []walOp) error {
 			if err != nil {
 				return fmt.Errorf("record %x: %w", op.id, err)
 			}
-			m.recs[string(op.id)] = entry{&rec, op.value}
+			m.recs[string(op.id)] = entry{&rec, op.value[:len(op.value):len(op.value)]}
 		case opDel:
 			m.recs[string(op.id)] = entry{}
 		case opFence:
@@ -101,13 +101,27 @@ func (m *memtable) apply(ops []walOp) error {
 }
 
 // publish makes a durable group's writes visible to readers.
+//
+// The entries' encodings are copied into one buffer of their own first: those that wtx.put cut
+// from the group's payload point into every array that append went through as the payload grew,
+// and would keep them all, about five times the frame (an audit's find), until a checkpoint.
 func (s *Store) publish(w *wtx) {
 	if len(w.recs) == 0 && len(w.fences) == 0 {
 		return
 	}
+	size := 0
+	for _, e := range w.recs {
+		size += len(e.enc)
+	}
+	encs := make([]byte, 0, size)
 	s.memMu.Lock()
 	m := s.active
 	for id, e := range w.recs {
+		if e.enc != nil {
+			start := len(encs)
+			encs = append(encs, e.enc...)
+			e.enc = encs[start:len(encs):len(encs)]
+		}
 		m.recs[id] = e
 		if rec := e.rec; rec != nil && (m.minExpiry.IsZero() || rec.ExpiresAt.Before(m.minExpiry)) {
 			m.minExpiry = rec.ExpiresAt

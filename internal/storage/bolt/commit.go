@@ -235,7 +235,9 @@ func (w *wtx) put(id []byte, rec *keys.Record) {
 	w.note(id)
 	w.enc = keys.AppendRecord(w.enc[:0], rec)
 	w.ops = appendOp(w.ops, opPut, id, w.enc)
-	enc := w.ops[len(w.ops)-len(w.enc) : len(w.ops) : len(w.ops)] // a group's ops are never written over: each group has its own
+	// The encoding as the frame holds it: a group's payload is never written over (each group
+	// has its own, and an undone call's part is cut off with its entries); publish copies it out.
+	enc := w.ops[len(w.ops)-len(w.enc) : len(w.ops) : len(w.ops)]
 
 	// What the memtable keeps is a copy that shares nothing with the caller's (whose response
 	// body may be a buffer it reuses), equal to what the file will give back (CloneRecord is the
