@@ -25,3 +25,6 @@ func (t StoreHealthForTest) Age(d time.Duration) {
 	t.h.since = t.h.since.Add(-d)
 	t.h.mu.Unlock()
 }
+
+// NewRequestID is newRequestID, for TestRequestIDsAreDistinct.
+var NewRequestID = newRequestID

@@ -1135,3 +1135,37 @@ func TestHead(t *testing.T) {
 		}
 	}
 }
+
+// TestRequestIDsAreDistinct: ids the server makes are 24 lowercase hex digits, no two alike,
+// from many goroutines at once, and they share the process's prefix.
+func TestRequestIDsAreDistinct(t *testing.T) {
+	const goroutines, each = 8, 20_000
+	ids := make(chan []string, goroutines)
+	for range goroutines {
+		go func() {
+			mine := make([]string, each)
+			for i := range mine {
+				mine[i] = server.NewRequestID()
+			}
+			ids <- mine
+		}()
+	}
+	seen := make(map[string]bool, goroutines*each)
+	prefix := ""
+	for range goroutines {
+		for _, id := range <-ids {
+			if len(id) != 24 || strings.Trim(id, "0123456789abcdef") != "" {
+				t.Fatalf("request id %q is not 24 lowercase hex digits", id)
+			}
+			if seen[id] {
+				t.Fatalf("request id %q made twice", id)
+			}
+			seen[id] = true
+			if prefix == "" {
+				prefix = id[:8]
+			} else if id[:8] != prefix {
+				t.Fatalf("request id %q lacks the process's prefix %s", id, prefix)
+			}
+		}
+	}
+}
