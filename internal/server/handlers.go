@@ -251,6 +251,7 @@ func (s *Server) handleBegin(w http.ResponseWriter, r *http.Request) {
 		ri.outcome = res.Outcome.String()
 		s.metrics.begin(ri.outcome)
 		encodeRecord(w, http.StatusCreated, res.Record, true)
+		sendEarly(w)
 	}
 }
 
@@ -291,6 +292,7 @@ func (s *Server) handleComplete(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	encodeRecord(w, http.StatusOK, rec, false)
+	sendEarly(w)
 }
 
 func (s *Server) completeRequest(in completeRequest) (keys.CompleteRequest, error) {
@@ -334,6 +336,7 @@ func (s *Server) handleRenew(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	encodeRecord(w, http.StatusOK, rec, true)
+	sendEarly(w)
 }
 
 func (s *Server) handleRelease(w http.ResponseWriter, r *http.Request) {

@@ -1169,3 +1169,30 @@ func TestRequestIDsAreDistinct(t *testing.T) {
 		}
 	}
 }
+
+// TestWriteAnswersSentEarly: the answers to writes (a begin that acquires, a renew, a complete),
+// which observe flushes as soon as they are logged (sendEarly), keep their Content-Length (an
+// answer flushed before its length is known goes out in chunks), and each is logged before its
+// client has it.
+func TestWriteAnswersSentEarly(t *testing.T) {
+	t.Parallel()
+	core, logs := observer.New(zapcore.InfoLevel)
+	e := newEnv(t, servertest.Options{Logger: zap.New(core)})
+	check := func(what string, r reply, want int) {
+		t.Helper()
+		wantStatus(t, r, want, "")
+		if got := r.header.Get("Content-Length"); got != strconv.Itoa(len(r.body)) {
+			t.Errorf("%s: Content-Length %q for a body of %d bytes (Transfer-Encoding chunked?)", what, got, len(r.body))
+		}
+		if n := len(logs.FilterMessage("request").AllUntimed()); n != 1 {
+			t.Errorf("%s: %d access lines when the client had its answer, want 1", what, n)
+		}
+		logs.TakeAll()
+	}
+	r := e.do("POST", "/v1/keys/early/begin", nil)
+	check("begin", r, http.StatusCreated)
+	tok := r.json(t)["lease"].(map[string]any)["token"].(string)
+	check("renew", e.do("POST", "/v1/keys/early/renew", map[string]any{"token": tok, "lease_ms": 5000}), http.StatusOK)
+	check("complete", e.do("POST", "/v1/keys/early/complete", completeBody(tok, 201, `{"id":7}`)), http.StatusOK)
+	check("replay", e.do("POST", "/v1/keys/early/begin", nil), http.StatusOK)
+}
