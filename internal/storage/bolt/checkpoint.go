@@ -64,8 +64,8 @@ type memtable struct {
 
 // entry is a memtable's write of one storage id: the record, nil for a delete, and its
 // encoding, which a checkpoint stores as it is (encoding each record again was 1.5% of the
-// server's CPU in profiles of pairs). The encoding is a part of the log's frame, which the
-// entry keeps; neither is ever modified.
+// server's CPU in profiles of pairs). The encodings of a group's entries share one buffer (see
+// publish); neither the record nor its encoding is ever modified.
 type entry struct {
 	rec *keys.Record
 	enc []byte
@@ -346,7 +346,9 @@ func applyMemtable(tx *bbolt.Tx, m *memtable, through uint64) error {
 	}
 	slices.Sort(ids)
 	recs := tx.Bucket(bucketRecords)
-	c := recs.Cursor() // one for every lookup: see recordAt. Each Seek starts at the root, so the puts between them do not matter.
+	// One cursor for every lookup (see recordAt): each Seek starts at the root, so the puts and
+	// deletes between them do not matter.
+	c := recs.Cursor()
 	var (
 		a   keyScratch
 		bid []byte // bbolt's Put copies a key, and Seek and Delete keep none
