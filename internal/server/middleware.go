@@ -61,8 +61,9 @@ type statusWriter struct {
 // host sends its next request within microseconds of an answer, but not within the few it took
 // net/http to get back to the read: that read found nothing, and the goroutine parked until the
 // poller woke it to read again. Under pairs at 64 connections on bbolt, 2.98 read system calls
-// a request became 2.20, and the server made 3 to 4% more pairs (docs/BENCHMARKS.md). Reads
-// (replays) do not come in such bursts, and yielding cost them 5%. Only an answer of a known
+// a request became 2.20, and the server made 5 to 6% more pairs with 6 to 7% less CPU a request
+// (docs/BENCHMARKS.md). Reads (replays) do not come in such bursts, and yielding cost them 5%:
+// their answers are not marked. Only an answer of a known
 // length may be flushed early: net/http sends one flushed before its length is set in chunks.
 func sendEarly(w http.ResponseWriter) {
 	if sw, ok := w.(*statusWriter); ok {
