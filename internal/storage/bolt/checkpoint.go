@@ -1,7 +1,6 @@
 package bolt
 
 import (
-	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -359,7 +358,7 @@ func applyMemtable(tx *bbolt.Tx, m *memtable, through uint64) error {
 			oldExpiry time.Time
 			found     bool
 		)
-		if k, v := c.Seek(bid); v != nil && bytes.Equal(k, bid) {
+		if v := valueAt(c, bid); v != nil {
 			t, err := keys.DecodeExpiry(v)
 			if err != nil {
 				return fmt.Errorf("record %x: %w", bid, err)

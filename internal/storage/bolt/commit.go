@@ -57,7 +57,7 @@ type call struct {
 // do runs fn in a group and returns fn's error, or the group's when its writes could not be
 // made durable. fn runs once.
 func (c *committer) do(fn func(*wtx) error) error {
-	cl := calls.Get().(*call)
+	cl := callPool.Get().(*call)
 	cl.fn, cl.err = fn, nil
 	c.mu.Lock()
 	c.pending = append(c.pending, cl)
@@ -68,12 +68,12 @@ func (c *committer) do(fn func(*wtx) error) error {
 	c.mu.Unlock()
 	err := <-cl.done // the committer's last touch of cl is this send
 	cl.fn = nil
-	calls.Put(cl)
+	callPool.Put(cl)
 	return err
 }
 
-// calls keeps calls, with their channels, for the next do: two allocations a write less.
-var calls = sync.Pool{New: func() any { return &call{done: make(chan error, 1)} }}
+// callPool keeps calls, with their channels, for the next do: two allocations a write less.
+var callPool = sync.Pool{New: func() any { return &call{done: make(chan error, 1)} }}
 
 // busy reports whether writers are about: a group ran within quietAfter.
 func (c *committer) busy() bool {

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"runtime"
 	"slices"
 	"strconv"
 	"sync"
@@ -63,17 +62,7 @@ func TestScale(t *testing.T) {
 			}
 		}
 	}
-	heap := func() float64 {
-		// Twice: bbolt keeps the page buffers of a commit in a sync.Pool, which one collection
-		// only moves to its victim cache. A 10,000-record fill transaction with random keys
-		// dirties that many pages (40 MiB), which the second collection frees; the store's
-		// own transactions (at most DefaultMaxBatchSize writes) leave far fewer.
-		runtime.GC()
-		runtime.GC()
-		var m runtime.MemStats
-		runtime.ReadMemStats(&m)
-		return float64(m.HeapAlloc) / (1 << 20)
-	}
+	heap := func() float64 { return float64(heapAfterGC()) / (1 << 20) }
 	size := func() int64 {
 		fi, err := os.Stat(s.Path())
 		if err != nil {
