@@ -35,11 +35,16 @@ var (
 		"Pages bbolt wrote (dirty pages, freelist and meta), in every read-write transaction: checkpoints and sweeps.", nil, nil)
 	boltWriteSecondsDesc = prometheus.NewDesc("idemsvc_bolt_write_seconds_total",
 		"Time bbolt spent writing those pages and in fdatasync.", nil, nil)
+	boltGathersDesc = prometheus.NewDesc("idemsvc_bolt_commit_gathers_total",
+		"Times a group of writes waited for more before it ran, under load, so that more writes share a sync.", nil, nil)
+	boltGatherSecondsDesc = prometheus.NewDesc("idemsvc_bolt_commit_gather_seconds_total",
+		"Time those waits took in all.", nil, nil)
 )
 
 func (boltCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{boltCommitsDesc, boltCallsDesc, boltCommitSecondsDesc, boltWALBytesDesc,
-		boltWALSecondsDesc, boltCheckpointsDesc, boltCheckpointSecondsDesc, boltCheckpointFailuresDesc, boltPagesDesc, boltWriteSecondsDesc} {
+		boltWALSecondsDesc, boltCheckpointsDesc, boltCheckpointSecondsDesc, boltCheckpointFailuresDesc, boltPagesDesc, boltWriteSecondsDesc,
+		boltGathersDesc, boltGatherSecondsDesc} {
 		ch <- d
 	}
 }
@@ -60,6 +65,8 @@ func (c boltCollector) Collect(ch chan<- prometheus.Metric) {
 		{boltCheckpointFailuresDesc, float64(st.CheckpointFailures)},
 		{boltPagesDesc, float64(st.Pages)},
 		{boltWriteSecondsDesc, st.WriteTime.Seconds()},
+		{boltGathersDesc, float64(st.Gathers)},
+		{boltGatherSecondsDesc, st.GatherTime.Seconds()},
 	} {
 		ch <- prometheus.MustNewConstMetric(m.d, prometheus.CounterValue, m.v)
 	}

@@ -345,6 +345,7 @@ func TestRunEndToEnd(t *testing.T) {
 		"idemsvc_bolt_commits_total": 1, "idemsvc_bolt_commit_calls_total": 5, "idemsvc_bolt_wal_bytes_total": 100,
 		"idemsvc_bolt_commit_seconds_total": 1e-9, "idemsvc_bolt_wal_seconds_total": 1e-9,
 		"idemsvc_bolt_checkpoints_total": 0, "idemsvc_bolt_pages_written_total": 0, "idemsvc_bolt_write_seconds_total": 0,
+		"idemsvc_bolt_commit_gathers_total": 0, "idemsvc_bolt_commit_gather_seconds_total": 0,
 	} {
 		m := regexp.MustCompile(`(?m)^` + name + ` (\S+)$`).FindSubmatch(metricsText)
 		if m == nil {

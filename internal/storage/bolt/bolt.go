@@ -218,7 +218,7 @@ func Open(path string, opts Options) (*Store, error) {
 		checkpointBytes: ckBytes,
 		logLimit:        max(logLimitFactor*ckBytes, minLogLimit),
 	}
-	st.comm = &committer{s: st, max: opts.MaxBatchSize}
+	st.comm = newCommitter(st, opts.MaxBatchSize)
 	go st.checkpointer()
 	return st, nil
 }
@@ -338,6 +338,10 @@ type CommitStats struct {
 	// checkpoints' and the sweeps'.
 	Pages     int64
 	WriteTime time.Duration
+	// Gathers is how many times a group waited for more writes before it ran (under load; see
+	// committer.gather), and GatherTime how long those waits took in all.
+	Gathers    uint64
+	GatherTime time.Duration
 }
 
 // CommitStats returns the store's commit counts so far.
@@ -350,6 +354,7 @@ func (s *Store) CommitStats() CommitStats {
 		Checkpoints: s.checkpoints.Load(), CheckpointTime: time.Duration(s.checkpointNanos.Load()),
 		CheckpointFailures: s.checkpointFailures.Load(),
 		Pages:              tx.GetWrite(), WriteTime: tx.GetWriteTime(),
+		Gathers: s.comm.gathers.Load(), GatherTime: time.Duration(s.comm.gatherNanos.Load()),
 	}
 }
 
