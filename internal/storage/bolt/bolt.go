@@ -47,7 +47,8 @@ const DefaultTimeout = time.Second
 // DefaultMaxBatchSize bounds how many writes one group carries (and so one fdatasync of the log
 // covers), so that a group never holds the log long.
 //
-// Writes go through a group commit without a timer (see committer). When each group was a
+// Writes go through a group commit with no fixed delay (see committer; under load a group may
+// wait up to 1 ms for more writers, gather). When each group was a
 // bbolt transaction, measured with
 // BenchmarkBeginComplete (begin then complete on fresh keys, fsync on, 2-core VM, about 0.6 ms
 // per fdatasync), bbolt's DB.Batch at its defaults (1000 / 10 ms) gave about 40 ops/s with one

@@ -19,7 +19,7 @@ import (
 // empty. A lone writer therefore never waits for others, and under load each fdatasync is
 // shared by all the writes that arrived during the previous one, and, behind a large group, by
 // the writers that group answered as they come back (gather, which waits on their arrival and
-// is bounded by half a group's time). (bbolt's DB.Batch, by contrast, holds every batch open for
+// is bounded by half a group's time and by 1 ms). (bbolt's DB.Batch, by contrast, holds every batch open for
 // MaxBatchDelay unless MaxBatchSize writes arrive first, which a closed loop of N writers
 // rarely fills exactly.)
 //
@@ -40,8 +40,9 @@ type committer struct {
 	// sizing (busy).
 	lastForeground atomic.Int64
 
-	// For gather, read and written by the committer goroutine only (one runs at a time): the
-	// size and time of the group that ran last, the timer of a wait, and its bound.
+	// For gather, read and written by the committer goroutine only (one runs at a time, and the
+	// next starts in do after the last one's running = false, both under mu): the size and time
+	// of the group that ran last, the timer of a wait, and its bound.
 	lastSize  int
 	lastTook  time.Duration
 	timer     *time.Timer
@@ -143,8 +144,10 @@ func (c *committer) loop() {
 //
 // So behind a group of at least gatherMinGroup calls, the next one waits until as many writes
 // as the last group had have joined those that queued during it, or for half the last group's
-// time (at most maxGather), whichever comes first. A lone writer, or a few, never wait, nor do
-// writers that queued a full group. The write that reaches the mark ends the wait (do signals
+// time (at most maxGather), whichever comes first. A load that never makes a group of 8 never
+// waits (a lone writer, or a few), nor do writers that queued a full group; the first group after
+// the queue emptied does not wait either. Behind a large group, a write that is not followed by
+// others (the last of a burst, or clients that do not come back at once) waits the bound. The write that reaches the mark ends the wait (do signals
 // it); the timer only bounds it, because Go's timers under a millisecond fire late when the
 // process is otherwise idle.
 func (c *committer) gather() {
@@ -158,6 +161,14 @@ func (c *committer) gather() {
 	if c.timer == nil {
 		c.timer = time.NewTimer(min(c.lastTook/2, c.maxGather))
 	} else {
+		// Go 1.23's timers drop a tick that fired unread when stopped; under
+		// GODEBUG=asynctimerchan=1 it stays, and would end every later wait at once.
+		if !c.timer.Stop() {
+			select {
+			case <-c.timer.C:
+			default:
+			}
+		}
 		c.timer.Reset(min(c.lastTook/2, c.maxGather))
 	}
 	select {

@@ -160,3 +160,62 @@ func TestGatherUnderLoad(t *testing.T) {
 	t.Logf("%d calls in %d groups (%.1f a group), %d gathered in %s", st.Calls, st.Commits,
 		float64(st.Calls)/float64(st.Commits), st.Gathers, st.GatherTime)
 }
+
+// TestGatherDrainsALateSignal: the write that reaches the mark after the timer ended the wait,
+// but before gather took mu back, leaves a signal; gather drains it, so that it does not end the
+// next wait. The test holds mu across the timer's end. (From an audit by a helper.)
+func TestGatherDrainsALateSignal(t *testing.T) {
+	c := gatherCommitter(10, 100*time.Millisecond, time.Minute) // bound: 50 ms
+	c.queue(1)
+	done := c.startGather()
+	for c.waiting() == 0 {
+		select {
+		case <-done:
+			t.Fatal("gather ended before the test saw it wait")
+		default:
+		}
+	}
+	c.mu.Lock() // held while the timer ends the select: gather then waits for mu
+	for c.gathers.Load() == 0 {
+		time.Sleep(100 * time.Microsecond)
+	}
+	if c.want == 0 {
+		c.mu.Unlock()
+		t.Fatal("want reset before gather took mu back")
+	}
+	for range 10 { // the write that reaches the mark signals, with mu still held
+		c.enqueueLocked(&call{done: make(chan error, 1)})
+	}
+	if len(c.enough) != 1 {
+		c.mu.Unlock()
+		t.Fatalf("%d signals after the late write; want 1", len(c.enough))
+	}
+	c.mu.Unlock()
+	<-done
+	if len(c.enough) != 0 || c.want != 0 {
+		t.Fatalf("after gather: %d signals left, want %d; want none", len(c.enough), c.want)
+	}
+}
+
+// TestGatherStaleTimerTick: a timer that fired while the signal won the select leaves no tick
+// that ends the next wait at once, with Go 1.23's timers and with GODEBUG=asynctimerchan=1, which
+// keeps such a tick in the channel. (From an audit by a helper.)
+func TestGatherStaleTimerTick(t *testing.T) {
+	for _, godebug := range []string{"", "asynctimerchan=1"} {
+		t.Run("GODEBUG="+godebug, func(t *testing.T) {
+			t.Setenv("GODEBUG", godebug)
+			c := gatherCommitter(10, 2*time.Minute, time.Minute)
+			c.timer = time.NewTimer(time.Nanosecond) // fired, its tick not received
+			time.Sleep(10 * time.Millisecond)
+			c.queue(1)
+			done := c.startGather()
+			select {
+			case <-done:
+				t.Fatal("gather ended at once, with 1 of the 11 writes it waits for and a bound of a minute: a stale tick")
+			case <-time.After(50 * time.Millisecond):
+			}
+			c.queue(10)
+			<-done
+		})
+	}
+}
