@@ -19,9 +19,9 @@ import (
 // empty. A lone writer therefore never waits for others, and under load each fdatasync is
 // shared by all the writes that arrived during the previous one, and, behind a large group, by
 // the writers that group answered as they come back (gather, which waits on their arrival and
-// is bounded by half a group's time and by 1 ms). (bbolt's DB.Batch, by contrast, holds every batch open for
-// MaxBatchDelay unless MaxBatchSize writes arrive first, which a closed loop of N writers
-// rarely fills exactly.)
+// is bounded by half a group's time and by 1 ms). (bbolt's DB.Batch, by contrast, holds every
+// batch open for MaxBatchDelay unless MaxBatchSize writes arrive first, which a closed loop of
+// N writers rarely fills exactly.)
 //
 // A group's calls run one after the other on a wtx: they read what the memtables and the bbolt
 // file hold, and what the calls before them in the group wrote. Their writes are appended to the
@@ -145,11 +145,11 @@ func (c *committer) loop() {
 // So behind a group of at least gatherMinGroup calls, the next one waits until as many writes
 // as the last group had have joined those that queued during it, or for half the last group's
 // time (at most maxGather), whichever comes first. A load that never makes a group of 8 never
-// waits (a lone writer, or a few), nor do writers that queued a full group; the first group after
-// the queue emptied does not wait either. Behind a large group, a write that is not followed by
-// others (the last of a burst, or clients that do not come back at once) waits the bound. The write that reaches the mark ends the wait (do signals
-// it); the timer only bounds it, because Go's timers under a millisecond fire late when the
-// process is otherwise idle.
+// waits (a lone writer, or a few), nor do writers that queued a full group; the first group
+// after the queue emptied does not wait either. Behind a large group, a write that no others
+// follow (the last of a burst, or clients that do not come back at once) waits the bound. The
+// write that reaches the mark ends the wait (do signals it); the timer only bounds it, because
+// Go's timers under a millisecond fire late when the process is otherwise idle.
 func (c *committer) gather() {
 	arrived := len(c.pending) // during the last group
 	if c.lastSize < gatherMinGroup || arrived >= c.max || c.lastTook <= 0 {
