@@ -24,6 +24,10 @@ type commitSnap struct {
 	// The write-ahead log's counters; walOK is false for an idemsvc without one.
 	walOK                      bool
 	walSec, checkpoints, ckSec float64
+	// The group commit's waits for more writes (gather); gatherOK is false for an idemsvc
+	// without them.
+	gatherOK  bool
+	gatherSec float64
 }
 
 // commitUse is what the measured window's commits did.
@@ -39,6 +43,9 @@ type commitUse struct {
 	WAL               bool    `json:"wal,omitempty"`
 	CheckpointsPerSec float64 `json:"checkpoints_per_sec,omitempty"`
 	CheckpointMS      float64 `json:"checkpoint_ms,omitempty"`
+	// With gathering: the share of the window in which the next group waited for more writes.
+	Gather     bool    `json:"gather,omitempty"`
+	GatherFrac float64 `json:"gather_frac,omitempty"`
 }
 
 var commitMetrics = map[string]func(*commitSnap) *float64{
@@ -53,6 +60,10 @@ var walMetrics = map[string]func(*commitSnap) *float64{
 	"idemsvc_bolt_wal_seconds_total":        func(s *commitSnap) *float64 { return &s.walSec },
 	"idemsvc_bolt_checkpoints_total":        func(s *commitSnap) *float64 { return &s.checkpoints },
 	"idemsvc_bolt_checkpoint_seconds_total": func(s *commitSnap) *float64 { return &s.ckSec },
+}
+
+var gatherMetrics = map[string]func(*commitSnap) *float64{
+	"idemsvc_bolt_commit_gather_seconds_total": func(s *commitSnap) *float64 { return &s.gatherSec },
 }
 
 // takeCommits reads base's /metrics; a server without the counters gives a snapshot with ok
@@ -73,7 +84,7 @@ func takeCommits(base *url.URL) commitSnap {
 	if resp.StatusCode != http.StatusOK {
 		return s
 	}
-	found, foundWAL := 0, 0
+	found, foundWAL, foundGather := 0, 0, 0
 	sc := bufio.NewScanner(resp.Body)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	for sc.Scan() {
@@ -86,6 +97,9 @@ func takeCommits(base *url.URL) commitSnap {
 			field, counter = walMetrics[name], &foundWAL
 		}
 		if field == nil {
+			field, counter = gatherMetrics[name], &foundGather
+		}
+		if field == nil {
 			continue
 		}
 		if v, err := strconv.ParseFloat(value, 64); err == nil {
@@ -95,6 +109,7 @@ func takeCommits(base *url.URL) commitSnap {
 	}
 	s.ok = found == len(commitMetrics)
 	s.walOK = s.ok && foundWAL == len(walMetrics)
+	s.gatherOK = s.walOK && foundGather == len(gatherMetrics)
 	return s
 }
 
@@ -120,6 +135,9 @@ func commitsBetween(a, b commitSnap, seconds float64) *commitUse {
 			c.CheckpointsPerSec = k / seconds
 			c.CheckpointMS = (b.ckSec - a.ckSec) / k * 1e3
 		}
+	}
+	if a.gatherOK && b.gatherOK {
+		c.Gather, c.GatherFrac = true, (b.gatherSec-a.gatherSec)/seconds
 	}
 	return c
 }

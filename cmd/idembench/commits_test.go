@@ -63,6 +63,17 @@ func TestCommitsBetween(t *testing.T) {
 	if d := c.CheckpointMS - 30; d < -1e-9 || d > 1e-9 {
 		t.Errorf("checkpoint = %v ms, want 30", c.CheckpointMS)
 	}
+	if c.Gather {
+		t.Errorf("commits of a server without gathering say it gathers: %+v", *c)
+	}
+	readings, n = []string{
+		walReadings[0] + "idemsvc_bolt_commit_gathers_total 50\nidemsvc_bolt_commit_gather_seconds_total 0.4\n",
+		walReadings[1] + "idemsvc_bolt_commit_gathers_total 150\nidemsvc_bolt_commit_gather_seconds_total 1.4\n",
+	}, 0
+	c = commitsBetween(takeCommits(u), takeCommits(u), 2)
+	if c == nil || !c.Gather || c.GatherFrac < 0.4999 || c.GatherFrac > 0.5001 {
+		t.Errorf("commits with gathering = %+v, want waiting half the window", c)
+	}
 
 	none := httptest.NewServer(http.NotFoundHandler())
 	defer none.Close()
@@ -79,10 +90,10 @@ func TestReportShowsCommits(t *testing.T) {
 		{Label: "baseline", Scenario: "pair", Conns: 64, Seconds: 4, Requests: 1000, Pairs: 500, RPS: 250, PairsPerSec: 125},
 		{Label: "bolt", Scenario: "pair", Conns: 64, Seconds: 4, Requests: 500, Pairs: 250, RPS: 125, PairsPerSec: 62.5,
 			Commits: &commitUse{Commits: 10, CallsPerCommit: 31.6, PagesPerCommit: 3.16, CommitMS: 2.78, WriteMS: 1.94, CommitsBusyFrac: 0.99,
-				WAL: true, CheckpointsPerSec: 1, CheckpointMS: 40}},
+				WAL: true, CheckpointsPerSec: 1, CheckpointMS: 40, Gather: true, GatherFrac: 0.25}},
 	}
 	out := string(renderReport(rs, "", "", "", []string{"baseline", "bolt"}, 64))
-	for _, want := range []string{"### bbolt's group commit, 64 connections", "| pair | bolt | 31.6 | 2.78 ms | 1.94 ms (70%) | 99% | 1.0/s, 40.0 ms each | 0.10 |"} {
+	for _, want := range []string{"### bbolt's group commit, 64 connections", "| pair | bolt | 31.6 | 2.78 ms | 1.94 ms (70%) | 99% | 25% | 1.0/s, 40.0 ms each | 0.10 |"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("report lacks %q", want)
 		}

@@ -179,8 +179,12 @@ func printResult(w io.Writer, r *result) {
 		fmt.Fprintln(w)
 	}
 	if c := r.Commits; c != nil && c.WAL {
-		fmt.Fprintf(w, "commits   %.0f: %.1f writes, %.2f ms each (%.2f ms writing and syncing the log); committing %.0f%% of the time; checkpoints %.1f/s, %.1f ms each, %.2f pages per write\n",
-			c.Commits, c.CallsPerCommit, c.CommitMS, c.WriteMS, c.CommitsBusyFrac*100, c.CheckpointsPerSec, c.CheckpointMS, c.PagesPerCommit/max(c.CallsPerCommit, 1e-9))
+		waiting := ""
+		if c.Gather {
+			waiting = fmt.Sprintf("; waiting for more writes %.0f%% of the time", c.GatherFrac*100)
+		}
+		fmt.Fprintf(w, "commits   %.0f: %.1f writes, %.2f ms each (%.2f ms writing and syncing the log); committing %.0f%% of the time%s; checkpoints %.1f/s, %.1f ms each, %.2f pages per write\n",
+			c.Commits, c.CallsPerCommit, c.CommitMS, c.WriteMS, c.CommitsBusyFrac*100, waiting, c.CheckpointsPerSec, c.CheckpointMS, c.PagesPerCommit/max(c.CallsPerCommit, 1e-9))
 	} else if c != nil {
 		fmt.Fprintf(w, "commits   %.0f: %.1f writes, %.1f pages, %.2f ms each (%.2f ms writing and syncing); committing %.0f%% of the time\n",
 			c.Commits, c.CallsPerCommit, c.PagesPerCommit, c.CommitMS, c.WriteMS, c.CommitsBusyFrac*100)

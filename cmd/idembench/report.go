@@ -184,13 +184,16 @@ func renderReport(rs []result, meta, commands, chart string, labels []string, hc
 	for _, sc := range []string{"pair", "mixed"} {
 		for _, l := range labels {
 			if s := get(l, sc, hc); s != nil && s.commitRuns > 0 {
-				ck := "–"
+				ck, gather := "–", "–"
 				if s.walRuns > 0 {
 					ck = fmt.Sprintf("%.1f/s, %.1f ms each", s.checkpointsPerSec, s.checkpointMS)
 				}
-				commitRows = append(commitRows, fmt.Sprintf("| %s | %s | %.1f | %.2f ms | %.2f ms (%.0f%%) | %.0f%% | %s | %.2f |\n",
+				if s.gatherRuns > 0 {
+					gather = fmt.Sprintf("%.0f%%", 100*s.gatherFrac)
+				}
+				commitRows = append(commitRows, fmt.Sprintf("| %s | %s | %.1f | %.2f ms | %.2f ms (%.0f%%) | %.0f%% | %s | %s | %.2f |\n",
 					sc, l, s.callsPerCommit, s.commitMS, s.writeMS, 100*s.writeMS/max(s.commitMS, 1e-9), 100*s.commitsBusy,
-					ck, s.pagesPerCommit/max(s.callsPerCommit, 1e-9)))
+					gather, ck, s.pagesPerCommit/max(s.callsPerCommit, 1e-9)))
 			}
 		}
 	}
@@ -200,9 +203,11 @@ func renderReport(rs []result, meta, commands, chart string, labels []string, hc
 			"group of writes appended to the write-ahead log with one `fdatasync`; commits run one at a time, and " +
 			"\"committing\" is the share of the window in which one was running, so near 100%% the commits are the " +
 			"bottleneck, and the log's share of a commit (writing and `fdatasync`) says how much of that is the disk. " +
+			"Under load the next group may wait for more writes first (at most 1 ms): \"waiting\" is the share of the " +
+			"window spent so. " +
 			"Checkpoints carry the log into the bbolt file beside the commits; \"pages per write\" is what they (and " +
 			"sweeps) wrote to the file, per write.\n\n")
-		p("| scenario | server | writes per commit | commit | of it writing and syncing the log | committing | checkpoints | pages per write |\n|---|---|---:|---:|---:|---:|---|---:|\n")
+		p("| scenario | server | writes per commit | commit | of it writing and syncing the log | committing | waiting | checkpoints | pages per write |\n|---|---|---:|---:|---:|---:|---:|---|---:|\n")
 		for _, row := range commitRows {
 			p("%s", row)
 		}

@@ -50,6 +50,8 @@ type summary struct {
 	commitMS, writeMS, commitsBusy  float64
 	walRuns                         int // of them with a write-ahead log
 	checkpointsPerSec, checkpointMS float64
+	gatherRuns                      int // of them with gathering
+	gatherFrac                      float64
 }
 
 type groupKey struct {
@@ -66,6 +68,7 @@ func summarize(rs []result) map[groupKey]*summary {
 		busy                                [][]float64
 		calls, pages, commitMS, writeMS     []float64
 		commitsBusy, ckPerSec, ckMS         []float64
+		gatherFrac                          []float64
 		runs, failed                        int
 		statuses                            map[string]uint64
 	}
@@ -111,6 +114,9 @@ func summarize(rs []result) map[groupKey]*summary {
 				a.ckPerSec = append(a.ckPerSec, c.CheckpointsPerSec)
 				a.ckMS = append(a.ckMS, c.CheckpointMS)
 			}
+			if c.Gather {
+				a.gatherFrac = append(a.gatherFrac, c.GatherFrac)
+			}
 		}
 		for i, b := range r.CPU.CoreBusy {
 			if i >= len(a.busy) {
@@ -137,6 +143,9 @@ func summarize(rs []result) map[groupKey]*summary {
 				s.commitMS, s.writeMS, s.commitsBusy = median(a.commitMS), median(a.writeMS), median(a.commitsBusy)
 				if s.walRuns = len(a.ckPerSec); s.walRuns > 0 {
 					s.checkpointsPerSec, s.checkpointMS = median(a.ckPerSec), median(a.ckMS)
+				}
+				if s.gatherRuns = len(a.gatherFrac); s.gatherRuns > 0 {
+					s.gatherFrac = median(a.gatherFrac)
 				}
 			}
 		}
