@@ -63,8 +63,8 @@ type statusWriter struct {
 // poller woke it to read again. Under pairs at 64 connections on bbolt, 2.98 read system calls
 // a request became 2.20, and the server made 5 to 6% more pairs with 6 to 7% less CPU a request
 // (docs/BENCHMARKS.md). Reads (replays) do not come in such bursts, and yielding cost them 5%:
-// their answers are not marked. Only an answer of a known
-// length may be flushed early: net/http sends one flushed before its length is set in chunks.
+// their answers are not marked. Only an answer of a known length may be flushed early: net/http
+// sends one flushed before its length is set in chunks.
 func sendEarly(w http.ResponseWriter) {
 	if sw, ok := w.(*statusWriter); ok {
 		sw.sendEarly = true

@@ -152,7 +152,8 @@ func (c *committer) loop() {
 // Go's timers under a millisecond fire late when the process is otherwise idle.
 func (c *committer) gather() {
 	arrived := len(c.pending) // during the last group
-	if c.lastSize < gatherMinGroup || arrived >= c.max || c.lastTook <= 0 {
+	// lastSize is set with lastTook: a group of gatherMinGroup ran and took its time.
+	if c.lastSize < gatherMinGroup || arrived >= c.max {
 		return
 	}
 	c.want = min(arrived+c.lastSize, c.max)
