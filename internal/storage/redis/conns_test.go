@@ -66,7 +66,7 @@ func TestOneConnectionForCommands(t *testing.T) {
 			continue
 		}
 		all = append(all, strings.TrimSpace(line))
-		if strings.Contains(line, " cmd=evalsha ") {
+		if strings.Contains(line, " cmd=evalsha ") || strings.Contains(line, " cmd=eval ") {
 			scripts = append(scripts, line)
 		}
 	}
