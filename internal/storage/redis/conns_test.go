@@ -58,8 +58,8 @@ func TestOneConnectionForCommands(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Every connection but the admin's is the Store's: the ones that carried its scripts, and
-	// the one on which rueidis asked whether Redis is a cluster (its last command CLUSTER SLOTS).
+	// The connections whose last command was one of the Store's scripts. The Store has one
+	// more, idle, on which rueidis asked whether Redis is a cluster (CLUSTER SLOTS).
 	var scripts, all []string
 	for line := range strings.Lines(strings.TrimSpace(list)) {
 		if strings.Contains(line, "id="+strconv.FormatInt(self, 10)+" ") {

@@ -143,9 +143,9 @@ func newRueidisDriver(url string, timeout time.Duration, files TLSFiles, sentine
 const flushDelay = 100 * time.Microsecond
 
 // pipelineMultiplex is rueidis's PipelineMultiplex: -1 pipelines every command to a node over one
-// connection. rueidis's default for a single node or a Sentinel-managed master is log2(GOMAXPROCS)
-// connections' worth, at most four: two on this project's 2-core VM (idemsvc runs with GOMAXPROCS
-// 2 even when pinned to one CPU), four on four cores or more; a cluster already has one per node.
+// connection. rueidis's default for a single node or a Sentinel-managed master is one connection
+// with one P, two with two or three (idemsvc runs with at least two, even when pinned to one CPU),
+// four with four or more; a cluster already has one per node.
 // Each connection has its own writer and reader goroutines and flushes on its own, so two split
 // the commands of concurrent requests into two smaller writes and reads. Alternately with two
 // (scripts/ab.sh against Redis, 64 connections, 4 rounds each order), pairs/s 1.04 and 1.05 times
