@@ -8,7 +8,9 @@ import (
 	"sync"
 	"testing"
 
+	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
 )
 
 // lockedBuffer is what the logger's output reached, as a process killed at once would leave it.
@@ -79,5 +81,21 @@ func TestLogToPipe(t *testing.T) {
 	line, err := bufio.NewReader(r).ReadString('\n')
 	if err != nil || !strings.Contains(line, `"msg":"to a pipe"`) {
 		t.Errorf("the pipe got %q, %v; want the warning's JSON line", line, err)
+	}
+}
+
+// TestWarnSingleP: a single P on the bbolt backend (GOMAXPROCS=1 in the environment) is warned
+// of at start; two Ps, or the Redis backend, are not.
+func TestWarnSingleP(t *testing.T) {
+	for _, c := range []struct {
+		procs   int
+		backend string
+		warn    bool
+	}{{1, "bolt", true}, {2, "bolt", false}, {1, "redis", false}, {4, "bolt", false}} {
+		core, logs := observer.New(zapcore.WarnLevel)
+		warnSingleP(zap.New(core), c.procs, c.backend)
+		if got := logs.FilterMessageSnippet("GOMAXPROCS=1").Len(); got != map[bool]int{true: 1, false: 0}[c.warn] {
+			t.Errorf("%d P, %s: %d warnings, want warn=%v: %v", c.procs, c.backend, got, c.warn, logs.All())
+		}
 	}
 }
