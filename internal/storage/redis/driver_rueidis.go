@@ -150,9 +150,14 @@ const flushDelay = 100 * time.Microsecond
 // the commands of concurrent requests into two smaller writes and reads. Alternately with two
 // (scripts/ab.sh against Redis, 64 connections, 4 rounds each order), pairs/s 1.04 and 1.05 times
 // (1 ÷ 0.95), replays/s 1.04, and the server's CPU per request 0.95, 0.96 and 0.95 (medians).
-// Redis runs one command at a time whatever the number of connections, and every command here
-// is a short script on one key, so none waits long behind another; blocking commands, which
-// could, go to rueidis's separate pool (none is used).
+// Redis runs one command at a time whatever the number of connections. The price is
+// head-of-line blocking: a large record (a stored body of up to IDEMSVC_MAX_BODY_BYTES) that is
+// being sent or received delays every command behind it, where with two connections it delayed
+// about half of them. With 4 clients replaying 1 MB records beside 32 making small pairs (two
+// runs each, loopback), the small pairs made 0.95 times as many (1,450 and 1,448 a second
+// against 1,537 and 1,498), p50 11.0 and 11.0 ms against 9.9 and 10.3, p99 23.3 and 23.3
+// against 24.8 and 24.2. Most stored responses are small, so one connection it is; blocking
+// commands go to rueidis's separate pool (the Store sends none).
 const pipelineMultiplex = -1
 
 // client returns the connected client for commands and scripts.
